@@ -1,0 +1,2 @@
+//! `git-credential-botcreds`.
+fn main() {}

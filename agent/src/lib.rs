@@ -1,0 +1,1 @@
+//! The botcreds per-host agent.

@@ -1,0 +1,2 @@
+//! `botcreds-agent`.
+fn main() {}

@@ -1,0 +1,129 @@
+//! Extractors: the authenticated [`Caller`], and JSON bodies with bounded size and
+//! error codes of our own.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, request::Parts};
+use botcreds_proto::{ErrorCode, MAX_BODY_BYTES};
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::identity::{Caller, CallerVia};
+
+/// Where the request came from, whatever its authentication.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<PeerAddr, ApiError> {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| PeerAddr(c.0))
+            .ok_or_else(|| ApiError::internal("connection has no peer address"))
+    }
+}
+
+/// Authentication outcome, handed to handlers so that they can audit refusals too.
+pub struct Authenticated(pub Result<Caller, ApiError>);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let PeerAddr(address) = PeerAddr::from_request_parts(parts, state).await?;
+        Ok(Authenticated(authenticate(state, &parts.headers, address).await))
+    }
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    address: SocketAddr,
+) -> Result<Caller, ApiError> {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        let key = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidApiKey,
+                    "the Authorization header must be `Bearer <api key>`",
+                )
+            })?;
+        return match state.api_keys.verify(key) {
+            Some(bot) => Ok(Caller {
+                address,
+                via: CallerVia::ApiKey {
+                    bot: bot.to_string(),
+                },
+            }),
+            None => Err(ApiError::new(ErrorCode::InvalidApiKey, "unknown API key")),
+        };
+    }
+    let Some(whois) = &state.whois else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            "no API key presented, and tailnet identity is not enabled on this broker",
+        ));
+    };
+    match whois.whois(address).await {
+        Ok(Some(identity)) => Ok(Caller {
+            address,
+            via: CallerVia::Tailnet(identity),
+        }),
+        Ok(None) => Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            format!("{} is not a known tailnet peer and presented no API key", address.ip()),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, peer = %address, "WhoIs failed");
+            Err(ApiError::new(
+                ErrorCode::IdentityUnavailable,
+                "tailscaled could not say who is calling; retry shortly",
+            )
+            .with_retry_after(1))
+        }
+    }
+}
+
+/// Read a JSON body: `application/json`, at most 64 KiB, and well-formed; each failure
+/// with its own code.
+pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    let is_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::new(ErrorCode::BodyTooLarge, "the body is larger than 64 KiB")
+        } else {
+            ApiError::new(ErrorCode::RequestTimeout, "the body could not be read")
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        use serde_json::error::Category;
+        let code = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ErrorCode::InvalidJson,
+            Category::Data => ErrorCode::InvalidRequest,
+        };
+        ApiError::new(code, format!("bad request body: {e}"))
+    })
+}

@@ -1,0 +1,16 @@
+//! Offline admin commands: policy checking and explaining, API-key generation.
+
+pub mod policy;
+
+use crate::identity::api_key::generate_key;
+use crate::secret::sha256_hex;
+
+/// A new API key and the config snippet that admits it (the key itself is never stored).
+pub fn new_api_key(bot: &str) -> String {
+    let key = generate_key();
+    format!(
+        "API key for {bot} (give it to the bot; it is shown only now):\n  {key}\n\n\
+         Add to broker.toml:\n[[api_keys]]\nbot = \"{bot}\"\nkey_sha256 = \"{}\"\n",
+        sha256_hex(key.as_bytes())
+    )
+}

@@ -1,0 +1,111 @@
+//! `botcreds serve --dev`: a development broker that needs nothing installed. Loopback only,
+//! a temporary data dir, a demo policy, a fresh demo API key, and a simulated GitHub whose
+//! tokens are not valid on github.com.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{ApiKeyConfig, Config, LogFormat};
+use crate::identity::api_key::generate_key;
+use crate::providers::github::SimulatedGithub;
+use crate::server::{Edges, ServeError};
+
+/// The demo policy: one API-key bot with the seed's three kinds of rules.
+pub const DEMO_POLICY: &str = r#"# botcreds development policy (see docs/policy.md)
+bots:
+  demo-bot:
+    identity: { type: api_key }
+    auto_approve:
+      - repo: "demo-org/*"
+        permissions: [contents:write, issues:write, pull_requests:write]
+    requires_approval:
+      - permissions: [admin]
+      - repo: "demo-org/sensitive-*"
+    deny:
+      - repo: "demo-org/infrastructure"
+defaults:
+  requires_approval: true
+  approval_timeout: 24h
+"#;
+
+/// A dev broker's setup: its config, the demo key (shown once), and the temporary directory
+/// that holds its data (deleted when this is dropped).
+pub struct DevSetup {
+    pub config: Config,
+    pub api_key: String,
+    pub dir: tempfile::TempDir,
+}
+
+/// Prepare a development broker listening on `listen` (which must be loopback).
+pub fn setup(listen: SocketAddr) -> Result<DevSetup, ServeError> {
+    if !listen.ip().is_loopback() {
+        return Err(ServeError::Config(format!(
+            "--dev listens on loopback only; {listen} is not a loopback address"
+        )));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("botcreds-dev-")
+        .tempdir()
+        .map_err(ServeError::Io)?;
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, DEMO_POLICY)?;
+    let api_key = generate_key();
+    let mut key_sha256 = [0u8; 32];
+    key_sha256.copy_from_slice(&<sha2::Sha256 as sha2::Digest>::digest(api_key.as_bytes()));
+    let config = Config {
+        listen: vec![listen],
+        data_dir: dir.path().join("data"),
+        policy,
+        tailscale: None,
+        github: None,
+        api_keys: vec![ApiKeyConfig {
+            bot: "demo-bot".into(),
+            key_sha256,
+        }],
+        limits: Default::default(),
+        log_format: LogFormat::Text,
+        log_level: None,
+    };
+    Ok(DevSetup {
+        config,
+        api_key,
+        dir,
+    })
+}
+
+/// The edges of a dev broker: the simulated GitHub, no tailscaled.
+pub fn edges() -> Edges {
+    let clock: SharedClock = Arc::new(SystemClock);
+    Edges {
+        github: Arc::new(SimulatedGithub::new(clock.clone())),
+        whois: None,
+        clock,
+    }
+}
+
+/// What `--dev` prints once it is listening.
+pub fn banner(addr: SocketAddr, api_key: &str, dir: &Path) -> String {
+    format!(
+        "\n\
+==> botcreds development broker\n\
+    WARNING: GitHub is SIMULATED. Tokens from this broker are NOT valid on github.com.\n\
+    Listening on: http://{addr}   (loopback only)\n\
+    Data dir:     {data} (deleted on exit)\n\
+    Policy:       {policy}\n\
+    Demo bot:     demo-bot\n\
+    API key:      {api_key}\n\
+\n\
+    Try it:\n\
+      curl -s http://{addr}/v1/credentials \\\n\
+        -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\\n\
+        -d '{{\"kind\":\"github_token\",\"repositories\":[\"demo-org/app\"],\"permissions\":[\"contents:write\"],\"reason\":\"trying botcreds\"}}'\n\
+\n\
+    Denied by policy:   \"repositories\":[\"demo-org/infrastructure\"]\n\
+    Needs approval:     \"repositories\":[\"demo-org/sensitive-data\"]\n\
+    Explain a decision: botcreds policy explain --policy {policy} --bot demo-bot --repo demo-org/app --permissions contents:write\n",
+        data = dir.join("data").display(),
+        policy = dir.join("policy.yaml").display(),
+    )
+}

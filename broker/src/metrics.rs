@@ -1,0 +1,209 @@
+//! Prometheus metrics, rendered at `GET /metrics` in the OpenMetrics text format.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::grants::TokenIssuer;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The policy bot, or `-` for callers matching none.
+    pub bot: String,
+    /// `issued`, or the error code that ended the request.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReuseLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub outcome: &'static str,
+}
+
+/// The broker's metrics; a cheap handle.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    token_reuse: Family<ReuseLabels, Counter>,
+    policy_reloads: Family<DecisionLabels, Counter>,
+    issue_seconds: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Upstream counters read from the GitHub client at scrape time.
+struct UpstreamCollector {
+    issuer: Arc<TokenIssuer>,
+}
+
+impl std::fmt::Debug for UpstreamCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamCollector")
+    }
+}
+
+impl Collector for UpstreamCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.issuer.github().stats();
+        let ok = ConstCounter::new(stats.calls_ok);
+        ok.encode(encoder.encode_descriptor(
+            "botcreds_github_calls_ok",
+            "GitHub API calls that succeeded",
+            None,
+            ok.metric_type(),
+        )?)?;
+        let failed = ConstCounter::new(stats.calls_failed);
+        failed.encode(encoder.encode_descriptor(
+            "botcreds_github_calls_failed",
+            "GitHub API calls that failed (after retries)",
+            None,
+            failed.metric_type(),
+        )?)?;
+        let mints = ConstCounter::new(stats.mints);
+        mints.encode(encoder.encode_descriptor(
+            "botcreds_github_token_mints",
+            "Installation tokens minted at GitHub",
+            None,
+            mints.metric_type(),
+        )?)?;
+        if let Some(remaining) = stats.rate_limit_remaining {
+            let g = ConstGauge::new(remaining as i64);
+            g.encode(encoder.encode_descriptor(
+                "botcreds_github_rate_limit_remaining",
+                "x-ratelimit-remaining on GitHub's last answer",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        if let Some(limit) = stats.rate_limit_limit {
+            let g = ConstGauge::new(limit as i64);
+            g.encode(encoder.encode_descriptor(
+                "botcreds_github_rate_limit_limit",
+                "x-ratelimit-limit on GitHub's last answer",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        let live = ConstGauge::new(self.issuer.live_tokens() as i64);
+        live.encode(encoder.encode_descriptor(
+            "botcreds_live_tokens",
+            "Installation tokens held for reuse and not yet expired",
+            None,
+            live.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub fn new(issuer: Arc<TokenIssuer>) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "botcreds_credential_requests",
+            "Credential requests by bot and outcome",
+            requests.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "botcreds_policy_decisions",
+            "Policy decisions by outcome (allow, approval, deny)",
+            decisions.clone(),
+        );
+        let token_reuse = Family::<ReuseLabels, Counter>::default();
+        registry.register(
+            "botcreds_token_reuse",
+            "Token requests answered from the reuse cache (hit) or by a new mint (miss)",
+            token_reuse.clone(),
+        );
+        let policy_reloads = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "botcreds_policy_reloads",
+            "Policy reloads by result (ok, rejected)",
+            policy_reloads.clone(),
+        );
+        let issue_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "botcreds_credential_issue_seconds",
+            "Time to answer an allowed credential request, audit flush included",
+            issue_seconds.clone(),
+        );
+        registry.register_collector(Box::new(UpstreamCollector { issuer }));
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                decisions,
+                token_reuse,
+                policy_reloads,
+                issue_seconds,
+            }),
+        }
+    }
+
+    pub fn request(&self, bot: Option<&str>, outcome: &str) {
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                bot: bot.unwrap_or("-").to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn decision(&self, outcome: &'static str) {
+        self.inner
+            .decisions
+            .get_or_create(&DecisionLabels { outcome })
+            .inc();
+    }
+
+    pub fn token_reuse(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.inner
+            .token_reuse
+            .get_or_create(&ReuseLabels { result })
+            .inc();
+    }
+
+    pub fn policy_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "rejected" };
+        self.inner
+            .policy_reloads
+            .get_or_create(&DecisionLabels { outcome })
+            .inc();
+    }
+
+    pub fn issue_latency(&self, seconds: f64) {
+        self.inner.issue_seconds.observe(seconds);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,360 @@
+//! The policy engine: which bot a caller is, and whether its request is allowed, needs a human,
+//! or is denied.
+//!
+//! A [`Policy`] is loaded once from YAML (see `docs/policy.md`), validated with file positions,
+//! and then immutable; [`Policy::decide`] is a pure function of (policy, caller, request) with no
+//! I/O. Evaluation order is fixed: `deny` → `auto_approve` → `requires_approval` → `defaults`.
+//! Caller → bot matching goes through hash indexes so a policy with thousands of bots costs a
+//! handful of lookups per request.
+
+mod decide;
+mod glob;
+mod load;
+
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use botcreds_proto::{Permission, RepoName};
+
+use crate::identity::{Caller, CallerVia, TailnetIdentity};
+
+pub use glob::LITELLM_SCOPES;
+
+/// Largest policy file [`Policy::load`] and [`Policy::parse`] accept.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+
+/// Approval timeout when neither the bot nor `defaults` names one.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What a caller asks for, borrowed from the parsed request.
+#[derive(Clone, Copy, Debug)]
+pub enum Request<'a> {
+    /// A GitHub installation token. An empty `repositories` means every repository of the
+    /// installation, and an empty `permissions` every permission of the app (GitHub's meaning);
+    /// the policy treats both as the broadest possible request.
+    Github {
+        repositories: &'a [RepoName],
+        permissions: &'a [Permission],
+    },
+    /// A LiteLLM virtual key of one scope (`workspace`, `user`, `ci`, `agent:review`, `agent:write`).
+    Litellm { scope: &'a str },
+}
+
+/// The verdict of the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Issue without asking anyone.
+    Allow,
+    /// Queue for a human; expires after [`Decision::approval_timeout`].
+    RequireApproval,
+    /// Refuse.
+    Deny,
+}
+
+impl Outcome {
+    /// Stable lower-case name for audit records, metrics labels and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::RequireApproval => "require_approval",
+            Outcome::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A verdict with the reason for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// The bot the caller was matched to, if any.
+    pub bot: Option<String>,
+    /// The rule that decided: `bots.machina-bot.deny[0]`, `bots.x.auto_approve[1]`,
+    /// `bots.x.requires_approval[0]`, or `defaults`.
+    pub rule: String,
+    /// One line for humans: what matched and why that leads to the outcome.
+    pub explanation: String,
+    /// How long an approval request may wait for a human (the bot's own timeout, else defaults').
+    pub approval_timeout: Duration,
+}
+
+/// A policy that could not be loaded, with the position it concerns. Line and column are
+/// 1-based; `0:0` means the error is about the whole file (unreadable, too large).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn whole_file(file: &str, message: String) -> PolicyError {
+        PolicyError {
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            message,
+        }
+    }
+}
+
+/// How a bot proves who it is. Tailnet forms come from tailscaled's WhoIs, never from anything
+/// the caller says about itself.
+#[derive(Clone, Debug)]
+enum Identity {
+    /// MagicDNS short name or full node name, lower-cased, without a trailing dot.
+    Hostname(Box<str>),
+    /// An ACL tag (`tag:ci`); matches tagged nodes carrying it.
+    Tag(Box<str>),
+    /// Owner login, lower-cased; matches untagged nodes only.
+    User(Box<str>),
+    /// A capability name granted by the tailnet policy file.
+    Capability(Box<str>),
+    /// A pre-shared API key configured for this bot's name.
+    ApiKey,
+}
+
+impl Identity {
+    fn describe(&self) -> String {
+        match self {
+            Identity::Hostname(h) => format!("tailnet hostname {h}"),
+            Identity::Tag(t) => format!("tailnet tag {t}"),
+            Identity::User(u) => format!("tailnet user {u} (untagged nodes)"),
+            Identity::Capability(c) => format!("tailnet capability {c}"),
+            Identity::ApiKey => "API key configured for this bot".to_string(),
+        }
+    }
+}
+
+/// One bot of the policy, compiled.
+#[derive(Clone, Debug)]
+struct Bot {
+    name: String,
+    identity: Identity,
+    approval_timeout: Option<Duration>,
+    deny: Vec<decide::Rule>,
+    auto_approve: Vec<decide::Rule>,
+    requires_approval: Vec<decide::Rule>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Defaults {
+    requires_approval: bool,
+    approval_timeout: Duration,
+}
+
+impl Default for Defaults {
+    fn default() -> Defaults {
+        Defaults {
+            requires_approval: true,
+            approval_timeout: DEFAULT_APPROVAL_TIMEOUT,
+        }
+    }
+}
+
+/// A loaded, validated policy. Immutable; share it behind an `Arc` and swap the `Arc` to reload.
+#[derive(Clone)]
+pub struct Policy {
+    /// In file order: on ties between bots matching one caller, the lower index wins.
+    bots: Vec<Bot>,
+    by_name: HashMap<String, usize>,
+    /// Each index maps a key to the first bot (in file order) with that identity.
+    by_hostname: HashMap<Box<str>, usize>,
+    by_tag: HashMap<Box<str>, usize>,
+    by_user: HashMap<Box<str>, usize>,
+    by_capability: HashMap<Box<str>, usize>,
+    defaults: Defaults,
+}
+
+impl fmt::Debug for Policy {
+    // A policy can hold thousands of bots; logs want the shape, not the contents.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("bots", &self.bots.len())
+            .field("defaults", &self.defaults)
+            .finish()
+    }
+}
+
+impl Policy {
+    /// Reads and validates a policy file of at most [`MAX_POLICY_BYTES`].
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        Policy::load_with_limit(path, MAX_POLICY_BYTES)
+    }
+
+    /// [`Policy::load`] with another size limit, for very large policies.
+    pub fn load_with_limit(path: &Path, max_bytes: usize) -> Result<Policy, PolicyError> {
+        let name = path.display().to_string();
+        let text = load::read_bounded(path, max_bytes)
+            .map_err(|message| PolicyError::whole_file(&name, message))?;
+        load::parse(&name, &text, max_bytes)
+    }
+
+    /// Validates policy YAML; `source_name` is used in error positions (`FILE:LINE:COL`).
+    pub fn parse(source_name: &str, yaml: &str) -> Result<Policy, PolicyError> {
+        load::parse(source_name, yaml, MAX_POLICY_BYTES)
+    }
+
+    /// [`Policy::parse`] with another size limit, for very large policies.
+    pub fn parse_with_limit(
+        source_name: &str,
+        yaml: &str,
+        max_bytes: usize,
+    ) -> Result<Policy, PolicyError> {
+        load::parse(source_name, yaml, max_bytes)
+    }
+
+    /// Builds the lookup indexes. Names are unique (the loader checks); identities need not be,
+    /// and the first bot in file order keeps a shared key.
+    fn from_bots(bots: Vec<Bot>, defaults: Defaults) -> Policy {
+        let mut policy = Policy {
+            by_name: HashMap::with_capacity(bots.len()),
+            by_hostname: HashMap::new(),
+            by_tag: HashMap::new(),
+            by_user: HashMap::new(),
+            by_capability: HashMap::new(),
+            bots: Vec::new(),
+            defaults,
+        };
+        for (i, bot) in bots.iter().enumerate() {
+            policy.by_name.entry(bot.name.clone()).or_insert(i);
+            let index = match &bot.identity {
+                Identity::Hostname(k) => Some((&mut policy.by_hostname, k)),
+                Identity::Tag(k) => Some((&mut policy.by_tag, k)),
+                Identity::User(k) => Some((&mut policy.by_user, k)),
+                Identity::Capability(k) => Some((&mut policy.by_capability, k)),
+                Identity::ApiKey => None,
+            };
+            if let Some((map, key)) = index {
+                map.entry(key.clone()).or_insert(i);
+            }
+        }
+        policy.bots = bots;
+        policy
+    }
+
+    /// The bot a caller is, if any: an API key names its bot exactly; a tailnet node is matched
+    /// by hostname, then tag, then user, then capability, and on ties the first bot in the file.
+    pub fn bot_for(&self, caller: &Caller) -> Option<&str> {
+        self.bot_index(caller).map(|i| self.bots[i].name.as_str())
+    }
+
+    fn bot_index(&self, caller: &Caller) -> Option<usize> {
+        match &caller.via {
+            CallerVia::ApiKey { bot } => self
+                .by_name
+                .get(bot.as_str())
+                .copied()
+                .filter(|&i| matches!(self.bots[i].identity, Identity::ApiKey)),
+            CallerVia::Tailnet(node) => self.tailnet_bot(node),
+        }
+    }
+
+    fn tailnet_bot(&self, node: &TailnetIdentity) -> Option<usize> {
+        let by_host = [node.computed_name.as_str(), node.node_name.as_str()]
+            .into_iter()
+            .filter_map(|name| lookup(&self.by_hostname, &normalize_hostname(name)))
+            .min();
+        if by_host.is_some() {
+            return by_host;
+        }
+        if node.is_tagged() {
+            let by_tag = node
+                .tags
+                .iter()
+                .filter_map(|t| lookup(&self.by_tag, t))
+                .min();
+            if by_tag.is_some() {
+                return by_tag;
+            }
+        } else if !node.login.is_empty() {
+            let login = lowercase(&node.login);
+            if let Some(i) = lookup(&self.by_user, &login) {
+                return Some(i);
+            }
+        }
+        if self.by_capability.is_empty() {
+            return None;
+        }
+        node.capabilities
+            .keys()
+            .filter_map(|c| lookup(&self.by_capability, c))
+            .min()
+    }
+
+    /// The policy's verdict on `request` from `caller`.
+    pub fn decide(&self, caller: &Caller, request: &Request<'_>) -> Decision {
+        decide::decide(self, self.bot_index(caller), None, request)
+    }
+
+    /// The verdict for a named bot (`None`: a caller that matches no bot), for
+    /// `botcreds policy explain`. An unknown name is treated as an unknown caller.
+    pub fn decide_for_bot(&self, bot: Option<&str>, request: &Request<'_>) -> Decision {
+        let index = bot.and_then(|name| self.by_name.get(name).copied());
+        let unknown_name = if index.is_none() { bot } else { None };
+        decide::decide(self, index, unknown_name, request)
+    }
+
+    pub fn has_bot(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Bot names in file order.
+    pub fn bot_names(&self) -> Vec<&str> {
+        self.bots.iter().map(|b| b.name.as_str()).collect()
+    }
+
+    /// How the bot is recognised, in words (`tailnet tag tag:ci`).
+    pub fn identity_of(&self, bot: &str) -> Option<String> {
+        self.by_name
+            .get(bot)
+            .map(|&i| self.bots[i].identity.describe())
+    }
+
+    /// How long an approval request of this bot may wait (unknown or `None`: the default).
+    pub fn approval_timeout_for(&self, bot: Option<&str>) -> Duration {
+        bot.and_then(|name| self.by_name.get(name))
+            .and_then(|&i| self.bots[i].approval_timeout)
+            .unwrap_or(self.defaults.approval_timeout)
+    }
+
+    fn approval_timeout_of(&self, bot: Option<usize>) -> Duration {
+        bot.and_then(|i| self.bots[i].approval_timeout)
+            .unwrap_or(self.defaults.approval_timeout)
+    }
+}
+
+fn lookup(map: &HashMap<Box<str>, usize>, key: &str) -> Option<usize> {
+    if key.is_empty() {
+        return None;
+    }
+    map.get(key).copied()
+}
+
+/// Lower-cases only when needed, so the usual already-lower-case name costs no allocation.
+fn lowercase(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// DNS names compare case-insensitively and may be written fully qualified (`host.ts.net.`).
+fn normalize_hostname(s: &str) -> Cow<'_, str> {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    lowercase(s)
+}

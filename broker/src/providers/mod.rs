@@ -1,0 +1,3 @@
+//! Upstream credential providers; each outside system gets its own module.
+
+pub mod github;

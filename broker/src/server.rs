@@ -1,0 +1,269 @@
+//! Running the broker: wire the parts together, serve the listeners, reload the policy,
+//! and shut down cleanly when the shutdown future resolves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::api::{AppState, StateInner, router};
+use crate::audit::AuditLog;
+use crate::clock::{SharedClock, SystemClock, rfc3339_millis};
+use crate::config::Config;
+use crate::grants::TokenIssuer;
+use crate::identity::api_key::ApiKeys;
+use crate::identity::tailnet::{CachedWhoIs, LocalApiWhoIs, WhoIs};
+use crate::metrics::Metrics;
+use crate::policy::PolicyError;
+use crate::providers::github::{GithubApi, GithubAppConfig, GithubClient, GithubError};
+use crate::reload::{PolicyHandle, Reload};
+use crate::store::{SledStore, Store, StoreError};
+
+/// How long in-flight requests may take to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the policy file's size and time are looked at.
+const POLICY_POLL: Duration = Duration::from_secs(2);
+/// Slow clients: the request head must arrive within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("github: {0}")]
+    Github(#[from] GithubError),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The outside world, injectable: tests and `--dev` swap these, never the middle.
+pub struct Edges {
+    pub github: Arc<dyn GithubApi>,
+    pub whois: Option<Arc<dyn WhoIs>>,
+    pub clock: SharedClock,
+}
+
+impl Edges {
+    /// The production edges named by the config: GitHub's API and the local tailscaled.
+    pub fn from_config(config: &Config) -> Result<Edges, ServeError> {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let Some(gh) = &config.github else {
+            return Err(ServeError::Config(
+                "[github] is missing: the broker needs a GitHub App to mint tokens (or run --dev)".into(),
+            ));
+        };
+        let github = GithubClient::new(
+            GithubAppConfig {
+                app_id: gh.app_id,
+                private_key_pem: gh.private_key_pem.clone(),
+                api_url: gh.api_url.clone(),
+                app_slug: gh.app_slug.clone(),
+                bot_user_id: gh.bot_user_id,
+                request_timeout: gh.request_timeout,
+            },
+            clock.clone(),
+        )?;
+        let whois = config.tailscale.as_ref().map(|ts| {
+            let live: Arc<dyn WhoIs> = Arc::new(LocalApiWhoIs::new(ts.socket.clone()));
+            Arc::new(CachedWhoIs::new(live, ts.whois_cache_ttl)) as Arc<dyn WhoIs>
+        });
+        Ok(Edges {
+            github: Arc::new(github),
+            whois,
+            clock,
+        })
+    }
+}
+
+/// Bind every configured listen address.
+pub async fn bind(config: &Config) -> Result<Vec<TcpListener>, ServeError> {
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let l = TcpListener::bind(addr).await.map_err(|e| {
+            ServeError::Io(std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        })?;
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+/// Run the broker until `shutdown` resolves, then drain in-flight requests and flush the
+/// audit log.
+pub async fn run(
+    config: Config,
+    edges: Edges,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
+    let audit = AuditLog::start(store.clone());
+    let policy = Arc::new(PolicyHandle::load(&config.policy)?);
+    let issuer = Arc::new(TokenIssuer::new(edges.github.clone(), edges.clock.clone()));
+    let metrics = Metrics::new(issuer.clone());
+    let state = AppState(Arc::new(StateInner {
+        policy: policy.clone(),
+        issuer,
+        audit: audit.clone(),
+        whois: edges.whois.clone(),
+        api_keys: ApiKeys::new(config.api_keys.clone()),
+        metrics: metrics.clone(),
+        clock: edges.clock.clone(),
+        limits: config.limits.clone(),
+        default_min_ttl: config
+            .github
+            .as_ref()
+            .map(|g| g.default_min_ttl)
+            .unwrap_or(Duration::from_secs(600)),
+    }));
+
+    let mut started = AuditEvent::new(
+        AuditEventKind::BrokerStarted,
+        rfc3339_millis(edges.clock.now()),
+    );
+    started.detail = Some(format!(
+        "policy {} with {} bots",
+        config.policy.display(),
+        policy.current().bot_names().len()
+    ));
+    if let Err(e) = audit.record(vec![started]).await {
+        return Err(ServeError::Config(format!("the audit log does not accept writes: {e}")));
+    }
+
+    let app = router(state.clone());
+    let graceful = GracefulShutdown::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let watcher = tokio::spawn(watch_policy(state.clone(), stop_rx.clone()));
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "botcreds broker listening");
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            app.clone(),
+            graceful.watcher(),
+            stop_rx.clone(),
+        )));
+    }
+
+    shutdown.await;
+    tracing::info!("shutting down: draining requests");
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    let _ = watcher.await;
+    audit.shutdown();
+    store.flush()?;
+    tracing::info!("botcreds broker stopped");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    graceful: hyper_util::server::graceful::Watcher,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app
+            .clone()
+            .map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req
+            });
+        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Reload the policy on SIGHUP and when the file changes; a bad file keeps the last good policy.
+async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut hangup =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+                None
+            }
+        };
+    let mut tick = tokio::time::interval(POLICY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = stop.changed() => return,
+            _ = async {
+                match hangup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+            _ = tick.tick() => false,
+        };
+        if !forced && !state.policy.looks_changed() {
+            continue;
+        }
+        let result = state.policy.reload(forced);
+        let now = rfc3339_millis(state.clock.now());
+        let event = match result {
+            Ok(Reload::Unchanged) => continue,
+            Ok(Reload::Loaded { bots }) => {
+                tracing::info!(bots, path = %state.policy.path().display(), "policy reloaded");
+                state.metrics.policy_reload(true);
+                let mut e = AuditEvent::new(AuditEventKind::PolicyLoaded, now);
+                e.detail = Some(format!("{bots} bots"));
+                e
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "policy reload failed; keeping the last good policy");
+                state.metrics.policy_reload(false);
+                let mut e = AuditEvent::new(AuditEventKind::PolicyRejected, now);
+                e.detail = Some(err.to_string());
+                e
+            }
+        };
+        if let Err(e) = state.audit.record(vec![event]).await {
+            tracing::error!(error = %e, "audit log write failed for a policy reload");
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Audit events as stored and as `botcreds log` prints them (the seed's event names and fields).
+
+use serde::{Deserialize, Serialize};
+
+/// The seed's event names, plus policy and admin events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditEventKind {
+    CredentialRequested,
+    CredentialIssued,
+    CredentialDenied,
+    CredentialRefreshed,
+    CredentialRevoked,
+    ApprovalRequested,
+    ApprovalGranted,
+    ApprovalDenied,
+    ApprovalExpired,
+    PolicyLoaded,
+    PolicyRejected,
+    BrokerStarted,
+}
+
+impl AuditEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditEventKind::CredentialRequested => "credential_requested",
+            AuditEventKind::CredentialIssued => "credential_issued",
+            AuditEventKind::CredentialDenied => "credential_denied",
+            AuditEventKind::CredentialRefreshed => "credential_refreshed",
+            AuditEventKind::CredentialRevoked => "credential_revoked",
+            AuditEventKind::ApprovalRequested => "approval_requested",
+            AuditEventKind::ApprovalGranted => "approval_granted",
+            AuditEventKind::ApprovalDenied => "approval_denied",
+            AuditEventKind::ApprovalExpired => "approval_expired",
+            AuditEventKind::PolicyLoaded => "policy_loaded",
+            AuditEventKind::PolicyRejected => "policy_rejected",
+            AuditEventKind::BrokerStarted => "broker_started",
+        }
+    }
+}
+
+/// One audit record. Optional fields are left out of the JSON when empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Position in the log, from 1, gap-free.
+    #[serde(default)]
+    pub seq: u64,
+    /// RFC 3339, UTC, with sub-second precision.
+    pub timestamp: String,
+    pub event: AuditEventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot: Option<String>,
+    /// How the caller was identified: `tailnet:<node>`, `api_key:<bot>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
+    /// `auto` or `manual`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// Non-secret id of the issued token (a hash, never the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Error code or policy rule behind a denial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Whether an issued token was reused from the broker's cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// SHA-256 over the previous event's hash and this event (hex); chains the log.
+    #[serde(default)]
+    pub hash: String,
+}
+
+impl AuditEvent {
+    pub fn new(event: AuditEventKind, timestamp: String) -> AuditEvent {
+        AuditEvent {
+            seq: 0,
+            timestamp,
+            event,
+            bot: None,
+            caller: None,
+            repo: None,
+            repositories: Vec::new(),
+            permissions: Vec::new(),
+            approval: None,
+            token_id: None,
+            expires_at: None,
+            client_ip: None,
+            reason: None,
+            code: None,
+            rule: None,
+            reused: false,
+            detail: None,
+            hash: String::new(),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Credential requests and the credentials the broker answers with (`POST /v1/credentials`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of credential a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    GithubToken,
+    LitellmKey,
+    SshDeployKey,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::GithubToken => "github_token",
+            CredentialKind::LitellmKey => "litellm_key",
+            CredentialKind::SshDeployKey => "ssh_deploy_key",
+        }
+    }
+}
+
+/// Body of `POST /v1/credentials`. Values are user input and stay strings here; the broker
+/// validates them and answers each kind of bad value with its own error code.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRequest {
+    pub kind: Option<CredentialKind>,
+    /// `owner/name` repositories the token must reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
+    /// `name:level` GitHub App permissions, e.g. `contents:write`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
+    /// LiteLLM scope (`workspace`, `user`, `ci`, `agent:review`, `agent:write`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Why the bot wants it; shown to approvers and kept in the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The least lifetime the credential must still have when handed out (`10m`, `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// Ready-to-use git settings for a GitHub token (the seed's `git` object).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitAccess {
+    /// `https://x-access-token:TOKEN@HOST/owner/repo.git` for the first repository.
+    pub clone_url: String,
+    /// One clone URL per repository, in request order.
+    #[serde(default)]
+    pub clone_urls: Vec<String>,
+    /// A shell script for `GIT_ASKPASS` that prints the token.
+    pub askpass_script: String,
+}
+
+/// Who a commit made with the token should be attributed to (the seed's `attribution`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribution {
+    /// The app's bot account, `app-slug[bot]`.
+    pub name: String,
+    /// `ID+app-slug[bot]@users.noreply.github.com`.
+    pub email: String,
+    /// Commit trailer naming the botcreds bot: `Bot: machina-bot`.
+    pub trailer: String,
+}
+
+/// A GitHub installation token as the broker hands it out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GithubCredential {
+    pub kind: CredentialKind,
+    /// Stable, non-secret id of the token (`tok_` + a hash prefix of the token).
+    pub credential_id: String,
+    pub token: String,
+    /// RFC 3339, UTC.
+    pub expires_at: String,
+    pub repositories: Vec<String>,
+    /// What GitHub granted, `name -> level`.
+    pub permissions: BTreeMap<String, String>,
+    /// `auto` (policy) or `manual` (a human approved).
+    pub approval: String,
+    pub bot: String,
+    pub git: GitAccess,
+    pub attribution: Attribution,
+}
+
+impl std::fmt::Debug for GitAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitAccess")
+            .field("clone_url", &"<redacted>")
+            .field("clone_urls", &self.clone_urls.len())
+            .field("askpass_script", &"<redacted>")
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for GithubCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GithubCredential")
+            .field("credential_id", &self.credential_id)
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("repositories", &self.repositories)
+            .field("permissions", &self.permissions)
+            .field("approval", &self.approval)
+            .field("bot", &self.bot)
+            .field("git", &self.git)
+            .field("attribution", &self.attribution)
+            .finish()
+    }
+}
+
+/// `GET /v1/whoami`: how the broker sees the caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The policy bot the caller matched, if any.
+    pub bot: Option<String>,
+    /// `tailnet`, `api_key` or `mtls`.
+    pub via: String,
+    pub node: Option<String>,
+    pub login: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub address: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CredentialRequest>(
+            r#"{"kind":"github_token","repositories":[],"permissions":[],"colour":"red"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let c = GithubCredential {
+            kind: CredentialKind::GithubToken,
+            credential_id: "tok_1".into(),
+            token: "ghs_secretsecret".into(),
+            expires_at: "2026-01-01T00:00:00Z".into(),
+            repositories: vec!["a/b".into()],
+            permissions: BTreeMap::new(),
+            approval: "auto".into(),
+            bot: "b".into(),
+            git: GitAccess {
+                clone_url: "https://x-access-token:ghs_secretsecret@github.com/a/b.git".into(),
+                clone_urls: vec![],
+                askpass_script: "#!/bin/sh\necho ghs_secretsecret".into(),
+            },
+            attribution: Attribution {
+                name: "n".into(),
+                email: "e".into(),
+                trailer: "t".into(),
+            },
+        };
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

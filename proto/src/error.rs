@@ -1,0 +1,155 @@
+//! The error-code table shared by the broker and its clients.
+//!
+//! Every error the broker answers is `{"error": "<message>", "code": "<code>"}` with the HTTP
+//! status fixed by the code. Clients branch on `code`, never on the message.
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! error_codes {
+    ($( $variant:ident = ($code:literal, $status:literal, $doc:literal), )*) => {
+        /// Stable error codes. The string form is the wire form and never changes meaning.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $( #[doc = $doc] $variant, )*
+            /// A code this client does not know yet (a newer broker).
+            Unknown,
+        }
+
+        impl ErrorCode {
+            /// Every known code, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$variant => $code, )*
+                    ErrorCode::Unknown => "unknown",
+                }
+            }
+
+            /// The HTTP status the broker answers with for this code.
+            pub fn http_status(self) -> u16 {
+                match self {
+                    $( ErrorCode::$variant => $status, )*
+                    ErrorCode::Unknown => 500,
+                }
+            }
+
+            /// The code for its wire form; [`ErrorCode::Unknown`] for codes this build lacks.
+            pub fn from_wire(s: &str) -> ErrorCode {
+                match s {
+                    $( $code => ErrorCode::$variant, )*
+                    _ => ErrorCode::Unknown,
+                }
+            }
+
+            pub fn describe(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$variant => $doc, )*
+                    ErrorCode::Unknown => "an error code this client does not know",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    InvalidJson = ("invalid_json", 400, "The body is not valid JSON."),
+    InvalidRequest = ("invalid_request", 400, "The JSON is well-formed but has unknown fields, missing fields or wrong types."),
+    UnsupportedMediaType = ("unsupported_media_type", 415, "The body must be sent with Content-Type: application/json."),
+    BodyTooLarge = ("body_too_large", 413, "The body is larger than 64 KiB."),
+    InvalidKind = ("invalid_kind", 400, "The credential kind is missing or not served by this broker."),
+    InvalidRepository = ("invalid_repository", 400, "A repository is not of the form owner/name."),
+    NoRepositories = ("no_repositories", 400, "The request names no repository."),
+    TooManyRepositories = ("too_many_repositories", 400, "The request names more repositories than one token may cover."),
+    ReposAcrossOwners = ("repositories_across_owners", 400, "One token can only cover repositories of one owner (one installation)."),
+    UnknownPermission = ("unknown_permission", 400, "A permission is not a GitHub App permission name:level."),
+    EmptyPermissions = ("empty_permissions", 400, "The request names no permission."),
+    InvalidTtl = ("invalid_ttl", 400, "The ttl is not a duration like 10m or 1h."),
+    TtlTooLong = ("ttl_too_long", 400, "The ttl is longer than this credential kind can live."),
+    InvalidReason = ("invalid_reason", 400, "The reason is longer than 1024 bytes or has control characters."),
+    Unauthenticated = ("unauthenticated", 401, "The caller is neither a known tailnet node nor holds a valid API key or certificate."),
+    InvalidApiKey = ("invalid_api_key", 401, "The API key is not known."),
+    PolicyDenied = ("policy_denied", 403, "A deny rule, or the defaults, refuse this request."),
+    ApprovalRequired = ("approval_required", 403, "The policy requires a human to approve this request."),
+    Forbidden = ("forbidden", 403, "The caller may not use this endpoint."),
+    NotFound = ("not_found", 404, "No such resource."),
+    MethodNotAllowed = ("method_not_allowed", 405, "The endpoint does not accept this method."),
+    RequestTimeout = ("request_timeout", 408, "The request took too long to arrive or to answer."),
+    Overloaded = ("overloaded", 503, "The broker is shedding load; retry shortly."),
+    IdentityUnavailable = ("identity_unavailable", 503, "tailscaled could not be asked who the caller is."),
+    GithubNotInstalled = ("github_not_installed", 502, "The GitHub App is not installed on the repository's owner, or the installation is suspended."),
+    GithubScopeRejected = ("github_scope_rejected", 502, "GitHub refused the repositories or permissions: the installation does not grant them."),
+    GithubAuthFailed = ("github_auth_failed", 502, "GitHub refused the app's JWT: check app_id and the private key."),
+    GithubRateLimited = ("github_rate_limited", 502, "GitHub's rate limit is exhausted; see retry_after."),
+    UpstreamError = ("upstream_error", 502, "The upstream service failed or answered something unexpected."),
+    UpstreamUnavailable = ("upstream_unavailable", 502, "The upstream service could not be reached."),
+    Internal = ("internal", 500, "An internal error; details are in the broker's log."),
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ErrorCode, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(ErrorCode::from_wire(&s))
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: ErrorCode,
+    /// Seconds after which a retry may succeed (rate limits, load shedding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// The policy rule that decided, for policy errors (`bots.machina-bot.deny[0]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "duplicate {code}");
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), *code);
+            assert!((400..600).contains(&code.http_status()));
+        }
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>("\"from_the_future\"").unwrap(),
+            ErrorCode::Unknown
+        );
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::ErrorCode;
+
+    /// docs/api.md lists every code with its status; this keeps the table true.
+    #[test]
+    fn api_doc_lists_every_code() {
+        let doc = include_str!("../../docs/api.md");
+        for code in ErrorCode::ALL {
+            let row = format!("| `{}` | {} |", code.as_str(), code.http_status());
+            assert!(doc.contains(&row), "docs/api.md lacks the row {row}");
+        }
+    }
+}

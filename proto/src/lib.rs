@@ -1,0 +1,26 @@
+//! Wire types shared by the botcreds broker, agent and CLI. Plain data, no I/O.
+//!
+//! Request bodies carry user input as plain strings; the broker parses them into the
+//! validated types here ([`Permission`], [`RepoName`], [`Ttl`]) at the edge, so each kind of
+//! bad input gets its own stable [`ErrorCode`].
+
+pub mod agent;
+pub mod approval;
+pub mod audit;
+pub mod credential;
+pub mod error;
+pub mod git_credential;
+pub mod permission;
+pub mod repo;
+pub mod ttl;
+
+pub use credential::{
+    Attribution, CredentialKind, CredentialRequest, GitAccess, GithubCredential,
+};
+pub use error::{ErrorBody, ErrorCode};
+pub use permission::{Level, Permission, PermissionError};
+pub use repo::{RepoError, RepoName};
+pub use ttl::{Ttl, TtlError};
+
+/// Largest request body any botcreds endpoint accepts.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;

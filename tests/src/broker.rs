@@ -1,0 +1,335 @@
+//! Starting the real `botcreds` binary for end-to-end tests: a temp dir with `broker.toml`,
+//! the policy and the app key, the process with its stderr captured, and clients that connect
+//! from chosen loopback source addresses (127.0.0.2, 127.0.0.3, ...) so that the fake
+//! tailscaled can tell bots apart the way the real one does.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// The workspace's `target/<profile>` directory, found from this test binary's own path.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, building the workspace's binaries once if it is missing
+/// (`tests/run` builds them first; a bare `cargo test` may not have).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = target_dir().join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "--workspace", "--bins"])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .status()
+                .expect("running cargo build");
+            assert!(status.success(), "cargo build --workspace --bins failed");
+        });
+    }
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A test fixture file under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// What the broker under test is configured with.
+pub struct BrokerBuilder {
+    policy: String,
+    github_api_url: Option<String>,
+    app_id: u64,
+    tailscaled_socket: Option<PathBuf>,
+    api_keys: Vec<(String, String)>,
+    extra_toml: String,
+    github_toml: String,
+    env: Vec<(String, String)>,
+}
+
+impl BrokerBuilder {
+    pub fn new(policy: &str) -> BrokerBuilder {
+        BrokerBuilder {
+            policy: policy.to_string(),
+            github_api_url: None,
+            app_id: 912_345,
+            tailscaled_socket: None,
+            api_keys: Vec::new(),
+            extra_toml: String::new(),
+            github_toml: String::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Use this GitHub API base URL (the fake's).
+    pub fn github(mut self, api_url: &str, app_id: u64) -> Self {
+        self.github_api_url = Some(api_url.to_string());
+        self.app_id = app_id;
+        self
+    }
+
+    /// Identify callers with this (fake) tailscaled.
+    pub fn tailscaled(mut self, socket: &Path) -> Self {
+        self.tailscaled_socket = Some(socket.to_path_buf());
+        self
+    }
+
+    /// Admit `key` as the API key of `bot`.
+    pub fn api_key(mut self, bot: &str, key: &str) -> Self {
+        self.api_keys.push((bot.to_string(), key.to_string()));
+        self
+    }
+
+    /// Extra keys for the `[github]` table.
+    pub fn github_toml(mut self, toml: &str) -> Self {
+        self.github_toml.push_str(toml);
+        self
+    }
+
+    /// Extra top-level tables appended to broker.toml (e.g. `[limits]`).
+    pub fn toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push_str(toml);
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Write the files and start `botcreds serve`; returns once it listens.
+    pub async fn start(self) -> BrokerProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_path = dir.path().join("app-key.pem");
+        std::fs::copy(fixture("github/test-app-key.pem"), &key_path).expect("copy key");
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, &self.policy).expect("write policy");
+
+        let mut toml = String::from(
+            "listen = [\"127.0.0.1:0\"]\ndata_dir = \"data\"\npolicy = \"policy.yaml\"\n\n",
+        );
+        match &self.tailscaled_socket {
+            Some(s) => toml.push_str(&format!(
+                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n\n",
+                s.display()
+            )),
+            None => toml.push_str("[tailscale]\nenabled = false\n\n"),
+        }
+        if let Some(url) = &self.github_api_url {
+            toml.push_str(&format!(
+                "[github]\napp_id = {}\nprivate_key_file = \"app-key.pem\"\napi_url = \"{url}\"\n{}\n",
+                self.app_id, self.github_toml
+            ));
+        }
+        for (i, (bot, key)) in self.api_keys.iter().enumerate() {
+            let var = format!("BOTCREDS_TEST_KEY_{i}");
+            toml.push_str(&format!("[[api_keys]]\nbot = \"{bot}\"\nkey_env = \"{var}\"\n\n"));
+        }
+        toml.push_str(&self.extra_toml);
+        let config_path = dir.path().join("broker.toml");
+        std::fs::write(&config_path, &toml).expect("write config");
+
+        let mut cmd = Command::new(binary("botcreds"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,botcreds_broker=debug")
+            .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (i, (_, key)) in self.api_keys.iter().enumerate() {
+            cmd.env(format!("BOTCREDS_TEST_KEY_{i}"), key);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        BrokerProcess::spawn(cmd, dir, config_path, policy_path).await
+    }
+}
+
+/// A running broker. Dropping it kills the process.
+pub struct BrokerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub policy_path: PathBuf,
+    logs: Arc<Mutex<String>>,
+    lines: watch::Receiver<usize>,
+}
+
+/// Why a broker did not come up.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: Option<std::process::ExitStatus>,
+    pub logs: String,
+}
+
+impl BrokerProcess {
+    async fn spawn(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        policy_path: PathBuf,
+    ) -> BrokerProcess {
+        match Self::try_spawn(&mut cmd, dir, config_path, policy_path).await {
+            Ok(b) => b,
+            Err(f) => panic!("broker did not start ({:?}); its log:\n{}", f.status, f.logs),
+        }
+    }
+
+    /// Start a broker that may fail to start (for bad-config tests).
+    pub async fn try_spawn(
+        cmd: &mut Command,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        policy_path: PathBuf,
+    ) -> Result<BrokerProcess, StartFailure> {
+        let mut child = cmd.spawn().expect("spawning botcreds");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, mut rx) = watch::channel(0usize);
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            let mut n = 0;
+            while let Ok(Some(line)) = reader.next_line().await {
+                {
+                    let mut l = sink.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                n += 1;
+                let _ = tx.send(n);
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Some(addr) = find_listen_addr(&logs.lock().unwrap()) {
+                    return Some(addr);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(addr) = addr else {
+            let status = child.wait().await.ok();
+            return Err(StartFailure {
+                status,
+                logs: logs.lock().unwrap().clone(),
+            });
+        };
+        Ok(BrokerProcess {
+            child,
+            addr,
+            url: format!("http://{addr}"),
+            dir,
+            config_path,
+            policy_path,
+            logs,
+            lines: rx,
+        })
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Wait until the log contains `needle` (the broker's own readiness and reload signals).
+    pub async fn wait_for_log(&mut self, needle: &str, within: Duration) -> bool {
+        let logs = self.logs.clone();
+        let rx = &mut self.lines;
+        tokio::time::timeout(within, async {
+            loop {
+                if logs.lock().unwrap().contains(needle) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return logs.lock().unwrap().contains(needle);
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Count of occurrences of `needle` in the log.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.logs.lock().unwrap().matches(needle).count()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Send a signal (e.g. `libc::SIGHUP` as 1) to the broker.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("broker running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("broker exits after SIGTERM")
+            .expect("wait");
+        // Let the log reader drain.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.lines.changed().await.is_ok() {}
+        })
+        .await;
+        status
+    }
+
+    /// An HTTP client whose connections come from `source` (e.g. 127.0.0.2).
+    pub fn client_from(&self, source: IpAddr) -> reqwest::Client {
+        client_from(source)
+    }
+}
+
+/// An HTTP client whose connections come from `source`.
+pub fn client_from(source: IpAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(source)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+fn find_listen_addr(logs: &str) -> Option<SocketAddr> {
+    logs.lines()
+        .filter(|l| l.contains("botcreds broker listening"))
+        .find_map(|l| {
+            let start = l.find("addr=")? + 5;
+            l[start..].split_whitespace().next()?.parse().ok()
+        })
+}
