@@ -122,6 +122,16 @@ impl AuditLog {
         Ok(Some(answer))
     }
 
+    /// Whether events can still be recorded: not shut down, and the writer thread is alive (readiness).
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .queue
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|sender| !sender.is_closed())
+    }
+
     /// Read stored events. Synchronous: the store answers from its cache or a short disk read.
     pub fn read(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, AuditError> {
         self.inner
@@ -385,8 +395,10 @@ mod tests {
             .map(|i| log.record(vec![event(&format!("bot-{i}"))]))
             .collect();
         gate.release.send(()).unwrap();
+        assert!(log.is_running());
         log.shutdown();
         log.shutdown();
+        assert!(!log.is_running());
 
         assert_eq!(first.await.unwrap()[0].seq, 1);
         for waiter in queued {
@@ -412,6 +424,61 @@ mod tests {
         assert_eq!(recorded.await.unwrap()[0].seq, 1);
         // The writer thread, which held the other reference, has ended.
         assert_eq!(Arc::strong_count(&store), 1);
+    }
+
+    /// A store that panics, standing in for a bug below the audit log.
+    struct PanickingStore(MemoryStore);
+
+    impl Store for PanickingStore {
+        fn append_audit(&self, _events: &mut [AuditEvent]) -> Result<(), StoreError> {
+            panic!("store bug");
+        }
+        fn read_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
+            self.0.read_audit(filter)
+        }
+        fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
+            self.0.verify_audit_chain()
+        }
+        fn put_credential(&self, record: &CredentialRecord) -> Result<(), StoreError> {
+            self.0.put_credential(record)
+        }
+        fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+            self.0.get_credential(id)
+        }
+        fn list_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+            self.0.list_credentials()
+        }
+        fn put_doc(&self, namespace: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.0.put_doc(namespace, key, value)
+        }
+        fn get_doc(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get_doc(namespace, key)
+        }
+        fn delete_doc(&self, namespace: &str, key: &str) -> Result<(), StoreError> {
+            self.0.delete_doc(namespace, key)
+        }
+        fn list_docs(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.0.list_docs(namespace)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.0.flush()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_writer_fails_closed() {
+        let log = AuditLog::start(Arc::new(PanickingStore(MemoryStore::new())));
+        assert!(matches!(
+            log.record(vec![event("bot")]).await,
+            Err(AuditError::WriterStopped)
+        ));
+        // The waiter's answer was dropped while the thread unwound; once it has ended, the log says so.
+        log.shutdown();
+        assert!(!log.is_running());
+        assert!(matches!(
+            log.record(vec![event("bot")]).await,
+            Err(AuditError::Closed)
+        ));
     }
 
     #[tokio::test]

@@ -143,7 +143,7 @@ pub async fn run(
     }
 
     let app = router(state.clone());
-    let graceful = GracefulShutdown::new();
+    let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let watcher = tokio::spawn(watch_policy(state.clone(), stop_rx.clone()));
@@ -154,7 +154,7 @@ pub async fn run(
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
             app.clone(),
-            graceful.watcher(),
+            graceful.clone(),
             stop_rx.clone(),
         )));
     }
@@ -165,8 +165,13 @@ pub async fn run(
     for t in accept_tasks {
         let _ = t.await;
     }
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    match Arc::try_unwrap(graceful) {
+        Ok(graceful) => {
+            if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+                tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+            }
+        }
+        Err(_) => tracing::warn!("connections still registered; not waiting for them"),
     }
     let _ = watcher.await;
     audit.shutdown();
@@ -178,7 +183,7 @@ pub async fn run(
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
-    graceful: hyper_util::server::graceful::Watcher,
+    graceful: Arc<GracefulShutdown>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());

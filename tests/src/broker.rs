@@ -43,11 +43,6 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A test fixture file under `tests/fixtures/`.
-pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
-}
-
 /// What the broker under test is configured with.
 pub struct BrokerBuilder {
     policy: String,
@@ -114,7 +109,7 @@ impl BrokerBuilder {
     pub async fn start(self) -> BrokerProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let key_path = dir.path().join("app-key.pem");
-        std::fs::copy(fixture("github/test-app-key.pem"), &key_path).expect("copy key");
+        std::fs::copy(crate::fixtures::path("github/test-app-key.pem"), &key_path).expect("copy key");
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, &self.policy).expect("write policy");
@@ -268,6 +263,24 @@ impl BrokerProcess {
                 }
                 if rx.changed().await.is_err() {
                     return logs.lock().unwrap().contains(needle);
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Wait until `needle` occurs at least `n` times in the log.
+    pub async fn wait_for_count(&mut self, needle: &str, n: usize, within: Duration) -> bool {
+        let logs = self.logs.clone();
+        let rx = &mut self.lines;
+        tokio::time::timeout(within, async {
+            loop {
+                if logs.lock().unwrap().matches(needle).count() >= n {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return logs.lock().unwrap().matches(needle).count() >= n;
                 }
             }
         })

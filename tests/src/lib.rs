@@ -11,6 +11,10 @@
 //! - [`fake_tailscaled`]: tailscaled's LocalAPI `whois` on a Unix socket.
 //! - [`fixtures`]: paths and loaders for `tests/fixtures/**`, the test app key, JWT signing.
 
+// The repository objects GitHub returns have ~90 fields; `serde_json::json!` recurses per field.
+#![recursion_limit = "256"]
+
+pub mod broker;
 pub mod fake_github;
 pub mod fake_tailscaled;
 pub mod fixtures;
@@ -92,6 +96,30 @@ pub(crate) mod switchable {
         task: JoinHandle<()>,
     }
 
+    /// A bound TCP listener waiting for its router.
+    pub(crate) struct BoundTcp {
+        listener: TcpListener,
+        local: SocketAddr,
+    }
+
+    impl BoundTcp {
+        /// The address actually bound.
+        pub(crate) fn local_addr(&self) -> SocketAddr {
+            self.local
+        }
+
+        /// Starts serving `router`.
+        pub(crate) fn serve(self, router: Router) -> SwitchableServer {
+            let server = SwitchableServer {
+                endpoint: Endpoint::Tcp(self.local),
+                router,
+                running: Mutex::new(None),
+            };
+            server.serve(Listener::Tcp(self.listener));
+            server
+        }
+    }
+
     /// The server. Dropping it stops accepting and drops all open connections.
     pub(crate) struct SwitchableServer {
         endpoint: Endpoint,
@@ -100,20 +128,14 @@ pub(crate) mod switchable {
     }
 
     impl SwitchableServer {
-        /// Binds a TCP listener on `addr` (port 0 picks a free port) and starts serving.
-        /// Returns the server and the address actually bound.
-        pub(crate) fn start_tcp(addr: SocketAddr, router: Router) -> io::Result<(Self, SocketAddr)> {
+        /// Binds a TCP listener on `addr` (port 0 picks a free port) without serving yet, so the
+        /// caller can learn the address before building its router.
+        pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<BoundTcp> {
             let Listener::Tcp(listener) = Endpoint::Tcp(addr).bind()? else {
                 unreachable!("a TCP endpoint binds a TCP listener")
             };
             let local = listener.local_addr()?;
-            let server = Self {
-                endpoint: Endpoint::Tcp(local),
-                router,
-                running: Mutex::new(None),
-            };
-            server.serve(Listener::Tcp(listener));
-            Ok((server, local))
+            Ok(BoundTcp { listener, local })
         }
 
         /// Binds a Unix socket at `path` and starts serving.
@@ -199,10 +221,18 @@ pub(crate) mod switchable {
             };
             match accepted {
                 Ok(Conn::Tcp(stream)) => {
-                    tokio::spawn(serve_connection(stream, router.clone(), for_connections.clone()));
+                    tokio::spawn(serve_connection(
+                        stream,
+                        router.clone(),
+                        for_connections.clone(),
+                    ));
                 }
                 Ok(Conn::Unix(stream)) => {
-                    tokio::spawn(serve_connection(stream, router.clone(), for_connections.clone()));
+                    tokio::spawn(serve_connection(
+                        stream,
+                        router.clone(),
+                        for_connections.clone(),
+                    ));
                 }
                 Err(e) => tracing::debug!(error = %e, "test double: accept failed"),
             }
@@ -229,8 +259,8 @@ pub(crate) mod switchable {
             let router = router.clone();
             async move { Ok::<_, Infallible>(router.oneshot(req).await.unwrap_or_else(|e| match e {})) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(io), service);
+        let connection =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
         tokio::select! {
             result = connection => {
                 if let Err(e) = result {

@@ -214,7 +214,11 @@ mod tests {
             ("", "a", false),
         ];
         for (p, t, want) in cases {
-            assert_eq!(wildcard_match(p.as_bytes(), t.as_bytes()), want, "{p} vs {t}");
+            assert_eq!(
+                wildcard_match(p.as_bytes(), t.as_bytes()),
+                want,
+                "{p} vs {t}"
+            );
         }
     }
 
@@ -241,7 +245,11 @@ mod tests {
             assert_eq!(g.matches(&repo(name)), want, "{glob} vs {name}");
         }
         assert!(RepoGlob::parse("*/*").unwrap().matches_every_repository());
-        assert!(!RepoGlob::parse("myorg/*").unwrap().matches_every_repository());
+        assert!(
+            !RepoGlob::parse("myorg/*")
+                .unwrap()
+                .matches_every_repository()
+        );
         assert_eq!(RepoGlob::parse("MyOrg/X-*").unwrap().as_str(), "myorg/x-*");
     }
 
@@ -277,7 +285,11 @@ mod tests {
             ("agent:*", "workspace", false),
             ("*", "ci", true),
         ] {
-            assert_eq!(ScopeGlob::parse(glob).unwrap().matches(scope), want, "{glob} {scope}");
+            assert_eq!(
+                ScopeGlob::parse(glob).unwrap().matches(scope),
+                want,
+                "{glob} {scope}"
+            );
         }
         for bad in ["", "agent:wirte", "Workspace", "admin"] {
             assert!(ScopeGlob::parse(bad).is_err(), "{bad}");

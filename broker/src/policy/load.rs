@@ -11,7 +11,7 @@ use std::io::Read;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use botcreds_proto::{Permission, Ttl};
+use botcreds_proto::{Permission, PermissionError, Ttl};
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
@@ -114,7 +114,7 @@ pub(super) fn read_bounded(path: &Path, max_bytes: usize) -> Result<String, Stri
 
 fn too_large(max_bytes: usize) -> String {
     const MIB: usize = 1024 * 1024;
-    if max_bytes % MIB == 0 {
+    if max_bytes.is_multiple_of(MIB) {
         format!("policy is larger than the {} MiB limit", max_bytes / MIB)
     } else {
         format!("policy is larger than the {max_bytes}-byte limit")
@@ -208,10 +208,7 @@ impl Builder<'_> {
         for (name, raw_bot) in entries {
             // The parser rejects duplicate keys; merge keys (`<<`) could still repeat a name.
             if !seen.insert(name.value.clone()) {
-                return Err(self.err(
-                    &name.referenced,
-                    format!("duplicate bot {:?}", name.value),
-                ));
+                return Err(self.err(&name.referenced, format!("duplicate bot {:?}", name.value)));
             }
             bots.push(self.bot(name, raw_bot)?);
         }
@@ -259,12 +256,12 @@ impl Builder<'_> {
             .map_err(|e| self.err(&raw.referenced, format!("approval_timeout: {e}")))
     }
 
-    fn identity(
-        &self,
-        raw: &Spanned<Ordered<Spanned<String>>>,
-    ) -> Result<Identity, PolicyError> {
+    fn identity(&self, raw: &Spanned<Ordered<Spanned<String>>>) -> Result<Identity, PolicyError> {
         let fields = &raw.value.0;
-        let kind = fields.iter().find(|(k, _)| k.value == "type").map(|(_, v)| v);
+        let kind = fields
+            .iter()
+            .find(|(k, _)| k.value == "type")
+            .map(|(_, v)| v);
         // Checked first so `type: mtls` gets its own message whatever fields come with it.
         if let Some(kind) = kind
             && kind.value == "mtls"
@@ -350,7 +347,9 @@ impl Builder<'_> {
                     && host.len() <= 253
                     && host.split('.').all(|label| {
                         !label.is_empty()
-                            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     });
                 if !ok {
                     return bad(format!(
@@ -406,7 +405,8 @@ impl Builder<'_> {
                      permissions; write two rules",
                 ));
             }
-            let scope = ScopeGlob::parse(&scope.value).map_err(|m| self.err(&scope.referenced, m))?;
+            let scope =
+                ScopeGlob::parse(&scope.value).map_err(|m| self.err(&scope.referenced, m))?;
             return Ok(Rule::Litellm { scope });
         }
         if r.repo.is_none() && r.permissions.is_none() {
@@ -455,7 +455,18 @@ impl Builder<'_> {
                 p.value
                     .parse::<Permission>()
                     .map(RulePermission::Exact)
-                    .map_err(|e| self.err(&p.referenced, e.to_string()))
+                    .map_err(|e| {
+                        let message = match e {
+                            // The proto error names only the part before the colon.
+                            PermissionError::UnknownName(_) => format!(
+                                "unknown permission {:?}: not a GitHub App permission name \
+                                 (e.g. contents, issues, pull_requests), nor the keyword admin",
+                                p.value
+                            ),
+                            other => other.to_string(),
+                        };
+                        self.err(&p.referenced, message)
+                    })
             })
             .collect()
     }

@@ -1,0 +1,745 @@
+//! The credentials this agent holds, in memory and in the disk cache: git's `get` and `erase`,
+//! and one task per credential that sleeps until its next deadline to refresh, retry, expire or
+//! forget it.
+//!
+//! Two locks per credential, for two different waits: `fetch_lock` makes concurrent fetches of
+//! one credential share a single broker call; `disk_lock` orders every change of the held
+//! credential with its disk write, so memory and disk never disagree about which token is
+//! current, without making an `erase` wait for a slow broker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use botcreds_proto::agent::{CredentialSource, CredentialState, CredentialStatus};
+use botcreds_proto::git_credential::Description;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::Notify;
+
+use crate::broker_client::{BrokerClient, BrokerError};
+use crate::cache::{CACHE_FORMAT, CacheRecord, DiskCache};
+use crate::config::{Config, GithubEntry, Resolved, Scope};
+use crate::refresh::{self, Action, Retry, Timeline};
+use crate::secret::Secret;
+
+/// How the agent answers git's `get`.
+#[derive(Debug)]
+pub enum GitAnswer {
+    Credential {
+        token: Secret,
+        expires_at: SystemTime,
+    },
+    /// Not a host this agent serves: git should ask its next helper.
+    NotServed,
+    /// No credential, and why (for the helper's stderr). `quit` when the refusal is definitive.
+    Refused {
+        status: u16,
+        message: String,
+        quit: bool,
+    },
+}
+
+/// The agent's credentials: a cheap handle to shared state.
+#[derive(Clone)]
+pub struct Credentials {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    broker: BrokerClient,
+    disk: DiskCache,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// When the broker last answered a credential request (even with a refusal).
+    last_contact: Mutex<Option<SystemTime>>,
+}
+
+/// One credential the agent holds or tracks, keyed by its scope.
+struct Slot {
+    scope: Scope,
+    file_name: String,
+    entry: GithubEntry,
+    source: CredentialSource,
+    state: Mutex<SlotState>,
+    fetch_lock: tokio::sync::Mutex<()>,
+    disk_lock: tokio::sync::Mutex<()>,
+    wake: Notify,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    held: Option<Held>,
+    last_refresh: Option<SystemTime>,
+    last_used: Option<SystemTime>,
+    failures: u32,
+    retry_at: Option<SystemTime>,
+    last_error: Option<(SystemTime, String)>,
+}
+
+#[derive(Clone)]
+struct Held {
+    token: Secret,
+    credential_id: String,
+    expires_at: SystemTime,
+    fetched_at: SystemTime,
+    refresh_at: SystemTime,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// git is waiting: a credential someone else fetched meanwhile is as good.
+    Git,
+    /// The refresh deadline passed: fetch even though the held one is still servable.
+    Refresh,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Credentials {
+    /// Loads the disk cache, tracks every configured credential and starts their tasks.
+    /// Must be called inside the tokio runtime.
+    pub fn start(config: Arc<Config>, broker: BrokerClient, disk: DiskCache) -> Credentials {
+        let inner = Arc::new(Inner {
+            config,
+            broker,
+            disk,
+            slots: Mutex::new(HashMap::new()),
+            last_contact: Mutex::new(None),
+        });
+        inner.load_disk_cache();
+        for entry in &inner.config.github {
+            if let Some(scope) = entry.literal_scope() {
+                inner.slot(scope, entry, CredentialSource::Config, None);
+            }
+        }
+        Credentials { inner }
+    }
+
+    pub fn broker(&self) -> &BrokerClient {
+        &self.inner.broker
+    }
+
+    pub fn last_contact(&self) -> Option<SystemTime> {
+        *lock(&self.inner.last_contact)
+    }
+
+    /// Answers git's `get`.
+    pub async fn git_get(&self, d: &Description) -> GitAnswer {
+        let (protocol, host) = match required(d) {
+            Ok(v) => v,
+            Err(message) => {
+                return GitAnswer::Refused {
+                    status: 400,
+                    message,
+                    quit: false,
+                };
+            }
+        };
+        let refused = |status, message| GitAnswer::Refused {
+            status,
+            message,
+            quit: false,
+        };
+        let (scope, entry, per_repository) = match self.inner.config.resolve(
+            protocol,
+            host,
+            d.path.as_deref(),
+        ) {
+            Resolved::NotServed => return GitAnswer::NotServed,
+            Resolved::NeedsPath => {
+                return refused(
+                    404,
+                    format!(
+                        "botcreds: {protocol}://{host} is configured with repository patterns only, and git did not \
+                         say which repository it wants; run: git config --global credential.{protocol}://{host}.useHttpPath true"
+                    ),
+                );
+            }
+            Resolved::BadPath(path) => {
+                return refused(
+                    400,
+                    format!("botcreds: path {path:?} is not of the form owner/repository"),
+                );
+            }
+            Resolved::NoEntry(repo) => {
+                return refused(
+                    404,
+                    format!(
+                        "botcreds: {repo} on {host} is not among this agent's configured repositories"
+                    ),
+                );
+            }
+            Resolved::Scope {
+                scope,
+                entry,
+                per_repository,
+            } => (scope, entry, per_repository),
+        };
+        let source = if per_repository {
+            CredentialSource::Path
+        } else {
+            CredentialSource::Config
+        };
+        let now = SystemTime::now();
+        let slot = self.inner.slot(scope, entry, source, Some(now));
+        if let Some(held) = slot.servable(now) {
+            return GitAnswer::Credential {
+                token: held.token,
+                expires_at: held.expires_at,
+            };
+        }
+        let fetch = tokio::spawn(fetch(self.inner.clone(), slot.clone(), Purpose::Git));
+        let what = describe_repos(&slot.scope);
+        match tokio::time::timeout(self.inner.config.helper_timeout, fetch).await {
+            Ok(Ok(Ok(held))) => GitAnswer::Credential {
+                token: held.token,
+                expires_at: held.expires_at,
+            },
+            Ok(Ok(Err(e))) => GitAnswer::Refused {
+                status: e.local_status(),
+                message: format!("botcreds: no credential for {what} on {host}: {e}"),
+                quit: e.is_definitive(),
+            },
+            Ok(Err(join)) => refused(
+                500,
+                format!("botcreds: fetching a credential for {what} failed: {join}"),
+            ),
+            Err(_) => refused(
+                504,
+                format!(
+                    "botcreds: the broker did not answer within {}s (helper_timeout); no credential for {what} yet, \
+                     try again",
+                    self.inner.config.helper_timeout.as_secs_f32()
+                ),
+            ),
+        }
+    }
+
+    /// Answers git's `erase`: drops the credential git says was rejected (if it is still the one
+    /// held), so the next `get` fetches a new one. `Err` carries a message for bad input.
+    pub async fn git_erase(&self, d: &Description) -> Result<(), String> {
+        let (protocol, host) = required(d)?;
+        let Resolved::Scope { scope, .. } =
+            self.inner.config.resolve(protocol, host, d.path.as_deref())
+        else {
+            return Ok(());
+        };
+        let slot = lock(&self.inner.slots)
+            .get(&scope.cache_file_name())
+            .cloned();
+        let Some(slot) = slot else {
+            return Ok(());
+        };
+        let _disk = slot.disk_lock.lock().await;
+        let dropped = {
+            let mut st = lock(&slot.state);
+            let matches = st
+                .held
+                .as_ref()
+                .is_some_and(|h| d.password.as_deref().is_none_or(|p| p == h.token.expose()));
+            if matches { st.held.take() } else { None }
+        };
+        if let Some(held) = dropped {
+            tracing::info!(
+                scope = %slot.scope,
+                credential_id = %held.credential_id,
+                "git reported the credential as rejected; dropped it, the next request fetches a new one"
+            );
+            self.inner.remove_file(&slot).await;
+            slot.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Every tracked credential, for `GET /v1/status`.
+    pub fn status(&self) -> Vec<CredentialStatus> {
+        let now = SystemTime::now();
+        let mut slots: Vec<Arc<Slot>> = lock(&self.inner.slots).values().cloned().collect();
+        slots.sort_by(|a, b| a.scope.cmp(&b.scope));
+        slots
+            .iter()
+            .map(|slot| slot.status(now, self.inner.config.idle_timeout))
+            .collect()
+    }
+
+    /// Stops every credential's task.
+    pub fn shutdown(&self) {
+        for slot in lock(&self.inner.slots).values() {
+            if let Some(task) = lock(&slot.task).take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+fn required(d: &Description) -> Result<(&str, &str), String> {
+    let protocol = d
+        .protocol
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .ok_or("botcreds: the credential request has no protocol")?;
+    let host = d
+        .host
+        .as_deref()
+        .filter(|h| !h.is_empty())
+        .ok_or("botcreds: the credential request has no host")?;
+    Ok((protocol, host))
+}
+
+fn describe_repos(scope: &Scope) -> String {
+    scope
+        .repositories
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Inner {
+    fn load_disk_cache(self: &Arc<Self>) {
+        let (loaded, problems) = match self.disk.load() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(cache_dir = %self.disk.dir().display(), error = %e, "cannot read the cache directory; starting empty");
+                return;
+            }
+        };
+        for p in problems {
+            tracing::warn!(
+                cache_dir = %self.disk.dir().display(),
+                file = %p.file_name,
+                "cache file {}; its credential will be fetched anew",
+                p.reason
+            );
+        }
+        let now = SystemTime::now();
+        for l in loaded {
+            let record = l.record;
+            let Ok(scope) = record.scope() else { continue };
+            let Some((entry, per_repository)) = self.config.entry_for(&scope) else {
+                tracing::info!(scope = %scope, "cached credential is no longer configured; removing it");
+                let _ = self.disk.remove(&l.file_name);
+                continue;
+            };
+            let expires_at = unix_to_time(record.expires_at);
+            if !refresh::servable(expires_at, now) {
+                let _ = self.disk.remove(&l.file_name);
+                continue;
+            }
+            let source = if per_repository {
+                CredentialSource::Path
+            } else {
+                CredentialSource::Config
+            };
+            let held = Held {
+                refresh_at: refresh::refresh_at(
+                    expires_at,
+                    entry.refresh_before,
+                    refresh::refresh_jitter(entry.refresh_before, rand::random()),
+                ),
+                token: record.token,
+                credential_id: record.credential_id,
+                expires_at,
+                fetched_at: unix_to_time(record.fetched_at),
+            };
+            tracing::info!(
+                scope = %scope,
+                credential_id = %held.credential_id,
+                expires_at = %rfc3339(expires_at),
+                "loaded cached credential"
+            );
+            let slot = self.slot(scope, entry, source, None);
+            let mut st = lock(&slot.state);
+            st.last_refresh = Some(held.fetched_at);
+            st.last_used = record.last_used.map(unix_to_time);
+            st.held = Some(held);
+            drop(st);
+            slot.wake.notify_one();
+        }
+    }
+
+    /// The slot for `scope`, created (with its task) if new; `used` marks git's use of it.
+    fn slot(
+        self: &Arc<Self>,
+        scope: Scope,
+        entry: &GithubEntry,
+        source: CredentialSource,
+        used: Option<SystemTime>,
+    ) -> Arc<Slot> {
+        let file_name = scope.cache_file_name();
+        let mut slots = lock(&self.slots);
+        let slot = slots
+            .entry(file_name.clone())
+            .or_insert_with(|| {
+                let slot = Arc::new(Slot {
+                    scope,
+                    file_name,
+                    entry: entry.clone(),
+                    source,
+                    state: Mutex::new(SlotState::default()),
+                    fetch_lock: tokio::sync::Mutex::new(()),
+                    disk_lock: tokio::sync::Mutex::new(()),
+                    wake: Notify::new(),
+                    task: Mutex::new(None),
+                });
+                let task = tokio::spawn(run_slot(self.clone(), slot.clone()));
+                *lock(&slot.task) = Some(task.abort_handle());
+                slot
+            })
+            .clone();
+        drop(slots);
+        if let Some(now) = used {
+            lock(&slot.state).last_used = Some(now);
+            // Being used can turn an idle credential back into one that is kept fresh.
+            slot.wake.notify_one();
+        }
+        slot
+    }
+
+    async fn store_file(&self, slot: &Slot, held: &Held, last_used: Option<SystemTime>) {
+        let record = CacheRecord {
+            format: CACHE_FORMAT,
+            protocol: slot.scope.protocol.clone(),
+            host: slot.scope.host.clone(),
+            repositories: slot
+                .scope
+                .repositories
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            permissions: slot
+                .scope
+                .permissions
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            credential_id: held.credential_id.clone(),
+            token: held.token.clone(),
+            expires_at: time_to_unix(held.expires_at),
+            fetched_at: time_to_unix(held.fetched_at),
+            last_used: last_used.map(time_to_unix),
+        };
+        let disk = self.disk.clone();
+        let name = slot.file_name.clone();
+        let result = tokio::task::spawn_blocking(move || disk.store(&name, &record)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                scope = %slot.scope,
+                error = %e,
+                "cannot write the cache file; the credential is held in memory only"
+            ),
+            Err(e) => tracing::warn!(scope = %slot.scope, error = %e, "cache write task failed"),
+        }
+    }
+
+    async fn remove_file(&self, slot: &Slot) {
+        let disk = self.disk.clone();
+        let name = slot.file_name.clone();
+        match tokio::task::spawn_blocking(move || disk.remove(&name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(scope = %slot.scope, error = %e, "cannot remove the cache file")
+            }
+            Err(e) => tracing::warn!(scope = %slot.scope, error = %e, "cache removal task failed"),
+        }
+    }
+
+    async fn expire(&self, slot: &Slot) {
+        let _disk = slot.disk_lock.lock().await;
+        let dropped = {
+            let mut st = lock(&slot.state);
+            match &st.held {
+                Some(h) if !refresh::servable(h.expires_at, SystemTime::now()) => st.held.take(),
+                _ => None,
+            }
+        };
+        if let Some(held) = dropped {
+            tracing::info!(
+                scope = %slot.scope,
+                credential_id = %held.credential_id,
+                "credential expired without a refresh; dropped it"
+            );
+            self.remove_file(slot).await;
+        }
+    }
+
+    /// Removes an unused per-repository slot; false if it became wanted again meanwhile.
+    fn forget(&self, slot: &Arc<Slot>) -> bool {
+        let mut slots = lock(&self.slots);
+        let now = SystemTime::now();
+        let due = matches!(
+            refresh::next_action(now, &slot.timeline(), self.config.idle_timeout),
+            Some((at, Action::Forget)) if at <= now
+        );
+        if due
+            && slots
+                .get(&slot.file_name)
+                .is_some_and(|s| Arc::ptr_eq(s, slot))
+        {
+            slots.remove(&slot.file_name);
+            lock(&slot.task).take();
+            return true;
+        }
+        false
+    }
+
+    fn record_contact(&self, at: SystemTime) {
+        *lock(&self.last_contact) = Some(at);
+    }
+}
+
+impl Slot {
+    fn servable(&self, now: SystemTime) -> Option<Held> {
+        lock(&self.state)
+            .held
+            .as_ref()
+            .filter(|h| refresh::servable(h.expires_at, now))
+            .cloned()
+    }
+
+    fn timeline(&self) -> Timeline {
+        let st = lock(&self.state);
+        Timeline {
+            expires_at: st.held.as_ref().map(|h| h.expires_at),
+            refresh_at: st.held.as_ref().map(|h| h.refresh_at),
+            retry_at: st.retry_at,
+            always_fresh: self.source == CredentialSource::Config,
+            last_used: st.last_used,
+        }
+    }
+
+    fn status(&self, now: SystemTime, idle_timeout: Duration) -> CredentialStatus {
+        let next = refresh::next_action(now, &self.timeline(), idle_timeout);
+        let st = lock(&self.state);
+        let servable = st
+            .held
+            .as_ref()
+            .filter(|h| refresh::servable(h.expires_at, now));
+        let state = match servable {
+            None => CredentialState::Missing,
+            Some(h) if now >= h.refresh_at && st.failures > 0 => CredentialState::ServingFromCache,
+            Some(h) if now >= h.refresh_at => CredentialState::Refreshing,
+            Some(_) => CredentialState::Fresh,
+        };
+        CredentialStatus {
+            protocol: self.scope.protocol.clone(),
+            host: self.scope.host.clone(),
+            repositories: self
+                .scope
+                .repositories
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            permissions: self
+                .scope
+                .permissions
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            source: self.source,
+            state,
+            credential_id: servable.map(|h| h.credential_id.clone()),
+            expires_at: servable.map(|h| rfc3339(h.expires_at)),
+            last_refresh: st.last_refresh.map(rfc3339),
+            next_refresh: match next {
+                Some((at, Action::Fetch)) => Some(rfc3339(at.max(now))),
+                _ => None,
+            },
+            last_used: st.last_used.map(rfc3339),
+            last_error: st.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_error_at: st.last_error.as_ref().map(|(at, _)| rfc3339(*at)),
+            failures: st.failures,
+        }
+    }
+}
+
+/// One broker call for `slot`, shared by everyone who needs it at the same moment.
+async fn fetch(inner: Arc<Inner>, slot: Arc<Slot>, purpose: Purpose) -> Result<Held, BrokerError> {
+    let _fetching = slot.fetch_lock.lock().await;
+    if purpose == Purpose::Git
+        && let Some(held) = slot.servable(SystemTime::now())
+    {
+        return Ok(held);
+    }
+    let result = inner.broker.github_token(&slot.scope, &slot.entry).await;
+    let now = SystemTime::now();
+    let result = result.and_then(|issued| {
+        if refresh::servable(issued.expires_at, now) {
+            Ok(issued)
+        } else {
+            Err(BrokerError::BadAnswer {
+                status: 200,
+                detail: format!(
+                    "the credential expires at {}, less than a minute from now (check the clocks)",
+                    rfc3339(issued.expires_at)
+                ),
+            })
+        }
+    });
+    let _disk = slot.disk_lock.lock().await;
+    match result {
+        Ok(issued) => {
+            inner.record_contact(now);
+            let refresh_before = slot.entry.refresh_before;
+            let held = Held {
+                refresh_at: refresh::refresh_at(
+                    issued.expires_at,
+                    refresh_before,
+                    refresh::refresh_jitter(refresh_before, rand::random()),
+                ),
+                token: issued.token,
+                credential_id: issued.credential_id,
+                expires_at: issued.expires_at,
+                fetched_at: now,
+            };
+            let last_used = {
+                let mut st = lock(&slot.state);
+                st.held = Some(held.clone());
+                st.last_refresh = Some(now);
+                if held.refresh_at <= now {
+                    // Already due again: a broker handing back a short-lived token must not
+                    // make us ask again in a tight loop.
+                    st.failures += 1;
+                    st.retry_at =
+                        Some(now + refresh::backoff(st.failures, Retry::Soon, rand::random()));
+                    let left = held.expires_at.duration_since(now).unwrap_or_default();
+                    st.last_error = Some((
+                        now,
+                        format!(
+                            "the broker handed out a token with only {}m left, less than refresh_before ({}m)",
+                            left.as_secs() / 60,
+                            refresh_before.as_secs() / 60
+                        ),
+                    ));
+                } else {
+                    st.failures = 0;
+                    st.retry_at = None;
+                    st.last_error = None;
+                }
+                st.last_used
+            };
+            tracing::info!(
+                scope = %slot.scope,
+                credential_id = %held.credential_id,
+                expires_at = %rfc3339(held.expires_at),
+                "credential fetched"
+            );
+            inner.store_file(&slot, &held, last_used).await;
+            slot.wake.notify_one();
+            Ok(held)
+        }
+        Err(e) => {
+            if e.broker_answered() {
+                inner.record_contact(now);
+            }
+            let (dropped, still_held, failures, retry_in) = {
+                let mut st = lock(&slot.state);
+                st.failures = st.failures.saturating_add(1);
+                let mut delay = refresh::backoff(st.failures, e.retry(), rand::random());
+                if let Some(after) = e.retry_after() {
+                    delay = delay.max(after);
+                }
+                st.retry_at = Some(now + delay);
+                st.last_error = Some((now, e.to_string()));
+                let dropped = if e.revokes_access() {
+                    st.held.take()
+                } else {
+                    None
+                };
+                let still_held = st
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| refresh::servable(h.expires_at, now));
+                (dropped, still_held, st.failures, delay)
+            };
+            if let Some(held) = dropped {
+                tracing::warn!(
+                    scope = %slot.scope,
+                    credential_id = %held.credential_id,
+                    error = %e,
+                    "the broker refuses this credential now; dropped the cached copy"
+                );
+                inner.remove_file(&slot).await;
+            } else if still_held {
+                tracing::warn!(
+                    scope = %slot.scope,
+                    error = %e,
+                    failures,
+                    retry_in_s = retry_in.as_secs(),
+                    "refresh failed; serving the cached credential until it expires"
+                );
+            } else {
+                tracing::warn!(
+                    scope = %slot.scope,
+                    error = %e,
+                    failures,
+                    retry_in_s = retry_in.as_secs(),
+                    "fetching the credential failed"
+                );
+            }
+            slot.wake.notify_one();
+            Err(e)
+        }
+    }
+}
+
+/// A credential's life: sleep until the next deadline (or a wake-up), do what is due, repeat.
+async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot>) {
+    loop {
+        let now = SystemTime::now();
+        match refresh::next_action(now, &slot.timeline(), inner.config.idle_timeout) {
+            Some((at, action)) if at <= now => match action {
+                Action::Fetch => {
+                    let _ = fetch(inner.clone(), slot.clone(), Purpose::Refresh).await;
+                }
+                Action::Expire => inner.expire(&slot).await,
+                Action::Forget => {
+                    if inner.forget(&slot) {
+                        return;
+                    }
+                }
+            },
+            Some((at, _)) => {
+                let delay = at.duration_since(now).unwrap_or_default();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = slot.wake.notified() => {}
+                }
+            }
+            None => slot.wake.notified().await,
+        }
+    }
+}
+
+fn unix_to_time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+fn time_to_unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// RFC 3339 in UTC, to the second.
+pub fn rfc3339(t: SystemTime) -> String {
+    OffsetDateTime::from_unix_timestamp(time_to_unix(t))
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// Unix seconds for git's `password_expiry_utc`.
+pub fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

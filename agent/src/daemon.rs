@@ -1,0 +1,97 @@
+//! `botcreds-agent run`: opens the cache, binds the socket, starts the credentials' tasks and
+//! serves until the shutdown future resolves.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::broker_client::{Auth, BrokerClient};
+use crate::cache::{CacheError, DiskCache};
+use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::socket::{self, AppState, Peer};
+use crate::systemd;
+
+/// How long open connections may finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot build the broker client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("serving the socket failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the agent until `shutdown` resolves, then closes the socket and stops every task.
+pub async fn run(
+    config: Config,
+    auth: Auth,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let disk = DiskCache::open(&config.cache_dir)?;
+    let auth_text = auth.describe();
+    let broker = BrokerClient::new(&config.broker, auth, config.broker_timeout)?;
+    let listener =
+        socket::bind(&config.socket, config.socket_group).map_err(|source| AgentError::Socket {
+            path: config.socket.clone(),
+            source,
+        })?;
+    if config.github.is_empty() {
+        tracing::warn!(
+            "agent.toml has no [[github]] entry: git requests will all be passed on to other helpers"
+        );
+    }
+    let credentials = Credentials::start(config.clone(), broker, disk);
+    let app = socket::router(AppState {
+        credentials: credentials.clone(),
+        config: config.clone(),
+        auth: auth_text.clone(),
+    });
+
+    tracing::info!(broker = %config.broker, auth = %auth_text, cache_dir = %config.cache_dir.display(), "agent starting");
+    tracing::info!(socket = %config.socket.display(), "agent ready");
+    systemd::notify("READY=1");
+
+    let stop = Arc::new(Notify::new());
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown({
+            let stop = stop.clone();
+            async move { stop.notified().await }
+        });
+    let server = server.into_future();
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result,
+        () = shutdown => {
+            tracing::info!("shutting down");
+            systemd::notify("STOPPING=1");
+            stop.notify_one();
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("connections still open after {}s; closing them", DRAIN_TIMEOUT.as_secs());
+                    Ok(())
+                }
+            }
+        }
+    };
+    credentials.shutdown();
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket file");
+    }
+    served.map_err(AgentError::Serve)?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
