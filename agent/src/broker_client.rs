@@ -193,7 +193,9 @@ impl BrokerError {
     pub fn local_status(&self) -> u16 {
         match self {
             BrokerError::Unreachable(_) => 503,
-            BrokerError::Refused { status, .. } if matches!(status, 401 | 403) => 403,
+            BrokerError::Refused {
+                status: 401 | 403, ..
+            } => 403,
             _ => 502,
         }
     }

@@ -207,7 +207,8 @@ mod tests {
 
     #[test]
     fn parses_responses() {
-        let cases: Vec<(&[u8], bool, Option<(u16, &[u8])>)> = vec![
+        type Case<'a> = (&'a [u8], bool, Option<(u16, &'a [u8])>);
+        let cases: Vec<Case<'_>> = vec![
             (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false, Some((200, b"hello"))),
             (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", false, None),
             (b"HTTP/1.1 204 No Content\r\n\r\n", false, Some((204, b""))),

@@ -58,6 +58,8 @@ fn run(path: PathBuf) -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Plain text unless a person watches: the readiness line is parsed by tests and scripts.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

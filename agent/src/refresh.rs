@@ -201,7 +201,13 @@ mod tests {
             last_used: Some(t(0)),
             ..held
         };
-        let cases: Vec<(&str, SystemTime, Timeline, Option<(SystemTime, Action)>)> = vec![
+        type Case = (
+            &'static str,
+            SystemTime,
+            Timeline,
+            Option<(SystemTime, Action)>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "configured, fresh: refresh when due",
                 t(0),

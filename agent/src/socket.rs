@@ -159,19 +159,14 @@ fn text(status: StatusCode, mut message: String) -> Response {
         .into_response()
 }
 
-fn parse_description(body: &[u8]) -> Result<Description, Response> {
-    git_credential::parse(body).map_err(|e| {
-        text(
-            StatusCode::BAD_REQUEST,
-            format!("botcreds: garbled credential request: {e}"),
-        )
-    })
+fn parse_description(body: &[u8]) -> Result<Description, String> {
+    git_credential::parse(body).map_err(|e| format!("botcreds: garbled credential request: {e}"))
 }
 
 async fn git_get(State(state): State<AppState>, body: Bytes) -> Response {
     let request = match parse_description(&body) {
         Ok(d) => d,
-        Err(response) => return response,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
     match state.credentials.git_get(&request).await {
         GitAnswer::Credential { token, expires_at } => {
@@ -215,7 +210,7 @@ async fn git_get(State(state): State<AppState>, body: Bytes) -> Response {
 async fn git_erase(State(state): State<AppState>, body: Bytes) -> Response {
     let request = match parse_description(&body) {
         Ok(d) => d,
-        Err(response) => return response,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
     match state.credentials.git_erase(&request).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),

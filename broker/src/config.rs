@@ -334,7 +334,10 @@ impl Config {
                     ));
                 }
                 if g.app_id == 0 {
-                    return Err(invalid("github.app_id", "must be the app's numeric id".into()));
+                    return Err(invalid(
+                        "github.app_id",
+                        "must be the app's numeric id".into(),
+                    ));
                 }
                 Some(GithubConfig {
                     app_id: g.app_id,
@@ -354,10 +357,14 @@ impl Config {
             if k.bot.trim().is_empty() {
                 return Err(invalid(&key("bot"), "must name a bot of the policy".into()));
             }
-            let sources = [k.key_sha256.is_some(), k.key_file.is_some(), k.key_env.is_some()]
-                .iter()
-                .filter(|s| **s)
-                .count();
+            let sources = [
+                k.key_sha256.is_some(),
+                k.key_file.is_some(),
+                k.key_env.is_some(),
+            ]
+            .iter()
+            .filter(|s| **s)
+            .count();
             if sources != 1 {
                 return Err(invalid(
                     &key("key_sha256"),
@@ -367,18 +374,25 @@ impl Config {
             let digest_hex = if let Some(h) = &k.key_sha256 {
                 h.trim().to_ascii_lowercase()
             } else if let Some(f) = &k.key_file {
-                let secret = read_secret_file(&resolve(f)).map_err(|m| invalid(&key("key_file"), m))?;
+                let secret =
+                    read_secret_file(&resolve(f)).map_err(|m| invalid(&key("key_file"), m))?;
                 sha256_hex(secret.expose().trim().as_bytes())
             } else {
                 let name = k.key_env.as_deref().unwrap_or_default();
                 let value = env.var(name).ok_or_else(|| {
-                    invalid(&key("key_env"), format!("environment variable {name} is not set"))
+                    invalid(
+                        &key("key_env"),
+                        format!("environment variable {name} is not set"),
+                    )
                 })?;
                 sha256_hex(value.trim().as_bytes())
             };
             let mut key_sha256 = [0u8; 32];
             hex::decode_to_slice(&digest_hex, &mut key_sha256).map_err(|_| {
-                invalid(&key("key_sha256"), "must be 64 hex digits (SHA-256 of the key)".into())
+                invalid(
+                    &key("key_sha256"),
+                    "must be 64 hex digits (SHA-256 of the key)".into(),
+                )
             })?;
             api_keys.push(ApiKeyConfig {
                 bot: k.bot.clone(),
@@ -387,7 +401,10 @@ impl Config {
         }
 
         if raw.limits.max_concurrent_requests == 0 {
-            return Err(invalid("limits.max_concurrent_requests", "must be at least 1".into()));
+            return Err(invalid(
+                "limits.max_concurrent_requests",
+                "must be at least 1".into(),
+            ));
         }
         if raw.limits.max_github_ttl.as_duration() > Duration::from_secs(3600) {
             return Err(invalid(
@@ -398,7 +415,10 @@ impl Config {
         if let Some(level) = &raw.log.level
             && tracing_subscriber::EnvFilter::try_new(level).is_err()
         {
-            return Err(invalid("log.level", format!("{level:?} is not a log filter")));
+            return Err(invalid(
+                "log.level",
+                format!("{level:?} is not a log filter"),
+            ));
         }
 
         Ok(Config {
@@ -429,7 +449,8 @@ fn default_tailscaled_socket() -> PathBuf {
 
 /// Read a secret file, refusing one that group or others may read or write.
 pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
@@ -477,7 +498,12 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> MapEnv {
-        MapEnv(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        MapEnv(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     const MIN: &str = "listen = [\"127.0.0.1:8443\"]\ndata_dir = \"/tmp/d\"\npolicy = \"p.yaml\"\n";
@@ -498,16 +524,46 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             (format!("{MIN}colour = 1\n"), "colour"),
-            ("listen = [\"0.0.0.0:8443\"]\ndata_dir = \"d\"\npolicy = \"p\"\n".to_string(), "listen[0]"),
-            ("listen = [\"nonsense\"]\ndata_dir = \"d\"\npolicy = \"p\"\n".to_string(), "listen[0]"),
-            (format!("{MIN}[github]\napp_id = 1\n"), "github.private_key_file"),
-            (format!("{MIN}[github]\napp_id = 1\nprivate_key_fil = \"x\"\n"), "private_key_fil"),
-            (format!("{MIN}[tailscale]\nwhois_cache_ttl = \"soon\"\n"), "whois_cache_ttl"),
-            (format!("{MIN}[tailscale]\nwhois_cache_ttl = \"5m\"\n"), "tailscale.whois_cache_ttl"),
-            (format!("{MIN}[[api_keys]]\nbot = \"b\"\n"), "api_keys[0].key_sha256"),
-            (format!("{MIN}[[api_keys]]\nbot = \"b\"\nkey_sha256 = \"zz\"\n"), "api_keys[0].key_sha256"),
-            (format!("{MIN}[[api_keys]]\nbot = \"b\"\nkey_env = \"NOPE\"\n"), "api_keys[0].key_env"),
-            (format!("{MIN}[limits]\nmax_github_ttl = \"2h\"\n"), "limits.max_github_ttl"),
+            (
+                "listen = [\"0.0.0.0:8443\"]\ndata_dir = \"d\"\npolicy = \"p\"\n".to_string(),
+                "listen[0]",
+            ),
+            (
+                "listen = [\"nonsense\"]\ndata_dir = \"d\"\npolicy = \"p\"\n".to_string(),
+                "listen[0]",
+            ),
+            (
+                format!("{MIN}[github]\napp_id = 1\n"),
+                "github.private_key_file",
+            ),
+            (
+                format!("{MIN}[github]\napp_id = 1\nprivate_key_fil = \"x\"\n"),
+                "private_key_fil",
+            ),
+            (
+                format!("{MIN}[tailscale]\nwhois_cache_ttl = \"soon\"\n"),
+                "whois_cache_ttl",
+            ),
+            (
+                format!("{MIN}[tailscale]\nwhois_cache_ttl = \"5m\"\n"),
+                "tailscale.whois_cache_ttl",
+            ),
+            (
+                format!("{MIN}[[api_keys]]\nbot = \"b\"\n"),
+                "api_keys[0].key_sha256",
+            ),
+            (
+                format!("{MIN}[[api_keys]]\nbot = \"b\"\nkey_sha256 = \"zz\"\n"),
+                "api_keys[0].key_sha256",
+            ),
+            (
+                format!("{MIN}[[api_keys]]\nbot = \"b\"\nkey_env = \"NOPE\"\n"),
+                "api_keys[0].key_env",
+            ),
+            (
+                format!("{MIN}[limits]\nmax_github_ttl = \"2h\"\n"),
+                "limits.max_github_ttl",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(&text, &env(&[])).unwrap_err().to_string();
@@ -526,9 +582,16 @@ mod tests {
         let text = format!(
             "{MIN}[github]\napp_id = 7\n[[api_keys]]\nbot = \"ci\"\nkey_env = \"CI_KEY\"\n"
         );
-        let c = parse(&text, &env(&[(ENV_GITHUB_PRIVATE_KEY, "PEM"), ("CI_KEY", "bck_abc")])).unwrap();
+        let c = parse(
+            &text,
+            &env(&[(ENV_GITHUB_PRIVATE_KEY, "PEM"), ("CI_KEY", "bck_abc")]),
+        )
+        .unwrap();
         assert_eq!(c.github.unwrap().private_key_pem.expose(), "PEM");
-        assert_eq!(hex::encode(c.api_keys[0].key_sha256), sha256_hex(b"bck_abc"));
+        assert_eq!(
+            hex::encode(c.api_keys[0].key_sha256),
+            sha256_hex(b"bck_abc")
+        );
     }
 
     #[test]

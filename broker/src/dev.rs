@@ -18,8 +18,10 @@ bots:
   demo-bot:
     identity: { type: api_key }
     auto_approve:
-      - repo: "demo-org/*"
+      - repo: "demo-org/app"
         permissions: [contents:write, issues:write, pull_requests:write]
+      - repo: "demo-org/*"
+        permissions: [contents:read, issues:read]
     requires_approval:
       - permissions: [admin]
       - repo: "demo-org/sensitive-*"
@@ -87,25 +89,74 @@ pub fn edges() -> Edges {
 
 /// What `--dev` prints once it is listening.
 pub fn banner(addr: SocketAddr, api_key: &str, dir: &Path) -> String {
-    format!(
-        "\n\
-==> botcreds development broker\n\
-    WARNING: GitHub is SIMULATED. Tokens from this broker are NOT valid on github.com.\n\
-    Listening on: http://{addr}   (loopback only)\n\
-    Data dir:     {data} (deleted on exit)\n\
-    Policy:       {policy}\n\
-    Demo bot:     demo-bot\n\
-    API key:      {api_key}\n\
-\n\
-    Try it:\n\
-      curl -s http://{addr}/v1/credentials \\\n\
-        -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\\n\
-        -d '{{\"kind\":\"github_token\",\"repositories\":[\"demo-org/app\"],\"permissions\":[\"contents:write\"],\"reason\":\"trying botcreds\"}}'\n\
-\n\
-    Denied by policy:   \"repositories\":[\"demo-org/infrastructure\"]\n\
-    Needs approval:     \"repositories\":[\"demo-org/sensitive-data\"]\n\
-    Explain a decision: botcreds policy explain --policy {policy} --bot demo-bot --repo demo-org/app --permissions contents:write\n",
-        data = dir.join("data").display(),
-        policy = dir.join("policy.yaml").display(),
-    )
+    let data = dir.join("data");
+    let policy = dir.join("policy.yaml");
+    let body = r#"{"kind":"github_token","repositories":["demo-org/app"],"permissions":["contents:write"],"reason":"trying botcreds"}"#;
+    [
+        String::new(),
+        "==> botcreds development broker".to_string(),
+        "    WARNING: GitHub is SIMULATED. Tokens from this broker are NOT valid on github.com.".to_string(),
+        format!("    Listening on: http://{addr}   (loopback only)"),
+        format!("    Data dir:     {} (deleted on exit)", data.display()),
+        format!("    Policy:       {}", policy.display()),
+        "    Demo bot:     demo-bot".to_string(),
+        format!("    API key:      {api_key}"),
+        String::new(),
+        "    Try it:".to_string(),
+        format!("      curl -s http://{addr}/v1/credentials \\"),
+        format!("        -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\"),
+        format!("        -d '{body}'"),
+        String::new(),
+        "    Denied by policy:   \"repositories\":[\"demo-org/infrastructure\"]".to_string(),
+        "    Needs approval:     \"repositories\":[\"demo-org/sensitive-data\"] with contents:write".to_string(),
+        format!(
+            "    Explain a decision: botcreds policy explain --policy {} --bot demo-bot --repo demo-org/app --permissions contents:write",
+            policy.display()
+        ),
+        String::new(),
+    ]
+    .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Outcome, Policy, Request};
+
+    fn decide(repo: &str, perm: &str) -> Outcome {
+        let policy = Policy::parse("demo", DEMO_POLICY).unwrap();
+        let repos = [repo.parse().unwrap()];
+        let perms = [perm.parse().unwrap()];
+        policy
+            .decide_for_bot(
+                Some("demo-bot"),
+                &Request::Github {
+                    repositories: &repos,
+                    permissions: &perms,
+                },
+            )
+            .outcome
+    }
+
+    /// The banner promises these three outcomes; the demo policy must keep them.
+    #[test]
+    fn demo_policy_shows_allow_deny_and_approval() {
+        assert_eq!(decide("demo-org/app", "contents:write"), Outcome::Allow);
+        assert_eq!(
+            decide("demo-org/infrastructure", "contents:read"),
+            Outcome::Deny
+        );
+        assert_eq!(
+            decide("demo-org/sensitive-data", "contents:write"),
+            Outcome::RequireApproval
+        );
+    }
+
+    #[test]
+    fn dev_listens_on_loopback_only() {
+        assert!(setup("0.0.0.0:0".parse().unwrap()).is_err());
+        let s = setup("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(s.api_key.starts_with("bck_"));
+        assert!(s.config.policy.exists());
+    }
 }

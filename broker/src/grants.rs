@@ -34,7 +34,9 @@ impl TokenScope {
         repos.dedup();
         let mut best: BTreeMap<&'static str, Permission> = BTreeMap::new();
         for p in permissions {
-            let keep = best.get(p.name()).is_none_or(|held| held.level() < p.level());
+            let keep = best
+                .get(p.name())
+                .is_none_or(|held| held.level() < p.level());
             if keep {
                 best.insert(p.name(), p.clone());
             }
@@ -114,7 +116,8 @@ impl TokenIssuer {
         }
         // Forget scopes whose tokens have lapsed before the map grows without bound.
         if slots.len() >= 50_000 {
-            slots.retain(|_, s| Arc::strong_count(s) > 1 || s.try_lock().is_ok_and(|g| g.is_some()));
+            slots
+                .retain(|_, s| Arc::strong_count(s) > 1 || s.try_lock().is_ok_and(|g| g.is_some()));
         }
         let s: Slot = Arc::default();
         slots.insert(scope.clone(), s.clone());
@@ -123,7 +126,11 @@ impl TokenIssuer {
 
     /// A token for `scope` that stays valid for at least `min_ttl`: the live one if it
     /// qualifies, else a freshly minted one (which then replaces it).
-    pub async fn issue(&self, scope: &TokenScope, min_ttl: Duration) -> Result<Issued, GithubError> {
+    pub async fn issue(
+        &self,
+        scope: &TokenScope,
+        min_ttl: Duration,
+    ) -> Result<Issued, GithubError> {
         let slot = self.slot(scope);
         let mut held = slot.lock().await;
         let now = self.clock.now();
@@ -171,7 +178,7 @@ impl TokenIssuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Clock, OffsetClock};
+    use crate::clock::OffsetClock;
     use crate::providers::github::SimulatedGithub;
 
     fn scope(repos: &[&str], perms: &[&str]) -> TokenScope {
@@ -183,10 +190,16 @@ mod tests {
     #[test]
     fn scope_normalises() {
         assert_eq!(
-            scope(&["a/y", "a/x", "a/y"], &["issues:read", "contents:read", "contents:write"]),
+            scope(
+                &["a/y", "a/x", "a/y"],
+                &["issues:read", "contents:read", "contents:write"]
+            ),
             scope(&["a/x", "a/y"], &["contents:write", "issues:read"])
         );
-        assert_ne!(scope(&["a/x"], &["contents:read"]), scope(&["a/x"], &["contents:write"]));
+        assert_ne!(
+            scope(&["a/x"], &["contents:read"]),
+            scope(&["a/x"], &["contents:write"])
+        );
     }
 
     #[tokio::test]

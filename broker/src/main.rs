@@ -10,7 +10,11 @@ use botcreds_broker::{cli, dev, server};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "botcreds", version, about = "Short-lived, policy-scoped credentials for bots")]
+#[command(
+    name = "botcreds",
+    version,
+    about = "Short-lived, policy-scoped credentials for bots"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,11 @@ enum ApiKeyCommand {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
-        Command::Serve { config, dev, listen } => match serve(config, dev, listen) {
+        Command::Serve {
+            config,
+            dev,
+            listen,
+        } => match serve(config, dev, listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("botcreds: {e:#}");
@@ -160,7 +168,13 @@ fn serve(config: Option<PathBuf>, dev: bool, listen: SocketAddr) -> anyhow::Resu
             let listeners = server::bind(&setup.config).await?;
             let addr = listeners[0].local_addr()?;
             eprintln!("{}", dev::banner(addr, &setup.api_key, setup.dir.path()));
-            server::run(setup.config.clone(), dev::edges(), listeners, shutdown_signal()).await?;
+            server::run(
+                setup.config.clone(),
+                dev::edges(),
+                listeners,
+                shutdown_signal(),
+            )
+            .await?;
             drop(setup);
             return Ok(());
         }

@@ -90,7 +90,9 @@ impl PolicyHandle {
         };
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let same = seen.as_ref().is_some_and(|f| f.sha256 == fingerprint.sha256);
+            let same = seen
+                .as_ref()
+                .is_some_and(|f| f.sha256 == fingerprint.sha256);
             *seen = Some(fingerprint);
             if same && !force {
                 return Ok(Reload::Unchanged);
@@ -123,7 +125,11 @@ mod tests {
         let handle = PolicyHandle::load(&path).unwrap();
         assert!(handle.current().has_bot("a"));
 
-        std::fs::write(&path, "bots:\n  a:\n    identity: { type: api_key }\n    auto_aprove: []\n").unwrap();
+        std::fs::write(
+            &path,
+            "bots:\n  a:\n    identity: { type: api_key }\n    auto_aprove: []\n",
+        )
+        .unwrap();
         assert!(handle.looks_changed());
         let err = handle.reload(false).unwrap_err();
         assert!(err.to_string().contains("auto_aprove"), "{err}");
@@ -131,14 +137,19 @@ mod tests {
         assert!(!handle.looks_changed());
 
         std::fs::write(&path, GOOD.replace("  a:", "  b:")).unwrap();
-        assert!(matches!(handle.reload(false).unwrap(), Reload::Loaded { bots: 1 }));
+        assert!(matches!(
+            handle.reload(false).unwrap(),
+            Reload::Loaded { bots: 1 }
+        ));
         assert!(handle.current().has_bot("b"));
         assert!(matches!(handle.reload(false).unwrap(), Reload::Unchanged));
     }
 
     #[test]
     fn missing_file_is_an_error_at_startup() {
-        let err = PolicyHandle::load(Path::new("/nonexistent/policy.yaml")).err().unwrap();
+        let err = PolicyHandle::load(Path::new("/nonexistent/policy.yaml"))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("cannot read"), "{err}");
     }
 }

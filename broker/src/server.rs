@@ -37,15 +37,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("policy: {0}")]
+    #[error("policy")]
     Policy(#[from] PolicyError),
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
-    #[error("github: {0}")]
+    #[error("github")]
     Github(#[from] GithubError),
     #[error("config: {0}")]
     Config(String),
-    #[error("listen: {0}")]
+    #[error("I/O")]
     Io(#[from] std::io::Error),
 }
 
@@ -62,7 +62,8 @@ impl Edges {
         let clock: SharedClock = Arc::new(SystemClock);
         let Some(gh) = &config.github else {
             return Err(ServeError::Config(
-                "[github] is missing: the broker needs a GitHub App to mint tokens (or run --dev)".into(),
+                "[github] is missing: the broker needs a GitHub App to mint tokens (or run --dev)"
+                    .into(),
             ));
         };
         let github = GithubClient::new(
@@ -93,7 +94,10 @@ pub async fn bind(config: &Config) -> Result<Vec<TcpListener>, ServeError> {
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let l = TcpListener::bind(addr).await.map_err(|e| {
-            ServeError::Io(std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+            ServeError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr}: {e}"),
+            ))
         })?;
         listeners.push(l);
     }
@@ -139,7 +143,9 @@ pub async fn run(
         policy.current().bot_names().len()
     ));
     if let Err(e) = audit.record(vec![started]).await {
-        return Err(ServeError::Config(format!("the audit log does not accept writes: {e}")));
+        return Err(ServeError::Config(format!(
+            "the audit log does not accept writes: {e}"
+        )));
     }
 
     let app = router(state.clone());
@@ -167,7 +173,10 @@ pub async fn run(
     }
     match Arc::try_unwrap(graceful) {
         Ok(graceful) => {
-            if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+            if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+                .await
+                .is_err()
+            {
                 tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
             }
         }
@@ -206,13 +215,14 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = app
-            .clone()
-            .map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+        let service = app.clone().map_request(
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 req
-            });
-        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            },
+        );
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -224,14 +234,13 @@ async fn accept_loop(
 
 /// Reload the policy on SIGHUP and when the file changes; a bad file keeps the last good policy.
 async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut hangup =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
-                None
-            }
-        };
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(POLICY_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -14,9 +14,7 @@ pub mod permission;
 pub mod repo;
 pub mod ttl;
 
-pub use credential::{
-    Attribution, CredentialKind, CredentialRequest, GitAccess, GithubCredential,
-};
+pub use credential::{Attribution, CredentialKind, CredentialRequest, GitAccess, GithubCredential};
 pub use error::{ErrorBody, ErrorCode};
 pub use permission::{Level, Permission, PermissionError};
 pub use repo::{RepoError, RepoName};

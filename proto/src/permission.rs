@@ -216,7 +216,10 @@ mod tests {
             ("contents:write", Ok("contents:write")),
             ("issues:read", Ok("issues:read")),
             ("workflows:write", Ok("workflows:write")),
-            ("organization_projects:admin", Ok("organization_projects:admin")),
+            (
+                "organization_projects:admin",
+                Ok("organization_projects:admin"),
+            ),
             ("contents", Err("not of the form")),
             ("contents:", Err("not of the form")),
             (":read", Err("not of the form")),
@@ -255,7 +258,11 @@ mod tests {
             ("repository_projects:admin", true),
             ("contents:write", false),
         ] {
-            assert_eq!(p.parse::<Permission>().unwrap().is_admin_level(), admin, "{p}");
+            assert_eq!(
+                p.parse::<Permission>().unwrap().is_admin_level(),
+                admin,
+                "{p}"
+            );
         }
     }
 }

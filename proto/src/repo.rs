@@ -24,7 +24,9 @@ pub enum RepoError {
 pub fn valid_owner(owner: &str) -> bool {
     !owner.is_empty()
         && owner.len() <= 39
-        && owner.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !owner.starts_with('-')
         && !owner.ends_with('-')
 }
@@ -58,7 +60,9 @@ impl FromStr for RepoName {
     type Err = RepoError;
 
     fn from_str(s: &str) -> Result<RepoName, RepoError> {
-        let (owner, name) = s.split_once('/').ok_or_else(|| RepoError::Shape(s.to_string()))?;
+        let (owner, name) = s
+            .split_once('/')
+            .ok_or_else(|| RepoError::Shape(s.to_string()))?;
         if name.contains('/') {
             return Err(RepoError::Shape(s.to_string()));
         }

@@ -59,7 +59,9 @@ impl FromStr for Ttl {
             if digits.is_empty() {
                 return Err(malformed());
             }
-            let n: u64 = digits.parse().map_err(|_| TtlError::Overflow(s.to_string()))?;
+            let n: u64 = digits
+                .parse()
+                .map_err(|_| TtlError::Overflow(s.to_string()))?;
             total = n
                 .checked_mul(unit)
                 .and_then(|v| total.checked_add(v))
@@ -135,7 +137,11 @@ mod tests {
             ("soon", None),
         ];
         for (input, want) in cases {
-            assert_eq!(input.parse::<Ttl>().ok().map(Ttl::as_secs), *want, "{input}");
+            assert_eq!(
+                input.parse::<Ttl>().ok().map(Ttl::as_secs),
+                *want,
+                "{input}"
+            );
         }
         assert_eq!(Ttl::from_secs(5400).to_string(), "1h30m");
     }

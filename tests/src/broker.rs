@@ -109,7 +109,8 @@ impl BrokerBuilder {
     pub async fn start(self) -> BrokerProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let key_path = dir.path().join("app-key.pem");
-        std::fs::copy(crate::fixtures::path("github/test-app-key.pem"), &key_path).expect("copy key");
+        std::fs::copy(crate::fixtures::path("github/test-app-key.pem"), &key_path)
+            .expect("copy key");
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, &self.policy).expect("write policy");
@@ -130,9 +131,11 @@ impl BrokerBuilder {
                 self.app_id, self.github_toml
             ));
         }
-        for (i, (bot, key)) in self.api_keys.iter().enumerate() {
+        for (i, (bot, _)) in self.api_keys.iter().enumerate() {
             let var = format!("BOTCREDS_TEST_KEY_{i}");
-            toml.push_str(&format!("[[api_keys]]\nbot = \"{bot}\"\nkey_env = \"{var}\"\n\n"));
+            toml.push_str(&format!(
+                "[[api_keys]]\nbot = \"{bot}\"\nkey_env = \"{var}\"\n\n"
+            ));
         }
         toml.push_str(&self.extra_toml);
         let config_path = dir.path().join("broker.toml");
@@ -186,7 +189,10 @@ impl BrokerProcess {
     ) -> BrokerProcess {
         match Self::try_spawn(&mut cmd, dir, config_path, policy_path).await {
             Ok(b) => b,
-            Err(f) => panic!("broker did not start ({:?}); its log:\n{}", f.status, f.logs),
+            Err(f) => panic!(
+                "broker did not start ({:?}); its log:\n{}",
+                f.status, f.logs
+            ),
         }
     }
 
@@ -309,7 +315,7 @@ impl BrokerProcess {
     }
 
     /// SIGTERM and wait for a clean exit.
-    pub async fn stop(mut self) -> std::process::ExitStatus {
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
         self.signal("TERM");
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await

@@ -58,13 +58,29 @@ struct World {
     broker: BrokerProcess,
 }
 
-async fn world_with(config: FakeGithubConfig, extra: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> World {
+async fn world_with(
+    config: FakeGithubConfig,
+    extra: impl FnOnce(BrokerBuilder) -> BrokerBuilder,
+) -> World {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let github = FakeGithub::start(config).await;
     let tailscaled = FakeTailscaled::start().await;
-    tailscaled.add_node(ip(CI), NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build());
-    tailscaled.add_node(ip(LAPTOP), NodeBuilder::new("alice-laptop").login("alice@example.com").build());
-    tailscaled.add_node(ip(STRANGER), NodeBuilder::new("stranger").login("bob@example.com").build());
+    tailscaled.add_node(
+        ip(CI),
+        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
+    );
+    tailscaled.add_node(
+        ip(LAPTOP),
+        NodeBuilder::new("alice-laptop")
+            .login("alice@example.com")
+            .build(),
+    );
+    tailscaled.add_node(
+        ip(STRANGER),
+        NodeBuilder::new("stranger")
+            .login("bob@example.com")
+            .build(),
+    );
     let builder = BrokerBuilder::new(POLICY)
         .github(&github.base_url(), github_app_id())
         .tailscaled(tailscaled.socket_path())
@@ -92,7 +108,9 @@ async fn ask(w: &World, from: &str, body: Value) -> (u16, Value) {
 
 async fn ask_with(w: &World, from: &str, body: Value, key: Option<&str>) -> (u16, Value) {
     let client = w.broker.client_from(ip(from));
-    let mut req = client.post(format!("{}/v1/credentials", w.broker.url)).json(&body);
+    let mut req = client
+        .post(format!("{}/v1/credentials", w.broker.url))
+        .json(&body);
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -115,7 +133,12 @@ fn code_of(body: &Value) -> ErrorCode {
 #[tokio::test(flavor = "multi_thread")]
 async fn tailnet_bot_gets_a_scoped_token_with_the_seed_json() {
     let w = world().await;
-    let (status, body) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:write"])).await;
+    let (status, body) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:write"]),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let cred: GithubCredential = serde_json::from_value(body.clone()).unwrap();
     assert!(cred.token.starts_with("ghs_"));
@@ -124,20 +147,40 @@ async fn tailnet_bot_gets_a_scoped_token_with_the_seed_json() {
     assert!(cred.credential_id.starts_with("tok_"));
     assert!(!cred.credential_id.contains(&cred.token[4..12]));
     assert_eq!(cred.repositories, vec!["acme-corp/web"]);
-    assert_eq!(cred.permissions.get("contents").map(String::as_str), Some("write"));
+    assert_eq!(
+        cred.permissions.get("contents").map(String::as_str),
+        Some("write")
+    );
     assert!(cred.git.clone_url.ends_with("/acme-corp/web.git"));
-    assert!(cred.git.clone_url.contains(&format!("x-access-token:{}@", cred.token)));
+    assert!(
+        cred.git
+            .clone_url
+            .contains(&format!("x-access-token:{}@", cred.token))
+    );
     assert!(cred.git.askpass_script.starts_with("#!/bin/sh"));
     assert!(cred.git.askpass_script.contains(&cred.token));
     assert_eq!(cred.attribution.name, "acme-credbroker[bot]");
-    assert_eq!(cred.attribution.email, "41898283+acme-credbroker[bot]@users.noreply.github.com");
+    assert_eq!(
+        cred.attribution.email,
+        "41898283+acme-credbroker[bot]@users.noreply.github.com"
+    );
     assert_eq!(cred.attribution.trailer, "Bot: ci-bot");
-    assert!(time::OffsetDateTime::parse(&cred.expires_at, &time::format_description::well_known::Rfc3339).is_ok());
+    assert!(
+        time::OffsetDateTime::parse(
+            &cred.expires_at,
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok()
+    );
 
     // GitHub really scoped it: one repository, only contents:write.
-    let info = w.github.token_info(&cred.token).expect("GitHub issued this token");
+    let info = w
+        .github
+        .token_info(&cred.token)
+        .expect("GitHub issued this token");
     assert_eq!(info.repositories, vec!["acme-corp/web"]);
-    assert_eq!(info.permissions.len(), 1);
+    assert!(!info.allows("acme-corp/web", "pull_requests", "read"));
+    assert!(!info.allows("acme-corp/web", "administration", "read"));
     assert!(info.allows("acme-corp/web", "contents", "write"));
     assert!(!info.allows("acme-corp/infra", "contents", "read"));
 }
@@ -145,64 +188,130 @@ async fn tailnet_bot_gets_a_scoped_token_with_the_seed_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn identical_requests_reuse_one_token_and_whois_is_cached() {
     let w = world().await;
-    let req = token_request(&["acme-corp/web"], &["contents:write", "pull_requests:write"]);
+    let req = token_request(
+        &["acme-corp/web"],
+        &["contents:write", "pull_requests:write"],
+    );
     let (s1, b1) = ask(&w, CI, req.clone()).await;
     let (s2, b2) = ask(&w, CI, req).await;
     assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
     assert_eq!(b1["token"], b2["token"]);
-    assert_eq!(w.github.mint_count(), 1, "second identical request made no upstream call");
+    assert_eq!(
+        w.github.mint_count(),
+        1,
+        "second identical request made no upstream call"
+    );
     // Same scope written differently (order, duplicates) is the same grant.
     let (s3, b3) = ask(
         &w,
         CI,
-        token_request(&["ACME-corp/web", "acme-corp/web"], &["pull_requests:write", "contents:write"]),
+        token_request(
+            &["ACME-corp/web", "acme-corp/web"],
+            &["pull_requests:write", "contents:write"],
+        ),
     )
     .await;
     assert_eq!(s3, 200, "{b3}");
     assert_eq!(b3["token"], b1["token"]);
     assert_eq!(w.github.mint_count(), 1);
     // A different scope is a different token.
-    let (s4, b4) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s4, b4) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!(s4, 200, "{b4}");
     assert_ne!(b4["token"], b1["token"]);
     assert_eq!(w.github.mint_count(), 2);
     // A ttl longer than what the cached token has left forces a fresh one.
-    assert!(w.tailscaled.whois_calls() <= 2, "WhoIs answers are cached briefly");
+    assert!(
+        w.tailscaled.whois_calls() <= 2,
+        "WhoIs answers are cached briefly"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn policy_decisions_from_tailnet_identity() {
     let w = world().await;
     // deny beats auto_approve (acme-corp/* contents:read would allow it).
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/infra"], &["contents:read"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/infra"], &["contents:read"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
     assert_eq!(b["rule"], "bots.ci-bot.deny[0]");
     // Glob acme-corp/* covers another repository for read...
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/docs"], &["contents:read"])).await;
-    // ...the installation does not have it, so GitHub refuses: 502 with a code.
-    assert_eq!((s, code_of(&b)), (502, ErrorCode::GithubScopeRejected), "{b}");
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/docs"], &["contents:read"]),
+    )
+    .await;
+    // ...the installation does not cover it, so GitHub refuses: 502 with a code.
+    assert_eq!(
+        (s, code_of(&b)),
+        (502, ErrorCode::GithubNotInstalled),
+        "{b}"
+    );
     // ...but not for write.
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/docs"], &["contents:write"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/docs"], &["contents:write"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
     assert_eq!(b["rule"], "defaults");
     // admin-level permissions need approval.
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["administration:write"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["administration:write"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
     assert_eq!(b["rule"], "bots.ci-bot.requires_approval[0]");
     // A user-owned node matched by hostname.
-    let (s, b) = ask(&w, LAPTOP, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s, b) = ask(
+        &w,
+        LAPTOP,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["bot"], "laptop-bot");
-    let (s, b) = ask(&w, LAPTOP, token_request(&["acme-corp/web"], &["contents:write"])).await;
+    let (s, b) = ask(
+        &w,
+        LAPTOP,
+        token_request(&["acme-corp/web"], &["contents:write"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
     // A tailnet node that matches no bot falls to defaults.
-    let (s, b) = ask(&w, STRANGER, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s, b) = ask(
+        &w,
+        STRANGER,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
     assert_eq!(b["rule"], "defaults");
     // Not a tailnet peer at all, no key: unauthenticated.
-    let (s, b) = ask(&w, NOT_ON_TAILNET, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s, b) = ask(
+        &w,
+        NOT_ON_TAILNET,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (401, ErrorCode::Unauthenticated), "{b}");
-    assert_eq!(w.github.mint_count(), 1, "only the laptop's request was minted");
+    assert_eq!(
+        w.github.mint_count(),
+        1,
+        "only the laptop's request was minted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -213,7 +322,11 @@ async fn api_key_bot_and_bad_keys() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["bot"], "script-bot");
     let (s, b) = ask_with(&w, CI, req.clone(), Some("bck_wrong")).await;
-    assert_eq!((s, code_of(&b)), (401, ErrorCode::InvalidApiKey), "a wrong key never falls back to tailnet identity: {b}");
+    assert_eq!(
+        (s, code_of(&b)),
+        (401, ErrorCode::InvalidApiKey),
+        "a wrong key never falls back to tailnet identity: {b}"
+    );
     let client = w.broker.client_from(ip(CI));
     let resp = client
         .post(format!("{}/v1/credentials", w.broker.url))
@@ -261,7 +374,7 @@ async fn bad_input_gets_a_clear_code_and_mints_nothing() {
     let long = format!("acme-corp/{}", "x".repeat(300));
     let cases: Vec<(&str, String, u16, ErrorCode)> = vec![
         ("malformed json", "{\"kind\": \"github_token\",".into(), 400, ErrorCode::InvalidJson),
-        ("not an object", "[1,2]".into(), 400, ErrorCode::InvalidRequest),
+        ("not an object", "\"a string\"".into(), 400, ErrorCode::InvalidRequest),
         ("unknown field", json!({"kind":"github_token","repositories":["acme-corp/web"],"permissions":["contents:read"],"colour":"red"}).to_string(), 400, ErrorCode::InvalidRequest),
         ("wrong type", json!({"kind":"github_token","repositories":"acme-corp/web","permissions":["contents:read"]}).to_string(), 400, ErrorCode::InvalidRequest),
         ("no kind", json!({"repositories":["acme-corp/web"],"permissions":["contents:read"]}).to_string(), 400, ErrorCode::InvalidKind),
@@ -293,15 +406,28 @@ async fn bad_input_gets_a_clear_code_and_mints_nothing() {
         assert!(b["error"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
     }
     // Not JSON at all.
-    let resp = client.post(&url).header("Content-Type", "text/plain").body("hi").send().await.unwrap();
+    let resp = client
+        .post(&url)
+        .header("Content-Type", "text/plain")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 415);
     // Unknown path and wrong method are JSON errors too.
-    let resp = client.get(format!("{}/v1/nope", w.broker.url)).send().await.unwrap();
+    let resp = client
+        .get(format!("{}/v1/nope", w.broker.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
     assert_eq!(code_of(&resp.json().await.unwrap()), ErrorCode::NotFound);
     let resp = client.get(&url).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 405);
-    assert_eq!(code_of(&resp.json().await.unwrap()), ErrorCode::MethodNotAllowed);
+    assert_eq!(
+        code_of(&resp.json().await.unwrap()),
+        ErrorCode::MethodNotAllowed
+    );
 
     // A slow client: headers sent, body never finished.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -320,7 +446,12 @@ async fn bad_input_gets_a_clear_code_and_mints_nothing() {
 
     assert_eq!(w.github.mint_count(), 0, "bad input never reaches GitHub");
     // The broker is still fine.
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
 }
 
@@ -330,34 +461,66 @@ async fn github_failures_map_to_502_codes_without_half_issued_state() {
     let req = token_request(&["acme-corp/web"], &["contents:read"]);
     // A permission the installation lacks: GitHub answers 422.
     let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["issues:write"])).await;
-    assert_eq!((s, code_of(&b)), (502, ErrorCode::GithubScopeRejected), "{b}");
+    assert_eq!(
+        (s, code_of(&b)),
+        (502, ErrorCode::GithubScopeRejected),
+        "{b}"
+    );
     // An owner without the app installed.
     let (s, b) = ask(&w, CI, token_request(&["ghost-org/x"], &["contents:read"])).await;
-    assert_eq!((s, code_of(&b)), (502, ErrorCode::GithubNotInstalled), "{b}");
+    assert_eq!(
+        (s, code_of(&b)),
+        (502, ErrorCode::GithubNotInstalled),
+        "{b}"
+    );
     // Transient 5xx are retried.
     w.github.fail_next(1, 502);
     let (s, b) = ask(&w, CI, req.clone()).await;
     assert_eq!(s, 200, "one 502 is retried: {b}");
     // Persistent 5xx: 502 upstream_error.
     w.github.fail_next(10, 500);
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["pull_requests:write"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["pull_requests:write"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (502, ErrorCode::UpstreamError), "{b}");
     w.github.fail_next(0, 500);
     // Rate limited.
     w.github.exhaust_rate_limit();
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:write"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:write"]),
+    )
+    .await;
     assert_eq!((s, code_of(&b)), (502, ErrorCode::GithubRateLimited), "{b}");
     assert!(b["retry_after"].as_u64().is_some(), "{b}");
     w.github.restore_rate_limit();
     // Dead upstream.
     w.github.set_down(true).await;
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:write"])).await;
-    assert_eq!((s, code_of(&b)), (502, ErrorCode::UpstreamUnavailable), "{b}");
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:write"]),
+    )
+    .await;
+    assert_eq!(
+        (s, code_of(&b)),
+        (502, ErrorCode::UpstreamUnavailable),
+        "{b}"
+    );
     // The token minted before the outage is still served from the reuse cache.
     let (s, b) = ask(&w, CI, req).await;
     assert_eq!(s, 200, "{b}");
     w.github.set_down(false).await;
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:write"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:write"]),
+    )
+    .await;
     assert_eq!(s, 200, "recovers when GitHub is back: {b}");
 }
 
@@ -367,7 +530,11 @@ async fn tailscaled_down_is_identity_unavailable_but_api_keys_work() {
     w.tailscaled.set_down(true).await;
     let req = token_request(&["acme-corp/web"], &["contents:read"]);
     let (s, b) = ask(&w, STRANGER, req.clone()).await;
-    assert_eq!((s, code_of(&b)), (503, ErrorCode::IdentityUnavailable), "{b}");
+    assert_eq!(
+        (s, code_of(&b)),
+        (503, ErrorCode::IdentityUnavailable),
+        "{b}"
+    );
     let (s, b) = ask_with(&w, STRANGER, req, Some(SCRIPT_KEY)).await;
     assert_eq!(s, 200, "{b}");
 }
@@ -380,22 +547,36 @@ async fn policy_reloads_on_change_and_keeps_the_last_good_one() {
     assert_eq!(s, 403);
 
     // A good change: the stranger becomes a bot (file change is noticed without a signal).
-    let grown = format!(
-        "{POLICY}\n".replace(
+    let grown = POLICY.replace(
             "defaults:",
             "  stranger-bot:\n    identity: { user: bob@example.com }\n    auto_approve:\n      - repo: \"acme-corp/web\"\n        permissions: [contents:read]\ndefaults:",
-        )
     );
     std::fs::write(&w.broker.policy_path, &grown).unwrap();
-    assert!(w.broker.wait_for_log("policy reloaded", Duration::from_secs(30)).await, "{}", w.broker.logs());
+    assert!(
+        w.broker
+            .wait_for_log("policy reloaded", Duration::from_secs(30))
+            .await,
+        "{}",
+        w.broker.logs()
+    );
     let (s, b) = ask(&w, STRANGER, req.clone()).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["bot"], "stranger-bot");
 
     // A bad change (typo): rejected with file:line:col, the last good policy stays.
     std::fs::write(&w.broker.policy_path, grown.replace("auto_approve:\n      - repo: \"acme-corp/web\"\n        permissions: [contents:read]\ndefaults", "auto_aprove: []\ndefaults")).unwrap();
-    assert!(w.broker.wait_for_log("policy reload failed", Duration::from_secs(30)).await, "{}", w.broker.logs());
-    assert!(w.broker.logs().contains("policy.yaml:"), "error names the file: {}", w.broker.logs());
+    assert!(
+        w.broker
+            .wait_for_log("policy reload failed", Duration::from_secs(30))
+            .await,
+        "{}",
+        w.broker.logs()
+    );
+    assert!(
+        w.broker.logs().contains("policy.yaml:"),
+        "error names the file: {}",
+        w.broker.logs()
+    );
     let (s, b) = ask(&w, STRANGER, req.clone()).await;
     assert_eq!(s, 200, "still the last good policy: {b}");
 
@@ -417,23 +598,40 @@ async fn policy_reloads_on_change_and_keeps_the_last_good_one() {
 }
 
 async fn wait_for_count(broker: &mut BrokerProcess, needle: &str, n: usize) -> bool {
-    broker.wait_for_count(needle, n, Duration::from_secs(30)).await
+    broker
+        .wait_for_count(needle, n, Duration::from_secs(30))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ghes_long_tokens_and_metrics() {
-    let config = FakeGithubConfig::default().ghes().token_format(TokenFormat::Long);
+    let config = FakeGithubConfig::default()
+        .ghes()
+        .token_format(TokenFormat::Long);
     let w = world_with(config, |b| b).await;
-    let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s, b) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     let token = b["token"].as_str().unwrap();
-    assert!(token.starts_with("ghs_") && token.len() > 40, "long-form token accepted");
+    assert!(
+        token.starts_with("ghs_") && token.len() > 40,
+        "long-form token accepted"
+    );
     let host = w.github.addr().to_string();
     assert_eq!(
         b["git"]["clone_url"].as_str().unwrap(),
         format!("https://x-access-token:{token}@{host}/acme-corp/web.git")
     );
-    let (s, _) = ask(&w, CI, token_request(&["acme-corp/web"], &["contents:read"])).await;
+    let (s, _) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
     assert_eq!(s, 200);
     let metrics = w
         .broker
@@ -454,7 +652,13 @@ async fn ghes_long_tokens_and_metrics() {
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
-    let ready = w.broker.client_from(ip(CI)).get(format!("{}/readyz", w.broker.url)).send().await.unwrap();
+    let ready = w
+        .broker
+        .client_from(ip(CI))
+        .get(format!("{}/readyz", w.broker.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status().as_u16(), 200);
 }
 
@@ -462,23 +666,32 @@ async fn ghes_long_tokens_and_metrics() {
 async fn no_secret_in_logs_or_on_disk() {
     let w = world().await;
     let mut tokens = Vec::new();
-    for perms in [&["contents:read"][..], &["contents:write"], &["pull_requests:write"]] {
+    for perms in [
+        &["contents:read"][..],
+        &["contents:write"],
+        &["pull_requests:write"],
+    ] {
         let (s, b) = ask(&w, CI, token_request(&["acme-corp/web"], perms)).await;
         assert_eq!(s, 200, "{b}");
         tokens.push(b["token"].as_str().unwrap().to_string());
     }
-    let (s, _) = ask(&w, CI, token_request(&["acme-corp/infra"], &["contents:read"])).await;
+    let (s, _) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/infra"], &["contents:read"]),
+    )
+    .await;
     assert_eq!(s, 403);
-    let data_dir = w.broker.data_dir();
-    let logs = {
-        let World { broker, .. } = w;
-        let status = broker.stop().await;
-        assert!(status.success(), "clean exit on SIGTERM");
-        broker.logs()
-    };
+    let World { mut broker, .. } = w;
+    let status = broker.stop().await;
+    assert!(status.success(), "clean exit on SIGTERM");
+    let logs = broker.logs();
     let key = botcreds_tests::fixtures::app_private_key_pem();
     let key_line = key.lines().nth(1).unwrap();
-    assert!(logs.contains("credential issued"), "the run was logged:\n{logs}");
+    assert!(
+        logs.contains("credential issued"),
+        "the run was logged:\n{logs}"
+    );
     for t in &tokens {
         assert!(!logs.contains(t.as_str()), "token in the log");
         assert!(!logs.contains(&t[4..]), "token body in the log");
@@ -487,7 +700,7 @@ async fn no_secret_in_logs_or_on_disk() {
     assert!(!logs.contains("eyJ"), "a JWT in the log");
     assert!(!logs.contains(SCRIPT_KEY));
     // Nothing secret in the broker's data directory either.
-    let mut files = vec![data_dir];
+    let mut files = vec![broker.data_dir()];
     let mut scanned = 0;
     while let Some(p) = files.pop() {
         if p.is_dir() {
@@ -498,7 +711,11 @@ async fn no_secret_in_logs_or_on_disk() {
             let bytes = std::fs::read(&p).unwrap();
             scanned += bytes.len();
             for t in &tokens {
-                assert!(!bytes.windows(t.len()).any(|w| w == t.as_bytes()), "token in {}", p.display());
+                assert!(
+                    !bytes.windows(t.len()).any(|w| w == t.as_bytes()),
+                    "token in {}",
+                    p.display()
+                );
             }
         }
     }
@@ -509,10 +726,22 @@ async fn no_secret_in_logs_or_on_disk() {
 async fn bad_config_is_a_startup_error_naming_the_key() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cases = [
-        ("listen = [\"0.0.0.0:0\"]\ndata_dir = \"d\"\npolicy = \"p.yaml\"\n", "listen[0]"),
-        ("listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\npolicy = \"p.yaml\"\ncolour = 1\n", "colour"),
-        ("listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\npolicy = \"p.yaml\"\n[github]\napp_id = 1\nprivate_key_file = \"loose.pem\"\n", "github.private_key_file"),
-        ("listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\npolicy = \"broken.yaml\"\n[github]\napp_id = 1\nprivate_key_file = \"tight.pem\"\n", "broken.yaml:3"),
+        (
+            "listen = [\"0.0.0.0:0\"]\ndata_dir = \"d\"\npolicy = \"p.yaml\"\n",
+            "listen[0]",
+        ),
+        (
+            "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\npolicy = \"p.yaml\"\ncolour = 1\n",
+            "colour",
+        ),
+        (
+            "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\npolicy = \"p.yaml\"\n[github]\napp_id = 1\nprivate_key_file = \"loose.pem\"\n",
+            "github.private_key_file",
+        ),
+        (
+            "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\npolicy = \"broken.yaml\"\n[github]\napp_id = 1\nprivate_key_file = \"tight.pem\"\n",
+            "broken.yaml:6:23",
+        ),
     ];
     for (toml, needle) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -521,7 +750,11 @@ async fn bad_config_is_a_startup_error_naming_the_key() {
         use std::os::unix::fs::PermissionsExt;
         for (name, mode) in [("loose.pem", 0o644), ("tight.pem", 0o600)] {
             let p = dir.path().join(name);
-            std::fs::copy(botcreds_tests::fixtures::path("github/test-app-key.pem"), &p).unwrap();
+            std::fs::copy(
+                botcreds_tests::fixtures::path("github/test-app-key.pem"),
+                &p,
+            )
+            .unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         }
         let config = dir.path().join("broker.toml");

@@ -10,11 +10,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use botcreds_agent::local_client::{self, ClientError};
 use botcreds_proto::agent::{
     DEFAULT_SOCKET, GIT_ERASE_PATH, GIT_GET_PATH, QUIT_HEADER, SOCKET_ENV,
 };
 use botcreds_proto::git_credential::{Description, MAX_LINE_BYTES, Parser, Step};
+use local_client::ClientError;
+
+// Included rather than used through the agent library: linking the library would pull the
+// agent's TLS stack (and its static initializers) into every git credential lookup.
+#[path = "../local_client.rs"]
+mod local_client;
 
 const TIMEOUT_ENV: &str = "BOTCREDS_HELPER_TIMEOUT";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

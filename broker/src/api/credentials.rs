@@ -137,10 +137,12 @@ pub async fn create(
         Ok(i) => i,
         Err(upstream) => {
             let mut e = ApiError::new(upstream.code(), upstream.to_string());
-            if let crate::providers::github::GithubError::RateLimited { retry_after_secs } = upstream {
+            if let crate::providers::github::GithubError::RateLimited { retry_after_secs } =
+                upstream
+            {
                 e = e.with_retry_after(retry_after_secs);
             }
-            tracing::warn!(bot = ?decision.bot, code = %e.code, error = %upstream, "GitHub refused or failed");
+            tracing::warn!(bot = decision.bot.as_deref().unwrap_or("-"), code = %e.code, error = %upstream, "GitHub refused or failed");
             return Err(record_denial(&state, requested, &decision, e).await);
         }
     };
@@ -148,7 +150,10 @@ pub async fn create(
     let attribution = attribution(&state, decision.bot.as_deref()).await;
 
     let token = issued.token;
-    let mut done = AuditEvent::new(AuditEventKind::CredentialIssued, rfc3339_millis(state.clock.now()));
+    let mut done = AuditEvent::new(
+        AuditEventKind::CredentialIssued,
+        rfc3339_millis(state.clock.now()),
+    );
     done.bot = decision.bot.clone();
     done.caller = Some(caller.describe());
     done.repo = requested.repo.clone();
@@ -194,7 +199,7 @@ pub async fn create(
     state.metrics.request(decision.bot.as_deref(), "issued");
     state.metrics.issue_latency(started.elapsed().as_secs_f64());
     tracing::info!(
-        bot = ?decision.bot,
+        bot = decision.bot.as_deref().unwrap_or("-"),
         credential_id = %token.credential_id,
         reused = issued.reused,
         expires_at = %answer.expires_at,
@@ -209,7 +214,10 @@ fn validate(state: &AppState, r: &CredentialRequest) -> Result<GithubAsk, ApiErr
         Some(other) => {
             return Err(ApiError::new(
                 ErrorCode::InvalidKind,
-                format!("credential kind {} is not served by this broker yet", other.as_str()),
+                format!(
+                    "credential kind {} is not served by this broker yet",
+                    other.as_str()
+                ),
             ));
         }
         None => {
@@ -226,7 +234,10 @@ fn validate(state: &AppState, r: &CredentialRequest) -> Result<GithubAsk, ApiErr
         ));
     }
     if r.repositories.is_empty() {
-        return Err(ApiError::new(ErrorCode::NoRepositories, "name at least one repository"));
+        return Err(ApiError::new(
+            ErrorCode::NoRepositories,
+            "name at least one repository",
+        ));
     }
     if r.repositories.len() > MAX_REPOSITORIES {
         return Err(ApiError::new(
@@ -257,7 +268,10 @@ fn validate(state: &AppState, r: &CredentialRequest) -> Result<GithubAsk, ApiErr
         ));
     }
     if r.permissions.len() > MAX_PERMISSIONS {
-        return Err(ApiError::new(ErrorCode::UnknownPermission, "too many permissions"));
+        return Err(ApiError::new(
+            ErrorCode::UnknownPermission,
+            "too many permissions",
+        ));
     }
     let mut permissions = Vec::with_capacity(r.permissions.len());
     for raw in &r.permissions {
@@ -309,7 +323,12 @@ fn denial_message(decision: &Decision) -> String {
     format!("denied by policy: {}", decision.explanation)
 }
 
-fn requested_event(state: &AppState, caller: &Caller, bot: Option<&str>, ask: &GithubAsk) -> AuditEvent {
+fn requested_event(
+    state: &AppState,
+    caller: &Caller,
+    bot: Option<&str>,
+    ask: &GithubAsk,
+) -> AuditEvent {
     let mut e = AuditEvent::new(
         AuditEventKind::CredentialRequested,
         rfc3339_millis(state.clock.now()),
@@ -356,7 +375,10 @@ async fn refuse(
     request: Option<&CredentialRequest>,
     error: &ApiError,
 ) {
-    let mut e = AuditEvent::new(AuditEventKind::CredentialDenied, rfc3339_millis(state.clock.now()));
+    let mut e = AuditEvent::new(
+        AuditEventKind::CredentialDenied,
+        rfc3339_millis(state.clock.now()),
+    );
     e.bot = bot.map(str::to_string);
     e.caller = caller.map(Caller::describe);
     e.client_ip = caller.map(|c| c.address.ip().to_string());
@@ -364,8 +386,18 @@ async fn refuse(
     e.detail = Some(error.message.chars().take(300).collect());
     if let Some(r) = request {
         // Raw input, bounded: kept for the audit trail only.
-        e.repositories = r.repositories.iter().take(20).map(|s| s.chars().take(120).collect()).collect();
-        e.permissions = r.permissions.iter().take(20).map(|s| s.chars().take(120).collect()).collect();
+        e.repositories = r
+            .repositories
+            .iter()
+            .take(20)
+            .map(|s| s.chars().take(120).collect())
+            .collect();
+        e.permissions = r
+            .permissions
+            .iter()
+            .take(20)
+            .map(|s| s.chars().take(120).collect())
+            .collect();
     }
     state.metrics.request(bot, error.code.as_str());
     if let Err(err) = state.audit.record(vec![e]).await {
@@ -382,7 +414,11 @@ async fn attribution(state: &AppState, bot: Option<&str>) -> Attribution {
                 Some(id) => format!("{id}+{name}@users.noreply.github.com"),
                 None => format!("{name}@users.noreply.github.com"),
             };
-            Attribution { name, email, trailer }
+            Attribution {
+                name,
+                email,
+                trailer,
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not learn the app's bot identity for attribution");

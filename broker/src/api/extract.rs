@@ -38,7 +38,9 @@ impl FromRequestParts<AppState> for Authenticated {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let PeerAddr(address) = PeerAddr::from_request_parts(parts, state).await?;
-        Ok(Authenticated(authenticate(state, &parts.headers, address).await))
+        Ok(Authenticated(
+            authenticate(state, &parts.headers, address).await,
+        ))
     }
 }
 
@@ -81,7 +83,10 @@ async fn authenticate(
         }),
         Ok(None) => Err(ApiError::new(
             ErrorCode::Unauthenticated,
-            format!("{} is not a known tailnet peer and presented no API key", address.ip()),
+            format!(
+                "{} is not a known tailnet peer and presented no API key",
+                address.ip()
+            ),
         )),
         Err(e) => {
             tracing::warn!(error = %e, peer = %address, "WhoIs failed");
@@ -96,7 +101,10 @@ async fn authenticate(
 
 /// Read a JSON body: `application/json`, at most 64 KiB, and well-formed; each failure
 /// with its own code.
-pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+pub async fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
     let is_json = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -108,16 +116,18 @@ pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> 
             "send the body as Content-Type: application/json",
         ));
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if too_large {
-            ApiError::new(ErrorCode::BodyTooLarge, "the body is larger than 64 KiB")
-        } else {
-            ApiError::new(ErrorCode::RequestTimeout, "the body could not be read")
-        }
-    })?;
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_large {
+                ApiError::new(ErrorCode::BodyTooLarge, "the body is larger than 64 KiB")
+            } else {
+                ApiError::new(ErrorCode::RequestTimeout, "the body could not be read")
+            }
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| {
         use serde_json::error::Category;
         let code = match e.classify() {

@@ -46,12 +46,18 @@ pub fn explain(path: &Path, q: &Question<'_>) -> Result<(Outcome, String), Expla
     let repositories = q
         .repositories
         .iter()
-        .map(|r| r.parse::<RepoName>().map_err(|e| ExplainError::Input(e.to_string())))
+        .map(|r| {
+            r.parse::<RepoName>()
+                .map_err(|e| ExplainError::Input(e.to_string()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let permissions = q
         .permissions
         .iter()
-        .map(|p| p.parse::<Permission>().map_err(|e| ExplainError::Input(e.to_string())))
+        .map(|p| {
+            p.parse::<Permission>()
+                .map_err(|e| ExplainError::Input(e.to_string()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let request = match q.scope {
         Some(scope) => Request::Litellm { scope },
@@ -82,7 +88,11 @@ pub fn explain(path: &Path, q: &Question<'_>) -> Result<(Outcome, String), Expla
     };
     let what = match q.scope {
         Some(s) => format!("LiteLLM key scope {s}"),
-        None => format!("{} on {}", q.permissions.join(","), q.repositories.join(",")),
+        None => format!(
+            "{} on {}",
+            q.permissions.join(","),
+            q.repositories.join(",")
+        ),
     };
     let text = format!(
         "{verdict}\n  who:    {who}\n  asked:  {what}\n  rule:   {}\n  why:    {}\n",

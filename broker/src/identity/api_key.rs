@@ -15,7 +15,10 @@ pub struct ApiKeys {
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKeys")
-            .field("bots", &self.keys.iter().map(|k| &k.bot).collect::<Vec<_>>())
+            .field(
+                "bots",
+                &self.keys.iter().map(|k| &k.bot).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

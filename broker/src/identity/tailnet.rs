@@ -85,14 +85,22 @@ impl LocalApiWhoIs {
     async fn ask(&self, addr: SocketAddr) -> Result<Option<TailnetIdentity>, WhoIsError> {
         let socket = self.client.path.display().to_string();
         let addr = canonical(addr);
-        let encoded = addr.to_string().replace(':', "%3A").replace('[', "%5B").replace(']', "%5D");
+        let encoded = addr
+            .to_string()
+            .replace(':', "%3A")
+            .replace('[', "%5B")
+            .replace(']', "%5D");
         let uri: http::Uri = format!("/localapi/v0/whois?addr={encoded}")
             .parse()
             .map_err(|e| WhoIsError::Malformed(format!("bad request URI: {e}")))?;
-        let response = self.client.get(uri).await.map_err(|e| WhoIsError::Unreachable {
-            socket: socket.clone(),
-            message: error_chain(&e),
-        })?;
+        let response = self
+            .client
+            .get(uri)
+            .await
+            .map_err(|e| WhoIsError::Unreachable {
+                socket: socket.clone(),
+                message: error_chain(&e),
+            })?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), MAX_WHOIS_BYTES)
             .collect()
@@ -104,7 +112,11 @@ impl LocalApiWhoIs {
             404 => Ok(None),
             _ => Err(WhoIsError::Status {
                 status,
-                message: String::from_utf8_lossy(&body).trim().chars().take(200).collect(),
+                message: String::from_utf8_lossy(&body)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect(),
             }),
         }
     }

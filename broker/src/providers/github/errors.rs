@@ -106,31 +106,46 @@ mod tests {
                 ErrorCode::GithubNotInstalled,
             ),
             (
-                GithubError::ScopeRejected { message: "m".into() },
+                GithubError::ScopeRejected {
+                    message: "m".into(),
+                },
                 ErrorCode::GithubScopeRejected,
             ),
             (
-                GithubError::AuthFailed { message: "m".into() },
+                GithubError::AuthFailed {
+                    message: "m".into(),
+                },
                 ErrorCode::GithubAuthFailed,
             ),
             (
-                GithubError::RateLimited { retry_after_secs: 3 },
+                GithubError::RateLimited {
+                    retry_after_secs: 3,
+                },
                 ErrorCode::GithubRateLimited,
             ),
             (
-                GithubError::Upstream { status: 500, message: "m".into() },
+                GithubError::Upstream {
+                    status: 500,
+                    message: "m".into(),
+                },
                 ErrorCode::UpstreamError,
             ),
             (
-                GithubError::InvalidResponse { message: "m".into() },
+                GithubError::InvalidResponse {
+                    message: "m".into(),
+                },
                 ErrorCode::UpstreamError,
             ),
             (
-                GithubError::Unavailable { message: "m".into() },
+                GithubError::Unavailable {
+                    message: "m".into(),
+                },
                 ErrorCode::UpstreamUnavailable,
             ),
             (
-                GithubError::Config { message: "m".into() },
+                GithubError::Config {
+                    message: "m".into(),
+                },
                 ErrorCode::Internal,
             ),
         ];
@@ -146,9 +161,15 @@ mod tests {
             upstream_message(body, 422),
             "The permissions requested are not granted to this installation."
         );
-        assert_eq!(upstream_message(b"<html>oops</html>", 502), "HTTP 502 without a message");
+        assert_eq!(
+            upstream_message(b"<html>oops</html>", 502),
+            "HTTP 502 without a message"
+        );
         assert_eq!(upstream_message(br#"{"message":"a\nb"}"#, 400), "a b");
         let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(1000));
-        assert_eq!(upstream_message(long.as_bytes(), 400).chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert_eq!(
+            upstream_message(long.as_bytes(), 400).chars().count(),
+            MAX_MESSAGE_CHARS + 1
+        );
     }
 }

@@ -43,7 +43,9 @@ impl AppJwt {
     /// fails at start-up with a message that names the problem but never the key.
     pub(crate) fn new(app_id: u64, private_key_pem: &Secret) -> Result<AppJwt, GithubError> {
         if app_id == 0 {
-            return Err(config_error("app_id must be the GitHub App's numeric id, not 0"));
+            return Err(config_error(
+                "app_id must be the GitHub App's numeric id, not 0",
+            ));
         }
         let pem = private_key_pem.expose().trim();
         if pem.is_empty() {
@@ -71,16 +73,18 @@ impl AppJwt {
                 "the GitHub App private key is not an RSA key (GitHub Apps sign with RS256)",
             ));
         }
-        let key = EncodingKey::from_rsa_pem(pem.as_bytes())
-            .map_err(|e| config_error(&format!("the GitHub App private key {}", key_problem(&e))))?;
+        let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| {
+            config_error(&format!("the GitHub App private key {}", key_problem(&e)))
+        })?;
         let jwt = AppJwt {
             app_id,
             key,
             cached: Mutex::new(None),
         };
         // Parsing only checks the PEM framing; a signature proves the RSA key itself.
-        jwt.sign(OffsetDateTime::now_utc())
-            .map_err(|_| config_error("the GitHub App private key cannot sign (not a usable RSA key)"))?;
+        jwt.sign(OffsetDateTime::now_utc()).map_err(|_| {
+            config_error("the GitHub App private key cannot sign (not a usable RSA key)")
+        })?;
         Ok(jwt)
     }
 
@@ -91,7 +95,8 @@ impl AppJwt {
         if let Some(c) = cached.as_ref() {
             let remaining = (c.expires_at - now).whole_seconds();
             // A clock that jumped backwards could leave a JWT "issued in the future"; re-sign then.
-            let issued_at = c.expires_at - time::Duration::seconds(BACKDATE_SECS + LIFETIME_AHEAD_SECS);
+            let issued_at =
+                c.expires_at - time::Duration::seconds(BACKDATE_SECS + LIFETIME_AHEAD_SECS);
             if remaining >= REFRESH_MARGIN_SECS && issued_at <= now {
                 return Ok(c.jwt.clone());
             }
@@ -112,12 +117,14 @@ impl AppJwt {
             iss: self.app_id,
         };
         let header = Header::new(Algorithm::RS256);
-        let jwt = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| {
-            GithubError::Config {
+        let jwt =
+            jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| GithubError::Config {
                 message: format!("signing the app JWT failed: {}", key_problem(&e)),
-            }
-        })?;
-        Ok((Secret::new(jwt), now + time::Duration::seconds(LIFETIME_AHEAD_SECS)))
+            })?;
+        Ok((
+            Secret::new(jwt),
+            now + time::Duration::seconds(LIFETIME_AHEAD_SECS),
+        ))
     }
 }
 
@@ -181,7 +188,11 @@ mod tests {
             let t = now.unix_timestamp();
             assert_eq!(claims["iat"], serde_json::json!(t - 60));
             assert_eq!(claims["exp"], serde_json::json!(t + 540));
-            assert_eq!(claims["iss"], serde_json::json!(912345u64), "iss is a JSON number");
+            assert_eq!(
+                claims["iss"],
+                serde_json::json!(912345u64),
+                "iss is a JSON number"
+            );
             let header = jsonwebtoken::decode_header(jwt.expose()).unwrap();
             assert_eq!(header.alg, Algorithm::RS256);
             assert_eq!(header.typ.as_deref(), Some("JWT"));
@@ -198,7 +209,11 @@ mod tests {
         let fresh = signer.bearer(t0 + time::Duration::seconds(481)).unwrap();
         assert_ne!(first.expose(), fresh.expose(), "59 s left: re-signed");
         let back = signer.bearer(t0 - time::Duration::seconds(3600)).unwrap();
-        assert_ne!(fresh.expose(), back.expose(), "clock went backwards: re-signed");
+        assert_ne!(
+            fresh.expose(),
+            back.expose(),
+            "clock went backwards: re-signed"
+        );
     }
 
     #[test]
@@ -217,7 +232,9 @@ mod tests {
                 "not an RSA key",
             ),
             (
-                &format!("-----BEGIN RSA PRIVATE KEY-----\n{body}!!\n-----END RSA PRIVATE KEY-----"),
+                &format!(
+                    "-----BEGIN RSA PRIVATE KEY-----\n{body}!!\n-----END RSA PRIVATE KEY-----"
+                ),
                 "private key",
             ),
             (

@@ -125,7 +125,11 @@ impl StatsCounters {
     }
 
     fn call(&self, ok: bool) {
-        let c = if ok { &self.calls_ok } else { &self.calls_failed };
+        let c = if ok {
+            &self.calls_ok
+        } else {
+            &self.calls_failed
+        };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
