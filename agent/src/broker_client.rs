@@ -246,6 +246,7 @@ impl BrokerClient {
         &self,
         scope: &Scope,
         entry: &GithubEntry,
+        replaces: Option<&str>,
     ) -> Result<Issued, BrokerError> {
         let body = CredentialRequest {
             kind: Some(CredentialKind::GithubToken),
@@ -254,6 +255,7 @@ impl BrokerClient {
             scope: None,
             reason: entry.reason.clone(),
             ttl: Some(entry.min_ttl.to_string()),
+            replaces: replaces.map(str::to_string),
         };
         let req = self.authorize(
             self.http

@@ -71,6 +71,9 @@ struct Slot {
 #[derive(Default)]
 struct SlotState {
     held: Option<Held>,
+    /// The id of a credential git reported rejected; sent with the next request so that the
+    /// broker does not hand the same one back from its reuse cache.
+    rejected: Option<String>,
     last_refresh: Option<SystemTime>,
     last_used: Option<SystemTime>,
     failures: u32,
@@ -196,10 +199,14 @@ impl Credentials {
         let fetch = tokio::spawn(fetch(self.inner.clone(), slot.clone(), Purpose::Git));
         let what = describe_repos(&slot.scope);
         match tokio::time::timeout(self.inner.config.helper_timeout, fetch).await {
-            Ok(Ok(Ok(held))) => GitAnswer::Credential {
+            Ok(Ok(Ok(Some(held)))) => GitAnswer::Credential {
                 token: held.token,
                 expires_at: held.expires_at,
             },
+            Ok(Ok(Ok(None))) => refused(
+                500,
+                format!("botcreds: no credential for {what}; try again"),
+            ),
             Ok(Ok(Err(e))) => GitAnswer::Refused {
                 status: e.local_status(),
                 message: format!("botcreds: no credential for {what} on {host}: {e}"),
@@ -242,7 +249,11 @@ impl Credentials {
                 .held
                 .as_ref()
                 .is_some_and(|h| d.password.as_deref().is_none_or(|p| p == h.token.expose()));
-            if matches { st.held.take() } else { None }
+            let taken = if matches { st.held.take() } else { None };
+            if let Some(h) = &taken {
+                st.rejected = Some(h.credential_id.clone());
+            }
+            taken
         };
         if let Some(held) = dropped {
             tracing::info!(
@@ -559,15 +570,36 @@ impl Slot {
     }
 }
 
-/// One broker call for `slot`, shared by everyone who needs it at the same moment.
-async fn fetch(inner: Arc<Inner>, slot: Arc<Slot>, purpose: Purpose) -> Result<Held, BrokerError> {
+/// One broker call for `slot`, shared by everyone who needs it at the same moment. `Ok(None)`:
+/// a refresh that is no longer due once the lock was ours (a fetch for git just did it).
+async fn fetch(
+    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+    purpose: Purpose,
+) -> Result<Option<Held>, BrokerError> {
     let _fetching = slot.fetch_lock.lock().await;
-    if purpose == Purpose::Git
-        && let Some(held) = slot.servable(SystemTime::now())
-    {
-        return Ok(held);
+    let now = SystemTime::now();
+    match purpose {
+        Purpose::Git => {
+            if let Some(held) = slot.servable(now) {
+                return Ok(Some(held));
+            }
+        }
+        Purpose::Refresh => {
+            let due = matches!(
+                refresh::next_action(now, &slot.timeline(), inner.config.idle_timeout),
+                Some((at, Action::Fetch)) if at <= now
+            );
+            if !due {
+                return Ok(None);
+            }
+        }
     }
-    let result = inner.broker.github_token(&slot.scope, &slot.entry).await;
+    let rejected = lock(&slot.state).rejected.clone();
+    let result = inner
+        .broker
+        .github_token(&slot.scope, &slot.entry, rejected.as_deref())
+        .await;
     let now = SystemTime::now();
     let result = result.and_then(|issued| {
         if refresh::servable(issued.expires_at, now) {
@@ -601,6 +633,7 @@ async fn fetch(inner: Arc<Inner>, slot: Arc<Slot>, purpose: Purpose) -> Result<H
             let last_used = {
                 let mut st = lock(&slot.state);
                 st.held = Some(held.clone());
+                st.rejected = None;
                 st.last_refresh = Some(now);
                 if held.refresh_at <= now {
                     // Already due again: a broker handing back a short-lived token must not
@@ -632,7 +665,7 @@ async fn fetch(inner: Arc<Inner>, slot: Arc<Slot>, purpose: Purpose) -> Result<H
             );
             inner.store_file(&slot, &held, last_used).await;
             slot.wake.notify_one();
-            Ok(held)
+            Ok(Some(held))
         }
         Err(e) => {
             if e.broker_answered() {

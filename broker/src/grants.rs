@@ -125,17 +125,20 @@ impl TokenIssuer {
     }
 
     /// A token for `scope` that stays valid for at least `min_ttl`: the live one if it
-    /// qualifies, else a freshly minted one (which then replaces it).
+    /// qualifies, else a freshly minted one (which then replaces it). A live token whose id
+    /// is `rejected` (a client saw GitHub refuse it) never qualifies.
     pub async fn issue(
         &self,
         scope: &TokenScope,
         min_ttl: Duration,
+        rejected: Option<&str>,
     ) -> Result<Issued, GithubError> {
         let slot = self.slot(scope);
         let mut held = slot.lock().await;
         let now = self.clock.now();
         if let Some(t) = held.as_ref()
             && t.expires_at - now >= min_ttl
+            && rejected != Some(t.credential_id.as_str())
         {
             return Ok(Issued {
                 token: t.clone(),
@@ -211,20 +214,29 @@ mod tests {
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
 
-        let first = issuer.issue(&s, ten).await.unwrap();
+        let first = issuer.issue(&s, ten, None).await.unwrap();
         assert!(!first.reused);
-        let second = issuer.issue(&s, ten).await.unwrap();
+        let second = issuer.issue(&s, ten, None).await.unwrap();
         assert!(second.reused);
         assert_eq!(first.token.credential_id, second.token.credential_id);
         assert_eq!(github.stats().mints, 1);
 
         // 55 minutes later less than 10 minutes remain: a new token.
         clock.advance(55 * 60);
-        let third = issuer.issue(&s, ten).await.unwrap();
+        let third = issuer.issue(&s, ten, None).await.unwrap();
         assert!(!third.reused);
         assert_ne!(third.token.credential_id, first.token.credential_id);
         assert_eq!(github.stats().mints, 2);
         assert!(third.token.expires_at > shared.now());
+
+        // A client reports the live token rejected: a fresh one, once.
+        let id = third.token.credential_id.clone();
+        let fourth = issuer.issue(&s, ten, Some(&id)).await.unwrap();
+        assert!(!fourth.reused);
+        assert_ne!(fourth.token.credential_id, id);
+        let fifth = issuer.issue(&s, ten, Some(&id)).await.unwrap();
+        assert!(fifth.reused, "a stale report does not mint again");
+        assert_eq!(github.stats().mints, 3);
     }
 
     #[tokio::test]
@@ -237,7 +249,10 @@ mod tests {
         for _ in 0..32 {
             let (issuer, s) = (issuer.clone(), s.clone());
             tasks.push(tokio::spawn(async move {
-                issuer.issue(&s, Duration::from_secs(60)).await.unwrap()
+                issuer
+                    .issue(&s, Duration::from_secs(60), None)
+                    .await
+                    .unwrap()
             }));
         }
         for t in tasks {

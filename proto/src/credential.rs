@@ -44,6 +44,10 @@ pub struct CredentialRequest {
     /// The least lifetime the credential must still have when handed out (`10m`, `1h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+    /// The `credential_id` of a credential the upstream rejected (git's `erase`): the broker
+    /// will not hand that one out again and mints a fresh one instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 /// Ready-to-use git settings for a GitHub token (the seed's `git` object).

@@ -18,6 +18,7 @@ pub mod broker;
 pub mod fake_github;
 pub mod fake_tailscaled;
 pub mod fixtures;
+pub mod git_server;
 
 /// A hyper HTTP/1.1 server for an axum router that can be switched off and on again, so doubles
 /// can simulate an outage: while down, the listener is closed (new connections are refused, or

@@ -224,11 +224,32 @@ async fn identical_requests_reuse_one_token_and_whois_is_cached() {
     assert_eq!(s4, 200, "{b4}");
     assert_ne!(b4["token"], b1["token"]);
     assert_eq!(w.github.mint_count(), 2);
-    // A ttl longer than what the cached token has left forces a fresh one.
     assert!(
         w.tailscaled.whois_calls() <= 2,
         "WhoIs answers are cached briefly"
     );
+
+    // GitHub revokes the token behind the broker's back; a client that saw it rejected says
+    // so, and gets a fresh token instead of the cached dead one.
+    w.github.revoke_all();
+    let mut again = token_request(&["acme-corp/web"], &["contents:read"]);
+    again["replaces"] = b4["credential_id"].clone();
+    let (s5, b5) = ask(&w, CI, again.clone()).await;
+    assert_eq!(s5, 200, "{b5}");
+    assert_ne!(b5["token"], b4["token"]);
+    assert!(
+        w.github
+            .token_info(b5["token"].as_str().unwrap())
+            .unwrap()
+            .is_active()
+    );
+    assert_eq!(w.github.mint_count(), 3);
+    let (_, b6) = ask(&w, CI, again).await;
+    assert_eq!(
+        b6["token"], b5["token"],
+        "a stale report reuses the new token"
+    );
+    assert_eq!(w.github.mint_count(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]

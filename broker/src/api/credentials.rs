@@ -133,7 +133,11 @@ pub async fn create(
     let Some(scope) = TokenScope::new(&ask.repositories, &ask.permissions) else {
         return Err(ApiError::internal("validated request has no repository"));
     };
-    let issued = match state.issuer.issue(&scope, ask.min_ttl).await {
+    let issued = match state
+        .issuer
+        .issue(&scope, ask.min_ttl, request.replaces.as_deref())
+        .await
+    {
         Ok(i) => i,
         Err(upstream) => {
             let mut e = ApiError::new(upstream.code(), upstream.to_string());
