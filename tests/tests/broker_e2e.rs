@@ -793,3 +793,230 @@ async fn bad_config_is_a_startup_error_naming_the_key() {
         assert!(!stderr.contains("BEGIN RSA"), "{stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_log_is_durable_chained_and_names_tokens_by_hash() {
+    use botcreds_broker::store::{AuditFilter, SledStore, Store};
+    use botcreds_proto::audit::AuditEventKind;
+
+    let w = world().await;
+    let (s, issued) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/web"], &["contents:read"]),
+    )
+    .await;
+    assert_eq!(s, 200, "{issued}");
+    let (s, _) = ask(
+        &w,
+        CI,
+        token_request(&["acme-corp/infra"], &["contents:read"]),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _) = ask(&w, CI, token_request(&["acme-corp/web"], &["nope:read"])).await;
+    assert_eq!(s, 400);
+    let World { mut broker, .. } = w;
+    assert!(broker.stop().await.success());
+
+    let store = SledStore::open(&broker.data_dir()).expect("open the stopped broker's store");
+    let report = store.verify_audit_chain().unwrap();
+    assert_eq!(report.first_broken, None);
+    let events = store.read_audit(&AuditFilter::default()).unwrap();
+    let kinds: Vec<AuditEventKind> = events.iter().map(|e| e.event).collect();
+    assert_eq!(kinds[0], AuditEventKind::BrokerStarted);
+    let issued_event = events
+        .iter()
+        .find(|e| e.event == AuditEventKind::CredentialIssued)
+        .expect("credential_issued recorded");
+    assert_eq!(issued_event.bot.as_deref(), Some("ci-bot"));
+    assert_eq!(issued_event.repo.as_deref(), Some("acme-corp/web"));
+    assert_eq!(issued_event.permissions, vec!["contents:read"]);
+    assert_eq!(issued_event.approval.as_deref(), Some("auto"));
+    assert_eq!(
+        issued_event.token_id,
+        issued["credential_id"].as_str().map(str::to_string)
+    );
+    assert_eq!(
+        issued_event.expires_at,
+        issued["expires_at"].as_str().map(str::to_string)
+    );
+    assert_eq!(issued_event.client_ip.as_deref(), Some(CI));
+    assert_eq!(issued_event.reason.as_deref(), Some("e2e"));
+    let denied: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == AuditEventKind::CredentialDenied)
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0].code.as_deref(), Some("policy_denied"));
+    assert_eq!(denied[0].rule.as_deref(), Some("bots.ci-bot.deny[0]"));
+    assert_eq!(denied[1].code.as_deref(), Some("unknown_permission"));
+    let requested = kinds
+        .iter()
+        .filter(|k| **k == AuditEventKind::CredentialRequested)
+        .count();
+    assert_eq!(requested, 2, "validated requests are recorded as requested");
+    let token = issued["token"].as_str().unwrap();
+    let all = serde_json::to_string(&events).unwrap();
+    assert!(!all.contains(token), "the audit log never holds a token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_broker_works_out_of_the_box() {
+    use tokio::io::AsyncBufReadExt;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut child = tokio::process::Command::new(botcreds_tests::broker::binary("botcreds"))
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut url, mut key, mut warned) = (None, None, false);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            warned |= line.contains("NOT valid on github.com");
+            if let Some(u) = line.split("Listening on: ").nth(1) {
+                url = u.split_whitespace().next().map(str::to_string);
+            }
+            if let Some(k) = line.split("API key: ").nth(1) {
+                key = Some(k.trim().to_string());
+            }
+            if url.is_some() && key.is_some() && warned {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the dev banner appears");
+    let (url, key) = (url.unwrap(), key.unwrap());
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = reqwest::Client::new();
+    let post = |repo: &str| {
+        client
+            .post(format!("{url}/v1/credentials"))
+            .bearer_auth(&key)
+            .json(&json!({"kind":"github_token","repositories":[repo],"permissions":["contents:write"]}))
+            .send()
+    };
+    let ok = post("demo-org/app").await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let body: Value = ok.json().await.unwrap();
+    assert!(body["token"].as_str().unwrap().starts_with("ghs_"));
+    assert_eq!(
+        post("demo-org/infrastructure")
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    let approval: Value = post("demo-org/sensitive-data")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(code_of(&approval), ErrorCode::ApprovalRequired);
+    child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_check_and_explain_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("policy.yaml");
+    std::fs::write(&good, POLICY).unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        POLICY.replace(
+            "contents:read]\n    requires",
+            "contents:reed]\n    requires",
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(botcreds_tests::broker::binary("botcreds"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = run(&["policy", "check", good.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 bots"), "{out}");
+    let (ok, out) = run(&["policy", "check", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("bad.yaml:") && out.contains("contents:reed"),
+        "{out}"
+    );
+
+    let p = good.to_str().unwrap();
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        p,
+        "--bot",
+        "ci-bot",
+        "--repo",
+        "acme-corp/infra",
+        "--permissions",
+        "contents:read",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("DENY") && out.contains("bots.ci-bot.deny[0]"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        p,
+        "--bot",
+        "ci-bot",
+        "--repo",
+        "acme-corp/web",
+        "--permissions",
+        "contents:write,pull_requests:write",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ALLOW") && out.contains("bots.ci-bot.auto_approve[0]"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        p,
+        "--repo",
+        "acme-corp/web",
+        "--permissions",
+        "contents:read",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("REQUIRES APPROVAL") && out.contains("defaults"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        p,
+        "--bot",
+        "nobody",
+        "--repo",
+        "acme-corp/web",
+        "--permissions",
+        "contents:read",
+    ]);
+    assert!(!ok && out.contains("no bot"), "{out}");
+}
