@@ -26,8 +26,9 @@ use crate::identity::{Caller, CallerVia, TailnetIdentity};
 
 pub use glob::LITELLM_SCOPES;
 
-/// Largest policy file [`Policy::load`] and [`Policy::parse`] accept.
-pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+/// Largest policy file [`Policy::load`] and [`Policy::parse`] accept: room for ~20,000 bots of
+/// ten rules (a 10,000-bot policy is about 7.5 MB and parses in about half a second).
+pub const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Approval timeout when neither the bot nor `defaults` names one.
 pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);

@@ -536,7 +536,7 @@ fn size_limit() {
     assert!(Policy::parse_with_limit("big.yaml", &yaml, 1024).is_ok());
     let huge = "#".repeat(MAX_POLICY_BYTES + 1);
     let err = Policy::parse("huge.yaml", &huge).unwrap_err();
-    assert_eq!(err.message, "policy is larger than the 1 MiB limit");
+    assert_eq!(err.message, "policy is larger than the 16 MiB limit");
 }
 
 #[test]
