@@ -32,6 +32,8 @@ struct RawConfig {
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
     #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
@@ -110,6 +112,25 @@ struct RawLog {
     level: Option<String>,
 }
 
+/// Who may use the admin routes: tailnet users, tags, a tailnet grant capability, and
+/// API-key bots (for scripts).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Tailnet login names (`alice@example.com`) of untagged nodes.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// ACL tags (`tag:admin`) of tagged nodes.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// A capability from tailnet grants (`example.com/cap/botcreds-admin`).
+    #[serde(default)]
+    pub capability: Option<String>,
+    /// Bots (named in `[[api_keys]]`) whose API key makes them admins.
+    #[serde(default)]
+    pub api_key_bots: Vec<String>,
+}
+
 /// How the broker writes its logs to stderr.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -153,6 +174,7 @@ pub struct Config {
     pub tailscale: Option<TailscaleConfig>,
     pub github: Option<GithubConfig>,
     pub api_keys: Vec<ApiKeyConfig>,
+    pub admin: AdminConfig,
     pub limits: Limits,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
@@ -400,6 +422,23 @@ impl Config {
             });
         }
 
+        for (i, bot) in raw.admin.api_key_bots.iter().enumerate() {
+            if !api_keys.iter().any(|k| &k.bot == bot) {
+                return Err(invalid(
+                    &format!("admin.api_key_bots[{i}]"),
+                    format!("{bot:?} has no [[api_keys]] entry"),
+                ));
+            }
+        }
+        for (i, tag) in raw.admin.tags.iter().enumerate() {
+            if !tag.starts_with("tag:") {
+                return Err(invalid(
+                    &format!("admin.tags[{i}]"),
+                    format!("{tag:?} is not an ACL tag (tag:name)"),
+                ));
+            }
+        }
+
         if raw.limits.max_concurrent_requests == 0 {
             return Err(invalid(
                 "limits.max_concurrent_requests",
@@ -428,6 +467,7 @@ impl Config {
             tailscale,
             github,
             api_keys,
+            admin: raw.admin,
             limits: Limits {
                 request_timeout: raw.limits.request_timeout.as_duration(),
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
@@ -564,6 +604,15 @@ mod tests {
                 format!("{MIN}[limits]\nmax_github_ttl = \"2h\"\n"),
                 "limits.max_github_ttl",
             ),
+            (
+                format!("{MIN}[admin]\napi_key_bots = [\"ops\"]\n"),
+                "admin.api_key_bots[0]",
+            ),
+            (
+                format!("{MIN}[admin]\ntags = [\"admin\"]\n"),
+                "admin.tags[0]",
+            ),
+            (format!("{MIN}[admin]\nuser = [\"a@b\"]\n"), "user"),
         ];
         for (text, key) in cases {
             let err = parse(&text, &env(&[])).unwrap_err().to_string();

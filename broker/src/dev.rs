@@ -66,6 +66,7 @@ pub fn setup(listen: SocketAddr) -> Result<DevSetup, ServeError> {
             bot: "demo-bot".into(),
             key_sha256,
         }],
+        admin: Default::default(),
         limits: Default::default(),
         log_format: LogFormat::Text,
         log_level: None,

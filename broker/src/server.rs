@@ -123,6 +123,7 @@ pub async fn run(
         audit: audit.clone(),
         whois: edges.whois.clone(),
         api_keys: ApiKeys::new(config.api_keys.clone()),
+        admin: config.admin.clone(),
         metrics: metrics.clone(),
         clock: edges.clock.clone(),
         limits: config.limits.clone(),

@@ -99,6 +99,28 @@ async fn authenticate(
     }
 }
 
+/// An authenticated caller who is an admin (`[admin]` in broker.toml); others get 403, and
+/// callers who cannot be identified 401.
+pub struct AdminCaller(pub Caller);
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Authenticated(caller) = Authenticated::from_request_parts(parts, state).await?;
+        let caller = caller?;
+        if crate::identity::admin::is_admin(&state.admin, &caller) {
+            Ok(AdminCaller(caller))
+        } else {
+            tracing::warn!(caller = %caller.describe(), "non-admin caller on an admin route");
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "this endpoint is for botcreds admins ([admin] in broker.toml)",
+            ))
+        }
+    }
+}
+
 /// Read a JSON body: `application/json`, at most 64 KiB, and well-formed; each failure
 /// with its own code.
 pub async fn json_body<T: DeserializeOwned>(

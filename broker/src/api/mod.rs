@@ -40,6 +40,8 @@ pub struct StateInner {
     pub audit: AuditLog,
     pub whois: Option<Arc<dyn WhoIs>>,
     pub api_keys: ApiKeys,
+    /// Who may use the admin routes.
+    pub admin: crate::config::AdminConfig,
     pub metrics: Metrics,
     pub clock: SharedClock,
     pub limits: Limits,

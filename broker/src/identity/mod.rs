@@ -4,6 +4,7 @@
 //! stored hashes), else the tailnet identity of the connection's real peer address (tailscaled
 //! WhoIs). Nothing downstream trusts a header for identity.
 
+pub mod admin;
 pub mod api_key;
 pub mod tailnet;
 

@@ -1,0 +1,83 @@
+//! Who is an admin: tailnet users, tags or a grant capability named in `[admin]`, or a bot
+//! whose API key `[admin] api_key_bots` lists. Admins decide approvals and manage keys.
+
+use super::{Caller, CallerVia};
+use crate::config::AdminConfig;
+
+/// Whether `caller` may use the admin routes.
+pub fn is_admin(config: &AdminConfig, caller: &Caller) -> bool {
+    match &caller.via {
+        CallerVia::ApiKey { bot } => config.api_key_bots.iter().any(|b| b == bot),
+        CallerVia::Tailnet(node) => {
+            if node.is_tagged() {
+                // A tagged node's identity is its tags; its owner login is a pseudo-user.
+                if node.tags.iter().any(|t| config.tags.contains(t)) {
+                    return true;
+                }
+            } else if config
+                .users
+                .iter()
+                .any(|u| u.eq_ignore_ascii_case(&node.login))
+            {
+                return true;
+            }
+            config
+                .capability
+                .as_ref()
+                .is_some_and(|cap| node.capabilities.contains_key(cap))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::TailnetIdentity;
+
+    fn tailnet(login: &str, tags: &[&str], caps: &[&str]) -> Caller {
+        Caller {
+            address: "100.64.0.9:4000".parse().unwrap(),
+            via: CallerVia::Tailnet(TailnetIdentity {
+                login: login.into(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                capabilities: caps.iter().map(|c| (c.to_string(), vec![])).collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn table() {
+        let config = AdminConfig {
+            users: vec!["alice@example.com".into()],
+            tags: vec!["tag:admin".into()],
+            capability: Some("example.com/cap/botcreds-admin".into()),
+            api_key_bots: vec!["ops".into()],
+        };
+        let key = |bot: &str| Caller {
+            address: "127.0.0.1:1".parse().unwrap(),
+            via: CallerVia::ApiKey { bot: bot.into() },
+        };
+        let cases = [
+            (tailnet("Alice@Example.com", &[], &[]), true),
+            (tailnet("bob@example.com", &[], &[]), false),
+            (tailnet("tagged-devices", &["tag:admin"], &[]), true),
+            (tailnet("tagged-devices", &["tag:ci"], &[]), false),
+            // A tagged node never counts as its (pseudo-)owner.
+            (tailnet("alice@example.com", &["tag:ci"], &[]), false),
+            (
+                tailnet("bob@example.com", &[], &["example.com/cap/botcreds-admin"]),
+                true,
+            ),
+            (key("ops"), true),
+            (key("ci"), false),
+        ];
+        for (i, (caller, want)) in cases.iter().enumerate() {
+            assert_eq!(is_admin(&config, caller), *want, "case {i}");
+        }
+        assert!(!is_admin(
+            &AdminConfig::default(),
+            &tailnet("alice@example.com", &[], &[])
+        ));
+    }
+}
