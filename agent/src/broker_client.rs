@@ -256,6 +256,7 @@ impl BrokerClient {
             reason: entry.reason.clone(),
             ttl: Some(entry.min_ttl.to_string()),
             replaces: replaces.map(str::to_string),
+            workspace: None,
         };
         let req = self.authorize(
             self.http

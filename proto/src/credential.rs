@@ -48,6 +48,9 @@ pub struct CredentialRequest {
     /// will not hand that one out again and mints a fresh one instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    /// For `litellm_key` requests of scope `workspace`: the Coder workspace the key serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<crate::litellm::WorkspaceInfo>,
 }
 
 /// Ready-to-use git settings for a GitHub token (the seed's `git` object).

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod credential;
 pub mod error;
 pub mod git_credential;
+pub mod litellm;
 pub mod permission;
 pub mod repo;
 pub mod ttl;
