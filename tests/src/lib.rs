@@ -14,6 +14,7 @@
 // The repository objects GitHub returns have ~90 fields; `serde_json::json!` recurses per field.
 #![recursion_limit = "256"]
 
+pub mod agent;
 pub mod broker;
 pub mod fake_github;
 pub mod fake_tailscaled;
