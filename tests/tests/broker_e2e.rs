@@ -957,66 +957,55 @@ async fn policy_check_and_explain_cli() {
     );
 
     let p = good.to_str().unwrap();
-    let (ok, out) = run(&[
-        "policy",
-        "explain",
-        "--policy",
-        p,
-        "--bot",
-        "ci-bot",
-        "--repo",
-        "acme-corp/infra",
-        "--permissions",
-        "contents:read",
-    ]);
-    assert!(ok, "{out}");
-    assert!(
-        out.contains("DENY") && out.contains("bots.ci-bot.deny[0]"),
-        "{out}"
-    );
-    let (ok, out) = run(&[
-        "policy",
-        "explain",
-        "--policy",
-        p,
-        "--bot",
-        "ci-bot",
-        "--repo",
-        "acme-corp/web",
-        "--permissions",
-        "contents:write,pull_requests:write",
-    ]);
-    assert!(ok, "{out}");
-    assert!(
-        out.contains("ALLOW") && out.contains("bots.ci-bot.auto_approve[0]"),
-        "{out}"
-    );
-    let (ok, out) = run(&[
-        "policy",
-        "explain",
-        "--policy",
-        p,
-        "--repo",
-        "acme-corp/web",
-        "--permissions",
-        "contents:read",
-    ]);
-    assert!(ok, "{out}");
-    assert!(
-        out.contains("REQUIRES APPROVAL") && out.contains("defaults"),
-        "{out}"
-    );
-    let (ok, out) = run(&[
-        "policy",
-        "explain",
-        "--policy",
-        p,
-        "--bot",
-        "nobody",
-        "--repo",
-        "acme-corp/web",
-        "--permissions",
-        "contents:read",
-    ]);
-    assert!(!ok && out.contains("no bot"), "{out}");
+    // (bot, repository, permissions, succeeds, expected words)
+    let cases: &[(Option<&str>, &str, &str, bool, &[&str])] = &[
+        (
+            Some("ci-bot"),
+            "acme-corp/infra",
+            "contents:read",
+            true,
+            &["DENY", "bots.ci-bot.deny[0]"],
+        ),
+        (
+            Some("ci-bot"),
+            "acme-corp/web",
+            "contents:write,pull_requests:write",
+            true,
+            &["ALLOW", "bots.ci-bot.auto_approve[0]"],
+        ),
+        (
+            None,
+            "acme-corp/web",
+            "contents:read",
+            true,
+            &["REQUIRES APPROVAL", "defaults"],
+        ),
+        (
+            Some("nobody"),
+            "acme-corp/web",
+            "contents:read",
+            false,
+            &["no bot"],
+        ),
+    ];
+    for (bot, repo, perms, succeeds, words) in cases {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--policy",
+            p,
+            "--repo",
+            repo,
+            "--permissions",
+            perms,
+        ];
+        if let Some(b) = bot {
+            args.extend(["--bot", b]);
+        }
+        let (ok, out) = run(&args);
+        assert_eq!(ok, *succeeds, "{args:?}: {out}");
+        for w in *words {
+            assert!(out.contains(w), "{args:?}: missing {w} in {out}");
+        }
+    }
 }
