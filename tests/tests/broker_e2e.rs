@@ -958,7 +958,8 @@ async fn policy_check_and_explain_cli() {
 
     let p = good.to_str().unwrap();
     // (bot, repository, permissions, succeeds, expected words)
-    let cases: &[(Option<&str>, &str, &str, bool, &[&str])] = &[
+    type Case<'a> = (Option<&'a str>, &'a str, &'a str, bool, &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             Some("ci-bot"),
             "acme-corp/infra",
