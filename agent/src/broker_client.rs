@@ -257,6 +257,7 @@ impl BrokerClient {
             ttl: Some(entry.min_ttl.to_string()),
             replaces: replaces.map(str::to_string),
             workspace: None,
+            wait: None,
         };
         let req = self.authorize(
             self.http

@@ -11,10 +11,20 @@ pub enum AuditEventKind {
     CredentialDenied,
     CredentialRefreshed,
     CredentialRevoked,
+    /// A credential was replaced by a new one under the same name (LiteLLM key rotation).
+    CredentialRotated,
+    /// A credential reached its expiry and was removed upstream (LiteLLM key sweeper).
+    CredentialExpired,
     ApprovalRequested,
     ApprovalGranted,
     ApprovalDenied,
     ApprovalExpired,
+    /// An admin ended a grant (revocation), so nothing refreshes under it any more.
+    GrantRevoked,
+    /// "Approve + remember" added an auto_approve rule for a bot.
+    RuleRemembered,
+    /// An admin removed a remembered rule (`botcreds policy forget`).
+    RuleForgotten,
     PolicyLoaded,
     PolicyRejected,
     BrokerStarted,
@@ -28,10 +38,15 @@ impl AuditEventKind {
             AuditEventKind::CredentialDenied => "credential_denied",
             AuditEventKind::CredentialRefreshed => "credential_refreshed",
             AuditEventKind::CredentialRevoked => "credential_revoked",
+            AuditEventKind::CredentialRotated => "credential_rotated",
+            AuditEventKind::CredentialExpired => "credential_expired",
             AuditEventKind::ApprovalRequested => "approval_requested",
             AuditEventKind::ApprovalGranted => "approval_granted",
             AuditEventKind::ApprovalDenied => "approval_denied",
             AuditEventKind::ApprovalExpired => "approval_expired",
+            AuditEventKind::GrantRevoked => "grant_revoked",
+            AuditEventKind::RuleRemembered => "rule_remembered",
+            AuditEventKind::RuleForgotten => "rule_forgotten",
             AuditEventKind::PolicyLoaded => "policy_loaded",
             AuditEventKind::PolicyRejected => "policy_rejected",
             AuditEventKind::BrokerStarted => "broker_started",
@@ -76,6 +91,10 @@ pub struct AuditEvent {
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// The approval request (`apr_...`) the event is about, or that the grant or remembered
+    /// rule it concerns came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// Whether an issued token was reused from the broker's cache.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reused: bool,
@@ -104,6 +123,7 @@ impl AuditEvent {
             reason: None,
             code: None,
             rule: None,
+            request_id: None,
             reused: false,
             detail: None,
             hash: String::new(),

@@ -51,6 +51,11 @@ pub struct CredentialRequest {
     /// For `litellm_key` requests of scope `workspace`: the Coder workspace the key serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<crate::litellm::WorkspaceInfo>,
+    /// When the policy sends the request to a human: how long to hold the request open for
+    /// the decision (`60s`). Approved in time, the answer is the credential; otherwise `202`
+    /// with the approval request to long-poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
 }
 
 /// Ready-to-use git settings for a GitHub token (the seed's `git` object).

@@ -6,6 +6,7 @@ use std::fmt::{self, Write as _};
 use botcreds_proto::{Permission, RepoName};
 
 use super::glob::{RepoGlob, ScopeGlob};
+use super::remembered::RememberedRules;
 use super::{Bot, Decision, Outcome, Policy, Request};
 
 /// A compiled rule of one section.
@@ -156,7 +157,7 @@ impl Rule {
         }
     }
 
-    fn describe(&self, out: &mut String) {
+    pub(super) fn describe(&self, out: &mut String) {
         match self {
             Rule::Github { repo, permissions } => {
                 if let Some(glob) = repo {
@@ -202,12 +203,13 @@ impl Section {
 }
 
 /// The verdict for bot index `bot` (`None`: no bot; `unknown_name` says which name was asked
-/// for, when one was).
+/// for, when one was). `remembered` rules are checked right after the bot's `auto_approve`.
 pub(super) fn decide(
     policy: &Policy,
     bot: Option<usize>,
     unknown_name: Option<&str>,
     request: &Request<'_>,
+    remembered: Option<&RememberedRules>,
 ) -> Decision {
     let approval_timeout = policy.approval_timeout_of(bot);
     let Some(index) = bot else {
@@ -244,6 +246,18 @@ pub(super) fn decide(
             let explanation = explain_cover(rule, request);
             return verdict(Outcome::Allow, Section::AutoApprove, i, explanation);
         }
+    }
+    if let Some(rule) = remembered.and_then(|r| r.covering(&b.name, request)) {
+        return Decision {
+            outcome: Outcome::Allow,
+            bot: Some(b.name.clone()),
+            rule: format!("bots.{}.remembered[{}]", b.name, rule.id),
+            explanation: format!(
+                "remembered rule {} (approve + remember) covers the request, so it is allowed",
+                rule.id
+            ),
+            approval_timeout,
+        };
     }
     for (i, rule) in b.requires_approval.iter().enumerate() {
         if let Some(hit) = rule.hits(request) {

@@ -10,6 +10,7 @@
 mod decide;
 mod glob;
 mod load;
+pub mod remembered;
 
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ use botcreds_proto::{Permission, RepoName};
 use crate::identity::{Caller, CallerVia, TailnetIdentity};
 
 pub use glob::LITELLM_SCOPES;
+pub use remembered::{RememberedRule, RememberedRules, Resource};
 
 /// Largest policy file [`Policy::load`] and [`Policy::parse`] accept: room for ~20,000 bots of
 /// ten rules (a 10,000-bot policy is about 7.5 MB and parses in about half a second).
@@ -88,6 +90,18 @@ pub struct Decision {
     pub explanation: String,
     /// How long an approval request may wait for a human (the bot's own timeout, else defaults').
     pub approval_timeout: Duration,
+}
+
+/// One bot's rules in words, as `policy show` prints them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BotRules {
+    pub name: String,
+    pub identity: String,
+    /// The bot's own approval timeout, if it sets one.
+    pub approval_timeout: Option<Duration>,
+    pub auto_approve: Vec<String>,
+    pub requires_approval: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 /// A policy that could not be loaded, with the position it concerns. Line and column are
@@ -298,7 +312,24 @@ impl Policy {
 
     /// The policy's verdict on `request` from `caller`.
     pub fn decide(&self, caller: &Caller, request: &Request<'_>) -> Decision {
-        decide::decide(self, self.bot_index(caller), None, request)
+        decide::decide(self, self.bot_index(caller), None, request, None)
+    }
+
+    /// [`Policy::decide`] with remembered rules ("approve + remember") layered on the file:
+    /// they are checked after the bot's `auto_approve` rules, before `requires_approval`.
+    pub fn decide_with(
+        &self,
+        caller: &Caller,
+        request: &Request<'_>,
+        remembered: &RememberedRules,
+    ) -> Decision {
+        decide::decide(
+            self,
+            self.bot_index(caller),
+            None,
+            request,
+            Some(remembered),
+        )
     }
 
     /// The verdict for a named bot (`None`: a caller that matches no bot), for
@@ -306,7 +337,42 @@ impl Policy {
     pub fn decide_for_bot(&self, bot: Option<&str>, request: &Request<'_>) -> Decision {
         let index = bot.and_then(|name| self.by_name.get(name).copied());
         let unknown_name = if index.is_none() { bot } else { None };
-        decide::decide(self, index, unknown_name, request)
+        decide::decide(self, index, unknown_name, request, None)
+    }
+
+    /// Every bot's rules in words, in file order (for `policy show`).
+    pub fn describe_bots(&self) -> Vec<BotRules> {
+        let describe = |rules: &[decide::Rule]| {
+            rules
+                .iter()
+                .map(|r| {
+                    let mut s = String::new();
+                    r.describe(&mut s);
+                    s
+                })
+                .collect()
+        };
+        self.bots
+            .iter()
+            .map(|b| BotRules {
+                name: b.name.clone(),
+                identity: b.identity.describe(),
+                approval_timeout: b.approval_timeout,
+                auto_approve: describe(&b.auto_approve),
+                requires_approval: describe(&b.requires_approval),
+                deny: describe(&b.deny),
+            })
+            .collect()
+    }
+
+    /// `defaults.requires_approval`.
+    pub fn defaults_require_approval(&self) -> bool {
+        self.defaults.requires_approval
+    }
+
+    /// `defaults.approval_timeout` (24 h when unset).
+    pub fn default_approval_timeout(&self) -> Duration {
+        self.defaults.approval_timeout
     }
 
     pub fn has_bot(&self, name: &str) -> bool {
