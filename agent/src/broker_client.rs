@@ -29,6 +29,8 @@ pub enum Auth {
         key: Secret,
         origin: String,
     },
+    /// A client certificate from the broker's CA (`auth = "mtls"`), renewed by the agent.
+    Mtls(crate::tls::MtlsIdentity),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum AuthError {
     KeyFile { path: String, message: String },
     #[error("{API_KEY_ENV}: {0}")]
     Env(String),
+    #[error("mtls: {0}")]
+    Mtls(#[from] crate::tls::TlsError),
 }
 
 impl Auth {
@@ -54,6 +58,7 @@ impl Auth {
                     origin: format!("file {}", path.display()),
                 })
             }
+            AuthConfig::Mtls(dir) => Ok(Auth::Mtls(crate::tls::MtlsIdentity::load(dir)?)),
             AuthConfig::Tailnet => match env_key {
                 None => Ok(Auth::Tailnet),
                 Some(raw) => {
@@ -72,6 +77,7 @@ impl Auth {
         match self {
             Auth::Tailnet => "tailnet".into(),
             Auth::ApiKey { origin, .. } => format!("api_key ({origin})"),
+            Auth::Mtls(identity) => identity.info.describe(),
         }
     }
 }
@@ -121,6 +127,15 @@ pub enum BrokerError {
     Refused { status: u16, body: ErrorBody },
     #[error("unexpected answer from the broker (HTTP {status}): {detail}")]
     BadAnswer { status: u16, detail: String },
+    /// The policy sends the request to a human; the broker holds it as approval request
+    /// `request_id` until it is decided or expires.
+    #[error(
+        "awaiting approval: request {request_id} is pending until {expires_at}; an admin can run `botcreds approve {request_id}`"
+    )]
+    AwaitingApproval {
+        request_id: String,
+        expires_at: String,
+    },
 }
 
 fn refusal(body: &ErrorBody) -> String {
@@ -147,6 +162,7 @@ impl BrokerError {
     pub fn retry(&self) -> Retry {
         match self {
             BrokerError::Unreachable(_) => Retry::Soon,
+            BrokerError::AwaitingApproval { .. } => Retry::Steady,
             BrokerError::Refused { status, .. } | BrokerError::BadAnswer { status, .. } => {
                 if *status >= 500 || *status == 408 || *status == 429 {
                     Retry::Soon
@@ -175,6 +191,7 @@ impl BrokerError {
                     | ErrorCode::Forbidden
                     | ErrorCode::Unauthenticated
                     | ErrorCode::InvalidApiKey
+                    | ErrorCode::CertificateRevoked
             )
         )
     }
@@ -195,35 +212,93 @@ impl BrokerError {
             BrokerError::Unreachable(_) => 503,
             BrokerError::Refused {
                 status: 401 | 403, ..
-            } => 403,
+            }
+            | BrokerError::AwaitingApproval { .. } => 403,
             _ => 502,
         }
     }
 }
 
+/// The broker's `202 Accepted`: the request waits for a human (an `ApprovalRequestView`).
+fn awaiting_approval(bytes: &[u8]) -> BrokerError {
+    match serde_json::from_slice::<botcreds_proto::ApprovalRequestView>(bytes) {
+        Ok(view) => BrokerError::AwaitingApproval {
+            request_id: view.request_id,
+            expires_at: view.expires_at,
+        },
+        Err(e) => BrokerError::BadAnswer {
+            status: 202,
+            detail: format!("not an approval request: {e}"),
+        },
+    }
+}
+
 /// A client for one broker.
 pub struct BrokerClient {
-    http: reqwest::Client,
+    http: HttpSlot,
     base: String,
     auth: Auth,
+}
+
+/// The HTTP client in use, shared with the mTLS renewal task, which swaps in a client with
+/// the renewed certificate; requests already sent finish on the old one.
+#[derive(Clone)]
+pub struct HttpSlot {
+    client: std::sync::Arc<std::sync::RwLock<reqwest::Client>>,
+    timeout: Duration,
+}
+
+impl HttpSlot {
+    /// The client to send the next request with.
+    pub fn current(&self) -> reqwest::Client {
+        self.client
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// From now on, present this certificate.
+    pub fn use_identity(&self, identity: &crate::tls::MtlsIdentity) -> Result<(), reqwest::Error> {
+        let client = identity.client(client_builder(self.timeout))?;
+        *self
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        Ok(())
+    }
+}
+
+/// The agent's HTTP client settings, before any client certificate.
+pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("botcreds-agent/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(timeout)
+        // The broker must see this host's own tailnet address; a proxy from the
+        // environment would hide it.
+        .no_proxy()
 }
 
 impl BrokerClient {
     /// `base` is the broker URL without a trailing `/`; `timeout` bounds each request.
     pub fn new(base: &str, auth: Auth, timeout: Duration) -> Result<BrokerClient, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("botcreds-agent/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout)
-            // The broker must see this host's own tailnet address; a proxy from the
-            // environment would hide it.
-            .no_proxy()
-            .build()?;
+        let http = match &auth {
+            Auth::Mtls(identity) => identity.client(client_builder(timeout))?,
+            _ => client_builder(timeout).build()?,
+        };
         Ok(BrokerClient {
-            http,
+            http: HttpSlot {
+                client: std::sync::Arc::new(std::sync::RwLock::new(http)),
+                timeout,
+            },
             base: base.to_string(),
             auth,
         })
+    }
+
+    /// The client slot, for the mTLS renewal task.
+    pub fn http_slot(&self) -> HttpSlot {
+        self.http.clone()
     }
 
     pub fn base(&self) -> &str {
@@ -236,7 +311,7 @@ impl BrokerClient {
 
     fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.auth {
-            Auth::Tailnet => req,
+            Auth::Tailnet | Auth::Mtls(_) => req,
             Auth::ApiKey { key, .. } => req.bearer_auth(key.expose()),
         }
     }
@@ -261,6 +336,7 @@ impl BrokerClient {
         };
         let req = self.authorize(
             self.http
+                .current()
                 .post(format!("{}/v1/credentials", self.base))
                 .json(&body),
         );
@@ -276,6 +352,9 @@ impl BrokerClient {
                 BrokerError::Unreachable(detail)
             }
         })?;
+        if status == 202 {
+            return Err(awaiting_approval(&bytes));
+        }
         if status != 200 {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => BrokerError::Refused { status, body },
@@ -328,6 +407,7 @@ impl BrokerClient {
     pub async fn probe(&self) -> Result<(), String> {
         let resp = self
             .http
+            .current()
             .get(format!("{}/healthz", self.base))
             .timeout(PROBE_TIMEOUT)
             .send()
@@ -367,6 +447,110 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Answer of `POST /v1/credentials/release`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    Released,
+    /// The broker holds no live credential with that id (404): released or expired already.
+    AlreadyGone,
+}
+
+// LiteLLM virtual keys (`[[litellm]]` entries), see `crate::litellm`.
+impl BrokerClient {
+    /// Asks for a LiteLLM virtual key of `scope`. `replaces`: the id of the key held now, when
+    /// it is due for refresh, so that a broker that reuses live keys mints a fresh one.
+    pub async fn litellm_key(
+        &self,
+        scope: &str,
+        workspace: Option<&botcreds_proto::litellm::WorkspaceInfo>,
+        reason: Option<&str>,
+        replaces: Option<&str>,
+    ) -> Result<botcreds_proto::litellm::LitellmCredential, BrokerError> {
+        let body = CredentialRequest {
+            kind: Some(CredentialKind::LitellmKey),
+            scope: Some(scope.to_string()),
+            workspace: workspace.cloned(),
+            reason: reason.map(str::to_string),
+            replaces: replaces.map(str::to_string),
+            ..CredentialRequest::default()
+        };
+        let (status, bytes) = self.post_json("/v1/credentials", &body, None).await?;
+        let cred: botcreds_proto::litellm::LitellmCredential = serde_json::from_slice(&bytes)
+            .map_err(|e| BrokerError::BadAnswer {
+                status,
+                detail: format!("not a LiteLLM key: {e}"),
+            })?;
+        if cred.kind != CredentialKind::LitellmKey {
+            return Err(BrokerError::BadAnswer {
+                status,
+                detail: format!("asked for litellm_key, got {}", cred.kind.as_str()),
+            });
+        }
+        Ok(cred)
+    }
+
+    /// Revokes a credential this host holds (`POST /v1/credentials/release`), within `timeout`.
+    pub async fn release_credential(
+        &self,
+        credential_id: &str,
+        timeout: Duration,
+    ) -> Result<Released, BrokerError> {
+        let body = serde_json::json!({ "credential_id": credential_id });
+        match self
+            .post_json("/v1/credentials/release", &body, Some(timeout))
+            .await
+        {
+            Ok(_) => Ok(Released::Released),
+            Err(BrokerError::Refused { status: 404, .. }) => Ok(Released::AlreadyGone),
+            Err(BrokerError::BadAnswer { status: 404, .. }) => Ok(Released::AlreadyGone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// POSTs `body` as JSON; `Ok` only for a 200, with the body read (bounded).
+    async fn post_json(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Vec<u8>), BrokerError> {
+        let mut req = self
+            .http
+            .current()
+            .post(format!("{}{path}", self.base))
+            .json(body);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = self
+            .authorize(req)
+            .send()
+            .await
+            .map_err(|e| BrokerError::Unreachable(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        let bytes = read_limited(resp).await.map_err(|detail| {
+            if status == 200 {
+                BrokerError::BadAnswer { status, detail }
+            } else {
+                BrokerError::Unreachable(detail)
+            }
+        })?;
+        if status == 202 {
+            return Err(awaiting_approval(&bytes));
+        }
+        if status != 200 {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => BrokerError::Refused { status, body },
+                Err(_) => BrokerError::BadAnswer {
+                    status,
+                    detail: "the body is not a botcreds error".into(),
+                },
+            });
+        }
+        Ok((status, bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,7 +573,7 @@ mod tests {
         let auth = Auth::load(&config, Some("ignored".into())).unwrap();
         match &auth {
             Auth::ApiKey { key, .. } => assert_eq!(key.expose(), "bck_abc123"),
-            Auth::Tailnet => panic!("expected a key"),
+            _ => panic!("expected a key"),
         }
         assert!(auth.describe().starts_with("api_key (file "));
 
@@ -426,6 +610,38 @@ mod tests {
             "api_key (env)"
         );
         assert!(Auth::load(&AuthConfig::Tailnet, Some("".into())).is_err());
+    }
+
+    #[test]
+    fn accepted_means_awaiting_approval() {
+        let body = br#"{"request_id":"apr_abcd2345","state":"PENDING","bot":"ci","caller":"api_key:ci",
+            "resource":{"kind":"github_token","repositories":["acme/secret"],"permissions":["contents:read"]},
+            "rule":"defaults","created_at":"2026-11-23T10:00:00Z","expires_at":"2026-11-24T10:00:00Z",
+            "poll_url":"/v1/requests/apr_abcd2345"}"#;
+        let e = awaiting_approval(body);
+        assert!(
+            matches!(&e, BrokerError::AwaitingApproval { request_id, expires_at }
+                if request_id == "apr_abcd2345" && expires_at == "2026-11-24T10:00:00Z"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("botcreds approve apr_abcd2345"),
+            "{e}"
+        );
+        assert_eq!(
+            (
+                e.retry(),
+                e.local_status(),
+                e.is_definitive(),
+                e.revokes_access()
+            ),
+            (Retry::Steady, 403, false, false)
+        );
+        let garbled = awaiting_approval(b"{\"request_id\": 7}");
+        assert!(matches!(
+            garbled,
+            BrokerError::BadAnswer { status: 202, .. }
+        ));
     }
 
     #[test]

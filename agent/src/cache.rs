@@ -194,6 +194,41 @@ impl DiskCache {
     }
 
     fn read_record(&self, path: &Path) -> Result<CacheRecord, ReadError> {
+        let text = self.read_private_path(path)?;
+        let record: CacheRecord = serde_json::from_str(&text)
+            .map_err(|e| ReadError::Corrupt(format!("is corrupt or truncated ({e})")))?;
+        if record.format != CACHE_FORMAT {
+            return Err(ReadError::Corrupt(format!(
+                "has cache format {}",
+                record.format
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Reads `file_name` in the cache directory as text, if it is a private regular file of
+    /// ours (not a symlink, mode 0600 or stricter, at most 64 KiB). For other kinds of cached
+    /// records (LiteLLM keys) that share the directory and its rules.
+    pub fn read_private(&self, file_name: &str) -> Result<String, ReadError> {
+        self.read_private_path(&self.dir.join(file_name))
+    }
+
+    /// Names of the files in the cache directory that start with `prefix` (temp files excluded).
+    pub fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            if let Some(name) = entry?.file_name().to_str()
+                && name.starts_with(prefix)
+                && !name.starts_with(TEMP_PREFIX)
+            {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn read_private_path(&self, path: &Path) -> Result<String, ReadError> {
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -230,20 +265,17 @@ impl DiskCache {
         file.take(MAX_CACHE_FILE_BYTES)
             .read_to_string(&mut text)
             .map_err(|e| ReadError::Corrupt(format!("cannot be read as text ({e})")))?;
-        let record: CacheRecord = serde_json::from_str(&text)
-            .map_err(|e| ReadError::Corrupt(format!("is corrupt or truncated ({e})")))?;
-        if record.format != CACHE_FORMAT {
-            return Err(ReadError::Corrupt(format!(
-                "has cache format {}",
-                record.format
-            )));
-        }
-        Ok(record)
+        Ok(text)
     }
 
     /// Writes `record` as `file_name`, replacing any previous file in one step.
     pub fn store(&self, file_name: &str, record: &CacheRecord) -> io::Result<()> {
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.store_bytes(file_name, &json)
+    }
+
+    /// Writes `json` as `file_name` (mode 0600), replacing any previous file in one step.
+    pub fn store_bytes(&self, file_name: &str, json: &[u8]) -> io::Result<()> {
         let temp = self.dir.join(format!(
             "{TEMP_PREFIX}{file_name}-{}-{}",
             std::process::id(),
@@ -256,7 +288,7 @@ impl DiskCache {
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&temp)?;
-            f.write_all(&json)?;
+            f.write_all(json)?;
             f.sync_all()?;
             fs::rename(&temp, self.dir.join(file_name))?;
             File::open(&self.dir)?.sync_all()
@@ -276,7 +308,9 @@ impl DiskCache {
     }
 }
 
-enum ReadError {
+/// Why a cache file was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
     /// Not ours or not private: leave it alone and do not trust it.
     Refused(String),
     /// Ours but unusable: remove it.

@@ -48,6 +48,8 @@ pub struct Config {
     /// Per-repository credentials stop being refreshed when git has not asked for them this long.
     pub idle_timeout: Duration,
     pub github: Vec<GithubEntry>,
+    /// `[[litellm]]` entries: LiteLLM virtual keys and the files they are written to.
+    pub litellm: Vec<crate::litellm_config::LitellmEntry>,
 }
 
 /// How the agent proves who it is to the broker.
@@ -57,6 +59,9 @@ pub enum AuthConfig {
     Tailnet,
     /// `Authorization: Bearer <key>` with the key read from this file (mode 0600 or stricter).
     ApiKeyFile(PathBuf),
+    /// A client certificate from the broker's CA (`auth = "mtls"`), kept in this state dir
+    /// by `botcreds-agent enroll` and renewed by the agent.
+    Mtls(PathBuf),
 }
 
 /// One `[[github]]` entry: repositories on one host, one owner, the permissions wanted.
@@ -133,6 +138,10 @@ pub enum ConfigError {
 struct RawConfig {
     broker: String,
     api_key_file: Option<PathBuf>,
+    /// `tailnet` (default), `api_key` (with `api_key_file`) or `mtls`.
+    auth: Option<String>,
+    /// Where `auth = "mtls"` keeps its key, certificate and CA bundle.
+    state_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     socket_group: Option<String>,
@@ -147,6 +156,8 @@ struct RawConfig {
     idle_timeout: Option<Ttl>,
     #[serde(default)]
     github: Vec<RawGithub>,
+    #[serde(default)]
+    litellm: Vec<crate::litellm_config::RawLitellm>,
 }
 
 #[derive(Deserialize)]
@@ -198,12 +209,51 @@ impl Config {
         };
 
         let broker = validate_broker(&raw.broker).map_err(|m| invalid("broker", m))?;
-        let auth = match raw.api_key_file {
-            Some(file) if !file.is_absolute() => {
+        let auth = match (raw.auth.as_deref(), raw.api_key_file) {
+            (Some("mtls"), Some(_)) => {
+                return Err(invalid(
+                    "api_key_file",
+                    "auth = \"mtls\" uses a client certificate, not an API key".into(),
+                ));
+            }
+            (Some("mtls"), None) => {
+                let dir = raw
+                    .state_dir
+                    .unwrap_or_else(|| crate::tls::DEFAULT_STATE_DIR.into());
+                if !dir.is_absolute() {
+                    return Err(invalid("state_dir", "must be an absolute path".into()));
+                }
+                if !broker.starts_with("https://") {
+                    return Err(invalid(
+                        "broker",
+                        "auth = \"mtls\" needs the broker's https:// mTLS listener".into(),
+                    ));
+                }
+                AuthConfig::Mtls(dir)
+            }
+            (Some("tailnet"), Some(_)) => {
+                return Err(invalid(
+                    "api_key_file",
+                    "auth = \"tailnet\" sends no API key; remove api_key_file".into(),
+                ));
+            }
+            (Some("api_key"), None) => {
+                return Err(invalid(
+                    "api_key_file",
+                    "auth = \"api_key\" needs api_key_file".into(),
+                ));
+            }
+            (Some("api_key") | None, Some(file)) if !file.is_absolute() => {
                 return Err(invalid("api_key_file", "must be an absolute path".into()));
             }
-            Some(file) => AuthConfig::ApiKeyFile(file),
-            None => AuthConfig::Tailnet,
+            (Some("api_key") | None, Some(file)) => AuthConfig::ApiKeyFile(file),
+            (Some("tailnet") | None, None) => AuthConfig::Tailnet,
+            (Some(other), _) => {
+                return Err(invalid(
+                    "auth",
+                    format!("{other:?} must be \"tailnet\", \"api_key\" or \"mtls\""),
+                ));
+            }
         };
         let cache_dir = raw.cache_dir.unwrap_or_else(|| DEFAULT_CACHE_DIR.into());
         if !cache_dir.is_absolute() {
@@ -284,6 +334,9 @@ impl Config {
             );
         }
 
+        let litellm = crate::litellm_config::validate_entries(raw.litellm)
+            .map_err(|(key, m)| invalid(&key, m))?;
+
         Ok(Config {
             broker,
             auth,
@@ -295,6 +348,7 @@ impl Config {
             broker_timeout,
             idle_timeout,
             github,
+            litellm,
         })
     }
 
@@ -757,6 +811,17 @@ min_ttl = "50m"
     }
 
     #[test]
+    fn mtls_auth_uses_the_state_dir() {
+        let c = parse("broker = \"https://b:8444\"\nauth = \"mtls\"\n").unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Mtls(crate::tls::DEFAULT_STATE_DIR.into())
+        );
+        let c = parse("broker = \"https://b\"\nauth = \"mtls\"\nstate_dir = \"/s\"\n").unwrap();
+        assert_eq!(c.auth, AuthConfig::Mtls("/s".into()));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let with_entry = |entry: &str| format!("broker = \"http://b\"\n[[github]]\n{entry}\n");
         let cases: Vec<(String, &str)> = vec![
@@ -765,6 +830,22 @@ min_ttl = "50m"
                 "unknown field `sockt`",
             ),
             ("socket = \"/x\"\n".into(), "missing field `broker`"),
+            (
+                "broker = \"http://b\"\nauth = \"mtls\"\n".into(),
+                "broker: auth = \"mtls\" needs the broker's https://",
+            ),
+            (
+                "broker = \"https://b\"\nauth = \"mtls\"\nstate_dir = \"rel\"\n".into(),
+                "state_dir: must be an absolute path",
+            ),
+            (
+                "broker = \"https://b\"\nauth = \"mtls\"\napi_key_file = \"/k\"\n".into(),
+                "api_key_file: auth = \"mtls\" uses a client certificate",
+            ),
+            (
+                "broker = \"https://b\"\nauth = \"x509\"\n".into(),
+                "auth: \"x509\" must be",
+            ),
             (
                 "broker = \"ftp://b\"\n".into(),
                 "broker: \"ftp://b\" must be an http",

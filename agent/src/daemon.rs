@@ -12,11 +12,15 @@ use crate::broker_client::{Auth, BrokerClient};
 use crate::cache::{CacheError, DiskCache};
 use crate::config::Config;
 use crate::credentials::Credentials;
+use crate::litellm::{self, Litellm};
 use crate::socket::{self, AppState, Peer};
 use crate::systemd;
 
 /// How long open connections may finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on releasing LiteLLM keys at the broker when stopping: a broker that is down must not
+/// hold the shutdown.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -42,23 +46,39 @@ pub async fn run(
     let config = Arc::new(config);
     let disk = DiskCache::open(&config.cache_dir)?;
     let auth_text = auth.describe();
+    let mtls_identity = match &auth {
+        Auth::Mtls(identity) => Some(identity.clone()),
+        _ => None,
+    };
     let broker = BrokerClient::new(&config.broker, auth, config.broker_timeout)?;
+    // With a client certificate, renew it in the background (two-thirds into its life).
+    let (renew_stop, renew_rx) = tokio::sync::watch::channel(false);
+    let renewal = mtls_identity.map(|identity| {
+        tokio::spawn(crate::enroll::renewal_loop(
+            broker.http_slot(),
+            config.broker.clone(),
+            identity,
+            renew_rx,
+        ))
+    });
     let listener =
         socket::bind(&config.socket, config.socket_group).map_err(|source| AgentError::Socket {
             path: config.socket.clone(),
             source,
         })?;
-    if config.github.is_empty() {
+    if config.github.is_empty() && config.litellm.is_empty() {
         tracing::warn!(
             "agent.toml has no [[github]] entry: git requests will all be passed on to other helpers"
         );
     }
-    let credentials = Credentials::start(config.clone(), broker, disk);
+    let credentials = Credentials::start(config.clone(), broker, disk.clone());
+    let litellm = Litellm::start(config.clone(), credentials.clone(), disk);
     let app = socket::router(AppState {
         credentials: credentials.clone(),
         config: config.clone(),
         auth: auth_text.clone(),
-    });
+    })
+    .merge(litellm::routes(litellm.clone(), config.allow.clone()));
 
     tracing::info!(broker = %config.broker, auth = %auth_text, cache_dir = %config.cache_dir.display(), "agent starting");
     tracing::info!(socket = %config.socket.display(), "agent ready");
@@ -88,6 +108,11 @@ pub async fn run(
         }
     };
     credentials.shutdown();
+    let _ = renew_stop.send(true);
+    if let Some(renewal) = renewal {
+        let _ = renewal.await;
+    }
+    litellm.shutdown(RELEASE_TIMEOUT).await;
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket file");
     }

@@ -9,12 +9,17 @@ pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
+pub mod enroll;
+pub mod litellm;
+pub mod litellm_config;
 pub mod local_client;
+pub mod outputs;
 pub mod peer;
 pub mod refresh;
 pub mod secret;
 pub mod socket;
 pub mod status;
 pub mod systemd;
+pub mod tls;
 
 pub use daemon::{AgentError, run};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use botcreds_agent::broker_client::{API_KEY_ENV, Auth};
-use botcreds_agent::config::Config;
+use botcreds_agent::config::{AuthConfig, Config};
 use botcreds_agent::status;
 use botcreds_proto::agent::{DEFAULT_SOCKET, SOCKET_ENV};
 use clap::{Parser, Subcommand};
@@ -40,6 +40,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Enroll this host for mTLS: make a key pair here (the private key never leaves the
+    /// host) and trade a one-time join token for a client certificate.
+    Enroll {
+        /// The broker's URL where `/v1/enroll` is served (its tailnet or loopback listener).
+        #[arg(long)]
+        broker: String,
+        /// The join token from `botcreds enroll create` (or $BOTCREDS_JOIN_TOKEN).
+        #[arg(long, env = "BOTCREDS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The bot to enroll as (default: the bot the token is for).
+        #[arg(long)]
+        bot: Option<String>,
+        /// Where to keep key, certificate and CA bundle (default: state_dir of --config, else
+        /// /var/lib/botcreds).
+        #[arg(long, value_name = "PATH")]
+        state_dir: Option<PathBuf>,
+        /// Read state_dir from this agent.toml.
+        #[arg(long, value_name = "PATH", conflicts_with = "state_dir")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +71,13 @@ fn main() -> ExitCode {
             socket,
             json,
         } => show_status(config, socket, json),
+        Command::Enroll {
+            broker,
+            token,
+            bot,
+            state_dir,
+            config,
+        } => enroll(&broker, &token, bot.as_deref(), state_dir, config),
     }
 }
 
@@ -100,11 +127,62 @@ async fn shutdown_signal() {
     }
 }
 
+fn enroll(
+    broker: &str,
+    token: &str,
+    bot: Option<&str>,
+    state_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let state_dir = match (state_dir, config) {
+        (Some(dir), _) => dir,
+        (None, Some(path)) => match Config::load(&path) {
+            Ok(c) => match c.auth {
+                AuthConfig::Mtls(dir) => dir,
+                _ => botcreds_agent::tls::DEFAULT_STATE_DIR.into(),
+            },
+            Err(e) => return fail(&e.to_string()),
+        },
+        (None, None) => botcreds_agent::tls::DEFAULT_STATE_DIR.into(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(botcreds_agent::enroll::enroll(
+        broker, token, bot, &state_dir,
+    )) {
+        Ok(identity) => {
+            println!(
+                "enrolled: {}
+stored in {} (client.pem 0600, ca.pem)
+                 In agent.toml set auth = \"mtls\", state_dir = \"{}\" and broker = the \
+                 broker's https:// mTLS listener.",
+                identity.info.describe(),
+                state_dir.display(),
+                state_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
 fn show_status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let mut mtls_dir = None;
     let socket = match (config, socket) {
         (_, Some(socket)) => socket,
         (Some(path), None) => match Config::load(&path) {
-            Ok(c) => c.socket,
+            Ok(c) => {
+                if let AuthConfig::Mtls(dir) = &c.auth {
+                    mtls_dir = Some(dir.clone());
+                }
+                c.socket
+            }
             Err(e) => return fail(&e.to_string()),
         },
         (None, None) => {
@@ -118,6 +196,9 @@ fn show_status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> 
         }
         Ok((s, _)) => {
             print!("{}", status::render(&s, std::time::SystemTime::now()));
+            if let Some(dir) = mtls_dir {
+                println!("{}", botcreds_agent::tls::status_line(&dir));
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),

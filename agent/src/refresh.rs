@@ -8,6 +8,8 @@ pub const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// First retry delay after a failed fetch; doubles per failure up to [`BACKOFF_CAP`].
 pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// While a request waits for a human, it is asked again every 10–20 s (with jitter).
+pub const APPROVAL_POLL: Duration = Duration::from_secs(20);
 /// Refreshes are spread by up to this much (or a tenth of `refresh_before`, if less), so that
 /// many credentials fetched together do not all hit the broker in the same second later.
 pub const MAX_REFRESH_JITTER: Duration = Duration::from_secs(60);
@@ -45,6 +47,9 @@ pub enum Retry {
     /// The broker answered with a refusal that will not change by itself soon (policy,
     /// configuration): wait the longest delay.
     Later,
+    /// A human has yet to decide: ask again at a steady pace, so the credential arrives soon
+    /// after the approval (the broker joins identical pending requests into one).
+    Steady,
 }
 
 /// Delay before retry number `failures` (1 for the first failure), with "equal jitter": half
@@ -52,6 +57,7 @@ pub enum Retry {
 pub fn backoff(failures: u32, retry: Retry, unit: f64) -> Duration {
     let full = match retry {
         Retry::Later => BACKOFF_CAP,
+        Retry::Steady => APPROVAL_POLL,
         Retry::Soon => {
             let doublings = failures.saturating_sub(1).min(16);
             BACKOFF_BASE.saturating_mul(1 << doublings).min(BACKOFF_CAP)
@@ -176,6 +182,8 @@ mod tests {
             (50, Retry::Soon, 0.0, 150_000),
             (u32::MAX, Retry::Soon, 1.0, 300_000),
             (1, Retry::Later, 0.0, 150_000),
+            (9, Retry::Steady, 0.0, 10_000),
+            (1, Retry::Steady, 1.0, 20_000),
         ];
         for (failures, retry, unit, want_ms) in cases {
             assert_eq!(

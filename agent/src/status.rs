@@ -1,47 +1,90 @@
 //! `botcreds-agent status`: asks the running agent over its socket and prints a table (or the
-//! JSON as is).
+//! JSON: the agent's status with its LiteLLM keys under `litellm`).
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use botcreds_proto::agent::{AgentStatus, STATUS_PATH};
+use botcreds_proto::agent::{AgentStatus, CredentialState, STATUS_PATH};
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::litellm::{LITELLM_STATUS_PATH, LitellmKeyStatus};
 use crate::local_client::{self, ClientError};
 
 /// The status probe waits for the broker's health check (a few seconds) on top of this.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Fetches the status JSON from the agent listening on `socket`.
-pub fn fetch(socket: &Path) -> Result<(AgentStatus, String), String> {
+/// Everything `status` shows: the agent's own status (GitHub credentials, broker) and its
+/// `[[litellm]]` keys. As JSON, `AgentStatus` with one more field, `litellm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub agent: AgentStatus,
+    #[serde(default)]
+    pub litellm: Vec<LitellmKeyStatus>,
+}
+
+impl From<AgentStatus> for Status {
+    fn from(agent: AgentStatus) -> Status {
+        Status {
+            agent,
+            litellm: Vec::new(),
+        }
+    }
+}
+
+/// Fetches the status from the agent listening on `socket`: `(status, its JSON)`.
+pub fn fetch(socket: &Path) -> Result<(Status, String), String> {
     let deadline = Instant::now() + STATUS_TIMEOUT;
-    let response = local_client::request(socket, "GET", STATUS_PATH, "text/plain", b"", deadline)
+    let (agent, _) = get(socket, STATUS_PATH, deadline)?;
+    let agent: AgentStatus = serde_json::from_str(&agent)
+        .map_err(|e| format!("the agent's status is not understood: {e}"))?;
+    let litellm = match get(socket, LITELLM_STATUS_PATH, deadline)? {
+        // An agent from before LiteLLM keys.
+        (_, 404) => Vec::new(),
+        (body, _) => serde_json::from_str(&body)
+            .map_err(|e| format!("the agent's LiteLLM status is not understood: {e}"))?,
+    };
+    let status = Status { agent, litellm };
+    let json = serde_json::to_string(&status).map_err(|e| e.to_string())?;
+    Ok((status, json))
+}
+
+/// `GET path`: the body and status; an error for anything but 200 and 404.
+fn get(socket: &Path, path: &str, deadline: Instant) -> Result<(String, u16), String> {
+    let response = local_client::request(socket, "GET", path, "text/plain", b"", deadline)
         .map_err(|e| match e {
-        ClientError::NotRunning(_) => format!("no agent is running on {} ({e})", socket.display()),
-        ClientError::PermissionDenied(_) => format!("cannot open {}: {e}", socket.display()),
-        ClientError::TimedOut => format!(
-            "the agent on {} did not answer within {}s",
-            socket.display(),
-            STATUS_TIMEOUT.as_secs()
-        ),
-        other => format!("asking the agent on {} failed: {other}", socket.display()),
-    })?;
+            ClientError::NotRunning(_) => {
+                format!("no agent is running on {} ({e})", socket.display())
+            }
+            ClientError::PermissionDenied(_) => format!("cannot open {}: {e}", socket.display()),
+            ClientError::TimedOut => format!(
+                "the agent on {} did not answer within {}s",
+                socket.display(),
+                STATUS_TIMEOUT.as_secs()
+            ),
+            other => format!("asking the agent on {} failed: {other}", socket.display()),
+        })?;
     let body = String::from_utf8_lossy(&response.body).into_owned();
-    if response.status != 200 {
+    if response.status != 200 && response.status != 404 {
         return Err(format!(
             "the agent answered HTTP {}: {}",
             response.status,
             body.trim_end()
         ));
     }
-    let status: AgentStatus = serde_json::from_str(&body)
-        .map_err(|e| format!("the agent's status is not understood: {e}"))?;
-    Ok((status, body))
+    Ok((body, response.status))
 }
 
-/// A human-readable table; `now` makes times relative ("in 52m").
-pub fn render(status: &AgentStatus, now: SystemTime) -> String {
+/// Human-readable tables; `now` makes times relative ("in 52m").
+pub fn render(full: &Status, now: SystemTime) -> String {
+    let status = &full.agent;
+    let from_cache = status.serving_from_cache
+        || full
+            .litellm
+            .iter()
+            .any(|k| k.state == CredentialState::ServingFromCache);
     let mut out = String::new();
     let reachable = if status.broker_reachable {
         "reachable".to_string()
@@ -65,7 +108,7 @@ pub fn render(status: &AgentStatus, now: SystemTime) -> String {
         ),
         (
             "from cache",
-            if status.serving_from_cache {
+            if from_cache {
                 "YES: refreshing fails, credentials are served from the cache until they expire"
                     .into()
             } else {
@@ -77,10 +120,127 @@ pub fn render(status: &AgentStatus, now: SystemTime) -> String {
         out.push_str(&format!("{k:<13}{v}\n"));
     }
     out.push('\n');
-    if status.credentials.is_empty() {
+    if status.credentials.is_empty() && full.litellm.is_empty() {
         out.push_str("no credentials tracked\n");
         return out;
     }
+    if !status.credentials.is_empty() {
+        out.push_str(&github_table(status, now));
+    }
+    if !full.litellm.is_empty() {
+        if !status.credentials.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&litellm_table(&full.litellm, now));
+    }
+    out
+}
+
+fn relative(v: &Option<String>, now: SystemTime) -> String {
+    v.as_deref()
+        .map_or_else(|| "-".to_string(), |t| with_relative(t, now))
+}
+
+/// The LiteLLM keys, one row each, and under each its files and its `on_change` result.
+fn litellm_table(keys: &[LitellmKeyStatus], now: SystemTime) -> String {
+    let header = [
+        "LITELLM SCOPE",
+        "NAME",
+        "STATE",
+        "EXPIRES",
+        "LAST REFRESH",
+        "LAST CHECK",
+        "NEXT REFRESH",
+        "LAST ERROR",
+    ];
+    let mut out = String::new();
+    for (i, k) in keys.iter().enumerate() {
+        let scope = match &k.workspace_id {
+            Some(w) => format!("{} ({w})", k.scope),
+            None => k.scope.clone(),
+        };
+        let row = vec![
+            scope,
+            k.name.clone().unwrap_or_else(|| "-".into()),
+            k.state.as_str().to_string(),
+            relative(&k.expires_at, now),
+            relative(&k.last_refresh, now),
+            relative(&k.last_check, now),
+            relative(&k.next_refresh, now),
+            match &k.last_error {
+                Some(e) if k.failures > 0 => format!("{e} (×{})", k.failures),
+                Some(e) => e.clone(),
+                None => "-".into(),
+            },
+        ];
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&align(&[
+            header.iter().map(|s| s.to_string()).collect(),
+            row,
+        ]));
+        let mut files: Vec<Vec<String>> = k
+            .outputs
+            .iter()
+            .map(|o| {
+                let what = match (&o.error, &o.changed_at) {
+                    (Some(e), _) => format!("ERROR: {e}"),
+                    (None, Some(at)) => format!("{} {}", o.state, with_relative(at, now)),
+                    (None, None) => o.state.clone(),
+                };
+                vec![format!("  {}", o.kind), o.path.clone(), what]
+            })
+            .collect();
+        if k.release_on_stop {
+            files.push(vec![
+                "  on stop".into(),
+                "released at the broker".into(),
+                String::new(),
+            ]);
+        }
+        if let Some(run) = &k.on_change {
+            files.push(vec![
+                "  on_change".into(),
+                if run.ok { "ok".into() } else { "FAILED".into() },
+                format!("{} at {}", run.result, with_relative(&run.at, now)),
+            ]);
+        }
+        out.push_str(&align(&files));
+    }
+    out
+}
+
+/// Rows in columns two spaces apart; the last column is not padded.
+fn align(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|row| row.get(i))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                line.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The GitHub credentials table.
+fn github_table(status: &AgentStatus, now: SystemTime) -> String {
+    let mut out = String::new();
     let header = [
         "HOST",
         "REPOSITORIES",
@@ -205,7 +365,7 @@ mod tests {
                 failures: 3,
             }],
         };
-        let text = render(&status, now);
+        let text = render(&Status::from(status), now);
         for want in [
             "broker       http://broker:8080 — UNREACHABLE (connection refused)",
             "last contact 2026-01-01T09:30:00Z (30m ago)",
@@ -218,5 +378,88 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn renders_litellm_keys_with_their_files() {
+        use crate::litellm::{OnChangeStatus, OutputStatus};
+        let now =
+            SystemTime::from(OffsetDateTime::parse("2026-01-01T10:00:00Z", &Rfc3339).unwrap());
+        let agent = AgentStatus {
+            version: "0.1.0".into(),
+            broker: "http://broker:8080".into(),
+            auth: "tailnet".into(),
+            socket: "/run/botcreds/agent.sock".into(),
+            broker_reachable: true,
+            broker_probe_error: None,
+            broker_last_contact: None,
+            serving_from_cache: false,
+            credentials: vec![],
+        };
+        let key = LitellmKeyStatus {
+            scope: "workspace".into(),
+            workspace_id: Some("ws-abc123".into()),
+            state: CredentialState::ServingFromCache,
+            name: Some("contractor-alice".into()),
+            credential_id: Some("lk_1".into()),
+            expires_at: Some("2026-01-01T22:00:00Z".into()),
+            last_refresh: Some("2026-01-01T09:00:00Z".into()),
+            last_check: Some("2026-01-01T09:55:00Z".into()),
+            next_refresh: Some("2026-01-01T10:01:00Z".into()),
+            last_error: Some("broker unreachable: connection refused".into()),
+            last_error_at: None,
+            failures: 2,
+            release_on_stop: true,
+            outputs: vec![
+                OutputStatus {
+                    kind: "key_file".into(),
+                    path: "/home/alice/.config/litellm/key".into(),
+                    state: "written".into(),
+                    changed_at: Some("2026-01-01T09:00:00Z".into()),
+                    error: None,
+                },
+                OutputStatus {
+                    kind: "roo_code".into(),
+                    path: "/home/alice/.config/roo-code/settings.json".into(),
+                    state: "error".into(),
+                    changed_at: None,
+                    error: Some("settings.json: is not valid JSON".into()),
+                },
+            ],
+            on_change: Some(OnChangeStatus {
+                at: "2026-01-01T09:00:01Z".into(),
+                ok: false,
+                result: "exit status 1: no such unit".into(),
+            }),
+        };
+        let full = Status {
+            agent,
+            litellm: vec![key],
+        };
+        let text = render(&full, now);
+        for want in [
+            "from cache   YES",
+            "LITELLM SCOPE",
+            "workspace (ws-abc123)  contractor-alice  serving_from_cache",
+            "2026-01-01T22:00:00Z (in 12h0m)",
+            "broker unreachable: connection refused (×2)",
+            "  key_file   /home/alice/.config/litellm/key",
+            "written 2026-01-01T09:00:00Z (1h0m ago)",
+            "ERROR: settings.json: is not valid JSON",
+            "  on_change  FAILED",
+            "exit status 1: no such unit",
+            "released at the broker",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(!text.contains("no credentials tracked"), "{text}");
+        let json = serde_json::to_value(&full).unwrap();
+        assert_eq!(json["litellm"][0]["outputs"][1]["state"], "error");
+        assert_eq!(
+            json["broker"], "http://broker:8080",
+            "flattened: AgentStatus plus litellm"
+        );
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, full);
     }
 }

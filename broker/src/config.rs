@@ -36,7 +36,17 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    approvals: crate::approvals::ApprovalsConfig,
+    #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    notify: crate::notify::config::RawNotify,
+    #[serde(default)]
+    web: crate::notify::config::RawWeb,
+    #[serde(default)]
+    tls: Option<crate::tls::RawTlsConfig>,
+    litellm: Option<crate::keys::config::RawLitellm>,
+    coder: Option<crate::keys::config::RawCoder>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,8 +186,20 @@ pub struct Config {
     pub api_keys: Vec<ApiKeyConfig>,
     pub admin: AdminConfig,
     pub limits: Limits,
+    /// `[approvals]`: grant lifetime, longest wait, pending caps.
+    pub approvals: crate::approvals::ApprovalsConfig,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
+    /// `[notify]`: webhooks and the chat card (see `notify/config.rs`).
+    pub notify: crate::notify::NotifyConfig,
+    /// `[web]`: the approval pages and the public URL links point at.
+    pub web: crate::notify::WebConfig,
+    /// `[tls]`: the mTLS listener and the broker's CA (docs/mtls.md).
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// `[litellm]`: LiteLLM virtual keys (docs/litellm.md).
+    pub litellm: Option<crate::keys::config::LitellmConfig>,
+    /// `[coder]`: where `/api/v1/keys/user` checks Coder session tokens.
+    pub coder: Option<crate::keys::config::CoderConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -439,6 +461,11 @@ impl Config {
             }
         }
 
+        let web = crate::notify::WebConfig::from_raw(raw.web.clone())
+            .map_err(|(key, message)| invalid(&key, message))?;
+        let notify = crate::notify::NotifyConfig::from_raw(raw.notify.clone(), &web, &resolve, env)
+            .map_err(|(key, message)| invalid(&key, message))?;
+
         if raw.limits.max_concurrent_requests == 0 {
             return Err(invalid(
                 "limits.max_concurrent_requests",
@@ -460,6 +487,27 @@ impl Config {
             ));
         }
 
+        if let Err((key, message)) = raw.approvals.validate() {
+            return Err(invalid(key, message));
+        }
+        let litellm = match &raw.litellm {
+            Some(l) => Some(
+                crate::keys::config::LitellmConfig::from_raw(l, base, env)
+                    .map_err(|(k, m)| invalid(&k, m))?,
+            ),
+            None => None,
+        };
+        let coder = match &raw.coder {
+            Some(c) => Some(
+                crate::keys::config::CoderConfig::from_raw(c).map_err(|(k, m)| invalid(&k, m))?,
+            ),
+            None => None,
+        };
+        let tls = match raw.tls {
+            Some(t) => Some(t.validate(&resolve).map_err(|(k, m)| invalid(&k, m))?),
+            None => None,
+        };
+
         Ok(Config {
             listen,
             data_dir: resolve(&raw.data_dir),
@@ -473,8 +521,14 @@ impl Config {
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
                 max_github_ttl: raw.limits.max_github_ttl.as_duration(),
             },
+            approvals: raw.approvals.clone(),
             log_format: raw.log.format,
             log_level: raw.log.level,
+            notify,
+            web,
+            tls,
+            litellm,
+            coder,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! `botcreds serve --dev`: a development broker that needs nothing installed. Loopback only,
 //! a temporary data dir, a demo policy, a fresh demo API key, and a simulated GitHub whose
-//! tokens are not valid on github.com.
+//! tokens are not valid on github.com, and a simulated LiteLLM whose virtual keys are not valid
+//! at any proxy.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,6 +23,7 @@ bots:
         permissions: [contents:write, issues:write, pull_requests:write]
       - repo: "demo-org/*"
         permissions: [contents:read, issues:read]
+      - litellm_scope: "agent:review"
     requires_approval:
       - permissions: [admin]
       - repo: "demo-org/sensitive-*"
@@ -68,8 +70,14 @@ pub fn setup(listen: SocketAddr) -> Result<DevSetup, ServeError> {
         }],
         admin: Default::default(),
         limits: Default::default(),
+        approvals: Default::default(),
         log_format: LogFormat::Text,
         log_level: None,
+        notify: Default::default(),
+        web: Default::default(),
+        tls: None,
+        litellm: None,
+        coder: None,
     };
     Ok(DevSetup {
         config,
@@ -84,6 +92,9 @@ pub fn edges() -> Edges {
     Edges {
         github: Arc::new(SimulatedGithub::new(clock.clone())),
         whois: None,
+        litellm: Some(Arc::new(crate::providers::litellm::SimulatedLitellm::new(
+            clock.clone(),
+        ))),
         clock,
     }
 }
@@ -97,6 +108,8 @@ pub fn banner(addr: SocketAddr, api_key: &str, dir: &Path) -> String {
         String::new(),
         "==> botcreds development broker".to_string(),
         "    WARNING: GitHub is SIMULATED. Tokens from this broker are NOT valid on github.com.".to_string(),
+        "    WARNING: LiteLLM is SIMULATED. Virtual keys from this broker are NOT valid at any LiteLLM proxy.".to_string(),
+        "    LiteLLM key:  {\"kind\":\"litellm_key\",\"scope\":\"agent:review\"}".to_string(),
         format!("    Listening on: http://{addr}   (loopback only)"),
         format!("    Data dir:     {} (deleted on exit)", data.display()),
         format!("    Policy:       {}", policy.display()),
@@ -137,6 +150,19 @@ mod tests {
                 },
             )
             .outcome
+    }
+
+    /// The banner shows a LiteLLM key request; the demo policy must allow it.
+    #[test]
+    fn demo_policy_allows_a_litellm_scope() {
+        let policy = Policy::parse("demo", DEMO_POLICY).unwrap();
+        let d = policy.decide_for_bot(
+            Some("demo-bot"),
+            &Request::Litellm {
+                scope: "agent:review",
+            },
+        );
+        assert_eq!(d.outcome, Outcome::Allow);
     }
 
     /// The banner promises these three outcomes; the demo policy must keep them.

@@ -164,6 +164,26 @@ impl TokenIssuer {
         })
     }
 
+    /// Remove from the reuse cache every live token that `pick` selects, and return them so
+    /// the caller can revoke them upstream. Later requests for those scopes mint afresh.
+    pub async fn take_where(&self, pick: impl Fn(&IssuedToken) -> bool) -> Vec<IssuedToken> {
+        let slots: Vec<Slot> = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.values().cloned().collect()
+        };
+        let now = self.clock.now();
+        let mut taken = Vec::new();
+        for slot in slots {
+            let mut held = slot.lock().await;
+            if held.as_ref().is_some_and(|t| t.expires_at > now && pick(t))
+                && let Some(t) = held.take()
+            {
+                taken.push(t);
+            }
+        }
+        taken
+    }
+
     /// How many scopes currently hold a live token (for metrics).
     pub fn live_tokens(&self) -> usize {
         let now = self.clock.now();

@@ -4,6 +4,7 @@
 //! `docs/ARCHITECTURE.md` for the map.
 
 pub mod api;
+pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod clock;
@@ -12,10 +13,14 @@ pub mod dev;
 pub mod error;
 pub mod grants;
 pub mod identity;
+pub mod keys;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod providers;
 pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod tls;
+pub mod web;

@@ -44,6 +44,26 @@ enum Command {
         #[command(subcommand)]
         command: ApiKeyCommand,
     },
+    /// Shell completions: `botcreds completions bash > /etc/bash_completion.d/botcreds`.
+    Completions { shell: clap_complete::Shell },
+    /// Approvals, audit log, revocation, grants, bots (talks to the broker; see docs/approvals.md).
+    #[command(flatten)]
+    Admin(cli::admin::AdminCommand),
+    /// mTLS enrollment: one-time join tokens for bot hosts.
+    Enroll {
+        #[command(subcommand)]
+        command: cli::certs::EnrollCommand,
+    },
+    /// mTLS client certificates: list and revoke.
+    Certs {
+        #[command(subcommand)]
+        command: cli::certs::CertsCommand,
+    },
+    /// LiteLLM virtual keys: list, create, revoke, rotate (docs/litellm.md).
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -67,6 +87,10 @@ enum PolicyCommand {
         #[arg(long)]
         scope: Option<String>,
     },
+    /// The broker's live policy, with remembered rules marked (asks the broker).
+    Show(cli::admin::PolicyShowArgs),
+    /// Remove a remembered rule ("approve + remember") by its id (asks the broker).
+    Forget(cli::admin::PolicyForgetArgs),
 }
 
 #[derive(Subcommand)]
@@ -136,6 +160,30 @@ fn main() -> ExitCode {
         } => {
             print!("{}", cli::new_api_key(&bot));
             ExitCode::SUCCESS
+        }
+        Command::Policy {
+            command: PolicyCommand::Show(a),
+        } => cli::admin::run_policy_show(a),
+        Command::Policy {
+            command: PolicyCommand::Forget(a),
+        } => cli::admin::run_policy_forget(a),
+        Command::Completions { shell } => {
+            cli::admin::completions(shell, &mut <Args as clap::CommandFactory>::command())
+        }
+        Command::Admin(command) => cli::admin::run(command),
+        Command::Enroll { command } => cli_exit(cli::certs::run_enroll(command)),
+        Command::Certs { command } => cli_exit(cli::certs::run_certs(command)),
+        Command::Keys { command } => cli_exit(cli::keys::run(command)),
+    }
+}
+
+/// The exit status of an admin command that talks to the broker.
+fn cli_exit(result: Result<(), cli::client::CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("botcreds: {e}");
+            e.exit_code()
         }
     }
 }

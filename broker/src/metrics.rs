@@ -26,6 +26,17 @@ pub struct ReuseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifyLabels {
+    /// `webhook` or `slack`.
+    pub channel: &'static str,
+    /// The webhook's configured name (never its URL).
+    pub target: String,
+    pub event: &'static str,
+    /// `delivered`, `retried` (one failed attempt, another follows) or `failed` (given up).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub outcome: &'static str,
 }
@@ -43,6 +54,8 @@ struct Inner {
     token_reuse: Family<ReuseLabels, Counter>,
     policy_reloads: Family<DecisionLabels, Counter>,
     issue_seconds: Histogram,
+    notify_deliveries: Family<NotifyLabels, Counter>,
+    notify_skipped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -117,6 +130,11 @@ impl Collector for UpstreamCollector {
 
 impl Metrics {
     pub fn new(issuer: Arc<TokenIssuer>) -> Metrics {
+        Metrics::with_collectors(issuer, Vec::new())
+    }
+
+    /// The broker's metrics plus collectors read at scrape time (LiteLLM keys).
+    pub fn with_collectors(issuer: Arc<TokenIssuer>, extra: Vec<Box<dyn Collector>>) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -148,7 +166,22 @@ impl Metrics {
             "Time to answer an allowed credential request, audit flush included",
             issue_seconds.clone(),
         );
+        let notify_deliveries = Family::<NotifyLabels, Counter>::default();
+        registry.register(
+            "botcreds_notify_deliveries",
+            "Notification attempts by channel, target, event and outcome",
+            notify_deliveries.clone(),
+        );
+        let notify_skipped = Counter::default();
+        registry.register(
+            "botcreds_notify_skipped_events",
+            "Approval events not notified because deliveries fell behind",
+            notify_skipped.clone(),
+        );
         registry.register_collector(Box::new(UpstreamCollector { issuer }));
+        for c in extra {
+            registry.register_collector(c);
+        }
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -157,6 +190,8 @@ impl Metrics {
                 token_reuse,
                 policy_reloads,
                 issue_seconds,
+                notify_deliveries,
+                notify_skipped,
             }),
         }
     }
@@ -196,6 +231,28 @@ impl Metrics {
 
     pub fn issue_latency(&self, seconds: f64) {
         self.inner.issue_seconds.observe(seconds);
+    }
+
+    pub fn notify_delivery(
+        &self,
+        channel: &'static str,
+        target: &str,
+        event: &'static str,
+        outcome: &'static str,
+    ) {
+        self.inner
+            .notify_deliveries
+            .get_or_create(&NotifyLabels {
+                channel,
+                target: target.to_string(),
+                event,
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn notify_skipped(&self, events: u64) {
+        self.inner.notify_skipped.inc_by(events);
     }
 
     /// The OpenMetrics text of every metric.

@@ -54,6 +54,8 @@ pub struct Edges {
     pub github: Arc<dyn GithubApi>,
     pub whois: Option<Arc<dyn WhoIs>>,
     pub clock: SharedClock,
+    /// LiteLLM's key API (`[litellm]`), if keys are served.
+    pub litellm: Option<Arc<dyn crate::providers::litellm::LitellmApi>>,
 }
 
 impl Edges {
@@ -81,10 +83,12 @@ impl Edges {
             let live: Arc<dyn WhoIs> = Arc::new(LocalApiWhoIs::new(ts.socket.clone()));
             Arc::new(CachedWhoIs::new(live, ts.whois_cache_ttl)) as Arc<dyn WhoIs>
         });
+        let litellm = crate::keys::litellm_edge(config)?;
         Ok(Edges {
             github: Arc::new(github),
             whois,
             clock,
+            litellm,
         })
     }
 }
@@ -116,7 +120,36 @@ pub async fn run(
     let audit = AuditLog::start(store.clone());
     let policy = Arc::new(PolicyHandle::load(&config.policy)?);
     let issuer = Arc::new(TokenIssuer::new(edges.github.clone(), edges.clock.clone()));
-    let metrics = Metrics::new(issuer.clone());
+    let keys = crate::keys::service_for(&config, &edges, store.clone(), audit.clone())?;
+    let metrics = Metrics::with_collectors(
+        issuer.clone(),
+        keys.iter()
+            .map(|k| Box::new(crate::keys::KeyMetrics(k.clone())) as _)
+            .collect(),
+    );
+    let approvals = Arc::new(
+        crate::approvals::Approvals::load(
+            store.clone(),
+            audit.clone(),
+            edges.clock.clone(),
+            issuer.clone(),
+            config.approvals.clone(),
+        )
+        .map_err(|e| ServeError::Config(format!("loading approval requests: {}", e.message)))?,
+    );
+    let mtls = match &config.tls {
+        Some(tls) => Some(
+            crate::tls::Mtls::start(
+                tls,
+                &config.data_dir,
+                store.clone(),
+                audit.clone(),
+                edges.clock.clone(),
+            )
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
     let state = AppState(Arc::new(StateInner {
         policy: policy.clone(),
         issuer,
@@ -132,6 +165,10 @@ pub async fn run(
             .as_ref()
             .map(|g| g.default_min_ttl)
             .unwrap_or(Duration::from_secs(600)),
+        approvals: approvals.clone(),
+        mtls: mtls.clone(),
+        web: Arc::new(crate::web::WebState::new(config.web.clone())),
+        keys: keys.clone(),
     }));
 
     let mut started = AuditEvent::new(
@@ -154,6 +191,19 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let watcher = tokio::spawn(watch_policy(state.clone(), stop_rx.clone()));
+    let sweeper = tokio::spawn(approvals.clone().run_sweeper(stop_rx.clone()));
+    let key_sweeper = keys
+        .clone()
+        .map(|k| tokio::spawn(k.run_sweeper(stop_rx.clone())));
+    let notifier = crate::notify::spawn(
+        config.notify.clone(),
+        config.web.clone(),
+        approvals.subscribe(),
+        metrics.clone(),
+        edges.clock.clone(),
+        stop_rx.clone(),
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         let addr = listener.local_addr()?;
@@ -163,7 +213,21 @@ pub async fn run(
             app.clone(),
             graceful.clone(),
             stop_rx.clone(),
+            None,
         )));
+    }
+    if let Some(mtls) = &mtls {
+        for listener in crate::tls::listener::bind(mtls).await? {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "botcreds mTLS listening");
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                app.clone(),
+                graceful.clone(),
+                stop_rx.clone(),
+                Some(mtls.clone()),
+            )));
+        }
     }
 
     shutdown.await;
@@ -184,6 +248,11 @@ pub async fn run(
         Err(_) => tracing::warn!("connections still registered; not waiting for them"),
     }
     let _ = watcher.await;
+    let _ = sweeper.await;
+    if let Some(t) = key_sweeper {
+        let _ = t.await;
+    }
+    let _ = notifier.await;
     audit.shutdown();
     store.flush()?;
     tracing::info!("botcreds broker stopped");
@@ -195,6 +264,7 @@ async fn accept_loop(
     app: axum::Router,
     graceful: Arc<GracefulShutdown>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    tls: Option<Arc<crate::tls::Mtls>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -216,6 +286,30 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        if let Some(tls) = &tls {
+            // The handshake runs in the connection's task so a slow client cannot hold up
+            // the accept loop; the verified certificate rides along with every request.
+            let (tls, app, builder) = (tls.clone(), app.clone(), builder.clone());
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let Some((stream, verified)) = tls.handshake(stream, peer).await else {
+                    return;
+                };
+                let service = app.map_request(
+                    move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        req.extensions_mut().insert(verified.clone());
+                        req
+                    },
+                );
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(error = %e, %peer, "TLS connection ended with an error");
+                }
+            });
+            continue;
+        }
         let service = app.clone().map_request(
             move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));

@@ -28,6 +28,16 @@ pub enum AuditEventKind {
     PolicyLoaded,
     PolicyRejected,
     BrokerStarted,
+    /// An admin created a one-time join token for a bot (mTLS enrollment).
+    EnrollTokenCreated,
+    /// A client certificate was issued on enrollment (join token or tailnet identity).
+    CertIssued,
+    /// A client certificate was renewed with the current one.
+    CertRenewed,
+    /// An admin revoked client certificates (by serial or bot).
+    CertRevoked,
+    /// An enrollment, renewal, TLS handshake or certificate use was refused.
+    CertRefused,
 }
 
 impl AuditEventKind {
@@ -50,6 +60,11 @@ impl AuditEventKind {
             AuditEventKind::PolicyLoaded => "policy_loaded",
             AuditEventKind::PolicyRejected => "policy_rejected",
             AuditEventKind::BrokerStarted => "broker_started",
+            AuditEventKind::EnrollTokenCreated => "enroll_token_created",
+            AuditEventKind::CertIssued => "cert_issued",
+            AuditEventKind::CertRenewed => "cert_renewed",
+            AuditEventKind::CertRevoked => "cert_revoked",
+            AuditEventKind::CertRefused => "cert_refused",
         }
     }
 }

@@ -108,6 +108,10 @@ error_codes! {
     UnknownRule = ("unknown_rule", 404, "No remembered rule has this id."),
     InvalidRevokeTarget = ("invalid_revoke_target", 400, "A revocation names exactly one of credential_id, bot or repo, well-formed."),
     InvalidFilter = ("invalid_filter", 400, "A query parameter (since, bot, event, state, limit) is not valid."),
+    InvalidJoinToken = ("invalid_join_token", 401, "The join token is unknown, used already, expired, or for another bot."),
+    InvalidCsr = ("invalid_csr", 400, "The certificate signing request is malformed, badly signed, or names another bot or role."),
+    CertificateRevoked = ("certificate_revoked", 401, "The client certificate is revoked, expired, or unknown to this broker; enroll again."),
+    UnknownCertificate = ("unknown_certificate", 404, "No client certificate has this serial (or the bot has none)."),
     Internal = ("internal", 500, "An internal error; details are in the broker's log."),
 }
 

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod approval;
 pub mod audit;
 pub mod credential;
+pub mod enroll;
 pub mod error;
 pub mod git_credential;
 pub mod litellm;
@@ -15,6 +16,8 @@ pub mod permission;
 pub mod repo;
 pub mod ttl;
 
+pub use approval::{ApprovalRequestView, ApprovalResource, ApprovalState, DecisionAnswer};
+pub use audit::{AuditEvent, AuditEventKind};
 pub use credential::{Attribution, CredentialKind, CredentialRequest, GitAccess, GithubCredential};
 pub use error::{ErrorBody, ErrorCode};
 pub use permission::{Level, Permission, PermissionError};

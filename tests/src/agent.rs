@@ -83,6 +83,8 @@ pub struct AgentBuilder {
     top_level: String,
     github: Vec<GithubEntry>,
     env: Vec<(String, String)>,
+    /// Raw `[[litellm]]` tables, appended last.
+    litellm: String,
 }
 
 impl AgentBuilder {
@@ -93,7 +95,17 @@ impl AgentBuilder {
             top_level: String::new(),
             github: Vec::new(),
             env: Vec::new(),
+            litellm: String::new(),
         }
+    }
+
+    /// Adds a `[[litellm]]` entry: `body` holds its keys (and may end with its
+    /// `[litellm.workspace]` table). `{home}` in it is replaced by the agent's directory.
+    pub fn litellm(mut self, body: &str) -> Self {
+        self.litellm.push_str("[[litellm]]\n");
+        self.litellm.push_str(body);
+        self.litellm.push_str("\n\n");
+        self
     }
 
     /// Adds a `[[github]]` entry (entries are tried in the order added).
@@ -135,6 +147,7 @@ impl AgentBuilder {
         for entry in &self.github {
             toml.push_str(&entry.render());
         }
+        toml.push_str(&self.litellm.replace("{home}", &root.display().to_string()));
         let config_path = root.join("agent.toml");
         std::fs::write(&config_path, toml).expect("write agent.toml");
         AgentHome {

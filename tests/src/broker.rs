@@ -53,6 +53,8 @@ pub struct BrokerBuilder {
     extra_toml: String,
     github_toml: String,
     env: Vec<(String, String)>,
+    /// `[litellm]`: proxy URL, master key (written to a 0600 file), extra keys of the table.
+    litellm: Option<(String, String, String)>,
 }
 
 impl BrokerBuilder {
@@ -66,7 +68,17 @@ impl BrokerBuilder {
             extra_toml: String::new(),
             github_toml: String::new(),
             env: Vec::new(),
+            litellm: None,
         }
+    }
+
+    /// Serve LiteLLM keys through the proxy at `url` (the fake's) with `master_key`, which is
+    /// written to `litellm-master.key` (mode 0600); `extra` are more keys of `[litellm]`
+    /// (e.g. `sweep_interval = "1s"`). Sub-tables such as `[litellm.scopes.ci]` go in
+    /// [`BrokerBuilder::toml`].
+    pub fn litellm(mut self, url: &str, master_key: &str, extra: &str) -> Self {
+        self.litellm = Some((url.to_string(), master_key.to_string(), extra.to_string()));
+        self
     }
 
     /// Use this GitHub API base URL (the fake's).
@@ -135,6 +147,14 @@ impl BrokerBuilder {
             let var = format!("BOTCREDS_TEST_KEY_{i}");
             toml.push_str(&format!(
                 "[[api_keys]]\nbot = \"{bot}\"\nkey_env = \"{var}\"\n\n"
+            ));
+        }
+        if let Some((url, master_key, extra)) = &self.litellm {
+            let path = dir.path().join("litellm-master.key");
+            std::fs::write(&path, format!("{master_key}\n")).expect("write master key");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            toml.push_str(&format!(
+                "[litellm]\nurl = \"{url}\"\nmaster_key_file = \"litellm-master.key\"\n{extra}\n"
             ));
         }
         toml.push_str(&self.extra_toml);

@@ -8,7 +8,10 @@
 //! survive (outages, slow answers, error statuses, rate limits).
 //!
 //! - [`fake_github`]: the GitHub REST API of a GitHub App (JWT endpoints, installation tokens).
+//! - [`fake_litellm`]: LiteLLM's virtual-key management API and a chat endpoint (plus Coder's `users/me`).
 //! - [`fake_tailscaled`]: tailscaled's LocalAPI `whois` on a Unix socket.
+//! - [`webhook_sink`]: a webhook receiver that verifies the broker's signatures; [`webdriver`]:
+//!   a WebDriver client for Chromium.
 //! - [`fixtures`]: paths and loaders for `tests/fixtures/**`, the test app key, JWT signing.
 
 // The repository objects GitHub returns have ~90 fields; `serde_json::json!` recurses per field.
@@ -17,9 +20,12 @@
 pub mod agent;
 pub mod broker;
 pub mod fake_github;
+pub mod fake_litellm;
 pub mod fake_tailscaled;
 pub mod fixtures;
 pub mod git_server;
+pub mod webdriver;
+pub mod webhook_sink;
 
 /// A hyper HTTP/1.1 server for an axum router that can be switched off and on again, so doubles
 /// can simulate an outage: while down, the listener is closed (new connections are refused, or

@@ -36,6 +36,25 @@ defaults:
   approval_timeout: 24h
 "#;
 
+/// `POLICY` with reading `acme-corp/*` sent to a human instead of allowed.
+const APPROVAL_POLICY: &str = r#"
+bots:
+  build-bot:
+    identity: { tag: "tag:bots" }
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:write]
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:read]
+defaults:
+  requires_approval: true
+  approval_timeout: 24h
+"#;
+
+/// An admin API key (`[admin] api_key_bots = ["ops"]`).
+const OPS_KEY: &str = "bck_agent_e2e_ops_admin_key_0123456789";
+
 /// The rule that denies `acme-corp/infra`, as the broker names it.
 const DENY_RULE: &str = "bots.build-bot.deny[0]";
 /// The agent's own source address towards the broker.
@@ -54,6 +73,7 @@ const EXPIRY_WAIT: Duration = Duration::from_secs(240);
 /// How a test's world differs from the default one.
 struct Setup {
     github: FakeGithubConfig,
+    policy: &'static str,
     /// Extra keys for the `acme-corp/web` entry (refresh settings).
     web_entry: &'static str,
 }
@@ -62,6 +82,7 @@ impl Default for Setup {
     fn default() -> Self {
         Setup {
             github: github_config(),
+            policy: POLICY,
             web_entry: "",
         }
     }
@@ -102,9 +123,11 @@ impl World {
             AGENT_IP.parse::<IpAddr>().unwrap(),
             NodeBuilder::new("bot-host").tags(["tag:bots"]).build(),
         );
-        let broker = BrokerBuilder::new(POLICY)
+        let broker = BrokerBuilder::new(setup.policy)
             .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
             .tailscaled(tailscaled.socket_path())
+            .api_key("ops", OPS_KEY)
+            .toml("[admin]\napi_key_bots = [\"ops\"]\n")
             .start()
             .await;
 
@@ -358,6 +381,67 @@ async fn a_denied_repository_fails_with_the_brokers_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_awaiting_approval_clones_once_an_admin_approves() {
+    let world = World::with(Setup {
+        policy: APPROVAL_POLICY,
+        ..Setup::default()
+    })
+    .await;
+    let agent = world.home.start().await;
+
+    // Pending: git fails, and says which request an admin has to approve.
+    let out = world.clone(DOCS, "docs", HttpPath::Sent).await;
+    assert!(!out.success, "cloned before anyone approved");
+    assert!(out.stderr.contains("awaiting approval"), "{}", out.stderr);
+    let request_id = out
+        .stderr
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .find(|w| w.starts_with("apr_"))
+        .unwrap_or_else(|| panic!("no request id in git's stderr: {}", out.stderr))
+        .to_string();
+    assert!(
+        out.stderr
+            .contains(&format!("botcreds approve {request_id}")),
+        "{}",
+        out.stderr
+    );
+    // Not a definitive refusal: git may ask again later.
+    assert!(!out.stderr.contains("told us to quit"), "{}", out.stderr);
+    assert!(
+        world.active_tokens_for(DOCS).is_empty(),
+        "minted before approval"
+    );
+
+    // Asking again joins the same request instead of opening another.
+    let again = world.helper_get(Some(DOCS)).await;
+    assert!(again.stderr.contains(&request_id), "{}", again.stderr);
+
+    let broker = world.broker.as_ref().expect("broker running");
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/admin/approvals/{request_id}/approve",
+            broker.url
+        ))
+        .bearer_auth(OPS_KEY)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+
+    // Approved: the grant lets the agent's next request through at once.
+    let out = world.clone(DOCS, "docs", HttpPath::Sent).await;
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(world.active_tokens_for(DOCS).len(), 1);
+    stop_agent(agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_repository_tokens_with_use_http_path() {
     let world = World::new().await;
     let agent = world.home.start().await;
@@ -512,6 +596,7 @@ fn short_lived_setup() -> Setup {
     Setup {
         github,
         web_entry: "refresh_before = \"1m\"",
+        ..Setup::default()
     }
 }
 
@@ -623,6 +708,7 @@ async fn status_shows_reachability_and_serving_from_cache_during_an_outage() {
     let mut world = World::with(Setup {
         github,
         web_entry: "refresh_before = \"5m\"",
+        ..Setup::default()
     })
     .await;
     let mut agent = world.home.start().await;

@@ -284,7 +284,11 @@ async fn policy_decisions_from_tailnet_identity() {
         token_request(&["acme-corp/docs"], &["contents:write"]),
     )
     .await;
-    assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
+    assert_eq!(
+        (s, b["state"].as_str()),
+        (202, Some("PENDING")),
+        "approval request: {b}"
+    );
     assert_eq!(b["rule"], "defaults");
     // admin-level permissions need approval.
     let (s, b) = ask(
@@ -293,7 +297,11 @@ async fn policy_decisions_from_tailnet_identity() {
         token_request(&["acme-corp/web"], &["administration:write"]),
     )
     .await;
-    assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
+    assert_eq!(
+        (s, b["state"].as_str()),
+        (202, Some("PENDING")),
+        "approval request: {b}"
+    );
     assert_eq!(b["rule"], "bots.ci-bot.requires_approval[0]");
     // A user-owned node matched by hostname.
     let (s, b) = ask(
@@ -310,7 +318,11 @@ async fn policy_decisions_from_tailnet_identity() {
         token_request(&["acme-corp/web"], &["contents:write"]),
     )
     .await;
-    assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
+    assert_eq!(
+        (s, b["state"].as_str()),
+        (202, Some("PENDING")),
+        "approval request: {b}"
+    );
     // A tailnet node that matches no bot falls to defaults.
     let (s, b) = ask(
         &w,
@@ -318,7 +330,11 @@ async fn policy_decisions_from_tailnet_identity() {
         token_request(&["acme-corp/web"], &["contents:read"]),
     )
     .await;
-    assert_eq!((s, code_of(&b)), (403, ErrorCode::ApprovalRequired), "{b}");
+    assert_eq!(
+        (s, b["state"].as_str()),
+        (202, Some("PENDING")),
+        "approval request: {b}"
+    );
     assert_eq!(b["rule"], "defaults");
     // Not a tailnet peer at all, no key: unauthenticated.
     let (s, b) = ask(
@@ -564,8 +580,8 @@ async fn tailscaled_down_is_identity_unavailable_but_api_keys_work() {
 async fn policy_reloads_on_change_and_keeps_the_last_good_one() {
     let mut w = world().await;
     let req = token_request(&["acme-corp/web"], &["contents:read"]);
-    let (s, _) = ask(&w, STRANGER, req.clone()).await;
-    assert_eq!(s, 403);
+    let (s, b) = ask(&w, STRANGER, req.clone()).await;
+    assert_eq!(s, 202, "the defaults ask a human: {b}");
 
     // A good change: the stranger becomes a bot (file change is noticed without a signal).
     let grown = POLICY.replace(
@@ -614,8 +630,8 @@ async fn policy_reloads_on_change_and_keeps_the_last_good_one() {
     let loads = w.broker.log_count("policy reloaded");
     std::fs::write(&w.broker.policy_path, POLICY).unwrap();
     assert!(wait_for_count(&mut w.broker, "policy reloaded", loads + 1).await);
-    let (s, _) = ask(&w, STRANGER, req).await;
-    assert_eq!(s, 403);
+    let (s, b) = ask(&w, STRANGER, req).await;
+    assert_eq!(s, 202, "the defaults ask a human again: {b}");
 }
 
 async fn wait_for_count(broker: &mut BrokerProcess, needle: &str, n: usize) -> bool {
@@ -911,13 +927,10 @@ async fn dev_broker_works_out_of_the_box() {
             .as_u16(),
         403
     );
-    let approval: Value = post("demo-org/sensitive-data")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(code_of(&approval), ErrorCode::ApprovalRequired);
+    let approval = post("demo-org/sensitive-data").await.unwrap();
+    assert_eq!(approval.status().as_u16(), 202);
+    let approval: Value = approval.json().await.unwrap();
+    assert_eq!(approval["state"], "PENDING");
     child.kill().await.unwrap();
 }
 

@@ -52,6 +52,7 @@ pub async fn whoami(
             t.tags.clone(),
         ),
         CallerVia::ApiKey { .. } => ("api_key", None, None, Vec::new()),
+        CallerVia::Mtls { .. } => ("mtls", None, None, Vec::new()),
     };
     Ok(Json(WhoAmI {
         bot,
@@ -68,7 +69,7 @@ pub async fn create(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<GithubCredential>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let started = Instant::now();
     let caller = match caller {
         Ok(c) => c,
@@ -87,6 +88,9 @@ pub async fn create(
             return Err(e);
         }
     };
+    if request.kind == Some(CredentialKind::LitellmKey) {
+        return super::keys::issue_for_bot(&state, caller, request).await;
+    }
     let ask = match validate(&state, &request) {
         Ok(a) => a,
         Err(e) => {
@@ -95,12 +99,13 @@ pub async fn create(
         }
     };
 
-    let decision = policy.decide(
+    let decision = policy.decide_with(
         &caller,
         &Request::Github {
             repositories: &ask.repositories,
             permissions: &ask.permissions,
         },
+        &state.approvals.remembered(),
     );
     drop(policy);
     state.metrics.decision(match decision.outcome {
@@ -117,16 +122,23 @@ pub async fn create(
             return Err(record_denial(&state, requested, &decision, e).await);
         }
         Outcome::RequireApproval => {
-            let e = ApiError::new(
-                ErrorCode::ApprovalRequired,
-                format!(
-                    "{} — this broker does not take approval requests yet, so ask an admin to \
-                     add an auto_approve rule",
-                    decision.explanation
-                ),
+            // A live grant, or an approval request (see approvals/api.rs).
+            let ask = crate::approvals::api::GithubAsk {
+                repositories: ask.repositories.clone(),
+                permissions: ask.permissions.clone(),
+                min_ttl: ask.min_ttl,
+                reason: ask.reason.clone(),
+            };
+            return crate::approvals::api::require_approval(
+                &state,
+                &caller,
+                &decision,
+                requested,
+                ask,
+                request.wait.as_deref(),
+                request.replaces.as_deref(),
             )
-            .with_rule(decision.rule.clone());
-            return Err(record_denial(&state, requested, &decision, e).await);
+            .await;
         }
     }
 
@@ -209,7 +221,7 @@ pub async fn create(
         expires_at = %answer.expires_at,
         "credential issued"
     );
-    Ok(Json(answer))
+    Ok(axum::response::IntoResponse::into_response(Json(answer)))
 }
 
 fn validate(state: &AppState, r: &CredentialRequest) -> Result<GithubAsk, ApiError> {
@@ -409,7 +421,7 @@ async fn refuse(
     }
 }
 
-async fn attribution(state: &AppState, bot: Option<&str>) -> Attribution {
+pub(crate) async fn attribution(state: &AppState, bot: Option<&str>) -> Attribution {
     let trailer = format!("Bot: {}", bot.unwrap_or("unknown"));
     match state.issuer.github().app_identity().await {
         Ok(app) => {

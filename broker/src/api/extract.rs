@@ -2,6 +2,7 @@
 //! error codes of our own.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts};
@@ -13,6 +14,7 @@ use serde::de::DeserializeOwned;
 use super::AppState;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
+use crate::tls::VerifiedPeer;
 
 /// Where the request came from, whatever its authentication.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +40,13 @@ impl FromRequestParts<AppState> for Authenticated {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let PeerAddr(address) = PeerAddr::from_request_parts(parts, state).await?;
+        // On the mTLS listener the verified client certificate is the identity.
+        if let Some(peer) = parts.extensions.get::<Arc<VerifiedPeer>>().cloned() {
+            return Ok(Authenticated(match &state.mtls {
+                Some(mtls) => mtls.authenticate(&peer, address).await,
+                None => Err(ApiError::internal("a TLS connection without [tls]")),
+            }));
+        }
         Ok(Authenticated(
             authenticate(state, &parts.headers, address).await,
         ))

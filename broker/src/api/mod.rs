@@ -5,9 +5,12 @@
 //! Authentication is the [`Caller`](crate::identity::Caller) extractor, taken by each handler
 //! that needs one, so unknown paths stay 404 for everyone.
 
+pub mod admin;
 pub mod credentials;
+pub mod enroll;
 pub mod extract;
 pub mod health;
+pub mod keys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +50,14 @@ pub struct StateInner {
     pub limits: Limits,
     /// Lifetime a token must still have when a request names no `ttl`.
     pub default_min_ttl: Duration,
+    /// Approval requests, grants, remembered rules and revocation.
+    pub approvals: Arc<crate::approvals::Approvals>,
+    /// The CA, enrollment and revocation, when `[tls]` is configured.
+    pub mtls: Option<Arc<crate::tls::Mtls>>,
+    /// The approval pages' config and form-token key.
+    pub web: Arc<crate::web::WebState>,
+    /// LiteLLM virtual keys, when `[litellm]` is configured.
+    pub keys: Option<Arc<crate::keys::KeyService>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -65,6 +76,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/v1/whoami", get(credentials::whoami))
         .route("/v1/credentials", post(credentials::create))
+        .merge(enroll::routes())
+        .merge(admin::routes())
+        .merge(keys::routes())
+        .merge(crate::web::routes(&state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(
@@ -74,6 +89,8 @@ pub fn router(state: AppState) -> Router {
                 .concurrency_limit(limits.max_concurrent_requests)
                 .timeout(limits.request_timeout),
         )
+        // Long-polls hold requests for minutes: outside the timeout and concurrency limit.
+        .merge(crate::approvals::api::long_poll_routes())
         .with_state(state)
 }
 

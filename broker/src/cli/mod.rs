@@ -1,5 +1,9 @@
 //! Offline admin commands: policy checking and explaining, API-key generation.
 
+pub mod admin;
+pub mod certs;
+pub mod client;
+pub mod keys;
 pub mod policy;
 
 use crate::identity::api_key::generate_key;

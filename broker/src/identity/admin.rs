@@ -1,5 +1,6 @@
-//! Who is an admin: tailnet users, tags or a grant capability named in `[admin]`, or a bot
-//! whose API key `[admin] api_key_bots` lists. Admins decide approvals and manage keys.
+//! Who is an admin: tailnet users, tags or a grant capability named in `[admin]`, a bot
+//! whose API key `[admin] api_key_bots` lists, or a client certificate with the admin role.
+//! Admins decide approvals and manage keys.
 
 use super::{Caller, CallerVia};
 use crate::config::AdminConfig;
@@ -8,6 +9,8 @@ use crate::config::AdminConfig;
 pub fn is_admin(config: &AdminConfig, caller: &Caller) -> bool {
     match &caller.via {
         CallerVia::ApiKey { bot } => config.api_key_bots.iter().any(|b| b == bot),
+        // The role is set by the broker's CA from the join token, never asked for in a CSR.
+        CallerVia::Mtls { admin, .. } => *admin,
         CallerVia::Tailnet(node) => {
             if node.is_tagged() {
                 // A tagged node's identity is its tags; its owner login is a pseudo-user.
@@ -58,6 +61,14 @@ mod tests {
             address: "127.0.0.1:1".parse().unwrap(),
             via: CallerVia::ApiKey { bot: bot.into() },
         };
+        let cert = |bot: &str, admin: bool| Caller {
+            address: "127.0.0.1:1".parse().unwrap(),
+            via: CallerVia::Mtls {
+                bot: bot.into(),
+                serial: "40aa".into(),
+                admin,
+            },
+        };
         let cases = [
             (tailnet("Alice@Example.com", &[], &[]), true),
             (tailnet("bob@example.com", &[], &[]), false),
@@ -71,6 +82,8 @@ mod tests {
             ),
             (key("ops"), true),
             (key("ci"), false),
+            (cert("ops", true), true),
+            (cert("ci", false), false),
         ];
         for (i, (caller, want)) in cases.iter().enumerate() {
             assert_eq!(is_admin(&config, caller), *want, "case {i}");

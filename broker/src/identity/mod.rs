@@ -2,7 +2,8 @@
 //!
 //! Sources, in order: an API key in `Authorization: Bearer` (checked in constant time against
 //! stored hashes), else the tailnet identity of the connection's real peer address (tailscaled
-//! WhoIs). Nothing downstream trusts a header for identity.
+//! WhoIs). On the mTLS listener the verified client certificate is the identity (see
+//! `crate::tls`). Nothing downstream trusts a header for identity.
 
 pub mod admin;
 pub mod api_key;
@@ -25,6 +26,15 @@ pub enum CallerVia {
     Tailnet(TailnetIdentity),
     /// A pre-shared API key configured for the named bot.
     ApiKey { bot: String },
+    /// A client certificate issued by the broker's CA (`botcreds://bot/NAME`), checked
+    /// against its record on every request.
+    Mtls {
+        bot: String,
+        /// Serial number, lower-case hex.
+        serial: String,
+        /// Whether it carries the admin role (`botcreds://role/admin`).
+        admin: bool,
+    },
 }
 
 /// What WhoIs tells about a tailnet peer.
@@ -56,6 +66,7 @@ impl Caller {
         match &self.via {
             CallerVia::Tailnet(t) => format!("tailnet:{} ({})", t.computed_name, t.stable_id),
             CallerVia::ApiKey { bot } => format!("api_key:{bot}"),
+            CallerVia::Mtls { bot, serial, .. } => format!("mtls:{bot} ({serial})"),
         }
     }
 }

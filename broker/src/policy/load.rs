@@ -262,16 +262,6 @@ impl Builder<'_> {
             .iter()
             .find(|(k, _)| k.value == "type")
             .map(|(_, v)| v);
-        // Checked first so `type: mtls` gets its own message whatever fields come with it.
-        if let Some(kind) = kind
-            && kind.value == "mtls"
-        {
-            return Err(self.err(
-                &kind.referenced,
-                "mTLS identities are not supported yet; use type: tailnet (with hostname, tag, \
-                 user or capability) or type: api_key",
-            ));
-        }
         let mut selector: Option<(&Spanned<String>, &Spanned<String>)> = None;
         for (key, value) in fields {
             match key.value.as_str() {
@@ -300,6 +290,17 @@ impl Builder<'_> {
             }
         }
         match kind.map(|k| (k, k.value.as_str())) {
+            Some((_, "mtls")) => match selector {
+                Some((key, _)) => Err(self.err(
+                    &key.referenced,
+                    format!(
+                        "an mtls identity takes no {}; the client certificate names the bot \
+                         (botcreds://bot/NAME)",
+                        key.value
+                    ),
+                )),
+                None => Ok(Identity::Mtls),
+            },
             Some((_, "api_key")) => match selector {
                 Some((key, _)) => Err(self.err(
                     &key.referenced,
@@ -324,10 +325,7 @@ impl Builder<'_> {
             },
             Some((kind, other)) => Err(self.err(
                 &kind.referenced,
-                format!(
-                    "unknown identity type `{other}`; expected tailnet or api_key (mtls is not \
-                     supported yet)"
-                ),
+                format!("unknown identity type `{other}`; expected tailnet, api_key or mtls"),
             )),
         }
     }

@@ -140,6 +140,8 @@ enum Identity {
     Capability(Box<str>),
     /// A pre-shared API key configured for this bot's name.
     ApiKey,
+    /// A client certificate from the broker's CA naming this bot (`botcreds://bot/NAME`).
+    Mtls,
 }
 
 impl Identity {
@@ -150,6 +152,7 @@ impl Identity {
             Identity::User(u) => format!("tailnet user {u} (untagged nodes)"),
             Identity::Capability(c) => format!("tailnet capability {c}"),
             Identity::ApiKey => "API key configured for this bot".to_string(),
+            Identity::Mtls => "client certificate naming this bot".to_string(),
         }
     }
 }
@@ -251,7 +254,7 @@ impl Policy {
                 Identity::Tag(k) => Some((&mut policy.by_tag, k)),
                 Identity::User(k) => Some((&mut policy.by_user, k)),
                 Identity::Capability(k) => Some((&mut policy.by_capability, k)),
-                Identity::ApiKey => None,
+                Identity::ApiKey | Identity::Mtls => None,
             };
             if let Some((map, key)) = index {
                 map.entry(key.clone()).or_insert(i);
@@ -275,6 +278,10 @@ impl Policy {
                 .copied()
                 .filter(|&i| matches!(self.bots[i].identity, Identity::ApiKey)),
             CallerVia::Tailnet(node) => self.tailnet_bot(node),
+            // The broker's CA names the bot only on an admin's join token or on the policy's
+            // own mapping of a tailnet host, so a certificate is that bot whatever identity
+            // the policy gives it; `{type: mtls}` is for bots with certificates only.
+            CallerVia::Mtls { bot, .. } => self.by_name.get(bot.as_str()).copied(),
         }
     }
 

@@ -469,6 +469,29 @@ fn names_and_identities() {
 }
 
 /// Each bad policy, the position of the error, and a piece of its message.
+/// A client certificate is the bot it names; `{type: mtls}` bots match nothing else.
+#[test]
+fn mtls_identity_matches_by_bot_name() {
+    let p = Policy::parse(
+        "p.yaml",
+        "bots:\n  cert-bot:\n    identity: {type: mtls}\n  key-bot:\n    identity: {type: api_key}\n",
+    )
+    .unwrap();
+    let cert = |bot: &str| Caller {
+        address: addr(),
+        via: CallerVia::Mtls {
+            bot: bot.into(),
+            serial: "40ab".into(),
+            admin: false,
+        },
+    };
+    assert_eq!(p.bot_for(&cert("cert-bot")), Some("cert-bot"));
+    // A certificate names its bot whatever identity the policy gives that bot.
+    assert_eq!(p.bot_for(&cert("key-bot")), Some("key-bot"));
+    assert_eq!(p.bot_for(&cert("nobody")), None);
+    assert_eq!(p.bot_for(&api_key("cert-bot")), None);
+}
+
 #[test]
 fn load_errors() {
     let head = "bots:\n  a:\n    identity: {hostname: a}\n";
@@ -490,7 +513,9 @@ fn load_errors() {
         (format!("{head}    approval_timeout: soon\n"), 4, 23, "approval_timeout: duration \"soon\""),
         (format!("{head}    approval_timeout: 0s\n"), 4, 23, "greater than zero"),
         ("defaults:\n  approval_timeout: 1y\n".into(), 2, 21, "approval_timeout"),
-        ("bots:\n  a:\n    identity: {type: mtls, cn: a}\n".into(), 3, 22, "mTLS identities are not supported yet"),
+        ("bots:\n  a:\n    identity: {type: mtls, cn: a}\n".into(), 3, 28, "unknown identity field `cn`"),
+        ("bots:\n  a:\n    identity: {type: mtls, tag: \"tag:a\"}\n".into(), 3, 28, "an mtls identity takes no tag"),
+        ("bots:\n  a:\n    identity: {type: x509}\n".into(), 3, 22, "expected tailnet, api_key or mtls"),
         (format!("{head}    requires_approval:\n      - {{}}\n"), 5, 9, "empty requires_approval rule"),
         (format!("{head}    deny:\n      - permissions: []\n"), 5, 22, "permissions is empty"),
         (format!("{head}    auto_approve:\n      - repo: myorg/x\n"), 5, 9, "needs both repo and permissions"),
@@ -547,7 +572,7 @@ fn load_from_file() {
     let p = Policy::load(&path).unwrap();
     assert!(p.has_bot("machina-bot"));
 
-    std::fs::write(&path, "bots:\n  a:\n    identity: {type: mtls}\n").unwrap();
+    std::fs::write(&path, "bots:\n  a:\n    identity: {type: x509}\n").unwrap();
     let err = Policy::load(&path).unwrap_err();
     assert_eq!(err.file, path.display().to_string());
     assert_eq!((err.line, err.column), (3, 22));

@@ -1,0 +1,854 @@
+//! The files a LiteLLM key is written to: the key file, an env file, and the settings of Roo Code
+//! and OpenCode (merged into what the user already has there), each replaced atomically so that
+//! a reader never sees a partial or empty key.
+//!
+//! Every write goes to a temp file in the target's own directory (created `O_EXCL`, never
+//! following a symlink), which gets its mode and group, is fsynced, renamed over the target, and
+//! then the directory is fsynced. When the key goes away (revoked, expired, released) the key
+//! and env files are removed — a reader sees "no file", never an empty or stale key — and the
+//! key field alone is removed from the tool configs, which keep everything else.
+//!
+//! A tool config that exists but is not a JSON object (or whose sections the agent would merge
+//! into are not objects) is never overwritten: the agent reports the problem and leaves the
+//! file exactly as it is, so a user's settings are never lost to a parse error.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Map, Value};
+
+/// Roo Code's profile name the agent manages, as in the key-provisioner design.
+pub const ROO_PROFILE: &str = "LiteLLM";
+/// OpenCode's provider id the agent manages (models are then `litellm/<model>`).
+pub const OPENCODE_PROVIDER: &str = "litellm";
+/// OpenCode's schema URL, written only into a config the agent creates.
+pub const OPENCODE_SCHEMA: &str = "https://opencode.ai/config.json";
+/// Existing tool configs larger than this are not read (and not touched).
+const MAX_TOOL_CONFIG_BYTES: u64 = 1024 * 1024;
+const TEMP_MARKER: &str = ".botcreds-tmp-";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The kinds of file an entry writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    KeyFile,
+    EnvFile,
+    RooCode,
+    OpenCode,
+}
+
+impl OutputKind {
+    /// The `agent.toml` key that configures it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::KeyFile => "key_file",
+            OutputKind::EnvFile => "env_file",
+            OutputKind::RooCode => "roo_code",
+            OutputKind::OpenCode => "opencode",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<OutputKind> {
+        match key {
+            "key_file" => Some(OutputKind::KeyFile),
+            "env_file" => Some(OutputKind::EnvFile),
+            "roo_code" => Some(OutputKind::RooCode),
+            "opencode" => Some(OutputKind::OpenCode),
+            _ => None,
+        }
+    }
+}
+
+/// What the files should say: the key, the proxy's OpenAI-compatible base URL, its models.
+pub struct KeyMaterial<'a> {
+    pub key: &'a str,
+    pub base_url: &'a str,
+    pub models: &'a [String],
+    /// The configured `model`, if any.
+    pub model: Option<&'a str>,
+}
+
+/// How a file is created: its mode and (optionally) group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSpec {
+    pub mode: u32,
+    pub group: Option<u32>,
+}
+
+/// What a sync did to a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Replaced (or created) with new content.
+    Written,
+    /// Removed, or the key removed from it.
+    Removed,
+    /// Already as wanted.
+    Unchanged,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// An existing tool config the agent will not rewrite.
+    #[error(
+        "{path}: {message}; left untouched (fix or remove it and the agent writes the key on its next check)"
+    )]
+    Refused { path: PathBuf, message: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
+    move |source| OutputError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Brings `path` in line with `key`: written when `Some`, the key removed when `None`.
+pub fn sync(
+    kind: OutputKind,
+    path: &Path,
+    spec: FileSpec,
+    key: Option<&KeyMaterial<'_>>,
+) -> Result<Outcome, OutputError> {
+    match kind {
+        OutputKind::KeyFile | OutputKind::EnvFile => {
+            let Some(key) = key else {
+                return remove_file(path);
+            };
+            let content = match kind {
+                OutputKind::KeyFile => key_file_content(key.key),
+                _ => env_file_content(key.key, key.base_url),
+            };
+            if is_current(path, content.as_bytes(), spec).map_err(io_err(path))? {
+                return Ok(Outcome::Unchanged);
+            }
+            write_atomic(path, content.as_bytes(), spec).map_err(io_err(path))?;
+            Ok(Outcome::Written)
+        }
+        OutputKind::RooCode | OutputKind::OpenCode => {
+            let existing = read_tool_config(path)?;
+            let merged = match kind {
+                OutputKind::RooCode => roo_code_merge(existing.as_ref(), key),
+                _ => opencode_merge(existing.as_ref(), key),
+            }
+            .map_err(|message| OutputError::Refused {
+                path: path.to_path_buf(),
+                message,
+            })?;
+            let Some(merged) = merged else {
+                return Ok(Outcome::Unchanged);
+            };
+            if existing.as_ref() == Some(&merged)
+                && (key.is_none() || has_mode(path, spec).map_err(io_err(path))?)
+            {
+                // Same settings (however the user formatted them); a file without our key
+                // needs no new mode either.
+                return Ok(Outcome::Unchanged);
+            }
+            let mut text = serde_json::to_string_pretty(&merged).map_err(|e| OutputError::Io {
+                path: path.to_path_buf(),
+                source: io::Error::other(e),
+            })?;
+            text.push('\n');
+            write_atomic(path, text.as_bytes(), spec).map_err(io_err(path))?;
+            Ok(if key.is_some() {
+                Outcome::Written
+            } else {
+                Outcome::Removed
+            })
+        }
+    }
+}
+
+/// The key file: the key and a newline.
+pub fn key_file_content(key: &str) -> String {
+    format!("{key}\n")
+}
+
+/// The env file, for `set -a; . FILE` and systemd's `EnvironmentFile=`: the values are plain
+/// (the key and URL are checked to hold no quote, space or shell character), so every reader
+/// of env files takes them the same way.
+pub fn env_file_content(key: &str, base_url: &str) -> String {
+    format!(
+        "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
+         LITELLM_API_KEY={key}\n\
+         LITELLM_BASE_URL={base_url}\n\
+         OPENAI_API_KEY={key}\n\
+         OPENAI_BASE_URL={base_url}\n"
+    )
+}
+
+/// Roo Code's settings as the key-provisioner design writes them, merged into `existing`:
+/// `apiConfigs.LiteLLM` gets `apiProvider`, `openAiBaseUrl`, `openAiApiKey` and
+/// `openAiModelId` (the configured model, else the one already chosen, else the key's first),
+/// and `currentApiConfigName` is set to `LiteLLM` only when the user has not chosen another.
+/// Everything else is kept. Without a key, only `openAiApiKey` is removed. `Ok(None)`: there is
+/// no file and nothing to write.
+pub fn roo_code_merge(
+    existing: Option<&Value>,
+    key: Option<&KeyMaterial<'_>>,
+) -> Result<Option<Value>, String> {
+    let mut root = match existing {
+        None if key.is_none() => return Ok(None),
+        None => Value::Object(Map::new()),
+        Some(Value::Object(_)) => existing.cloned().unwrap_or_default(),
+        Some(_) => return Err("is not a JSON object".into()),
+    };
+    let obj = as_object(&mut root, "the top level")?;
+    let Some(key) = key else {
+        if let Some(profile) = obj
+            .get_mut("apiConfigs")
+            .and_then(Value::as_object_mut)
+            .and_then(|c| c.get_mut(ROO_PROFILE))
+            .and_then(Value::as_object_mut)
+        {
+            profile.remove("openAiApiKey");
+        }
+        return Ok(Some(root));
+    };
+    if !obj.contains_key("currentApiConfigName") {
+        obj.insert("currentApiConfigName".into(), ROO_PROFILE.into());
+    }
+    let configs = child_object(obj, "apiConfigs")?;
+    let profile = child_object(configs, ROO_PROFILE)?;
+    let model = key
+        .model
+        .map(str::to_string)
+        .or_else(|| {
+            profile
+                .get("openAiModelId")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .or_else(|| key.models.first().cloned());
+    profile.insert("apiProvider".into(), "openai".into());
+    profile.insert("openAiBaseUrl".into(), key.base_url.into());
+    profile.insert("openAiApiKey".into(), key.key.into());
+    if let Some(model) = model {
+        profile.insert("openAiModelId".into(), model.into());
+    }
+    Ok(Some(root))
+}
+
+/// OpenCode's configuration with a custom OpenAI-compatible provider `litellm`, merged into
+/// `existing`: `provider.litellm` gets `npm` (`@ai-sdk/openai-compatible`), `name`,
+/// `options.baseURL`, `options.apiKey` and an entry per model of the key under `models`
+/// (existing model entries kept); the top-level `model` is set to `litellm/<model>` only when
+/// the user has not chosen one. Without a key, only `options.apiKey` is removed.
+pub fn opencode_merge(
+    existing: Option<&Value>,
+    key: Option<&KeyMaterial<'_>>,
+) -> Result<Option<Value>, String> {
+    let mut root = match existing {
+        None if key.is_none() => return Ok(None),
+        None => {
+            let mut m = Map::new();
+            m.insert("$schema".into(), OPENCODE_SCHEMA.into());
+            Value::Object(m)
+        }
+        Some(Value::Object(_)) => existing.cloned().unwrap_or_default(),
+        Some(_) => return Err("is not a JSON object".into()),
+    };
+    let obj = as_object(&mut root, "the top level")?;
+    let Some(key) = key else {
+        if let Some(options) = obj
+            .get_mut("provider")
+            .and_then(Value::as_object_mut)
+            .and_then(|p| p.get_mut(OPENCODE_PROVIDER))
+            .and_then(Value::as_object_mut)
+            .and_then(|p| p.get_mut("options"))
+            .and_then(Value::as_object_mut)
+        {
+            options.remove("apiKey");
+        }
+        return Ok(Some(root));
+    };
+    let chosen = key
+        .model
+        .map(str::to_string)
+        .or_else(|| key.models.first().cloned());
+    if let Some(model) = &chosen
+        && !obj.contains_key("model")
+    {
+        obj.insert(
+            "model".into(),
+            format!("{OPENCODE_PROVIDER}/{model}").into(),
+        );
+    }
+    let providers = child_object(obj, "provider")?;
+    let provider = child_object(providers, OPENCODE_PROVIDER)?;
+    provider.insert("npm".into(), "@ai-sdk/openai-compatible".into());
+    if !provider.contains_key("name") {
+        provider.insert("name".into(), "LiteLLM".into());
+    }
+    let options = child_object(provider, "options")?;
+    options.insert("baseURL".into(), key.base_url.into());
+    options.insert("apiKey".into(), key.key.into());
+    let models = child_object(provider, "models")?;
+    for model in key
+        .models
+        .iter()
+        .chain(key.model.map(str::to_string).iter())
+    {
+        if !models.contains_key(model) {
+            let mut entry = Map::new();
+            entry.insert("name".into(), model.clone().into());
+            models.insert(model.clone(), Value::Object(entry));
+        }
+    }
+    Ok(Some(root))
+}
+
+fn as_object<'a>(v: &'a mut Value, what: &str) -> Result<&'a mut Map<String, Value>, String> {
+    v.as_object_mut()
+        .ok_or_else(|| format!("{what} is not a JSON object"))
+}
+
+/// `parent[name]`, created as `{}` if missing; an error if it is something else.
+fn child_object<'a>(
+    parent: &'a mut Map<String, Value>,
+    name: &str,
+) -> Result<&'a mut Map<String, Value>, String> {
+    parent
+        .entry(name.to_string())
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| format!("\"{name}\" is not a JSON object"))
+}
+
+/// The tool config as JSON, `None` if there is no file. A file that is not valid JSON is an
+/// error, so that it is never replaced.
+fn read_tool_config(path: &Path) -> Result<Option<Value>, OutputError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let meta = file.metadata().map_err(io_err(path))?;
+    let refused = |message: String| OutputError::Refused {
+        path: path.to_path_buf(),
+        message,
+    };
+    if !meta.is_file() {
+        return Err(refused("is not a regular file".into()));
+    }
+    if meta.len() > MAX_TOOL_CONFIG_BYTES {
+        return Err(refused(format!(
+            "is larger than {MAX_TOOL_CONFIG_BYTES} bytes"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOOL_CONFIG_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| refused(format!("cannot be read as UTF-8 text ({e})")))?;
+    if text.trim().is_empty() {
+        // An empty file holds no settings to lose.
+        return Ok(Some(Value::Object(Map::new())));
+    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| refused(format!("is not valid JSON ({e})")))
+}
+
+/// Whether `path` already holds exactly `content` with the wanted mode and group.
+fn is_current(path: &Path, content: &[u8], spec: FileSpec) -> io::Result<bool> {
+    if !has_mode(path, spec)? || fs::metadata(path)?.len() != content.len() as u64 {
+        return Ok(false);
+    }
+    Ok(fs::read(path)? == content)
+}
+
+/// Whether `path` is a regular file (not a symlink) with the wanted mode and group.
+fn has_mode(path: &Path, spec: FileSpec) -> io::Result<bool> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(meta.is_file()
+        && meta.mode() & 0o7777 == spec.mode
+        && spec.group.is_none_or(|g| g == meta.gid()))
+}
+
+/// Replaces `path` with `content` in one step: temp file in the same directory (mode and group
+/// set before any byte is written), fsync, rename, fsync of the directory. A missing directory is
+/// created (0700, or 0750 with the entry's group).
+pub fn write_atomic(path: &Path, content: &[u8], spec: FileSpec) -> io::Result<()> {
+    let dir = parent_dir(path)?;
+    if !dir.exists() {
+        let mode = if spec.group.is_some() { 0o750 } else { 0o700 };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)?;
+        if let Some(gid) = spec.group {
+            chown_group(&File::open(dir)?, gid)?;
+        }
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
+    let temp = dir.join(format!(
+        ".{}{TEMP_MARKER}{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(spec.mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp)?;
+        if let Some(gid) = spec.group {
+            chown_group(&f, gid)?;
+        }
+        // The umask may have cleared bits of the mode asked for.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(spec.mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        fs::rename(&temp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Removes `path` (the key or env file); already gone is fine.
+fn remove_file(path: &Path) -> Result<Outcome, OutputError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            if let Ok(dir) = parent_dir(path)
+                && let Ok(d) = File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+            Ok(Outcome::Removed)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Outcome::Unchanged),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+fn parent_dir(path: &Path) -> io::Result<&Path> {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no directory"))
+}
+
+fn chown_group(f: &File, gid: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; uid -1 keeps the owner.
+    if unsafe { libc::fchown(f.as_raw_fd(), u32::MAX, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const PRIVATE: FileSpec = FileSpec {
+        mode: 0o600,
+        group: None,
+    };
+
+    fn models() -> Vec<String> {
+        vec!["claude-sonnet-4-5".into(), "claude-haiku-3-5".into()]
+    }
+
+    fn material<'a>(key: &'a str, models: &'a [String]) -> KeyMaterial<'a> {
+        KeyMaterial {
+            key,
+            base_url: "http://localhost:4000/v1",
+            models,
+            model: None,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().mode() & 0o7777
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn roo_code_new_file_is_exactly_the_design_shape() {
+        let m = models();
+        let v = roo_code_merge(None, Some(&material("sk-litellm-ws-abc123", &m)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            v,
+            json!({
+              "currentApiConfigName": "LiteLLM",
+              "apiConfigs": {
+                "LiteLLM": {
+                  "apiProvider": "openai",
+                  "openAiBaseUrl": "http://localhost:4000/v1",
+                  "openAiApiKey": "sk-litellm-ws-abc123",
+                  "openAiModelId": "claude-sonnet-4-5"
+                }
+              }
+            })
+        );
+        assert_eq!(roo_code_merge(None, None).unwrap(), None, "no file, no key");
+    }
+
+    #[test]
+    fn roo_code_merge_keeps_the_users_settings() {
+        let m = models();
+        let existing = json!({
+            "currentApiConfigName": "Mine",
+            "theme": "dark",
+            "apiConfigs": {
+                "Mine": {"apiProvider": "anthropic", "apiKey": "user-own"},
+                "LiteLLM": {"openAiApiKey": "sk-old", "openAiModelId": "claude-haiku-3-5", "temperature": 0.2}
+            }
+        });
+        let v = roo_code_merge(Some(&existing), Some(&material("sk-new", &m)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v["currentApiConfigName"], "Mine", "the user's choice stays");
+        assert_eq!(v["theme"], "dark");
+        assert_eq!(v["apiConfigs"]["Mine"], existing["apiConfigs"]["Mine"]);
+        let p = &v["apiConfigs"]["LiteLLM"];
+        assert_eq!(p["openAiApiKey"], "sk-new");
+        assert_eq!(
+            p["openAiModelId"], "claude-haiku-3-5",
+            "the chosen model stays"
+        );
+        assert_eq!(p["temperature"], 0.2);
+        assert_eq!(p["apiProvider"], "openai");
+
+        let configured = KeyMaterial {
+            model: Some("claude-sonnet-4-5"),
+            ..material("sk-new", &m)
+        };
+        let v = roo_code_merge(Some(&existing), Some(&configured))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            v["apiConfigs"]["LiteLLM"]["openAiModelId"],
+            "claude-sonnet-4-5"
+        );
+
+        // Removal takes the key alone.
+        let removed = roo_code_merge(Some(&v), None).unwrap().unwrap();
+        assert!(
+            removed["apiConfigs"]["LiteLLM"]
+                .get("openAiApiKey")
+                .is_none()
+        );
+        assert_eq!(removed["apiConfigs"]["LiteLLM"]["temperature"], 0.2);
+        assert_eq!(
+            removed["apiConfigs"]["Mine"],
+            existing["apiConfigs"]["Mine"]
+        );
+
+        for bad in [
+            json!([1]),
+            json!({"apiConfigs": "x"}),
+            json!({"apiConfigs": {"LiteLLM": 3}}),
+        ] {
+            assert!(
+                roo_code_merge(Some(&bad), Some(&material("k", &m))).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn opencode_shape_and_merge() {
+        let m = models();
+        let v = opencode_merge(None, Some(&material("sk-1", &m)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            v,
+            json!({
+              "$schema": "https://opencode.ai/config.json",
+              "model": "litellm/claude-sonnet-4-5",
+              "provider": {
+                "litellm": {
+                  "npm": "@ai-sdk/openai-compatible",
+                  "name": "LiteLLM",
+                  "options": {"baseURL": "http://localhost:4000/v1", "apiKey": "sk-1"},
+                  "models": {
+                    "claude-sonnet-4-5": {"name": "claude-sonnet-4-5"},
+                    "claude-haiku-3-5": {"name": "claude-haiku-3-5"}
+                  }
+                }
+              }
+            })
+        );
+        let existing = json!({
+            "model": "anthropic/claude-opus",
+            "theme": "tokyonight",
+            "provider": {
+                "anthropic": {"options": {"apiKey": "user-own"}},
+                "litellm": {"name": "My proxy", "options": {"timeout": 30, "apiKey": "sk-old"},
+                            "models": {"claude-haiku-3-5": {"name": "Haiku", "limit": {"context": 1}}}}
+            }
+        });
+        let v = opencode_merge(Some(&existing), Some(&material("sk-2", &m)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v["model"], "anthropic/claude-opus");
+        assert_eq!(v["theme"], "tokyonight");
+        assert!(v.get("$schema").is_none(), "only written into a new file");
+        assert_eq!(
+            v["provider"]["anthropic"],
+            existing["provider"]["anthropic"]
+        );
+        let p = &v["provider"]["litellm"];
+        assert_eq!(p["name"], "My proxy");
+        assert_eq!(p["options"]["timeout"], 30);
+        assert_eq!(p["options"]["apiKey"], "sk-2");
+        assert_eq!(p["models"]["claude-haiku-3-5"]["name"], "Haiku");
+        assert_eq!(
+            p["models"]["claude-sonnet-4-5"]["name"],
+            "claude-sonnet-4-5"
+        );
+
+        let removed = opencode_merge(Some(&v), None).unwrap().unwrap();
+        assert!(
+            removed["provider"]["litellm"]["options"]
+                .get("apiKey")
+                .is_none()
+        );
+        assert_eq!(removed["provider"]["litellm"]["options"]["timeout"], 30);
+        assert!(opencode_merge(Some(&json!({"provider": []})), Some(&material("k", &m))).is_err());
+    }
+
+    #[test]
+    fn key_and_env_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = models();
+        let key = tmp.path().join("sub/dir/key");
+        let k = material("sk-abc", &m);
+        assert_eq!(
+            sync(OutputKind::KeyFile, &key, PRIVATE, Some(&k)).unwrap(),
+            Outcome::Written
+        );
+        assert_eq!(fs::read_to_string(&key).unwrap(), "sk-abc\n");
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(key.parent().unwrap()), 0o700, "created private");
+        assert_eq!(
+            sync(OutputKind::KeyFile, &key, PRIVATE, Some(&k)).unwrap(),
+            Outcome::Unchanged
+        );
+
+        // A looser mode on disk is corrected even when the content is right.
+        fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        assert_eq!(
+            sync(OutputKind::KeyFile, &key, PRIVATE, Some(&k)).unwrap(),
+            Outcome::Written
+        );
+        assert_eq!(mode(&key), 0o600);
+
+        let env = tmp.path().join("env");
+        sync(
+            OutputKind::EnvFile,
+            &env,
+            FileSpec {
+                mode: 0o640,
+                group: None,
+            },
+            Some(&k),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(&env).unwrap(),
+            "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
+             LITELLM_API_KEY=sk-abc\nLITELLM_BASE_URL=http://localhost:4000/v1\n\
+             OPENAI_API_KEY=sk-abc\nOPENAI_BASE_URL=http://localhost:4000/v1\n"
+        );
+        assert_eq!(mode(&env), 0o640);
+
+        assert_eq!(
+            sync(OutputKind::KeyFile, &key, PRIVATE, None).unwrap(),
+            Outcome::Removed
+        );
+        assert!(
+            !key.exists(),
+            "a revoked key's file is removed, never emptied"
+        );
+        assert_eq!(
+            sync(OutputKind::KeyFile, &key, PRIVATE, None).unwrap(),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            entries(tmp.path()),
+            vec!["env", "sub"],
+            "no temp files left"
+        );
+        assert!(entries(&tmp.path().join("sub/dir")).is_empty());
+    }
+
+    #[test]
+    fn group_is_set_when_configured() {
+        let tmp = tempfile::tempdir().unwrap();
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let path = tmp.path().join("key");
+        let m = models();
+        let spec = FileSpec {
+            mode: 0o640,
+            group: Some(gid),
+        };
+        sync(
+            OutputKind::KeyFile,
+            &path,
+            spec,
+            Some(&material("sk-g", &m)),
+        )
+        .unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o640, gid));
+    }
+
+    #[test]
+    fn rewrite_replaces_by_rename_so_readers_never_see_a_partial_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("key");
+        let m = models();
+        sync(
+            OutputKind::KeyFile,
+            &path,
+            PRIVATE,
+            Some(&material("sk-old-key", &m)),
+        )
+        .unwrap();
+        let mut held = File::open(&path).unwrap();
+        sync(
+            OutputKind::KeyFile,
+            &path,
+            PRIVATE,
+            Some(&material("sk-new-key", &m)),
+        )
+        .unwrap();
+        let mut before = String::new();
+        held.read_to_string(&mut before).unwrap();
+        assert_eq!(
+            before, "sk-old-key\n",
+            "an open reader keeps the whole old file"
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), "sk-new-key\n");
+        assert_eq!(entries(tmp.path()), vec!["key"]);
+    }
+
+    #[test]
+    fn tool_configs_on_disk_merge_and_corrupt_ones_are_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = models();
+        let k = material("sk-tool", &m);
+        let roo = tmp.path().join("roo-code/settings.json");
+        fs::create_dir_all(roo.parent().unwrap()).unwrap();
+        fs::write(
+            &roo,
+            r#"{"theme": "dark", "apiConfigs": {"Mine": {"apiKey": "mine"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sync(OutputKind::RooCode, &roo, PRIVATE, Some(&k)).unwrap(),
+            Outcome::Written
+        );
+        let v: Value = serde_json::from_str(&fs::read_to_string(&roo).unwrap()).unwrap();
+        assert_eq!(v["theme"], "dark");
+        assert_eq!(v["apiConfigs"]["Mine"]["apiKey"], "mine");
+        assert_eq!(v["apiConfigs"]["LiteLLM"]["openAiApiKey"], "sk-tool");
+        assert_eq!(mode(&roo), 0o600, "it holds the key now");
+        assert_eq!(
+            sync(OutputKind::RooCode, &roo, PRIVATE, Some(&k)).unwrap(),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            sync(OutputKind::RooCode, &roo, PRIVATE, None).unwrap(),
+            Outcome::Removed
+        );
+        let v: Value = serde_json::from_str(&fs::read_to_string(&roo).unwrap()).unwrap();
+        assert!(v["apiConfigs"]["LiteLLM"].get("openAiApiKey").is_none());
+        assert_eq!(v["theme"], "dark");
+        assert_eq!(
+            sync(OutputKind::RooCode, &roo, PRIVATE, None).unwrap(),
+            Outcome::Unchanged
+        );
+
+        let oc = tmp.path().join("opencode/config.json");
+        assert_eq!(
+            sync(OutputKind::OpenCode, &oc, PRIVATE, None).unwrap(),
+            Outcome::Unchanged
+        );
+        assert!(!oc.exists(), "no key, no file created");
+        assert_eq!(
+            sync(OutputKind::OpenCode, &oc, PRIVATE, Some(&k)).unwrap(),
+            Outcome::Written
+        );
+        let v: Value = serde_json::from_str(&fs::read_to_string(&oc).unwrap()).unwrap();
+        assert_eq!(v["provider"]["litellm"]["options"]["apiKey"], "sk-tool");
+
+        let corrupt = "{\"theme\": \"dark\", \"apiConfigs\": {";
+        fs::write(&roo, corrupt).unwrap();
+        let err = sync(OutputKind::RooCode, &roo, PRIVATE, Some(&k))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not valid JSON") && err.contains("left untouched"),
+            "{err}"
+        );
+        assert!(!err.contains("sk-tool"), "{err}");
+        assert_eq!(
+            fs::read_to_string(&roo).unwrap(),
+            corrupt,
+            "not a byte changed"
+        );
+        fs::write(&roo, "[1, 2]").unwrap();
+        let err = sync(OutputKind::RooCode, &roo, PRIVATE, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a JSON object"), "{err}");
+        assert_eq!(fs::read_to_string(&roo).unwrap(), "[1, 2]");
+        assert_eq!(entries(roo.parent().unwrap()), vec!["settings.json"]);
+    }
+
+    #[test]
+    fn a_symlink_at_the_target_is_replaced_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("elsewhere");
+        fs::write(&target, "precious").unwrap();
+        let path = tmp.path().join("key");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let m = models();
+        sync(
+            OutputKind::KeyFile,
+            &path,
+            PRIVATE,
+            Some(&material("sk-s", &m)),
+        )
+        .unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+    }
+}

@@ -1,0 +1,387 @@
+//! Admin routes under `/v1/admin/`: approvals (list, show, approve, approve-all, deny), the
+//! audit log, revocation, grants, bots and the policy with its remembered rules. Every
+//! handler takes [`AdminCaller`], so non-admins get 403 and unidentified callers 401.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use botcreds_proto::approval::{
+    ApprovalList, ApprovalRequestView, ApproveAllAnswer, ApproveAllBody, ApproveBody, AuditList,
+    BotList, BotView, DecisionAnswer, DenyBody, GrantList, PolicyBotView, PolicyView,
+    RememberedRuleView, RevokeAnswer, RevokeBody,
+};
+use botcreds_proto::audit::AuditEventKind;
+use botcreds_proto::{ErrorCode, RepoName, Ttl};
+
+use super::AppState;
+use super::extract::{AdminCaller, json_body};
+use crate::approvals::RevokeTarget;
+use crate::approvals::api::query_map;
+use crate::clock::rfc3339_millis;
+use crate::error::ApiError;
+use crate::identity::{Caller, CallerVia};
+use crate::store::AuditFilter;
+
+/// Most audit events one query returns.
+const MAX_AUDIT_LIMIT: usize = 10_000;
+const DEFAULT_AUDIT_LIMIT: usize = 1_000;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/approvals", get(list_approvals))
+        .route("/v1/admin/approvals/approve-all", post(approve_all))
+        .route("/v1/admin/approvals/{id}", get(show_approval))
+        .route("/v1/admin/approvals/{id}/approve", post(approve))
+        .route("/v1/admin/approvals/{id}/deny", post(deny))
+        .route("/v1/admin/audit", get(audit))
+        .route("/v1/admin/revoke", post(revoke))
+        .route("/v1/admin/grants", get(grants))
+        .route("/v1/admin/bots", get(bots))
+        .route("/v1/admin/policy", get(policy))
+        .route("/v1/admin/policy/remembered/{rule_id}", delete(forget))
+}
+
+/// The admin's identity in words, as decisions record it: `tailnet:alice@example.com`,
+/// `tailnet:tag:admin`, `api_key:ops`.
+pub fn actor(caller: &Caller) -> String {
+    match &caller.via {
+        CallerVia::Tailnet(t) if !t.is_tagged() && !t.login.is_empty() => {
+            format!("tailnet:{}", t.login)
+        }
+        _ => caller.describe(),
+    }
+}
+
+async fn list_approvals(
+    State(state): State<AppState>,
+    AdminCaller(_): AdminCaller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<ApprovalList>, ApiError> {
+    let query = query_map(query)?;
+    let mut bot = None;
+    for (k, v) in &query {
+        match k.as_str() {
+            "bot" => bot = Some(v.clone()),
+            _ => return Err(bad_filter(k)),
+        }
+    }
+    let mut requests = state.approvals.pending()?;
+    if let Some(bot) = bot {
+        requests.retain(|r| r.bot.as_deref() == Some(bot.as_str()));
+    }
+    Ok(Json(ApprovalList { requests }))
+}
+
+async fn show_approval(
+    State(state): State<AppState>,
+    AdminCaller(_): AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Json<ApprovalRequestView>, ApiError> {
+    Ok(Json(state.approvals.get(&id)?))
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<DecisionAnswer>, ApiError> {
+    let body: ApproveBody = json_body(&headers, body).await?;
+    let answer = state
+        .approvals
+        .approve_checked(&actor(&caller), &id, body.persist, body.bot.as_deref())
+        .await?;
+    Ok(Json(answer))
+}
+
+async fn approve_all(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ApproveAllAnswer>, ApiError> {
+    let body: ApproveAllBody = json_body(&headers, body).await?;
+    known_bot(&state, &body.bot)?;
+    let approved = state
+        .approvals
+        .approve_all(&actor(&caller), &body.bot, body.persist)
+        .await?;
+    Ok(Json(ApproveAllAnswer { approved }))
+}
+
+async fn deny(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<DecisionAnswer>, ApiError> {
+    let body: DenyBody = json_body(&headers, body).await?;
+    let answer = state
+        .approvals
+        .deny_checked(
+            &actor(&caller),
+            &id,
+            body.reason.as_deref(),
+            body.bot.as_deref(),
+        )
+        .await?;
+    Ok(Json(answer))
+}
+
+/// `GET /v1/admin/audit?since=24h&bot=NAME&event=KIND&limit=N`; `since` is a duration back
+/// from now or an RFC 3339 time. Events oldest first.
+async fn audit(
+    State(state): State<AppState>,
+    AdminCaller(_): AdminCaller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<AuditList>, ApiError> {
+    let query = query_map(query)?;
+    let mut filter = AuditFilter {
+        limit: DEFAULT_AUDIT_LIMIT,
+        ..AuditFilter::default()
+    };
+    for (k, v) in &query {
+        match k.as_str() {
+            "since" => filter.since = Some(parse_since(&state, v)?),
+            "bot" => filter.bot = Some(v.clone()),
+            "event" => {
+                let kind: AuditEventKind =
+                    serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                        ApiError::new(
+                            ErrorCode::InvalidFilter,
+                            format!(
+                                "event {:?} is not an audit event kind (e.g. approval_granted)",
+                                v.chars().take(60).collect::<String>()
+                            ),
+                        )
+                    })?;
+                filter.event = Some(kind);
+            }
+            "limit" => {
+                filter.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_AUDIT_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidFilter,
+                            format!("limit must be a number from 1 to {MAX_AUDIT_LIMIT}"),
+                        )
+                    })?;
+            }
+            _ => return Err(bad_filter(k)),
+        }
+    }
+    let events = state
+        .audit
+        .read(&filter)
+        .map_err(|e| ApiError::internal(format!("reading the audit log: {e}")))?;
+    Ok(Json(AuditList { events }))
+}
+
+fn parse_since(state: &AppState, v: &str) -> Result<String, ApiError> {
+    if let Ok(ttl) = v.parse::<Ttl>() {
+        let back = time::Duration::try_from(ttl.as_duration()).unwrap_or(time::Duration::ZERO);
+        return Ok(rfc3339_millis(state.clock.now() - back));
+    }
+    if let Ok(t) = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339) {
+        return Ok(rfc3339_millis(t));
+    }
+    Err(ApiError::new(
+        ErrorCode::InvalidFilter,
+        format!(
+            "since {:?} is neither a duration like 24h nor an RFC 3339 time",
+            v.chars().take(60).collect::<String>()
+        ),
+    ))
+}
+
+fn bad_filter(key: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidFilter,
+        format!(
+            "unknown query parameter {:?}",
+            key.chars().take(60).collect::<String>()
+        ),
+    )
+}
+
+fn known_bot(state: &AppState, bot: &str) -> Result<(), ApiError> {
+    if state.policy.current().has_bot(bot) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::UnknownBot,
+            format!(
+                "the policy has no bot {:?}",
+                bot.chars().take(60).collect::<String>()
+            ),
+        ))
+    }
+}
+
+/// `POST /v1/admin/revoke`: GitHub tokens (`tok_...`) through the approval service, LiteLLM
+/// keys (`lk_...`) through the key service; a bot's revocation covers both.
+async fn revoke(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<RevokeAnswer>, ApiError> {
+    let body: RevokeBody = json_body(&headers, body).await?;
+    let actor = actor(&caller);
+    let invalid = |m: &str| ApiError::new(ErrorCode::InvalidRevokeTarget, m.to_string());
+    match (body.credential_id, body.bot, body.repo) {
+        (Some(id), None, None) => {
+            let hex_after = |prefix: &str| {
+                id.len() <= 64
+                    && id
+                        .strip_prefix(prefix)
+                        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            };
+            if hex_after("tok_") {
+                let target = RevokeTarget::Credential(id);
+                return Ok(Json(state.approvals.revoke(&actor, &target).await?));
+            }
+            if !hex_after("lk_") {
+                return Err(invalid(
+                    "credential_id must be tok_ (GitHub) or lk_ (LiteLLM) and hex digits",
+                ));
+            }
+            let revoked = match &state.keys {
+                Some(keys) => keys.revoke_by_credential_id(&id, &actor).await?,
+                None => None,
+            };
+            match revoked {
+                Some(r) => Ok(Json(RevokeAnswer {
+                    revoked: vec![r],
+                    grants_ended: Vec::new(),
+                })),
+                None => Err(ApiError::new(
+                    ErrorCode::UnknownCredential,
+                    format!("the broker holds no live credential {id:?}"),
+                )),
+            }
+        }
+        (None, Some(bot), None) => {
+            known_bot(&state, &bot)?;
+            let mut answer = state
+                .approvals
+                .revoke(&actor, &RevokeTarget::Bot(bot.clone()))
+                .await?;
+            if let Some(keys) = &state.keys {
+                answer
+                    .revoked
+                    .extend(keys.revoke_by_bot(&bot, &actor).await?);
+            }
+            Ok(Json(answer))
+        }
+        (None, None, Some(repo)) => {
+            let repo = repo
+                .parse::<RepoName>()
+                .map_err(|e| invalid(&format!("repo: {e}")))?;
+            Ok(Json(
+                state
+                    .approvals
+                    .revoke(&actor, &RevokeTarget::Repo(repo))
+                    .await?,
+            ))
+        }
+        _ => Err(invalid("name exactly one of credential_id, bot or repo")),
+    }
+}
+
+async fn grants(
+    State(state): State<AppState>,
+    AdminCaller(_): AdminCaller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<GrantList>, ApiError> {
+    let query = query_map(query)?;
+    let mut all = false;
+    for (k, v) in &query {
+        match (k.as_str(), v.as_str()) {
+            ("all", "true" | "1") => all = true,
+            ("all", "false" | "0") => all = false,
+            _ => return Err(bad_filter(k)),
+        }
+    }
+    Ok(Json(GrantList {
+        grants: state.approvals.grants(all),
+    }))
+}
+
+async fn bots(
+    State(state): State<AppState>,
+    AdminCaller(_): AdminCaller,
+) -> Result<Json<BotList>, ApiError> {
+    let policy = state.policy.current();
+    let pending = state.approvals.pending_counts();
+    let grants = state.approvals.grants(false);
+    let remembered = state.approvals.remembered();
+    let bots = policy
+        .describe_bots()
+        .into_iter()
+        .map(|b| BotView {
+            identity: b.identity,
+            approval_timeout: Ttl::from_secs(policy.approval_timeout_for(Some(&b.name)).as_secs())
+                .to_string(),
+            auto_approve: b.auto_approve.len(),
+            requires_approval: b.requires_approval.len(),
+            deny: b.deny.len(),
+            remembered: remembered.for_bot(&b.name).len(),
+            pending: pending.get(&b.name).copied().unwrap_or(0),
+            grants: grants
+                .iter()
+                .filter(|g| g.bot.as_deref() == Some(b.name.as_str()))
+                .count(),
+            name: b.name,
+        })
+        .collect();
+    Ok(Json(BotList { bots }))
+}
+
+async fn policy(
+    State(state): State<AppState>,
+    AdminCaller(_): AdminCaller,
+) -> Result<Json<PolicyView>, ApiError> {
+    let policy = state.policy.current();
+    let bots = policy
+        .describe_bots()
+        .into_iter()
+        .map(|b| PolicyBotView {
+            name: b.name,
+            identity: b.identity,
+            approval_timeout: b
+                .approval_timeout
+                .map(|d| Ttl::from_secs(d.as_secs()).to_string()),
+            auto_approve: b.auto_approve,
+            requires_approval: b.requires_approval,
+            deny: b.deny,
+        })
+        .collect();
+    Ok(Json(PolicyView {
+        path: state.policy.path().display().to_string(),
+        defaults_requires_approval: policy.defaults_require_approval(),
+        defaults_approval_timeout: Ttl::from_secs(policy.default_approval_timeout().as_secs())
+            .to_string(),
+        bots,
+        remembered: state.approvals.remembered_views(),
+    }))
+}
+
+async fn forget(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    Path(rule_id): Path<String>,
+) -> Result<Json<RememberedRuleView>, ApiError> {
+    Ok(Json(
+        state.approvals.forget(&actor(&caller), &rule_id).await?,
+    ))
+}

@@ -1,0 +1,911 @@
+//! LiteLLM key routes: `POST /v1/credentials` for `litellm_key` (dispatched here from
+//! `credentials.rs`), `POST /v1/credentials/release`, the admin key routes for the CLI
+//! (`/v1/keys`), and the key-provisioner API (`/api/v1/keys/*`), wire-compatible with the
+//! key-provisioner design's scripts: its bodies and its `{"error": "..."}` error shape.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use botcreds_proto::litellm::{
+    IssuedKey, KeyList, KeyRevoked, LitellmCredential, ServiceKeyRequest, ServiceKeyResponse,
+    UserKeyRequest, UserKeyResponse, WorkspaceInfo, WorkspaceKeyRequest, WorkspaceKeyResponse,
+};
+use botcreds_proto::{CredentialKind, CredentialRequest, ErrorCode, Ttl};
+use serde_json::json;
+
+use super::AppState;
+use super::extract::{AdminCaller, Authenticated, json_body};
+use crate::clock::rfc3339_millis;
+use crate::error::ApiError;
+use crate::identity::{Caller, CallerVia};
+use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration};
+use crate::keys::{IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin};
+use crate::policy::{Outcome, Request};
+use crate::secret::Secret;
+
+/// Header of the key-provisioner scripts' shared secret.
+pub const PROVISIONER_HEADER: &str = "x-provisioner-secret";
+/// Longest workspace field (bytes).
+const MAX_FIELD_BYTES: usize = 128;
+/// A live key handed out again must have at least this long left (or what the request's
+/// `ttl` asks); otherwise it is rotated.
+const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(600);
+/// The scopes `/api/v1/keys/service` issues.
+const SERVICE_SCOPES: &[&str] = &["ci", "agent:review", "agent:write"];
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        // A key may be named like a sibling route; DELETE on those paths still revokes it.
+        .route(
+            "/api/v1/keys/workspace",
+            post(workspace_key).delete(
+                |State(state): State<AppState>, Authenticated(c): Authenticated, h: HeaderMap| {
+                    revoke_named(state, c, h, "workspace".to_string())
+                },
+            ),
+        )
+        .route(
+            "/api/v1/keys/user",
+            post(user_key).delete(
+                |State(state): State<AppState>, Authenticated(c): Authenticated, h: HeaderMap| {
+                    revoke_named(state, c, h, "user".to_string())
+                },
+            ),
+        )
+        .route(
+            "/api/v1/keys/service",
+            post(service_key).delete(
+                |State(state): State<AppState>, Authenticated(c): Authenticated, h: HeaderMap| {
+                    revoke_named(state, c, h, "service".to_string())
+                },
+            ),
+        )
+        .route("/api/v1/keys/{name}", delete(provisioner_revoke))
+        .route("/v1/keys", post(admin_create).get(admin_list))
+        .route("/v1/keys/{name}", delete(admin_revoke))
+        .route("/v1/keys/{name}/rotate", post(admin_rotate))
+        .route("/v1/credentials/release", post(release))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The key-provisioner API's error shape
+
+/// An error of the `/api/v1/keys/*` routes: `{"error": "<phrase>"}` (plus `name` for key
+/// errors, `detail` with the explanation for the errors the design does not show).
+struct SeedError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl SeedError {
+    fn secret() -> SeedError {
+        SeedError {
+            status: StatusCode::UNAUTHORIZED,
+            body: json!({"error": "invalid provisioner secret"}),
+        }
+    }
+
+    fn not_found(name: &str) -> SeedError {
+        SeedError {
+            status: StatusCode::NOT_FOUND,
+            body: json!({"error": "key not found", "name": name}),
+        }
+    }
+
+    fn not_configured() -> SeedError {
+        SeedError::from(ApiError::new(
+            ErrorCode::NotFound,
+            "LiteLLM keys are not served by this broker ([litellm] is not configured)",
+        ))
+    }
+}
+
+impl From<ApiError> for SeedError {
+    fn from(e: ApiError) -> SeedError {
+        let phrase = e.code.as_str().replace('_', " ");
+        SeedError {
+            status: e.status(),
+            body: json!({"error": phrase, "detail": e.message}),
+        }
+    }
+}
+
+impl IntoResponse for SeedError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+fn keys_of(state: &AppState) -> Option<&KeyService> {
+    state.keys.as_deref()
+}
+
+/// Audit a refused provisioner request.
+async fn audit_refusal(state: &AppState, caller: &str, ip: Option<String>, e: &SeedError) {
+    let mut ev = AuditEvent::new(
+        AuditEventKind::CredentialDenied,
+        rfc3339_millis(state.clock.now()),
+    );
+    ev.caller = Some(caller.to_string());
+    ev.client_ip = ip;
+    ev.code = e
+        .body
+        .get("error")
+        .and_then(|v| v.as_str())
+        .map(|s| s.replace(' ', "_"));
+    ev.detail = Some(format!(
+        "litellm key-provisioner API: {}",
+        e.body
+            .get("detail")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect::<String>()
+    ));
+    if let Err(err) = state.audit.record(vec![ev]).await {
+        tracing::error!(error = %err, "audit log write failed for a refusal");
+    }
+}
+
+/// Who may use a provisioner route: the `X-Provisioner-Secret` holder (`provisioner`), or an
+/// admin. A wrong secret is refused even when the caller is an admin.
+fn provisioner_or_admin(
+    state: &AppState,
+    keys: &KeyService,
+    headers: &HeaderMap,
+    caller: &Result<Caller, ApiError>,
+) -> Result<String, SeedError> {
+    if let Some(value) = headers.get(PROVISIONER_HEADER) {
+        return if keys.provisioner_secret_matches(value.as_bytes()) {
+            Ok("provisioner".to_string())
+        } else {
+            tracing::warn!("wrong X-Provisioner-Secret");
+            Err(SeedError::secret())
+        };
+    }
+    match caller {
+        Ok(c) if crate::identity::admin::is_admin(&state.admin, c) => Ok(c.describe()),
+        _ => Err(SeedError::secret()),
+    }
+}
+
+fn peer_ip(caller: &Result<Caller, ApiError>) -> Option<String> {
+    caller.as_ref().ok().map(|c| c.address.ip().to_string())
+}
+
+fn field(name: &str, value: Option<String>) -> Result<String, ApiError> {
+    let v = value.unwrap_or_default();
+    let v = v.trim();
+    if v.is_empty() || v.len() > MAX_FIELD_BYTES || v.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidWorkspace,
+            format!("{name} must be 1 to {MAX_FIELD_BYTES} bytes of printable text"),
+        ));
+    }
+    Ok(v.to_string())
+}
+
+fn workspace_info(r: WorkspaceKeyRequest) -> Result<WorkspaceInfo, ApiError> {
+    Ok(WorkspaceInfo {
+        workspace_id: field("workspace_id", r.workspace_id)?,
+        workspace_name: field("workspace_name", r.workspace_name)?,
+        coder_user: field("coder_user", r.coder_user)?,
+        coder_user_id: field("coder_user_id", r.coder_user_id)?,
+    })
+}
+
+/// `POST /api/v1/keys/workspace`: the startup script's call.
+async fn workspace_key(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<WorkspaceKeyResponse>, SeedError> {
+    let Some(keys) = keys_of(&state) else {
+        return Err(SeedError::not_configured());
+    };
+    let ip = peer_ip(&caller);
+    let actor = match provisioner_or_admin(&state, keys, &headers, &caller) {
+        Ok(a) => a,
+        Err(e) => {
+            audit_refusal(&state, "provisioner", ip, &e).await;
+            return Err(e);
+        }
+    };
+    let result = async {
+        let request: WorkspaceKeyRequest = json_body(&headers, body).await?;
+        let info = workspace_info(request)?;
+        let created_by = if actor == "provisioner" {
+            KEY_PROVISIONER.to_string()
+        } else {
+            actor.clone()
+        };
+        let origin = Origin {
+            created_by,
+            caller: actor.clone(),
+            client_ip: ip.clone(),
+            ..Default::default()
+        };
+        keys.issue_workspace(
+            info.clone(),
+            origin,
+            DEFAULT_MIN_REMAINING,
+            None,
+            Vec::new(),
+        )
+        .await
+        .map(|k| (k, info))
+    }
+    .await;
+    let (k, info) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let e = SeedError::from(e);
+            audit_refusal(&state, &actor, ip, &e).await;
+            return Err(e);
+        }
+    };
+    Ok(Json(WorkspaceKeyResponse {
+        key: k.key.expose().to_string(),
+        scope: k.record.scope.clone(),
+        budget_usd: k.record.budget_usd,
+        rpm_limit: k.record.rpm_limit,
+        models: k.record.models.clone(),
+        expires_at: k.record.expires_at.clone(),
+        metadata: info,
+    }))
+}
+
+/// Read an optional JSON body: an empty body without a Content-Type is the default value.
+async fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    if headers.get(axum::http::header::CONTENT_TYPE).is_none() {
+        let bytes = axum::body::to_bytes(body, botcreds_proto::MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                ApiError::new(ErrorCode::BodyTooLarge, "the body is larger than 64 KiB")
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    json_body(headers, body).await
+}
+
+/// `POST /api/v1/keys/user`: a self-service key for the user behind a Coder session token
+/// (`Authorization: Bearer`), or for the tailnet user of the calling device.
+async fn user_key(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<UserKeyResponse>, SeedError> {
+    let Some(keys) = keys_of(&state) else {
+        return Err(SeedError::not_configured());
+    };
+    let ip = peer_ip(&caller);
+    let who = async {
+        if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| Secret::new(t.trim()))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidSessionToken,
+                        "the Authorization header must be `Bearer <Coder session token>`",
+                    )
+                })?;
+            let Some(coder) = keys.coder() else {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidSessionToken,
+                    "this broker checks no Coder session tokens ([coder] url is not configured)",
+                ));
+            };
+            let user = coder.current_user(&token).await?;
+            return Ok((
+                user.username.clone(),
+                Some(user.id),
+                format!("coder:{}", user.username),
+            ));
+        }
+        match &caller {
+            Ok(c) => match &c.via {
+                CallerVia::Tailnet(t) if !t.is_tagged() => {
+                    Ok((t.login.clone(), None, c.describe()))
+                }
+                _ => Err(ApiError::new(
+                    ErrorCode::Unauthenticated,
+                    "a user key needs a Coder session token or a tailnet user's own device",
+                )),
+            },
+            Err(e) => Err(e.clone()),
+        }
+    }
+    .await;
+    let (user, user_id, describe) = match who {
+        Ok(w) => w,
+        Err(e) => {
+            let e = SeedError::from(e);
+            audit_refusal(&state, "user", ip, &e).await;
+            return Err(e);
+        }
+    };
+    let result = async {
+        let request: UserKeyRequest = optional_json(&headers, body).await?;
+        if let Some(named) = request.coder_user.as_deref()
+            && !named.eq_ignore_ascii_case(&user)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "coder_user {:?} is not the authenticated user",
+                    named.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        keys.issue(KeyAsk {
+            scope: "user".into(),
+            name: format!("{}-cli", name_part(&user)),
+            budget_usd: None,
+            lifetime: None,
+            origin: Origin {
+                created_by: user.clone(),
+                coder_user: Some(user.clone()),
+                coder_user_id: user_id.clone(),
+                caller: describe.clone(),
+                client_ip: ip.clone(),
+                ..Default::default()
+            },
+            // Asking again replaces the user's key: the old one is deleted.
+            on_existing: OnExisting::Rotate,
+            preamble: Vec::new(),
+            reason: None,
+        })
+        .await
+    }
+    .await;
+    let k = match result {
+        Ok(k) => k,
+        Err(e) => {
+            let e = SeedError::from(e);
+            audit_refusal(&state, &describe, ip, &e).await;
+            return Err(e);
+        }
+    };
+    Ok(Json(UserKeyResponse {
+        key: k.key.expose().to_string(),
+        scope: k.record.scope.clone(),
+        budget_usd: k.record.budget_usd,
+        rpm_limit: k.record.rpm_limit,
+        models: k.record.models.clone(),
+        expires_at: k.record.expires_at.clone(),
+    }))
+}
+
+/// Validate a service/admin create request into an ask.
+fn service_ask(
+    keys: &KeyService,
+    r: ServiceKeyRequest,
+    allowed: &[&str],
+    origin: Origin,
+) -> Result<KeyAsk, ApiError> {
+    let scope_name = r.scope.unwrap_or_default();
+    let spec = keys.scopes().lookup(&scope_name)?;
+    if !allowed.contains(&scope_name.as_str()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidScope,
+            format!(
+                "this endpoint issues {} keys, not {scope_name}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let name = r.name.unwrap_or_default();
+    check_name(&name)?;
+    let budget_usd = r
+        .budget_usd
+        .as_ref()
+        .map(|b| parse_budget(b, spec))
+        .transpose()?;
+    let lifetime = r
+        .duration
+        .as_deref()
+        .map(|d| parse_duration(d, spec))
+        .transpose()?;
+    Ok(KeyAsk {
+        scope: scope_name,
+        name,
+        budget_usd,
+        lifetime,
+        origin,
+        on_existing: OnExisting::Conflict,
+        preamble: Vec::new(),
+        reason: None,
+    })
+}
+
+/// `POST /api/v1/keys/service`: a ci / agent key, for the provisioner secret or an admin.
+async fn service_key(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ServiceKeyResponse>, SeedError> {
+    let Some(keys) = keys_of(&state) else {
+        return Err(SeedError::not_configured());
+    };
+    let ip = peer_ip(&caller);
+    let actor = match provisioner_or_admin(&state, keys, &headers, &caller) {
+        Ok(a) => a,
+        Err(e) => {
+            audit_refusal(&state, "provisioner", ip, &e).await;
+            return Err(e);
+        }
+    };
+    let result = async {
+        let request: ServiceKeyRequest = json_body(&headers, body).await?;
+        let created_by = if actor == "provisioner" {
+            KEY_PROVISIONER.to_string()
+        } else {
+            actor.clone()
+        };
+        let origin = Origin {
+            created_by,
+            caller: actor.clone(),
+            client_ip: ip.clone(),
+            ..Default::default()
+        };
+        let ask = service_ask(keys, request, SERVICE_SCOPES, origin)?;
+        keys.issue(ask).await
+    }
+    .await;
+    let k = match result {
+        Ok(k) => k,
+        Err(e) => {
+            let e = SeedError::from(e);
+            audit_refusal(&state, &actor, ip, &e).await;
+            return Err(e);
+        }
+    };
+    Ok(Json(ServiceKeyResponse {
+        key: k.key.expose().to_string(),
+        scope: k.record.scope.clone(),
+        name: k.record.name.clone(),
+        budget_usd: k.record.budget_usd,
+        rpm_limit: k.record.rpm_limit,
+        models: k.record.models.clone(),
+        expires_at: k.record.expires_at.clone(),
+    }))
+}
+
+/// `DELETE /api/v1/keys/{name}`: revoke a key by name (deleted in LiteLLM at once).
+async fn provisioner_revoke(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<KeyRevoked>, SeedError> {
+    revoke_named(state, caller, headers, name).await
+}
+
+async fn revoke_named(
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
+    name: String,
+) -> Result<Json<KeyRevoked>, SeedError> {
+    let Some(keys) = keys_of(&state) else {
+        return Err(SeedError::not_configured());
+    };
+    let ip = peer_ip(&caller);
+    let actor = match provisioner_or_admin(&state, keys, &headers, &caller) {
+        Ok(a) => a,
+        Err(e) => {
+            audit_refusal(&state, "provisioner", ip, &e).await;
+            return Err(e);
+        }
+    };
+    match keys.revoke_by_name(&name, &actor).await {
+        Ok(r) => Ok(Json(r)),
+        Err(e) if e.code == ErrorCode::KeyNotFound => Err(SeedError::not_found(&name)),
+        Err(e) => Err(SeedError::from(e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin routes for `botcreds keys`
+
+fn admin_keys(state: &AppState) -> Result<&KeyService, ApiError> {
+    keys_of(state).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            "LiteLLM keys are not served by this broker ([litellm] is not configured)",
+        )
+    })
+}
+
+fn issued_key(k: IssuedLitellmKey) -> IssuedKey {
+    IssuedKey {
+        key: k.key.expose().to_string(),
+        name: k.record.name.clone(),
+        scope: k.record.scope.clone(),
+        budget_usd: k.record.budget_usd,
+        budget_period: k.record.budget_period.clone(),
+        rpm_limit: k.record.rpm_limit,
+        models: k.record.models.clone(),
+        expires_at: k.record.expires_at.clone(),
+        credential_id: k.record.credential_id.clone(),
+        replaced: k.replaced,
+    }
+}
+
+/// `GET /v1/keys`: every key the broker knows (never the keys themselves).
+async fn admin_list(
+    State(state): State<AppState>,
+    AdminCaller(_admin): AdminCaller,
+) -> Result<Json<KeyList>, ApiError> {
+    let keys = admin_keys(&state)?;
+    Ok(Json(KeyList { keys: keys.list()? }))
+}
+
+/// `POST /v1/keys`: an admin creates a key of any scope but `workspace` (which needs a Coder
+/// workspace; the provisioner route makes those).
+async fn admin_create(
+    State(state): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<IssuedKey>, ApiError> {
+    let keys = admin_keys(&state)?;
+    let request: ServiceKeyRequest = json_body(&headers, body).await?;
+    let origin = Origin {
+        created_by: admin.describe(),
+        caller: admin.describe(),
+        client_ip: Some(admin.address.ip().to_string()),
+        ..Default::default()
+    };
+    let ask = service_ask(
+        keys,
+        request,
+        &["user", "ci", "agent:review", "agent:write"],
+        origin,
+    )?;
+    Ok(Json(issued_key(keys.issue(ask).await?)))
+}
+
+/// `DELETE /v1/keys/{name}`.
+async fn admin_revoke(
+    State(state): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    Path(name): Path<String>,
+) -> Result<Json<KeyRevoked>, ApiError> {
+    let keys = admin_keys(&state)?;
+    Ok(Json(keys.revoke_by_name(&name, &admin.describe()).await?))
+}
+
+/// `POST /v1/keys/{name}/rotate`: a new key under the same name; the old one deleted.
+async fn admin_rotate(
+    State(state): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    Path(name): Path<String>,
+) -> Result<Json<IssuedKey>, ApiError> {
+    let keys = admin_keys(&state)?;
+    Ok(Json(issued_key(
+        keys.rotate(&name, &admin.describe()).await?,
+    )))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bots: POST /v1/credentials (litellm_key) and release
+
+/// Body of `POST /v1/credentials/release`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    credential_id: String,
+}
+
+/// `POST /v1/credentials/release`: the caller gives back one of its own LiteLLM keys, which is
+/// deleted in LiteLLM at once. Answers `{"released": true, "credential_id", "kind", "name",
+/// "revoked_at", "deleted_upstream"}`; ids of other callers' keys, of GitHub tokens, or unknown
+/// ones are `unknown_credential` (404).
+async fn release(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<crate::keys::Released>, ApiError> {
+    let caller = caller?;
+    let request: ReleaseBody = json_body(&headers, body).await?;
+    let Some(keys) = keys_of(&state) else {
+        return Err(ApiError::new(
+            ErrorCode::UnknownCredential,
+            "the broker holds no releasable credential with this id",
+        ));
+    };
+    let bot = state.policy.current().bot_for(&caller).map(str::to_string);
+    let released = keys
+        .release(&request.credential_id, &caller.describe(), bot.as_deref())
+        .await?;
+    Ok(Json(released))
+}
+
+/// Audit a refused `litellm_key` request and count it.
+async fn refuse(
+    state: &AppState,
+    caller: &Caller,
+    bot: Option<&str>,
+    requested: Option<AuditEvent>,
+    rule: Option<&str>,
+    error: ApiError,
+) -> ApiError {
+    let mut denied = AuditEvent::new(
+        AuditEventKind::CredentialDenied,
+        rfc3339_millis(state.clock.now()),
+    );
+    denied.bot = bot.map(str::to_string);
+    denied.caller = Some(caller.describe());
+    denied.client_ip = Some(caller.address.ip().to_string());
+    denied.code = Some(error.code.as_str().to_string());
+    denied.rule = rule.map(str::to_string);
+    denied.detail = Some(error.message.chars().take(300).collect());
+    state.metrics.request(bot, error.code.as_str());
+    let events = requested
+        .into_iter()
+        .chain(std::iter::once(denied))
+        .collect();
+    if let Err(e) = state.audit.record(events).await {
+        tracing::error!(error = %e, "audit log write failed for a refusal");
+    }
+    error
+}
+
+/// What a `litellm_key` request asks for, validated.
+struct LitellmAsk {
+    scope: String,
+    min_remaining: Duration,
+    workspace: Option<WorkspaceInfo>,
+    reason: Option<String>,
+}
+
+fn validate(keys: &KeyService, r: &CredentialRequest) -> Result<LitellmAsk, ApiError> {
+    if !r.repositories.is_empty() || !r.permissions.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "`repositories` and `permissions` belong to github_token requests, not litellm_key",
+        ));
+    }
+    let Some(scope) = r.scope.as_deref() else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidScope,
+            "a litellm_key request names its scope (workspace, user, ci, agent:review, agent:write)",
+        ));
+    };
+    let spec = keys.scopes().lookup(scope)?;
+    let min_remaining = match &r.ttl {
+        None => DEFAULT_MIN_REMAINING.min(spec.lifetime / 2),
+        Some(raw) => {
+            let ttl: Ttl = raw
+                .parse()
+                .map_err(|e| ApiError::new(ErrorCode::InvalidTtl, format!("{e}")))?;
+            if ttl.as_duration() > spec.lifetime {
+                return Err(ApiError::new(
+                    ErrorCode::TtlTooLong,
+                    format!(
+                        "ttl {ttl} is longer than the {scope} scope's lifetime of {}",
+                        Ttl::from_secs(spec.lifetime.as_secs())
+                    ),
+                ));
+            }
+            ttl.as_duration()
+        }
+    };
+    let workspace = match (scope, &r.workspace) {
+        ("workspace", None) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidWorkspace,
+                "a workspace key names its workspace (workspace_id, workspace_name, coder_user, \
+                 coder_user_id)",
+            ));
+        }
+        ("workspace", Some(w)) => Some(workspace_info(WorkspaceKeyRequest {
+            workspace_id: Some(w.workspace_id.clone()),
+            workspace_name: Some(w.workspace_name.clone()),
+            coder_user: Some(w.coder_user.clone()),
+            coder_user_id: Some(w.coder_user_id.clone()),
+        })?),
+        (_, Some(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "`workspace` belongs to workspace-scope requests only",
+            ));
+        }
+        (_, None) => None,
+    };
+    let reason = match &r.reason {
+        Some(t) if t.len() > 1024 || t.chars().any(char::is_control) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidReason,
+                "the reason must be at most 1024 bytes of printable text",
+            ));
+        }
+        other => other.clone(),
+    };
+    Ok(LitellmAsk {
+        scope: scope.to_string(),
+        min_remaining,
+        workspace,
+        reason,
+    })
+}
+
+/// `POST /v1/credentials` with `"kind": "litellm_key"`: decided by the policy's
+/// `litellm_scope` rules. A live key of the same bot and scope with enough life left is
+/// answered again (`replaces` forces a new one); a workspace key is per workspace.
+pub async fn issue_for_bot(
+    state: &AppState,
+    caller: Caller,
+    request: CredentialRequest,
+) -> Result<Response, ApiError> {
+    let bot = state.policy.current().bot_for(&caller).map(str::to_string);
+    let Some(keys) = keys_of(state) else {
+        let e = ApiError::new(
+            ErrorCode::InvalidKind,
+            "credential kind litellm_key is not served by this broker ([litellm] is not configured)",
+        );
+        return Err(refuse(state, &caller, bot.as_deref(), None, None, e).await);
+    };
+    let ask = match validate(keys, &request) {
+        Ok(a) => a,
+        Err(e) => return Err(refuse(state, &caller, bot.as_deref(), None, None, e).await),
+    };
+    let decision = state.policy.current().decide_with(
+        &caller,
+        &Request::Litellm { scope: &ask.scope },
+        &state.approvals.remembered(),
+    );
+    state.metrics.decision(match decision.outcome {
+        Outcome::Allow => "allow",
+        Outcome::RequireApproval => "approval",
+        Outcome::Deny => "deny",
+    });
+    let bot = decision.bot.clone();
+    let mut requested = AuditEvent::new(
+        AuditEventKind::CredentialRequested,
+        rfc3339_millis(state.clock.now()),
+    );
+    requested.bot = bot.clone();
+    requested.caller = Some(caller.describe());
+    requested.client_ip = Some(caller.address.ip().to_string());
+    requested.reason = ask.reason.clone();
+    requested.detail = Some(format!("litellm_key scope {}", ask.scope));
+    match decision.outcome {
+        Outcome::Allow => {}
+        Outcome::Deny => {
+            let e = ApiError::new(
+                ErrorCode::PolicyDenied,
+                format!("denied by policy: {}", decision.explanation),
+            )
+            .with_rule(decision.rule.clone());
+            return Err(refuse(
+                state,
+                &caller,
+                bot.as_deref(),
+                Some(requested),
+                Some(&decision.rule),
+                e,
+            )
+            .await);
+        }
+        Outcome::RequireApproval => {
+            let e = ApiError::new(
+                ErrorCode::ApprovalRequired,
+                format!(
+                    "{} — LiteLLM keys are not queued for approval yet; ask an admin to add an \
+                     auto_approve litellm_scope rule",
+                    decision.explanation
+                ),
+            )
+            .with_rule(decision.rule.clone());
+            return Err(refuse(
+                state,
+                &caller,
+                bot.as_deref(),
+                Some(requested),
+                Some(&decision.rule),
+                e,
+            )
+            .await);
+        }
+    }
+    let owner = bot.clone().unwrap_or_else(|| match &caller.via {
+        CallerVia::Tailnet(t) => t.computed_name.clone(),
+        CallerVia::ApiKey { bot } | CallerVia::Mtls { bot, .. } => bot.clone(),
+    });
+    let origin = Origin {
+        created_by: owner.clone(),
+        bot: bot.clone(),
+        caller: caller.describe(),
+        client_ip: Some(caller.address.ip().to_string()),
+        ..Default::default()
+    };
+    let result = match ask.workspace {
+        Some(info) => {
+            keys.issue_workspace(
+                info,
+                origin,
+                ask.min_remaining,
+                request.replaces.clone(),
+                vec![requested.clone()],
+            )
+            .await
+        }
+        None => {
+            keys.issue(KeyAsk {
+                scope: ask.scope.clone(),
+                name: format!("{}.{}", name_part(&owner), name_part(&ask.scope)),
+                budget_usd: None,
+                lifetime: None,
+                origin,
+                on_existing: OnExisting::Reuse {
+                    min_remaining: ask.min_remaining,
+                    rejected: request.replaces.clone(),
+                },
+                preamble: vec![requested.clone()],
+                reason: ask.reason.clone(),
+            })
+            .await
+        }
+    };
+    let k = match result {
+        Ok(k) => k,
+        Err(e) => {
+            return Err(refuse(
+                state,
+                &caller,
+                bot.as_deref(),
+                Some(requested),
+                Some(&decision.rule),
+                e,
+            )
+            .await);
+        }
+    };
+    state.metrics.request(bot.as_deref(), "issued");
+    let answer = LitellmCredential {
+        kind: CredentialKind::LitellmKey,
+        credential_id: k.record.credential_id.clone(),
+        key: k.key.expose().to_string(),
+        name: k.record.name.clone(),
+        scope: k.record.scope.clone(),
+        budget_usd: k.record.budget_usd,
+        budget_period: k.record.budget_period.clone(),
+        rpm_limit: k.record.rpm_limit,
+        models: k.record.models.clone(),
+        expires_at: k.record.expires_at.clone(),
+        base_url: keys.tool_base_url(),
+        bot: bot.unwrap_or_default(),
+    };
+    tracing::info!(
+        bot = answer.bot.as_str(),
+        credential_id = %answer.credential_id,
+        reused = k.reused,
+        "LiteLLM key handed out"
+    );
+    Ok(Json(answer).into_response())
+}

@@ -1,0 +1,408 @@
+//! The bot-facing side of approvals: what `POST /v1/credentials` does when the policy wants a
+//! human (use a live grant, else create or join an approval request and optionally wait for
+//! it), and `GET /v1/requests/{id}?wait=30s`, the long-poll. Approved in time, the answer is
+//! the credential itself and the request becomes `ISSUED`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use botcreds_proto::approval::{ApprovalRequestView, ApprovalState};
+use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use botcreds_proto::{
+    CredentialKind, ErrorCode, GitAccess, GithubCredential, Permission, RepoName, Ttl,
+};
+
+use super::NewRequest;
+use crate::api::AppState;
+use crate::api::extract::Authenticated;
+use crate::clock::{rfc3339, rfc3339_millis};
+use crate::error::ApiError;
+use crate::grants::TokenScope;
+use crate::identity::Caller;
+use crate::policy::remembered::Resource;
+use crate::policy::{Decision, Request};
+
+/// Routes that may hold a request open for minutes; merged outside the request timeout.
+pub fn long_poll_routes() -> Router<AppState> {
+    Router::new().route("/v1/requests/{id}", get(poll))
+}
+
+/// A validated GitHub request that the policy sent to a human.
+#[derive(Clone, Debug)]
+pub struct GithubAsk {
+    pub repositories: Vec<RepoName>,
+    pub permissions: Vec<Permission>,
+    pub min_ttl: Duration,
+    pub reason: Option<String>,
+}
+
+/// Parse a `wait` (`30s`, `2m`; `0s` or `0` for none), at most `max`.
+pub fn parse_wait(raw: Option<&str>, max: Duration) -> Result<Duration, ApiError> {
+    let Some(raw) = raw.map(str::trim) else {
+        return Ok(Duration::ZERO);
+    };
+    if raw == "0" || raw == "0s" {
+        return Ok(Duration::ZERO);
+    }
+    let wait = raw
+        .parse::<Ttl>()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidWait, format!("wait: {e}")))?
+        .as_duration();
+    if wait > max {
+        return Err(ApiError::new(
+            ErrorCode::InvalidWait,
+            format!(
+                "wait may be at most {} on this broker",
+                Ttl::from_secs(max.as_secs())
+            ),
+        ));
+    }
+    Ok(wait)
+}
+
+/// Whose requests and grants a caller's are: its policy bot, else its description.
+pub fn owner_of(bot: Option<&str>, caller: &Caller) -> String {
+    bot.map_or_else(|| caller.describe(), str::to_string)
+}
+
+/// `POST /v1/credentials` for a request that needs approval. `requested` is the
+/// `credential_requested` audit event, not yet recorded.
+#[allow(clippy::too_many_arguments)]
+pub async fn require_approval(
+    state: &AppState,
+    caller: &Caller,
+    decision: &Decision,
+    mut requested: AuditEvent,
+    ask: GithubAsk,
+    wait: Option<&str>,
+    replaces: Option<&str>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let wait = match parse_wait(wait, state.approvals.config().max_wait.as_duration()) {
+        Ok(w) => w,
+        Err(e) => return Err(refuse(state, requested, decision.bot.as_deref(), e).await),
+    };
+    let owner = owner_of(decision.bot.as_deref(), caller);
+    let request = Request::Github {
+        repositories: &ask.repositories,
+        permissions: &ask.permissions,
+    };
+    let resource = Resource::github(&ask.repositories, &ask.permissions);
+
+    if let Some(grant) = state.approvals.covering_grant(&owner, &request) {
+        requested.request_id = Some(grant.request_id.clone());
+        let answer = issue_github(
+            state,
+            caller,
+            decision.bot.clone(),
+            &format!("grant {}", grant.grant_id),
+            &resource,
+            ask.min_ttl,
+            replaces,
+            vec![requested],
+            "grant",
+            Some(&grant.request_id),
+        )
+        .await?;
+        state.metrics.issue_latency(started.elapsed().as_secs_f64());
+        return Ok(Json(answer).into_response());
+    }
+
+    let new = NewRequest {
+        owner,
+        bot: decision.bot.clone(),
+        caller: caller.describe(),
+        resource: resource.clone(),
+        reason: ask.reason.clone(),
+        rule: decision.rule.clone(),
+        timeout: decision.approval_timeout,
+        min_ttl: ask.min_ttl,
+        client_ip: Some(caller.address.ip().to_string()),
+        preceding: Some(requested.clone()),
+    };
+    let joined = match state.approvals.request(new).await {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(state, requested, decision.bot.as_deref(), e).await),
+    };
+    state
+        .metrics
+        .request(decision.bot.as_deref(), "approval_pending");
+    if !joined.created {
+        // A new request recorded this event itself, right before `approval_requested`.
+        requested.request_id = Some(joined.view.request_id.clone());
+        requested.detail = Some("joined an identical pending approval request".into());
+        if let Err(e) = state.audit.record(vec![requested]).await {
+            tracing::error!(error = %e, "audit log write failed for an approval request");
+        }
+    }
+
+    // The router's request timeout bounds every POST; answer 202 before it fires.
+    let room = state
+        .limits
+        .request_timeout
+        .saturating_sub(Duration::from_secs(1));
+    let view = if wait.is_zero() {
+        joined.view
+    } else {
+        state
+            .approvals
+            .wait_decided(&joined.view.request_id, wait.min(room))
+            .await?
+    };
+    answer_for(state, caller, view, replaces).await
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollQuery {
+    wait: Option<String>,
+}
+
+/// `GET /v1/requests/{id}?wait=30s`: the caller's own request, waited on.
+async fn poll(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<String>,
+    query: Result<Query<PollQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = caller?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidWait,
+            format!("bad query (only `wait` is allowed): {e}"),
+        )
+    })?;
+    let wait = parse_wait(
+        query.wait.as_deref(),
+        state.approvals.config().max_wait.as_duration(),
+    )?;
+    let bot = state.policy.current().bot_for(&caller).map(str::to_string);
+    let owner = owner_of(bot.as_deref(), &caller);
+    let view = state.approvals.get_owned(&owner, &id)?;
+    let view = if wait.is_zero() || view.state.is_decided() {
+        view
+    } else {
+        state.approvals.wait_decided(&id, wait).await?
+    };
+    answer_for(&state, &caller, view, None).await
+}
+
+/// What the bot gets for a request in `view`'s state: the credential once approved, an
+/// error once denied or expired, else `202` with the request.
+async fn answer_for(
+    state: &AppState,
+    caller: &Caller,
+    view: ApprovalRequestView,
+    replaces: Option<&str>,
+) -> Result<Response, ApiError> {
+    match view.state {
+        ApprovalState::Pending => Ok((StatusCode::ACCEPTED, Json(view)).into_response()),
+        ApprovalState::Denied => Err(ApiError::new(
+            ErrorCode::ApprovalDenied,
+            match &view.deny_reason {
+                Some(r) => format!(
+                    "{} denied request {}: {r}",
+                    view.decided_by.as_deref().unwrap_or("an admin"),
+                    view.request_id
+                ),
+                None => format!(
+                    "{} denied request {}",
+                    view.decided_by.as_deref().unwrap_or("an admin"),
+                    view.request_id
+                ),
+            },
+        )
+        .with_rule(view.rule.clone())),
+        ApprovalState::Expired => Err(ApiError::new(
+            ErrorCode::ApprovalExpired,
+            format!(
+                "nobody decided request {} before {}; ask again",
+                view.request_id, view.expires_at
+            ),
+        )),
+        ApprovalState::Approved | ApprovalState::Issued => {
+            let live = view
+                .grant_id
+                .as_deref()
+                .is_some_and(|g| state.approvals.grant_is_live(g));
+            if !live {
+                return Err(ApiError::new(
+                    ErrorCode::ApprovalExpired,
+                    format!(
+                        "the grant from request {} was revoked or has expired; ask again",
+                        view.request_id
+                    ),
+                ));
+            }
+            let (resource, min_ttl) = state.approvals.resource_of(&view.request_id)?;
+            let answer = issue_github(
+                state,
+                caller,
+                view.bot.clone(),
+                &view.rule,
+                &resource,
+                min_ttl,
+                replaces,
+                Vec::new(),
+                "manual",
+                Some(&view.request_id),
+            )
+            .await?;
+            // The credential is minted and audited: a failed state write must not withhold it.
+            if let Err(e) = state
+                .approvals
+                .mark_issued(&view.request_id, &answer.credential_id)
+            {
+                tracing::error!(request_id = %view.request_id, code = %e.code, "could not mark the request issued");
+            }
+            Ok(Json(answer).into_response())
+        }
+    }
+}
+
+/// Audit a refusal (`credential_requested` + `credential_denied`) and hand the error back.
+async fn refuse(
+    state: &AppState,
+    requested: AuditEvent,
+    bot: Option<&str>,
+    error: ApiError,
+) -> ApiError {
+    let mut denied = requested.clone();
+    denied.event = AuditEventKind::CredentialDenied;
+    denied.timestamp = rfc3339_millis(state.clock.now());
+    denied.code = Some(error.code.as_str().to_string());
+    denied.detail = Some(error.message.chars().take(300).collect());
+    state.metrics.request(bot, error.code.as_str());
+    if let Err(e) = state.audit.record(vec![requested, denied]).await {
+        tracing::error!(error = %e, "audit log write failed for a refusal");
+    }
+    error
+}
+
+/// Mint or reuse a token for an approved or granted request, record it durably, and build
+/// the answer. `before` are events to record in the same flush (the request).
+#[allow(clippy::too_many_arguments)]
+pub async fn issue_github(
+    state: &AppState,
+    caller: &Caller,
+    bot: Option<String>,
+    rule: &str,
+    resource: &Resource,
+    min_ttl: Duration,
+    replaces: Option<&str>,
+    mut before: Vec<AuditEvent>,
+    approval: &str,
+    request_id: Option<&str>,
+) -> Result<GithubCredential, ApiError> {
+    let Resource::Github {
+        repositories,
+        permissions,
+    } = resource
+    else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidKind,
+            "this approval is not for a GitHub token",
+        ));
+    };
+    let Some(scope) = TokenScope::new(repositories, permissions) else {
+        return Err(ApiError::internal("approved request has no repository"));
+    };
+    let mut done = AuditEvent::new(
+        AuditEventKind::CredentialIssued,
+        rfc3339_millis(state.clock.now()),
+    );
+    done.bot = bot.clone();
+    done.caller = Some(caller.describe());
+    done.repositories = repositories.iter().map(|r| r.to_string()).collect();
+    if let [only] = repositories.as_slice() {
+        done.repo = Some(only.to_string());
+    }
+    done.permissions = permissions.iter().map(|p| p.to_string()).collect();
+    done.approval = Some(approval.to_string());
+    done.client_ip = Some(caller.address.ip().to_string());
+    done.rule = Some(rule.to_string());
+    done.request_id = request_id.map(str::to_string);
+
+    let issued = match state.issuer.issue(&scope, min_ttl, replaces).await {
+        Ok(i) => i,
+        Err(upstream) => {
+            let mut e = ApiError::new(upstream.code(), upstream.to_string());
+            if let crate::providers::github::GithubError::RateLimited { retry_after_secs } =
+                upstream
+            {
+                e = e.with_retry_after(retry_after_secs);
+            }
+            let mut denied = done.clone();
+            denied.event = AuditEventKind::CredentialDenied;
+            denied.code = Some(e.code.as_str().to_string());
+            denied.detail = Some(e.message.chars().take(300).collect());
+            before.push(denied);
+            if let Err(err) = state.audit.record(before).await {
+                tracing::error!(error = %err, "audit log write failed for a refusal");
+            }
+            state.metrics.request(bot.as_deref(), e.code.as_str());
+            return Err(e);
+        }
+    };
+    state.metrics.token_reuse(issued.reused);
+    let attribution = crate::api::credentials::attribution(state, bot.as_deref()).await;
+    let token = issued.token;
+    done.token_id = Some(token.credential_id.clone());
+    done.expires_at = Some(rfc3339(token.expires_at));
+    done.reused = issued.reused;
+    before.push(done);
+    if let Err(e) = state.audit.record(before).await {
+        // No durable record, no token.
+        return Err(ApiError::internal(format!("audit log write failed: {e}")));
+    }
+
+    let host = state.issuer.github().git_host().to_string();
+    let secret = token.token.expose();
+    let clone_urls: Vec<String> = repositories
+        .iter()
+        .map(|r| format!("https://x-access-token:{secret}@{host}/{r}.git"))
+        .collect();
+    state.metrics.request(bot.as_deref(), "issued");
+    tracing::info!(
+        bot = bot.as_deref().unwrap_or("-"),
+        credential_id = %token.credential_id,
+        reused = issued.reused,
+        approval = %approval,
+        request_id = request_id.unwrap_or("-"),
+        "credential issued"
+    );
+    Ok(GithubCredential {
+        kind: CredentialKind::GithubToken,
+        credential_id: token.credential_id.clone(),
+        token: secret.to_string(),
+        expires_at: rfc3339(token.expires_at),
+        repositories: repositories.iter().map(|r| r.to_string()).collect(),
+        permissions: token.permissions.clone(),
+        approval: approval.to_string(),
+        bot: bot.unwrap_or_default(),
+        git: GitAccess {
+            clone_url: clone_urls.first().cloned().unwrap_or_default(),
+            clone_urls,
+            askpass_script: format!(
+                "#!/bin/sh\ncase \"$1\" in\n  Username*) echo x-access-token ;;\n  *) echo {secret} ;;\nesac\n"
+            ),
+        },
+        attribution,
+    })
+}
+
+/// Query parameters as a map, with a rejection turned into `invalid_filter`.
+pub fn query_map(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidFilter, format!("bad query: {e}")))
+}

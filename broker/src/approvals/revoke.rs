@@ -1,0 +1,209 @@
+//! Revocation: kill live GitHub tokens at GitHub, drop them from the reuse cache, and end the
+//! grants that would refresh them, so nothing comes back without a new approval.
+//!
+//! Who holds a token is read from the audit log (`credential_issued` events of the last two
+//! hours; installation tokens live one hour), because the reuse cache shares one token among
+//! every bot that asks for the same scope.
+
+use std::collections::{BTreeSet, HashMap};
+
+use botcreds_proto::approval::{RevokeAnswer, RevokedCredential};
+use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use botcreds_proto::{ErrorCode, RepoName};
+
+use super::{Approvals, NS_GRANTS};
+use crate::clock::{rfc3339, rfc3339_millis};
+use crate::error::ApiError;
+use crate::grants::IssuedToken;
+use crate::store::AuditFilter;
+
+/// What to revoke.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevokeTarget {
+    /// One live credential, by its `tok_...` id.
+    Credential(String),
+    /// Everything a bot holds, and its grants.
+    Bot(String),
+    /// Every live token reaching a repository, and every grant touching it.
+    Repo(RepoName),
+}
+
+impl Approvals {
+    /// Revoke `target`. A credential id the broker holds no live token for is
+    /// `unknown_credential`; a bot or repository with nothing live revokes nothing.
+    pub async fn revoke(
+        &self,
+        actor: &str,
+        target: &RevokeTarget,
+    ) -> Result<RevokeAnswer, ApiError> {
+        let now = self.clock.now();
+        let holders = self.holders(now)?;
+        let picked: Vec<IssuedToken> = match target {
+            RevokeTarget::Credential(id) => {
+                self.issuer.take_where(|t| t.credential_id == *id).await
+            }
+            RevokeTarget::Bot(bot) => {
+                self.issuer
+                    .take_where(|t| {
+                        holders
+                            .get(&t.credential_id)
+                            .is_some_and(|h| h.contains(bot))
+                    })
+                    .await
+            }
+            RevokeTarget::Repo(repo) => {
+                let name = repo.to_string();
+                self.issuer
+                    .take_where(|t| t.repositories.iter().any(|r| r.eq_ignore_ascii_case(&name)))
+                    .await
+            }
+        };
+        if let RevokeTarget::Credential(id) = target
+            && picked.is_empty()
+        {
+            let shown: String = id.chars().take(40).collect();
+            return Err(ApiError::new(
+                ErrorCode::UnknownCredential,
+                format!("the broker holds no live credential {shown:?}"),
+            ));
+        }
+
+        // End the grants that would refresh what was revoked.
+        let ended = {
+            let mut book = self.book();
+            let token_owners: BTreeSet<&str> = picked
+                .iter()
+                .filter_map(|t| holders.get(&t.credential_id))
+                .flatten()
+                .map(String::as_str)
+                .collect();
+            let token_repos: Vec<RepoName> = picked
+                .iter()
+                .flat_map(|t| t.repositories.iter())
+                .filter_map(|r| r.parse::<RepoName>().ok())
+                .collect();
+            let chosen: Vec<String> = book
+                .grants
+                .values()
+                .filter(|g| g.is_live(now))
+                .filter(|g| match target {
+                    RevokeTarget::Bot(bot) => g.owner == *bot || g.view.bot.as_deref() == Some(bot),
+                    RevokeTarget::Repo(repo) => g.resource().is_some_and(|r| r.touches_repo(repo)),
+                    RevokeTarget::Credential(_) => {
+                        token_owners.contains(g.owner.as_str())
+                            && g.resource()
+                                .is_some_and(|r| token_repos.iter().any(|t| r.touches_repo(t)))
+                    }
+                })
+                .map(|g| g.view.grant_id.clone())
+                .collect();
+            let mut ended = Vec::new();
+            for id in chosen {
+                let Some(g) = book.grants.get(&id) else {
+                    continue;
+                };
+                let mut g = g.clone();
+                g.view.revoked_at = Some(rfc3339(now));
+                g.view.revoked_by = Some(actor.to_string());
+                let bytes = serde_json::to_vec(&g).map_err(super::store_error)?;
+                self.store
+                    .put_doc(NS_GRANTS, &id, &bytes)
+                    .map_err(super::store_error)?;
+                book.grants.insert(id, g.clone());
+                ended.push(g.view);
+            }
+            ended
+        };
+
+        let mut revoked = Vec::with_capacity(picked.len());
+        let mut events = Vec::new();
+        for t in &picked {
+            let (ok, error) = match self
+                .issuer
+                .github()
+                .revoke_installation_token(&t.token)
+                .await
+            {
+                Ok(()) => (true, None),
+                Err(e) => {
+                    tracing::warn!(credential_id = %t.credential_id, error = %e, "GitHub did not confirm a revocation");
+                    (false, Some(e.to_string()))
+                }
+            };
+            let holders: Vec<String> = holders
+                .get(&t.credential_id)
+                .map(|h| h.iter().cloned().collect())
+                .unwrap_or_default();
+            let mut e = AuditEvent::new(
+                AuditEventKind::CredentialRevoked,
+                rfc3339_millis(self.clock.now()),
+            );
+            e.caller = Some(actor.to_string());
+            e.bot = holders.first().cloned();
+            e.token_id = Some(t.credential_id.clone());
+            e.repositories = t.repositories.clone();
+            e.expires_at = Some(rfc3339(t.expires_at));
+            e.detail = Some(match &error {
+                None => format!("revoked at GitHub; holders: {}", holders.join(",")),
+                Some(err) => format!("dropped, but GitHub did not confirm: {err}"),
+            });
+            events.push(e);
+            revoked.push(RevokedCredential {
+                credential_id: t.credential_id.clone(),
+                repositories: t.repositories.clone(),
+                holders,
+                expires_at: rfc3339(t.expires_at),
+                revoked_upstream: ok,
+                error,
+            });
+        }
+        for g in &ended {
+            let mut e = AuditEvent::new(
+                AuditEventKind::GrantRevoked,
+                rfc3339_millis(self.clock.now()),
+            );
+            e.caller = Some(actor.to_string());
+            e.bot = g.bot.clone();
+            e.request_id = Some(g.request_id.clone());
+            e.detail = Some(format!("grant {}", g.grant_id));
+            super::fill_resource(&mut e, &g.resource);
+            events.push(e);
+        }
+        if let Err(err) = self.audit.record(events).await {
+            tracing::error!(error = %err, "audit log write failed for a revocation");
+        }
+        tracing::info!(
+            actor = %actor,
+            credentials = revoked.len(),
+            grants = ended.len(),
+            "revocation"
+        );
+        Ok(RevokeAnswer {
+            revoked,
+            grants_ended: ended.into_iter().map(|g| g.grant_id).collect(),
+        })
+    }
+
+    /// credential id → bots it was handed to, from recent `credential_issued` events.
+    fn holders(
+        &self,
+        now: time::OffsetDateTime,
+    ) -> Result<HashMap<String, BTreeSet<String>>, ApiError> {
+        let filter = AuditFilter {
+            since: Some(rfc3339_millis(now - time::Duration::hours(2))),
+            event: Some(AuditEventKind::CredentialIssued),
+            ..AuditFilter::default()
+        };
+        let events = self
+            .audit
+            .read(&filter)
+            .map_err(|e| ApiError::internal(format!("reading the audit log: {e}")))?;
+        let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for e in events {
+            if let (Some(id), Some(bot)) = (e.token_id, e.bot.or(e.caller)) {
+                out.entry(id).or_default().insert(bot);
+            }
+        }
+        Ok(out)
+    }
+}

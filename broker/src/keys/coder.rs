@@ -1,0 +1,104 @@
+//! Checking a Coder session token: `GET {coder}/api/v2/users/me` with the token in
+//! `Coder-Session-Token`. The only code that speaks to Coder; the token is never logged.
+
+use std::time::Duration;
+
+use botcreds_proto::ErrorCode;
+use serde_json::Value;
+
+use super::config::CoderConfig;
+use crate::error::ApiError;
+use crate::secret::Secret;
+
+/// Who a session token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoderUser {
+    pub id: String,
+    pub username: String,
+}
+
+/// A Coder API client for one deployment.
+pub struct CoderClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl std::fmt::Debug for CoderClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoderClient")
+            .field("url", &self.base)
+            .finish()
+    }
+}
+
+impl CoderClient {
+    pub fn new(config: &CoderConfig) -> Result<CoderClient, String> {
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout.max(Duration::from_secs(1)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the Coder HTTP client: {e}"))?;
+        Ok(CoderClient {
+            http,
+            base: config.url.clone(),
+        })
+    }
+
+    /// The user the token belongs to; `invalid_session_token` when Coder refuses it.
+    pub async fn current_user(&self, token: &Secret) -> Result<CoderUser, ApiError> {
+        let refused = || {
+            ApiError::new(
+                ErrorCode::InvalidSessionToken,
+                "Coder did not accept the session token",
+            )
+        };
+        if token.is_empty() || token.expose().len() > 4096 {
+            return Err(refused());
+        }
+        let response = self
+            .http
+            .get(format!("{}/api/v2/users/me", self.base))
+            .header("Coder-Session-Token", token.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                tracing::warn!(coder = %self.base, timeout = e.is_timeout(), "Coder unreachable");
+                ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    format!(
+                        "Coder at {} could not be reached to check the session",
+                        self.base
+                    ),
+                )
+            })?;
+        let status = response.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(refused());
+        }
+        if !(200..300).contains(&status) {
+            return Err(ApiError::new(
+                ErrorCode::UpstreamError,
+                format!("Coder answered {status} when checking the session"),
+            ));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer broke off"))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer is not JSON"))?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        match (field("id"), field("username")) {
+            (Some(id), Some(username)) => Ok(CoderUser { id, username }),
+            _ => Err(ApiError::new(
+                ErrorCode::UpstreamError,
+                "Coder's user has no id or username",
+            )),
+        }
+    }
+}

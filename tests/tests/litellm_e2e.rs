@@ -1,0 +1,869 @@
+//! End-to-end: the real `botcreds` binary serving LiteLLM virtual keys through the fake
+//! LiteLLM: bot requests under the policy, the key-provisioner API exactly as its design
+//! shows, the keys CLI, the sweeper, a dead LiteLLM, and no plaintext key on disk or in the log.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use botcreds_proto::{ErrorBody, ErrorCode};
+use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
+use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig};
+use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+bots:
+  review-bot:
+    identity: { type: api_key }
+    auto_approve:
+      - litellm_scope: "agent:review"
+      - litellm_scope: workspace
+    requires_approval:
+      - litellm_scope: ci
+    deny:
+      - litellm_scope: "agent:write"
+  other-bot:
+    identity: { type: api_key }
+    auto_approve:
+      - litellm_scope: "agent:review"
+  ops:
+    identity: { type: api_key }
+defaults:
+  requires_approval: true
+  approval_timeout: 24h
+"#;
+
+const REVIEW_KEY: &str = "bck_e2eReviewBotKey0123456789abcdefgh";
+const OTHER_KEY: &str = "bck_e2eOtherBotKey0123456789abcdefghi";
+const OPS_KEY: &str = "bck_e2eOpsAdminKey0123456789abcdefghi";
+const SECRET: &str = "provisioner-secret-e2e-0123456789";
+const SONNET: &str = "claude-sonnet-4-5";
+const HAIKU: &str = "claude-haiku-3-5";
+/// A tailnet user's laptop and a tagged CI node, as the fake tailscaled maps them.
+const LAPTOP: &str = "127.0.0.3";
+const TAGGED: &str = "127.0.0.4";
+
+struct World {
+    _github: FakeGithub,
+    _tailscaled: FakeTailscaled,
+    litellm: FakeLitellm,
+    broker: BrokerProcess,
+    http: reqwest::Client,
+}
+
+async fn world(extra_litellm: &str) -> World {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let litellm = FakeLitellm::start(FakeLitellmConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    tailscaled.add_node(
+        LAPTOP.parse().unwrap(),
+        NodeBuilder::new("alice-laptop")
+            .login("alice@example.com")
+            .build(),
+    );
+    tailscaled.add_node(
+        TAGGED.parse().unwrap(),
+        NodeBuilder::new("ci-runner").tags(["tag:ci"]).build(),
+    );
+    let broker = BrokerBuilder::new(POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .api_key("review-bot", REVIEW_KEY)
+        .api_key("other-bot", OTHER_KEY)
+        .api_key("ops", OPS_KEY)
+        .litellm(&litellm.base_url(), litellm.master_key(), extra_litellm)
+        .toml(&format!(
+            "[coder]\nurl = \"{}\"\n\n[admin]\napi_key_bots = [\"ops\"]\n",
+            litellm.base_url()
+        ))
+        .env("BOTCREDS_PROVISIONER_SECRET", SECRET)
+        .start()
+        .await;
+    World {
+        _github: github,
+        _tailscaled: tailscaled,
+        litellm,
+        broker,
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    }
+}
+
+async fn call(r: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = r.send().await.expect("broker reachable");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+impl World {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.broker.url)
+    }
+
+    async fn credential(&self, key: &str, body: Value) -> (u16, Value) {
+        call(
+            self.http
+                .post(self.url("/v1/credentials"))
+                .bearer_auth(key)
+                .json(&body),
+        )
+        .await
+    }
+
+    async fn provisioner(&self, path: &str, secret: Option<&str>, body: Value) -> (u16, Value) {
+        let mut r = self.http.post(self.url(path)).json(&body);
+        if let Some(s) = secret {
+            r = r.header("X-Provisioner-Secret", s);
+        }
+        call(r).await
+    }
+
+    async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = tokio::process::Command::new(binary("botcreds"))
+            .args(args)
+            .env("BOTCREDS_BROKER", &self.broker.url)
+            .env("BOTCREDS_API_KEY", OPS_KEY)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("running botcreds");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn code_of(body: &Value) -> ErrorCode {
+    serde_json::from_value::<ErrorBody>(body.clone())
+        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
+        .code
+}
+
+fn keys_of(v: &Value) -> BTreeSet<&str> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
+fn set(items: &[&'static str]) -> BTreeSet<&'static str> {
+    items.iter().copied().collect()
+}
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bots_ask_through_the_policy_and_release_their_keys() {
+    let w = world("").await;
+    let ask = |scope: &str| json!({"kind": "litellm_key", "scope": scope, "reason": "review PRs"});
+
+    let (status, cred) = w.credential(REVIEW_KEY, ask("agent:review")).await;
+    assert_eq!(status, 200, "{cred}");
+    assert_eq!(cred["kind"], "litellm_key");
+    assert_eq!(cred["scope"], "agent:review");
+    assert_eq!(cred["name"], "review-bot.agent-review");
+    assert_eq!(cred["budget_usd"], json!(2.0));
+    assert_eq!(cred["budget_period"], "run");
+    assert_eq!(cred["rpm_limit"], 60);
+    assert_eq!(cred["models"], json!([HAIKU]));
+    assert_eq!(cred["bot"], "review-bot");
+    assert_eq!(
+        cred["base_url"],
+        json!(format!("{}/v1", w.litellm.base_url()))
+    );
+    let key = cred["key"].as_str().unwrap().to_string();
+    assert!(cred["credential_id"].as_str().unwrap().starts_with("lk_"));
+
+    // What the broker asked LiteLLM for: the reference's fields and the design's metadata.
+    let generated = w.litellm.calls_to("/key/generate");
+    assert_eq!(generated.len(), 1);
+    let body = &generated[0].body;
+    assert_eq!(body["key_alias"], "review-bot.agent-review");
+    assert_eq!(body["duration"], "3600s");
+    assert_eq!(body["max_budget"], json!(2.0));
+    assert_eq!(body["rpm_limit"], 60);
+    assert_eq!(body["key_type"], "llm_api");
+    assert!(
+        body.get("budget_duration").is_none(),
+        "per-run budgets never reset"
+    );
+    let meta = &body["metadata"];
+    for field in [
+        "scope",
+        "key_type",
+        "created_by",
+        "created_at",
+        "workspace_id",
+        "workspace_name",
+        "coder_user",
+        "coder_user_id",
+        "expires_at",
+        "budget_usd",
+        "rpm_limit",
+        "models",
+    ] {
+        assert!(meta.get(field).is_some(), "metadata lacks {field}: {meta}");
+    }
+    assert_eq!(meta["key_type"], "virtual");
+    assert_eq!(meta["botcreds_bot"], "review-bot");
+    assert_eq!(generated[0].changed_by.as_deref(), Some("botcreds"));
+
+    // The key works at the proxy for its model only.
+    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 200);
+    assert_eq!(w.litellm.chat(&key, SONNET).await.0, 403);
+
+    // Asking again answers the same live key.
+    let (status, again) = w.credential(REVIEW_KEY, ask("agent:review")).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["key"], cred["key"]);
+    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
+
+    // Deny, approval and bad input mint nothing.
+    let (status, body) = w.credential(REVIEW_KEY, ask("agent:write")).await;
+    assert_eq!((status, code_of(&body)), (403, ErrorCode::PolicyDenied));
+    assert!(body["rule"].as_str().unwrap().contains("deny"));
+    let (status, body) = w.credential(REVIEW_KEY, ask("ci")).await;
+    assert_eq!((status, code_of(&body)), (403, ErrorCode::ApprovalRequired));
+    let (status, body) = w.credential(REVIEW_KEY, ask("gpu")).await;
+    assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidScope));
+    let (status, body) = w
+        .credential(
+            REVIEW_KEY,
+            json!({"kind": "litellm_key", "scope": "workspace"}),
+        )
+        .await;
+    assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidWorkspace));
+    let (status, body) = w
+        .credential(
+            REVIEW_KEY,
+            json!({"kind": "litellm_key", "scope": "agent:review", "ttl": "5h"}),
+        )
+        .await;
+    assert_eq!((status, code_of(&body)), (400, ErrorCode::TtlTooLong));
+    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
+
+    // A workspace key through the policy, for the agent.
+    let ws = json!({"workspace_id": "ws-1", "workspace_name": "dev", "coder_user": "alice", "coder_user_id": "usr-1"});
+    let (status, wk) = w
+        .credential(
+            REVIEW_KEY,
+            json!({"kind": "litellm_key", "scope": "workspace", "workspace": ws}),
+        )
+        .await;
+    assert_eq!(status, 200, "{wk}");
+    assert_eq!(
+        (wk["name"].clone(), wk["budget_period"].clone()),
+        (json!("dev"), json!("day"))
+    );
+
+    // Release: only by its holder; then the key is dead at the proxy.
+    let id = cred["credential_id"].as_str().unwrap();
+    let release = |who: &'static str| {
+        let body = json!({"credential_id": id});
+        let r = w
+            .http
+            .post(w.url("/v1/credentials/release"))
+            .bearer_auth(who)
+            .json(&body);
+        call(r)
+    };
+    let (status, body) = release(OTHER_KEY).await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (404, ErrorCode::UnknownCredential)
+    );
+    let (status, body) = release(REVIEW_KEY).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["released"], true);
+    assert_eq!(body["deleted_upstream"], true);
+    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioner_api_answers_the_designs_bodies_and_keeps_keys_off_disk() {
+    let mut w = world("").await;
+    let mut handed_out: Vec<String> = Vec::new();
+    let workspace = json!({
+        "workspace_id": "ws-abc123",
+        "workspace_name": "contractor-alice",
+        "coder_user": "alice",
+        "coder_user_id": "usr-def456"
+    });
+
+    // Wrong or missing secret: exactly the design's 401 body.
+    for secret in [Some("wrong"), None] {
+        let (status, body) = w
+            .provisioner("/api/v1/keys/workspace", secret, workspace.clone())
+            .await;
+        assert_eq!(
+            (status, body),
+            (401, json!({"error": "invalid provisioner secret"}))
+        );
+    }
+
+    // The startup script's call.
+    let (status, ws) = w
+        .provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone())
+        .await;
+    assert_eq!(status, 200, "{ws}");
+    assert_eq!(
+        keys_of(&ws),
+        set(&[
+            "key",
+            "scope",
+            "budget_usd",
+            "rpm_limit",
+            "models",
+            "expires_at",
+            "metadata"
+        ])
+    );
+    assert_eq!(ws["scope"], "workspace");
+    assert_eq!(ws["budget_usd"], json!(5.0));
+    assert_eq!(ws["rpm_limit"], 30);
+    assert_eq!(ws["models"], json!([SONNET, HAIKU]));
+    assert_eq!(ws["metadata"], workspace);
+    let ws_key = ws["key"].as_str().unwrap().to_string();
+    handed_out.push(ws_key.clone());
+    assert_eq!(w.litellm.chat(&ws_key, SONNET).await.0, 200);
+    let row = w
+        .litellm
+        .key_by_alias("contractor-alice")
+        .expect("key in LiteLLM");
+    assert_eq!(row.budget_duration.as_deref(), Some("1d"));
+    assert_eq!(row.metadata["created_by"], "key-provisioner");
+    assert_eq!(row.metadata["workspace_id"], "ws-abc123");
+
+    // Idempotent: the live key comes back, nothing new is minted.
+    let (status, again) = w
+        .provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone())
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(again["key"], ws["key"]);
+    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
+
+    // Missing fields.
+    let (status, body) = w
+        .provisioner(
+            "/api/v1/keys/workspace",
+            Some(SECRET),
+            json!({"workspace_id": "x"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid workspace");
+
+    // A service key, as manage-service-keys.sh asks.
+    let service =
+        json!({"scope": "ci", "name": "github-actions-main", "budget_usd": 10, "duration": "1h"});
+    let (status, sk) = w
+        .provisioner("/api/v1/keys/service", Some(SECRET), service.clone())
+        .await;
+    assert_eq!(status, 200, "{sk}");
+    assert_eq!(
+        keys_of(&sk),
+        set(&[
+            "key",
+            "scope",
+            "name",
+            "budget_usd",
+            "rpm_limit",
+            "models",
+            "expires_at"
+        ])
+    );
+    assert_eq!(
+        (
+            sk["scope"].clone(),
+            sk["name"].clone(),
+            sk["budget_usd"].clone(),
+            sk["rpm_limit"].clone(),
+            sk["models"].clone()
+        ),
+        (
+            json!("ci"),
+            json!("github-actions-main"),
+            json!(10.0),
+            json!(120),
+            json!([HAIKU])
+        )
+    );
+    let sk_key = sk["key"].as_str().unwrap().to_string();
+    handed_out.push(sk_key.clone());
+    let (status, body) = w
+        .provisioner("/api/v1/keys/service", Some(SECRET), service)
+        .await;
+    assert_eq!((status, body["error"].clone()), (409, json!("key exists")));
+
+    // Bad input: clear errors, nothing minted.
+    let minted = w.litellm.calls_to("/key/generate").len();
+    let bad = [
+        (
+            json!({"scope": "ci", "name": "x", "budget_usd": "ten"}),
+            "invalid budget",
+        ),
+        (
+            json!({"scope": "ci", "name": "x", "budget_usd": -1}),
+            "invalid budget",
+        ),
+        (
+            json!({"scope": "ci", "name": "x", "budget_usd": 11}),
+            "invalid budget",
+        ),
+        (
+            json!({"scope": "ci", "name": "x", "duration": "soon"}),
+            "invalid duration",
+        ),
+        (
+            json!({"scope": "ci", "name": "x", "duration": "3h"}),
+            "invalid duration",
+        ),
+        (json!({"scope": "gpu", "name": "x"}), "invalid scope"),
+        (json!({"scope": "workspace", "name": "x"}), "invalid scope"),
+        (json!({"scope": "ci", "name": "a b"}), "invalid key name"),
+    ];
+    for (body, error) in bad {
+        let (status, answer) = w
+            .provisioner("/api/v1/keys/service", Some(SECRET), body.clone())
+            .await;
+        assert_eq!(
+            (status, answer["error"].clone()),
+            (400, json!(error)),
+            "{body}: {answer}"
+        );
+        assert!(answer["detail"].is_string());
+    }
+    assert_eq!(w.litellm.calls_to("/key/generate").len(), minted);
+
+    // A user key with a Coder session token.
+    w.litellm
+        .add_coder_session("sess-alice", "usr-def456", "alice");
+    let user = |token: &'static str| {
+        let r = w
+            .http
+            .post(w.url("/api/v1/keys/user"))
+            .bearer_auth(token)
+            .json(&json!({"coder_user": "alice"}));
+        call(r)
+    };
+    let (status, uk) = user("sess-alice").await;
+    assert_eq!(status, 200, "{uk}");
+    assert_eq!(
+        keys_of(&uk),
+        set(&[
+            "key",
+            "scope",
+            "budget_usd",
+            "rpm_limit",
+            "models",
+            "expires_at"
+        ])
+    );
+    assert_eq!(
+        (
+            uk["scope"].clone(),
+            uk["budget_usd"].clone(),
+            uk["rpm_limit"].clone()
+        ),
+        (json!("user"), json!(20.0), json!(60))
+    );
+    handed_out.push(uk["key"].as_str().unwrap().to_string());
+    let (status, body) = user("sess-nobody").await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (401, json!("invalid session token"))
+    );
+
+    // Revocation by name: the design's bodies; the key is dead at the proxy at once.
+    let delete = |name: &str, secret: &str| {
+        let r = w
+            .http
+            .delete(w.url(&format!("/api/v1/keys/{name}")))
+            .header("X-Provisioner-Secret", secret.to_string());
+        call(r)
+    };
+    let (status, body) = delete("github-actions-main", "wrong").await;
+    assert_eq!(
+        (status, body),
+        (401, json!({"error": "invalid provisioner secret"}))
+    );
+    let (status, body) = delete("github-actions-main", SECRET).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(keys_of(&body), set(&["revoked", "name", "revoked_at"]));
+    assert_eq!(
+        (body["revoked"].clone(), body["name"].clone()),
+        (json!(true), json!("github-actions-main"))
+    );
+    assert!(w.litellm.was_deleted(&sk_key));
+    assert_eq!(w.litellm.chat(&sk_key, HAIKU).await.0, 401);
+    let (status, body) = delete("github-actions-main", SECRET).await;
+    assert_eq!(
+        (status, body),
+        (
+            404,
+            json!({"error": "key not found", "name": "github-actions-main"})
+        )
+    );
+
+    // No plaintext key (nor the master key) on the broker's disk or in its log.
+    w.broker.stop().await;
+    let files = files_under(&w.broker.data_dir());
+    // The scan reads what the broker stored: the key records (by name) are there.
+    assert!(
+        files
+            .iter()
+            .any(|(_, b)| contains(b, "github-actions-main"))
+    );
+    let logs = w.broker.logs();
+    for secret in handed_out
+        .iter()
+        .map(String::as_str)
+        .chain([w.litellm.master_key(), SECRET])
+    {
+        for (path, bytes) in &files {
+            assert!(
+                !contains(bytes, secret),
+                "a secret is in {}",
+                path.display()
+            );
+        }
+        assert!(!logs.contains(secret), "a secret is in the broker's log");
+    }
+    assert!(
+        logs.contains("LiteLLM key issued"),
+        "the log is the broker's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_cli_creates_lists_rotates_and_revokes() {
+    let w = world("").await;
+    let (code, out, err) = w
+        .cli(&[
+            "keys",
+            "create",
+            "ci",
+            "--name",
+            "github-actions-main",
+            "--budget",
+            "10",
+            "--duration",
+            "1h",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("✓ CI key created\nKey:     sk-"), "{out}");
+    assert!(out.contains("Budget:  $10/run"), "{out}");
+    let first = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("Key:")
+        .trim()
+        .to_string();
+    assert_eq!(w.litellm.chat(&first, HAIKU).await.0, 200);
+
+    let (code, out, _) = w.cli(&["keys", "list"]).await;
+    assert_eq!(code, 0);
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["SCOPE", "NAME", "BUDGET", "RPM", "EXPIRES", "STATUS"]
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[2], row[3], row[5]),
+        ("ci", "github-actions-main", "$10/run", "120", "active")
+    );
+    assert!(!out.contains(&first), "list never shows keys");
+
+    let (code, out, _) = w
+        .cli(&["keys", "rotate", "--name", "github-actions-main"])
+        .await;
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("✓ Key \"github-actions-main\" rotated\nOld key revoked\nNew key: sk-"),
+        "{out}"
+    );
+    let second = out
+        .lines()
+        .nth(2)
+        .unwrap()
+        .trim_start_matches("New key:")
+        .trim()
+        .to_string();
+    assert_ne!(first, second);
+    assert_eq!(w.litellm.chat(&first, HAIKU).await.0, 401);
+    assert_eq!(w.litellm.chat(&second, HAIKU).await.0, 200);
+    assert_eq!(
+        w.litellm
+            .key_by_alias("github-actions-main")
+            .map(|k| k.key_name),
+        Some(format!("sk-...{}", &second[second.len() - 4..]))
+    );
+
+    let (code, out, _) = w.cli(&["keys", "list", "--json"]).await;
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let statuses: BTreeSet<&str> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, set(&["active", "revoked"]));
+
+    let (code, out, _) = w
+        .cli(&["keys", "revoke", "--name", "github-actions-main"])
+        .await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "✓ Key \"github-actions-main\" revoked\n")
+    );
+    assert_eq!(w.litellm.chat(&second, HAIKU).await.0, 401);
+
+    let (code, _, err) = w
+        .cli(&["keys", "revoke", "--name", "github-actions-main"])
+        .await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("key_not_found"), "{err}");
+    let (code, _, err) = w
+        .cli(&["keys", "create", "ci", "--name", "x", "--budget", "lots"])
+        .await;
+    assert_eq!(code, 8, "{err}");
+    assert!(err.contains("invalid_budget"), "{err}");
+    // Not an admin: refused.
+    let out = tokio::process::Command::new(binary("botcreds"))
+        .args(["keys", "list"])
+        .env("BOTCREDS_BROKER", &w.broker.url)
+        .env("BOTCREDS_API_KEY", REVIEW_KEY)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sweeper_deletes_expired_keys_in_litellm() {
+    let mut w = world("sweep_interval = \"1s\"\n").await;
+    let (status, sk) = w
+        .provisioner(
+            "/api/v1/keys/service",
+            Some(SECRET),
+            json!({"scope": "agent:review", "name": "pr-review-bot", "duration": "2s"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{sk}");
+    let key = sk["key"].as_str().unwrap().to_string();
+    assert!(
+        w.broker
+            .wait_for_log("LiteLLM key expired", Duration::from_secs(60))
+            .await,
+        "the sweeper never expired the key:\n{}",
+        w.broker.logs()
+    );
+    assert!(w.litellm.was_deleted(&key));
+    let (code, out, _) = w.cli(&["keys", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(out.lines().nth(1).unwrap().ends_with("expired"), "{out}");
+    // The name is free again.
+    let (status, _) = w
+        .provisioner(
+            "/api/v1/keys/service",
+            Some(SECRET),
+            json!({"scope": "agent:review", "name": "pr-review-bot"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_litellm_gives_clear_errors() {
+    let w = world("").await;
+    let service = |name: &str| json!({"scope": "ci", "name": name});
+
+    w.litellm.fail_next(1, 401);
+    let (status, body) = w
+        .provisioner("/api/v1/keys/service", Some(SECRET), service("a"))
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (502, json!("litellm auth failed"))
+    );
+    w.litellm.fail_next(1, 500);
+    let (status, body) = w
+        .provisioner("/api/v1/keys/service", Some(SECRET), service("a"))
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (502, json!("litellm error"))
+    );
+
+    w.litellm.set_down(true).await;
+    let (status, body) = w
+        .provisioner("/api/v1/keys/service", Some(SECRET), service("a"))
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (502, json!("upstream unavailable"))
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("LiteLLM"),
+        "{body}"
+    );
+    let (status, body) = w
+        .credential(
+            REVIEW_KEY,
+            json!({"kind": "litellm_key", "scope": "agent:review"}),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (502, ErrorCode::UpstreamUnavailable)
+    );
+    let (code, _, err) = w.cli(&["keys", "create", "ci", "--name", "b"]).await;
+    assert_eq!(code, 9, "{err}");
+    assert!(err.contains("upstream_unavailable"), "{err}");
+
+    // Back up: nothing was left half-made.
+    w.litellm.set_down(false).await;
+    assert!(w.litellm.live_keys().is_empty());
+    let (code, out, _) = w.cli(&["keys", "list"]).await;
+    assert_eq!((code, out.as_str()), (0, "no keys\n"));
+    let (status, _) = w
+        .provisioner("/api/v1/keys/service", Some(SECRET), service("a"))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_keys_for_tailnet_users_and_metrics() {
+    let w = world("").await;
+    let from = |source: &str| w.broker.client_from(source.parse().unwrap());
+
+    // The tailnet user of an untagged device, no body at all (as a bare curl -X POST sends).
+    let (status, uk) = call(from(LAPTOP).post(w.url("/api/v1/keys/user"))).await;
+    assert_eq!(status, 200, "{uk}");
+    assert_eq!(uk["scope"], "user");
+    let row = w
+        .litellm
+        .key_by_alias("alice@example.com-cli")
+        .expect("user key in LiteLLM");
+    assert_eq!(row.metadata["created_by"], "alice@example.com");
+    assert_eq!(row.budget_duration.as_deref(), Some("1d"));
+    // Naming someone else is refused; a tagged node is not a user.
+    let (status, body) = call(
+        from(LAPTOP)
+            .post(w.url("/api/v1/keys/user"))
+            .json(&json!({"coder_user": "bob"})),
+    )
+    .await;
+    assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
+    let (status, body) = call(from(TAGGED).post(w.url("/api/v1/keys/user"))).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (401, json!("unauthenticated"))
+    );
+    // Asking again replaces the key.
+    let (status, again) = call(from(LAPTOP).post(w.url("/api/v1/keys/user"))).await;
+    assert_eq!(status, 200);
+    assert_ne!(again["key"], uk["key"]);
+    assert_eq!(
+        w.litellm.chat(uk["key"].as_str().unwrap(), HAIKU).await.0,
+        401
+    );
+    assert_eq!(
+        w.litellm
+            .chat(again["key"].as_str().unwrap(), HAIKU)
+            .await
+            .0,
+        200
+    );
+
+    // An admin may use the service route without the provisioner secret.
+    let (status, body) = call(
+        w.http
+            .post(w.url("/api/v1/keys/service"))
+            .bearer_auth(OPS_KEY)
+            .json(&json!({"scope": "agent:write", "name": "code-gen-bot"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        w.litellm.key_by_alias("code-gen-bot").unwrap().metadata["created_by"],
+        "api_key:ops"
+    );
+    // A bot that is no admin may not.
+    let (status, body) = call(
+        w.http
+            .post(w.url("/api/v1/keys/service"))
+            .bearer_auth(REVIEW_KEY)
+            .json(&json!({"scope": "ci", "name": "x"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (401, json!({"error": "invalid provisioner secret"}))
+    );
+
+    let (_, metrics) = call(w.http.get(w.url("/metrics"))).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains("botcreds_litellm_keys_live{scope=\"user\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("botcreds_litellm_keys_live{scope=\"agent:write\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("botcreds_litellm_keys_generated_total 3"),
+        "{metrics}"
+    );
+
+    // A key named like a route ("service") is still revoked by name.
+    let (status, _) = w
+        .provisioner(
+            "/api/v1/keys/service",
+            Some(SECRET),
+            json!({"scope": "ci", "name": "service"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = call(
+        w.http
+            .delete(w.url("/api/v1/keys/service"))
+            .header("X-Provisioner-Secret", SECRET),
+    )
+    .await;
+    assert_eq!((status, body["name"].clone()), (200, json!("service")));
+}

@@ -1,0 +1,705 @@
+//! End-to-end mTLS: the real broker with `[tls]`, the real admin CLI creating join tokens and
+//! revoking certificates, and the real agent enrolling (key made on the host); then requests
+//! over mTLS, the attacks the listener must refuse, and revocation across a restart.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use botcreds_broker::store::{AuditFilter, SledStore, Store};
+use botcreds_proto::audit::AuditEventKind;
+use botcreds_proto::enroll::{CertList, JoinToken};
+use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
+use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const POLICY: &str = r#"
+bots:
+  cert-bot:
+    identity: { type: mtls }
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:read]
+  ops:
+    identity: { type: api_key }
+defaults:
+  requires_approval: true
+"#;
+
+const OPS_KEY: &str = "bck_e2eOpsAdminKey0123456789abcdefgh";
+const TLS_TOML: &str = "[admin]\napi_key_bots = [\"ops\"]\n\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+    server_names = [\"localhost\", \"127.0.0.1\"]\nclient_cert_ttl = \"1h\"\n\
+    handshake_timeout = \"5s\"\n";
+const WAIT: Duration = Duration::from_secs(60);
+
+struct World {
+    _github: FakeGithub,
+    broker: BrokerProcess,
+    tls: SocketAddr,
+}
+
+async fn world() -> World {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let mut broker = BrokerBuilder::new(POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("ops", OPS_KEY)
+        .toml(TLS_TOML)
+        .start()
+        .await;
+    let tls = tls_addr(&mut broker).await;
+    World {
+        _github: github,
+        broker,
+        tls,
+    }
+}
+
+/// The mTLS listener's address, from the broker's readiness line.
+async fn tls_addr(broker: &mut BrokerProcess) -> SocketAddr {
+    assert!(
+        broker.wait_for_log("botcreds mTLS listening", WAIT).await,
+        "no mTLS listener:\n{}",
+        broker.logs()
+    );
+    broker
+        .logs()
+        .lines()
+        .filter(|l| l.contains("botcreds mTLS listening"))
+        .find_map(|l| {
+            let start = l.find("addr=")? + 5;
+            l[start..].split_whitespace().next()?.parse().ok()
+        })
+        .expect("mTLS listen address in the log")
+}
+
+/// `botcreds ARGS` as the ops admin; (exit code, stdout, stderr).
+async fn cli(broker_url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary("botcreds"))
+        .args(args)
+        .env("BOTCREDS_BROKER", broker_url)
+        .env("BOTCREDS_API_KEY", OPS_KEY)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running botcreds");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `botcreds ARGS` over the mTLS listener with the certificate in `state_dir`, no API key.
+async fn cli_with_cert(tls_url: &str, state_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary("botcreds"))
+        .args(args)
+        .env("BOTCREDS_BROKER", tls_url)
+        .env_remove("BOTCREDS_API_KEY")
+        .env("BOTCREDS_CLIENT_CERT", state_dir.join("client.pem"))
+        .env("BOTCREDS_CA", state_dir.join("ca.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running botcreds");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn join_token(broker_url: &str, bot: &str) -> String {
+    let (code, out, err) = cli(broker_url, &["enroll", "create", "--bot", bot, "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let token: JoinToken = serde_json::from_str(&out).expect("join token JSON");
+    assert_eq!(token.bot, bot);
+    token.token
+}
+
+/// `botcreds-agent enroll` into `state_dir`; (exit code, stdout, stderr).
+async fn agent_enroll(broker_url: &str, token: &str, state_dir: &Path) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary("botcreds-agent"))
+        .arg("enroll")
+        .arg("--broker")
+        .arg(broker_url)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("BOTCREDS_JOIN_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running botcreds-agent");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn home_status(
+    home: &botcreds_tests::agent::AgentHome,
+) -> (botcreds_proto::agent::AgentStatus, String) {
+    let out = tokio::process::Command::new(binary("botcreds-agent"))
+        .arg("status")
+        .arg("--config")
+        .arg(home.config_path())
+        .arg("--json")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    (serde_json::from_str(&text).expect("status JSON"), text)
+}
+
+/// The serial `botcreds-agent enroll` reports (`certificate SERIAL,`).
+fn serial_in(enroll_output: &str) -> String {
+    let start = enroll_output
+        .find("certificate ")
+        .expect("serial in the output")
+        + 12;
+    enroll_output[start..]
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A client presenting the enrolled certificate and trusting only the broker's CA bundle.
+fn mtls_client(state_dir: &Path) -> reqwest::Client {
+    let identity = std::fs::read(state_dir.join("client.pem")).unwrap();
+    let ca = std::fs::read(state_dir.join("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Result<(u16, Value), String> {
+    let resp = client.get(url).send().await.map_err(|e| error_chain(&e))?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.map_err(|e| e.to_string())?))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+fn audit_events(data_dir: &Path) -> Vec<botcreds_proto::AuditEvent> {
+    let store = SledStore::open(data_dir).expect("open the stopped broker's store");
+    assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
+    store.read_audit(&AuditFilter::default()).unwrap()
+}
+
+/// Start the broker again on the same config and data dir.
+async fn restart(old: &mut BrokerProcess) -> BrokerProcess {
+    assert!(old.stop().await.success());
+    let dir = tempfile::tempdir().unwrap();
+    // The old process's files stay where they are; the new process reads the same config.
+    let mut cmd = tokio::process::Command::new(binary("botcreds"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&old.config_path)
+        .env("RUST_LOG", "info")
+        .env("BOTCREDS_TEST_KEY_0", OPS_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    match BrokerProcess::try_spawn(
+        &mut cmd,
+        dir,
+        old.config_path.clone(),
+        old.policy_path.clone(),
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(f) => panic!("broker did not restart: {}", f.logs),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolled_agent_gets_credentials_over_mtls_until_revoked_across_restarts() {
+    let mut w = world().await;
+    let url = w.broker.url.clone();
+    let home = tempfile::tempdir().unwrap();
+    let (kept_dir, revoked_dir) = (home.path().join("kept"), home.path().join("revoked"));
+
+    let token = join_token(&url, "cert-bot").await;
+    let (code, out, err) = agent_enroll(&url, &token, &kept_dir).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("bot cert-bot"), "{out}");
+    let mode = std::fs::metadata(kept_dir.join("client.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key file is private");
+
+    // The same token again: refused, nothing stored.
+    let (code, _, err) = agent_enroll(&url, &token, &home.path().join("again")).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid_join_token"), "{err}");
+    assert!(!home.path().join("again/client.pem").exists());
+
+    let token = join_token(&url, "cert-bot").await;
+    let (code, revoked_out, err) = agent_enroll(&url, &token, &revoked_dir).await;
+    assert_eq!(code, 0, "{err}");
+
+    // Over mTLS the certificate is the identity, mapped onto the policy's mtls bot.
+    let base = format!("https://localhost:{}", w.tls.port());
+    let kept = mtls_client(&kept_dir);
+    let revoked = mtls_client(&revoked_dir);
+    let (status, who) = get_json(&revoked, &format!("{base}/v1/whoami"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{who}");
+    assert_eq!(
+        (who["via"].as_str(), who["bot"].as_str()),
+        (Some("mtls"), Some("cert-bot"))
+    );
+    let resp = kept
+        .post(format!("{base}/v1/credentials"))
+        .json(
+            &json!({"kind": "github_token", "repositories": ["acme-corp/web"],
+                      "permissions": ["contents:read"], "reason": "mtls e2e"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+
+    // Revoke one certificate by serial: its next request, on the same keep-alive connection,
+    // is refused.
+    let (code, out, err) = cli(&url, &["certs", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let list: CertList = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.certificates.len(), 2);
+    let revoked_serial = serial_in(&revoked_out);
+    assert!(list.certificates.iter().any(|c| c.serial == revoked_serial));
+    let (code, out, err) = cli(&url, &["certs", "revoke", &revoked_serial]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&revoked_serial), "{out}");
+    let (status, body) = get_json(&revoked, &format!("{base}/v1/whoami"))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "certificate_revoked");
+    let (code, out, _) = cli(&url, &["certs", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("SERIAL"), "{out}");
+
+    // An admin certificate (from an --admin token) works the admin CLI over mTLS; a bot's
+    // certificate does not.
+    let (code, out, err) = cli(
+        &url,
+        &["enroll", "create", "--bot", "ops", "--admin", "--json"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let admin_token: JoinToken = serde_json::from_str(&out).unwrap();
+    assert!(admin_token.admin);
+    let admin_dir = home.path().join("admin");
+    let (code, _, err) = agent_enroll(&url, &admin_token.token, &admin_dir).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli_with_cert(&base, &admin_dir, &["certs", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let list: CertList = serde_json::from_str(&out).unwrap();
+    assert!(list.certificates.iter().any(|c| c.bot == "ops" && c.admin));
+    let (code, _, err) = cli_with_cert(&base, &kept_dir, &["certs", "list"]).await;
+    assert_eq!(code, 5, "a bot certificate is not an admin: {err}");
+
+    // After a restart the CA and the records are the same: the kept certificate still works,
+    // the revoked one is still refused.
+    // The first process keeps the temp dir (config and data) alive; it is stopped.
+    let mut again = restart(&mut w.broker).await;
+    let tls = tls_addr(&mut again).await;
+    let base = format!("https://localhost:{}", tls.port());
+    let (status, _) = get_json(&mtls_client(&kept_dir), &format!("{base}/v1/whoami"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, body) = get_json(&mtls_client(&revoked_dir), &format!("{base}/v1/whoami"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("certificate_revoked"))
+    );
+
+    assert!(again.stop().await.success());
+    let kinds: Vec<AuditEventKind> = audit_events(&w.broker.data_dir())
+        .iter()
+        .map(|e| e.event)
+        .collect();
+    for kind in [
+        AuditEventKind::EnrollTokenCreated,
+        AuditEventKind::CertIssued,
+        AuditEventKind::CertRevoked,
+        AuditEventKind::CertRefused,
+        AuditEventKind::CredentialIssued,
+    ] {
+        assert!(kinds.contains(&kind), "no {kind:?} in {kinds:?}");
+    }
+}
+
+/// A certificate signed by the broker's own CA (read from its data dir), valid from
+/// `start_offset` seconds for one hour.
+fn cert_from_broker_ca(data_dir: &Path, start_offset: i64) -> (String, String) {
+    let ca_cert = std::fs::read_to_string(data_dir.join("tls/ca.crt")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(data_dir.join("tls/ca.key")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    signed_client_cert(&issuer, start_offset)
+}
+
+fn signed_client_cert(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    start_offset: i64,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "botcreds://bot/cert-bot".try_into().unwrap(),
+    )];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let start = time::OffsetDateTime::now_utc() + time::Duration::seconds(start_offset);
+    p.not_before = start;
+    p.not_after = start + time::Duration::hours(1);
+    (
+        p.signed_by(&key, issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+fn client_with(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(30));
+    if let Some((cert, key)) = identity {
+        b = b.identity(reqwest::Identity::from_pem(format!("{key}{cert}").as_bytes()).unwrap());
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tls_listener_refuses_attacks_and_keeps_serving() {
+    let mut w = world().await;
+    let data_dir: PathBuf = w.broker.data_dir();
+    let ca_pem = std::fs::read_to_string(data_dir.join("tls/ca.crt")).unwrap();
+    let whoami = format!("https://localhost:{}/v1/whoami", w.tls.port());
+    let refusals_before = w.broker.log_count("mTLS handshake refused");
+
+    // Plain HTTP to the TLS port: no HTTP answer, the connection is closed.
+    let mut s = TcpStream::connect(w.tls).await.unwrap();
+    s.write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    assert!(!buf.starts_with(b"HTTP/"), "plain HTTP was answered");
+
+    // A truncated handshake: the start of a ClientHello, then the client goes away.
+    let mut s = TcpStream::connect(w.tls).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    drop(s);
+
+    // A TLS client without a certificate.
+    let err = get_json(&client_with(&ca_pem, None), &whoami)
+        .await
+        .unwrap_err();
+    assert!(!err.is_empty());
+
+    // Expired, and not yet valid, though signed by the broker's own CA.
+    for offset in [-3 * 3600, 2 * 3600] {
+        let (cert, key) = cert_from_broker_ca(&data_dir, offset);
+        let result = get_json(&client_with(&ca_pem, Some((&cert, &key))), &whoami).await;
+        assert!(result.is_err(), "offset {offset}: {result:?}");
+    }
+
+    // A certificate naming the bot, from another CA.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other = rcgen::CertificateParams::default();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_issuer = rcgen::Issuer::new(other, other_key);
+    let (cert, key) = signed_client_cert(&other_issuer, -60);
+    let result = get_json(&client_with(&ca_pem, Some((&cert, &key))), &whoami).await;
+    assert!(result.is_err(), "{result:?}");
+
+    // A valid certificate from the broker's CA but never issued (no record): refused at the
+    // request, not by the handshake.
+    let (cert, key) = cert_from_broker_ca(&data_dir, -60);
+    let (status, body) = get_json(&client_with(&ca_pem, Some((&cert, &key))), &whoami)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("certificate_revoked"))
+    );
+
+    // Every handshake attack was logged as refused; the listener still serves an enrolled host.
+    assert!(
+        w.broker
+            .wait_for_count("mTLS handshake refused", refusals_before + 6, WAIT)
+            .await,
+        "{}",
+        w.broker.logs()
+    );
+    let home = tempfile::tempdir().unwrap();
+    let token = join_token(&w.broker.url, "cert-bot").await;
+    let (code, _, err) = agent_enroll(&w.broker.url, &token, home.path()).await;
+    assert_eq!(code, 0, "{err}");
+    let (status, _) = get_json(&mtls_client(home.path()), &whoami).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        !w.broker.logs().contains(&token),
+        "the join token is never logged"
+    );
+
+    assert!(w.broker.stop().await.success());
+    let refused = audit_events(&data_dir)
+        .into_iter()
+        .filter(|e| e.event == AuditEventKind::CertRefused)
+        .count();
+    assert!(refused >= 7, "{refused} cert_refused events");
+}
+
+const AGENT_POLICY: &str = r#"
+bots:
+  cert-bot:
+    identity: { type: mtls }
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:write]
+  ops:
+    identity: { type: api_key }
+defaults:
+  requires_approval: true
+"#;
+
+/// The git credential helper's whole path over mTLS: git → helper → agent → broker (client
+/// certificate) → fake GitHub; then the agent renews its one-minute certificate by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clone_through_the_agent_over_mtls_and_automatic_renewal() {
+    use std::sync::Arc;
+
+    use botcreds_tests::agent::{AgentBuilder, GithubEntry, HttpPath};
+    use botcreds_tests::git_server::GitServer;
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let mut broker = BrokerBuilder::new(AGENT_POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("ops", OPS_KEY)
+        // A fixed port, so that the agent finds the broker again after a restart.
+        .toml(
+            &TLS_TOML
+                .replace("client_cert_ttl = \"1h\"", "client_cert_ttl = \"1m\"")
+                .replace("127.0.0.1:0", &format!("127.0.0.1:{}", free_port())),
+        )
+        .start()
+        .await;
+    let tls = tls_addr(&mut broker).await;
+
+    let issuer = github.clone();
+    let git = GitServer::start(Arc::new(move |token: &str, repo: &str, write: bool| {
+        let level = if write { "write" } else { "read" };
+        issuer
+            .token_info(token)
+            .is_some_and(|info| info.allows(repo, "contents", level))
+    }))
+    .await
+    .expect("git server");
+    git.create_repo("acme-corp/web").expect("bare repository");
+
+    let state = tempfile::tempdir().unwrap();
+    let token = join_token(&broker.url, "cert-bot").await;
+    let (code, enrolled, err) = agent_enroll(&broker.url, &token, state.path()).await;
+    assert_eq!(code, 0, "{err}");
+    let first_serial = serial_in(&enrolled);
+
+    let home = AgentBuilder::new(&format!("https://127.0.0.1:{}", tls.port()))
+        .toml(&format!(
+            "auth = \"mtls\"\nstate_dir = {:?}",
+            state.path().display().to_string()
+        ))
+        .github(GithubEntry::new(
+            &git.host(),
+            &["acme-corp/web"],
+            &["contents:write"],
+        ))
+        .build();
+    let mut agent = home.start().await;
+
+    let url = git.url("acme-corp/web");
+    let out = home
+        .git(".", HttpPath::NotSent, &["clone", "--quiet", &url, "web"])
+        .await;
+    assert!(out.success, "{}\nagent:\n{}", out.stderr, agent.logs());
+    assert!(home.work_dir().join("web/README.md").exists());
+
+    // Two-thirds into the one-minute certificate the agent renews it with the current one.
+    assert!(
+        agent
+            .wait_for_log("mTLS certificate renewed", Duration::from_secs(180))
+            .await,
+        "no renewal:\n{}",
+        agent.logs()
+    );
+    let (code, out, err) = cli(&broker.url, &["certs", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let list: CertList = serde_json::from_str(&out).unwrap();
+    let renewed = list
+        .certificates
+        .iter()
+        .find(|c| c.issued_via == "renewal")
+        .expect("a renewed certificate");
+    assert_ne!(renewed.serial, first_serial);
+
+    // The status shows the certificate now on disk: the renewed one.
+    let status = tokio::process::Command::new(binary("botcreds-agent"))
+        .arg("status")
+        .arg("--config")
+        .arg(home.config_path())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains("mTLS certificate: mtls (bot cert-bot"),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("mTLS certificate:"))
+        .unwrap();
+    assert!(!line.contains(&first_serial), "{text}");
+
+    // Through a broker restart: same CA and records, so the agent's next renewal (over a new
+    // connection, verifying the new server certificate) succeeds.
+    let renewals = agent.log_count("mTLS certificate renewed");
+    let mut again = restart(&mut broker).await;
+    assert_eq!(tls_addr(&mut again).await, tls);
+    assert!(
+        agent
+            .wait_for_count(
+                "mTLS certificate renewed",
+                renewals + 1,
+                Duration::from_secs(180)
+            )
+            .await,
+        "no renewal after the restart:\n{}",
+        agent.logs()
+    );
+    let (status, _) = home_status(&home).await;
+    assert!(status.broker_reachable, "{:?}", status.broker_probe_error);
+    let _ = agent.stop().await;
+    assert!(again.stop().await.success());
+}
+
+/// `[tls] tailnet_enrollment`: a tailnet host the policy maps to a bot enrolls without a token,
+/// for that bot only; a host the policy does not know is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn tailnet_host_enrolls_without_a_token_for_its_own_bot_only() {
+    use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    tailscaled.add_node(
+        "127.0.0.2".parse().unwrap(),
+        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
+    );
+    tailscaled.add_node(
+        "127.0.0.3".parse().unwrap(),
+        NodeBuilder::new("stranger")
+            .login("bob@example.com")
+            .build(),
+    );
+    let policy = "bots:\n  ci-bot:\n    identity: { tag: \"tag:ci\" }\n  ops:\n    identity: { type: api_key }\n";
+    let mut broker = BrokerBuilder::new(policy)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .api_key("ops", OPS_KEY)
+        .toml(&format!("{TLS_TOML}tailnet_enrollment = true\n"))
+        .start()
+        .await;
+    let tls = tls_addr(&mut broker).await;
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let enroll = |from: &str, bot: Option<&str>| {
+        let client = broker.client_from(from.parse().unwrap());
+        let body = json!({"bot": bot, "csr": csr});
+        let url = format!("{}/v1/enroll", broker.url);
+        async move {
+            let resp = client.post(url).json(&body).send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (status, body) = enroll("127.0.0.2", Some("ops")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    let (status, body) = enroll("127.0.0.3", None).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = enroll("127.0.0.4", None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("invalid_join_token")),
+        "{body}"
+    );
+
+    let (status, cert) = enroll("127.0.0.2", None).await;
+    assert_eq!(status, 200, "{cert}");
+    assert_eq!(cert["bot"], "ci-bot");
+    // The certificate is ci-bot's, over mTLS and off the tailnet.
+    let pem = cert["certificate"].as_str().unwrap();
+    let client = client_with(
+        cert["ca_bundle"].as_str().unwrap(),
+        Some((pem, &key.serialize_pem())),
+    );
+    let (status, who) = get_json(
+        &client,
+        &format!("https://localhost:{}/v1/whoami", tls.port()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, who["bot"].as_str()),
+        (200, Some("ci-bot")),
+        "{who}"
+    );
+}
