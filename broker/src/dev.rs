@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{ApiKeyConfig, Config, LogFormat};
+use crate::config::{AdminConfig, ApiKeyConfig, Config, LogFormat};
 use crate::identity::api_key::generate_key;
 use crate::providers::github::SimulatedGithub;
 use crate::server::{Edges, ServeError};
@@ -34,11 +34,17 @@ defaults:
   approval_timeout: 24h
 "#;
 
-/// A dev broker's setup: its config, the demo key (shown once), and the temporary directory
-/// that holds its data (deleted when this is dropped).
+/// The dev broker's admin (an API-key bot named in `[admin] api_key_bots`).
+pub const DEV_ADMIN: &str = "dev-admin";
+
+/// A dev broker's setup: its config, the demo bot's key and the admin key (shown once), and
+/// the temporary directory that holds its data (deleted when this is dropped).
 pub struct DevSetup {
     pub config: Config,
     pub api_key: String,
+    /// The key of `dev-admin`, an admin (`[admin] api_key_bots`) so that the admin CLI and the
+    /// approval flow can be tried; it is not a policy bot and gets no credentials.
+    pub admin_key: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -56,19 +62,32 @@ pub fn setup(listen: SocketAddr) -> Result<DevSetup, ServeError> {
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, DEMO_POLICY)?;
     let api_key = generate_key();
-    let mut key_sha256 = [0u8; 32];
-    key_sha256.copy_from_slice(&<sha2::Sha256 as sha2::Digest>::digest(api_key.as_bytes()));
+    let admin_key = generate_key();
+    let hash = |key: &str| {
+        let mut sha = [0u8; 32];
+        sha.copy_from_slice(&<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()));
+        sha
+    };
     let config = Config {
         listen: vec![listen],
         data_dir: dir.path().join("data"),
         policy,
         tailscale: None,
         github: None,
-        api_keys: vec![ApiKeyConfig {
-            bot: "demo-bot".into(),
-            key_sha256,
-        }],
-        admin: Default::default(),
+        api_keys: vec![
+            ApiKeyConfig {
+                bot: "demo-bot".into(),
+                key_sha256: hash(&api_key),
+            },
+            ApiKeyConfig {
+                bot: DEV_ADMIN.into(),
+                key_sha256: hash(&admin_key),
+            },
+        ],
+        admin: AdminConfig {
+            api_key_bots: vec![DEV_ADMIN.into()],
+            ..Default::default()
+        },
         limits: Default::default(),
         approvals: Default::default(),
         log_format: LogFormat::Text,
@@ -82,6 +101,7 @@ pub fn setup(listen: SocketAddr) -> Result<DevSetup, ServeError> {
     Ok(DevSetup {
         config,
         api_key,
+        admin_key,
         dir,
     })
 }
@@ -100,7 +120,7 @@ pub fn edges() -> Edges {
 }
 
 /// What `--dev` prints once it is listening.
-pub fn banner(addr: SocketAddr, api_key: &str, dir: &Path) -> String {
+pub fn banner(addr: SocketAddr, api_key: &str, admin_key: &str, dir: &Path) -> String {
     let data = dir.join("data");
     let policy = dir.join("policy.yaml");
     let body = r#"{"kind":"github_token","repositories":["demo-org/app"],"permissions":["contents:write"],"reason":"trying botcreds"}"#;
@@ -115,6 +135,7 @@ pub fn banner(addr: SocketAddr, api_key: &str, dir: &Path) -> String {
         format!("    Policy:       {}", policy.display()),
         "    Demo bot:     demo-bot".to_string(),
         format!("    API key:      {api_key}"),
+        format!("    Admin key:    {admin_key}   (bot {DEV_ADMIN}, an admin; no credentials)"),
         String::new(),
         "    Try it:".to_string(),
         format!("      curl -s http://{addr}/v1/credentials \\"),
@@ -123,6 +144,9 @@ pub fn banner(addr: SocketAddr, api_key: &str, dir: &Path) -> String {
         String::new(),
         "    Denied by policy:   \"repositories\":[\"demo-org/infrastructure\"]".to_string(),
         "    Needs approval:     \"repositories\":[\"demo-org/sensitive-data\"] with contents:write".to_string(),
+        "    Approve it as the admin (pending, approve, deny, log, revoke, grants list, ...):".to_string(),
+        format!("      export BOTCREDS_BROKER=http://{addr} BOTCREDS_API_KEY={admin_key}"),
+        "      botcreds pending && botcreds approve apr_...".to_string(),
         format!(
             "    Explain a decision: botcreds policy explain --policy {} --bot demo-bot --repo demo-org/app --permissions contents:write",
             policy.display()

@@ -888,7 +888,7 @@ async fn dev_broker_works_out_of_the_box() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut key, mut warned) = (None, None, false);
+    let (mut url, mut key, mut admin_key, mut warned) = (None, None, None, false);
     tokio::time::timeout(Duration::from_secs(60), async {
         while let Ok(Some(line)) = lines.next_line().await {
             warned |= line.contains("NOT valid on github.com");
@@ -898,14 +898,17 @@ async fn dev_broker_works_out_of_the_box() {
             if let Some(k) = line.split("API key: ").nth(1) {
                 key = Some(k.trim().to_string());
             }
-            if url.is_some() && key.is_some() && warned {
+            if let Some(k) = line.split("Admin key: ").nth(1) {
+                admin_key = k.split_whitespace().next().map(str::to_string);
+            }
+            if url.is_some() && key.is_some() && admin_key.is_some() && warned {
                 break;
             }
         }
     })
     .await
     .expect("the dev banner appears");
-    let (url, key) = (url.unwrap(), key.unwrap());
+    let (url, key, admin_key) = (url.unwrap(), key.unwrap(), admin_key.unwrap());
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let client = reqwest::Client::new();
     let post = |repo: &str| {
@@ -931,6 +934,36 @@ async fn dev_broker_works_out_of_the_box() {
     assert_eq!(approval.status().as_u16(), 202);
     let approval: Value = approval.json().await.unwrap();
     assert_eq!(approval["state"], "PENDING");
+    let id = approval["request_id"].as_str().unwrap().to_string();
+
+    // The printed admin key drives the admin CLI, as the banner says.
+    let admin = |args: &[&str]| {
+        std::process::Command::new(botcreds_tests::broker::binary("botcreds"))
+            .args(args)
+            .env("BOTCREDS_BROKER", &url)
+            .env("BOTCREDS_API_KEY", &admin_key)
+            .output()
+            .unwrap()
+    };
+    let pending = admin(&["pending"]);
+    let table = String::from_utf8_lossy(&pending.stdout);
+    assert!(pending.status.success() && table.contains(&id), "{table}");
+    let approved = admin(&["approve", &id]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let granted = post("demo-org/sensitive-data").await.unwrap();
+    assert_eq!(granted.status().as_u16(), 200);
+    // The demo bot's key is not an admin's.
+    let as_bot = std::process::Command::new(botcreds_tests::broker::binary("botcreds"))
+        .arg("pending")
+        .env("BOTCREDS_BROKER", &url)
+        .env("BOTCREDS_API_KEY", &key)
+        .output()
+        .unwrap();
+    assert!(!as_bot.status.success());
     child.kill().await.unwrap();
 }
 
