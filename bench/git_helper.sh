@@ -5,11 +5,12 @@
 # spawns a helper matters: a bare name (`botcreds`, `cache`) makes git run `git credential-NAME`,
 # one more git process; an absolute path (or `!cmd`) does not.
 #
-#   bench/git_helper.sh [rounds=5] [runs per round=200] [warmup=20]
+#   bench/git_helper.sh [rounds=40] [runs per round=50] [warmup=5]
 #
 # Every round runs each configuration `runs` times with hyperfine (after `warmup` runs); the
-# order of the configurations rotates from round to round so that a burst of other load on the
-# machine does not fall on one configuration only. percentiles.py merges the rounds and prints
+# order of the configurations rotates from round to round. Many short rounds rather than a few
+# long ones: a burst of other load on the machine (seconds long) then spans every configuration
+# of a round instead of landing on one configuration's block, which would decide its p99 alone. percentiles.py merges the rounds and prints
 # median and p99 per configuration and the ratios. Exit status 1 if botcreds (absolute path) is
 # slower than git-credential-cache as git users configure it (`cache --socket ...`) on median or
 # p99. Keep the JSON with BENCH_KEEP=DIR.
@@ -19,9 +20,9 @@
 # agent's dependencies once more), to show what dynamic loading costs per lookup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-5}
-runs=${2:-200}
-warmup=${3:-20}
+rounds=${1:-40}
+runs=${2:-50}
+warmup=${3:-5}
 
 . bench/agent_env.sh
 bench_install

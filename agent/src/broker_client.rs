@@ -334,36 +334,7 @@ impl BrokerClient {
             workspace: None,
             wait: None,
         };
-        let req = self.authorize(
-            self.http
-                .current()
-                .post(format!("{}/v1/credentials", self.base))
-                .json(&body),
-        );
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| BrokerError::Unreachable(error_chain(&e)))?;
-        let status = resp.status().as_u16();
-        let bytes = read_limited(resp).await.map_err(|detail| {
-            if status == 200 {
-                BrokerError::BadAnswer { status, detail }
-            } else {
-                BrokerError::Unreachable(detail)
-            }
-        })?;
-        if status == 202 {
-            return Err(awaiting_approval(&bytes));
-        }
-        if status != 200 {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => BrokerError::Refused { status, body },
-                Err(_) => BrokerError::BadAnswer {
-                    status,
-                    detail: "the body is not a botcreds error".into(),
-                },
-            });
-        }
+        let (status, bytes) = self.post_json("/v1/credentials", &body, None).await?;
         let bad = |detail: String| BrokerError::BadAnswer { status, detail };
         let cred: GithubCredential = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("not a GitHub credential: {e}")))?;

@@ -750,7 +750,7 @@ async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot>) {
     }
 }
 
-fn unix_to_time(secs: i64) -> SystemTime {
+pub(crate) fn unix_to_time(secs: i64) -> SystemTime {
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
     } else {
@@ -758,7 +758,7 @@ fn unix_to_time(secs: i64) -> SystemTime {
     }
 }
 
-fn time_to_unix(t: SystemTime) -> i64 {
+pub(crate) fn time_to_unix(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }

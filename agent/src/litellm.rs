@@ -27,6 +27,7 @@ use crate::broker_client::{BrokerError, Released};
 use crate::cache::{DiskCache, ReadError};
 use crate::config::Config;
 use crate::credentials::{Credentials, rfc3339};
+use crate::credentials::{time_to_unix as to_unix, unix_to_time as from_unix};
 use crate::litellm_config::LitellmEntry;
 use crate::outputs::{self, FileSpec, KeyMaterial, Outcome, OutputKind};
 use crate::peer::AllowList;
@@ -1068,19 +1069,6 @@ async fn check_peer(
         )
             .into_response(),
     }
-}
-
-fn from_unix(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        SystemTime::UNIX_EPOCH
-    }
-}
-
-fn to_unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]

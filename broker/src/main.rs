@@ -215,7 +215,10 @@ fn serve(config: Option<PathBuf>, dev: bool, listen: SocketAddr) -> anyhow::Resu
             let setup = dev::setup(listen)?;
             let listeners = server::bind(&setup.config).await?;
             let addr = listeners[0].local_addr()?;
-            eprintln!("{}", dev::banner(addr, &setup.api_key, &setup.admin_key, setup.dir.path()));
+            eprintln!(
+                "{}",
+                dev::banner(addr, &setup.api_key, &setup.admin_key, setup.dir.path())
+            );
             server::run(
                 setup.config.clone(),
                 dev::edges(),

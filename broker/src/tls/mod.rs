@@ -288,7 +288,19 @@ impl Mtls {
         csr_pem: &str,
     ) -> Result<EnrolledCertificate, ApiError> {
         let who = caller.describe();
-        let bot = bot.or(policy_bot).unwrap_or_default();
+        let Some(bot) = bot.or(policy_bot) else {
+            return Err(self
+                .refuse(
+                    None,
+                    &who,
+                    caller.address,
+                    ApiError::new(
+                        ErrorCode::Forbidden,
+                        "the policy maps this caller to no bot; use a join token",
+                    ),
+                )
+                .await);
+        };
         let refused = |e: ApiError| self.refuse(Some(bot), &who, caller.address, e);
         if !self.config.tailnet_enrollment {
             return Err(refused(ApiError::new(
