@@ -131,6 +131,12 @@ impl Credentials {
         *lock(&self.inner.last_contact)
     }
 
+    /// The broker answered another part of the agent (LiteLLM keys): `status` shows the last
+    /// contact over all of them.
+    pub fn record_broker_contact(&self, at: SystemTime) {
+        self.inner.record_contact(at);
+    }
+
     /// Answers git's `get`.
     pub async fn git_get(&self, d: &Description) -> GitAnswer {
         let (protocol, host) = match required(d) {

@@ -626,6 +626,9 @@ impl Inner {
             )
             .await;
         let now = SystemTime::now();
+        if result.as_ref().map_or_else(BrokerError::broker_answered, |_| true) {
+            self.credentials.record_broker_contact(now);
+        }
         match result.and_then(|cred| validate_answer(cred, entry, now)) {
             Ok(new) => {
                 let same = held_id.as_deref() == Some(new.credential_id.as_str());

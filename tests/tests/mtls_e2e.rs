@@ -703,3 +703,163 @@ async fn tailnet_host_enrolls_without_a_token_for_its_own_bot_only() {
         "{who}"
     );
 }
+
+/// Rewrites the broker's config: `lines` go right under its `[tls]` header.
+fn set_tls_keys(config_path: &Path, base: &str, lines: &str) {
+    let config = base.replacen("[tls]\n", &format!("[tls]\n{lines}"), 1);
+    std::fs::write(config_path, config).unwrap();
+}
+
+/// `client` asks who it is on the mTLS listener: the bot's name, or the error.
+async fn whoami(client: &reqwest::Client, tls: SocketAddr) -> Result<String, String> {
+    let (status, who) = get_json(
+        client,
+        &format!("https://localhost:{}/v1/whoami", tls.port()),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!("HTTP {status}: {who}"));
+    }
+    Ok(who["bot"].as_str().unwrap_or_default().to_string())
+}
+
+/// A client presenting the certificate in `state_dir` and trusting the CAs in `ca_files`.
+fn client_trusting(state_dir: &Path, ca_files: &[&Path]) -> reqwest::Client {
+    let identity = std::fs::read(state_dir.join("client.pem")).unwrap();
+    let mut bundle = Vec::new();
+    for f in ca_files {
+        bundle.extend(std::fs::read(f).unwrap());
+    }
+    reqwest::Client::builder()
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&bundle).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_rotation_keeps_old_certificates_working_until_the_old_ca_is_retired() {
+    let mut w = world().await;
+    let home = tempfile::tempdir().unwrap();
+    let (old_agent, new_agent) = (home.path().join("old"), home.path().join("new"));
+    let old_ca = w.broker.data_dir().join("tls/ca.crt");
+    let base_config = std::fs::read_to_string(&w.broker.config_path).unwrap();
+    let mut stopped = Vec::new();
+
+    let token = join_token(&w.broker.url, "cert-bot").await;
+    let (code, out, err) = agent_enroll(&w.broker.url, &token, &old_agent).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        whoami(&mtls_client(&old_agent), w.tls).await,
+        Ok("cert-bot".into())
+    );
+
+    // The new CA, made offline.
+    let new_ca_dir = home.path().join("ca-2027");
+    let (code, out, err) = cli(
+        &w.broker.url,
+        &["certs", "new-ca", "--dir", new_ca_dir.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let new_ca = new_ca_dir.join("ca.crt");
+    let key_mode = std::fs::metadata(new_ca_dir.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "the new CA key is private");
+
+    // 1. Pre-distribute: the new CA is trusted and handed out, the old one still signs.
+    set_tls_keys(
+        &w.broker.config_path,
+        &base_config,
+        &format!(
+            "extra_trusted_ca_files = [{:?}]\n",
+            new_ca.to_str().unwrap()
+        ),
+    );
+    let next = restart(&mut w.broker).await;
+    // The stopped broker's temp dir holds the config and data dir the new one uses: keep it.
+    stopped.push(std::mem::replace(&mut w.broker, next));
+    w.tls = tls_addr(&mut w.broker).await;
+    assert_eq!(
+        whoami(&mtls_client(&old_agent), w.tls).await,
+        Ok("cert-bot".into())
+    );
+    let token = join_token(&w.broker.url, "cert-bot").await;
+    let (code, out, err) = agent_enroll(&w.broker.url, &token, &new_agent).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let bundle = std::fs::read_to_string(new_agent.join("ca.pem")).unwrap();
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "enrollment hands out both CAs during the rotation: {bundle}"
+    );
+
+    // 2. Switch: the new CA signs the server certificate and new client certificates; the
+    // old CA's client certificates keep working.
+    set_tls_keys(
+        &w.broker.config_path,
+        &base_config,
+        &format!(
+            "ca_cert_file = {:?}\nca_key_file = {:?}\nextra_trusted_ca_files = [{:?}]\n",
+            new_ca.to_str().unwrap(),
+            new_ca_dir.join("ca.key").to_str().unwrap(),
+            old_ca.to_str().unwrap()
+        ),
+    );
+    let next = restart(&mut w.broker).await;
+    // The stopped broker's temp dir holds the config and data dir the new one uses: keep it.
+    stopped.push(std::mem::replace(&mut w.broker, next));
+    w.tls = tls_addr(&mut w.broker).await;
+    let only_old = client_trusting(&old_agent, &[&old_ca]);
+    assert!(
+        whoami(&only_old, w.tls).await.is_err(),
+        "the server certificate now comes from the new CA"
+    );
+    // An agent that renewed during step 1 trusts both CAs; its old certificate still works.
+    let renewed_trust = client_trusting(&old_agent, &[&old_ca, &new_ca]);
+    assert_eq!(whoami(&renewed_trust, w.tls).await, Ok("cert-bot".into()));
+    let fresh_dir = home.path().join("fresh");
+    let token = join_token(&w.broker.url, "cert-bot").await;
+    let (code, out, err) = agent_enroll(&w.broker.url, &token, &fresh_dir).await;
+    assert_eq!(code, 0, "{out}{err}");
+    // Its certificate chains to the new CA only: trusted once the old CA is retired below.
+    let fresh = client_trusting(&fresh_dir, &[&new_ca]);
+    assert_eq!(whoami(&fresh, w.tls).await, Ok("cert-bot".into()));
+
+    // 3. Retire the old CA: its certificates are refused at the handshake, the new ones work.
+    std::fs::write(
+        &w.broker.config_path,
+        base_config.replacen(
+            "[tls]\n",
+            &format!(
+                "[tls]\nca_cert_file = {:?}\nca_key_file = {:?}\n",
+                new_ca.to_str().unwrap(),
+                new_ca_dir.join("ca.key").to_str().unwrap()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    let next = restart(&mut w.broker).await;
+    // The stopped broker's temp dir holds the config and data dir the new one uses: keep it.
+    stopped.push(std::mem::replace(&mut w.broker, next));
+    w.tls = tls_addr(&mut w.broker).await;
+    let refused = whoami(&client_trusting(&old_agent, &[&old_ca, &new_ca]), w.tls).await;
+    assert!(
+        refused.is_err(),
+        "a retired CA's certificate still works: {refused:?}"
+    );
+    assert_eq!(
+        whoami(&client_trusting(&fresh_dir, &[&new_ca]), w.tls).await,
+        Ok("cert-bot".into())
+    );
+    assert!(
+        whoami(&client_trusting(&new_agent, &[&new_ca]), w.tls)
+            .await
+            .is_err(),
+        "the certificate enrolled in step 1 came from the old CA"
+    );
+}
