@@ -626,7 +626,10 @@ impl Inner {
             )
             .await;
         let now = SystemTime::now();
-        if result.as_ref().map_or_else(BrokerError::broker_answered, |_| true) {
+        if result
+            .as_ref()
+            .map_or_else(BrokerError::broker_answered, |_| true)
+        {
             self.credentials.record_broker_contact(now);
         }
         match result.and_then(|cred| validate_answer(cred, entry, now)) {
