@@ -404,7 +404,7 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
 
 /// An error and its causes on one line: reqwest's own message alone says little
 /// ("error sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -5,11 +5,10 @@
 //! A file that is not a private regular file of ours is refused; a corrupt or truncated one is
 //! removed. Either way the agent just fetches that credential anew: a bad cache never stops it.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use botcreds_proto::{Permission, RepoName};
 use serde::{Deserialize, Serialize};
@@ -90,8 +89,6 @@ pub struct DiskCache {
     dir: PathBuf,
     uid: u32,
 }
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl DiskCache {
     /// Creates the directory (0700) if needed; tightens a looser mode on one we own.
@@ -276,27 +273,14 @@ impl DiskCache {
 
     /// Writes `json` as `file_name` (mode 0600), replacing any previous file in one step.
     pub fn store_bytes(&self, file_name: &str, json: &[u8]) -> io::Result<()> {
-        let temp = self.dir.join(format!(
-            "{TEMP_PREFIX}{file_name}-{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&temp)?;
-            f.write_all(json)?;
-            f.sync_all()?;
-            fs::rename(&temp, self.dir.join(file_name))?;
-            File::open(&self.dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        result
+        crate::atomic::replace(
+            &self.dir,
+            &crate::atomic::temp_name(&format!("{TEMP_PREFIX}{file_name}-")),
+            &self.dir.join(file_name),
+            0o600,
+            json,
+            |_| Ok(()),
+        )
     }
 
     /// Removes `file_name`; a file already gone is fine.
@@ -375,7 +359,7 @@ mod tests {
 
         // A reader holding the old file keeps seeing it whole: the new version arrives by
         // rename, never by rewriting the old file in place.
-        let mut held = File::open(&path).unwrap();
+        let mut held = fs::File::open(&path).unwrap();
         let (_, new) = record("acme/web", "ghs_new");
         cache.store(&name, &new).unwrap();
         let mut before = String::new();

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use botcreds_proto::enroll::{EnrollRequest, EnrolledCertificate, RenewRequest};
 use botcreds_proto::{ErrorBody, MAX_BODY_BYTES};
 
-use crate::broker_client::{HttpSlot, client_builder};
+use crate::broker_client::{HttpSlot, client_builder, error_chain};
 use crate::tls::{self, MtlsIdentity};
 
 /// First retry after a failed renewal; doubled up to [`MAX_BACKOFF`].
@@ -196,18 +196,4 @@ async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         status,
         detail: format!("not a certificate answer: {e}"),
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }

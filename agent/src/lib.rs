@@ -4,6 +4,7 @@
 //! Entry point: [`daemon::run`]. The binary in `main.rs` only parses arguments and sets up
 //! logging. [`local_client`] is std-only and shared with the git helper binary.
 
+pub mod atomic;
 pub mod broker_client;
 pub mod cache;
 pub mod config;

@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::extract::State;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use botcreds_proto::agent::CredentialState;
@@ -33,7 +32,6 @@ use crate::outputs::{self, FileSpec, KeyMaterial, Outcome, OutputKind};
 use crate::peer::AllowList;
 use crate::refresh::{self, EXPIRY_MARGIN, Retry};
 use crate::secret::Secret;
-use crate::socket::Peer;
 
 /// `GET` on the agent's socket: every `[[litellm]]` entry's state, as JSON.
 pub const LITELLM_STATUS_PATH: &str = "/v1/litellm/status";
@@ -1049,32 +1047,14 @@ pub fn routes(litellm: Litellm, allow: AllowList) -> Router {
     Router::new()
         .route(LITELLM_STATUS_PATH, get(status_handler))
         .with_state(litellm)
-        .layer(middleware::from_fn_with_state(allow, check_peer))
+        .layer(middleware::from_fn_with_state(
+            allow,
+            crate::socket::check_peer,
+        ))
 }
 
 async fn status_handler(State(litellm): State<Litellm>) -> Response {
     axum::Json(litellm.status()).into_response()
-}
-
-async fn check_peer(
-    State(allow): State<AllowList>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match peer.ids {
-        Some((uid, gid)) if allow.allows(uid, gid) => next.run(request).await,
-        Some((uid, gid)) => (
-            StatusCode::FORBIDDEN,
-            format!("botcreds: uid {uid} (gid {gid}) may not use this agent\n"),
-        )
-            .into_response(),
-        None => (
-            StatusCode::FORBIDDEN,
-            "botcreds: the agent could not tell which user is connecting; refused\n",
-        )
-            .into_response(),
-    }
 }
 
 #[cfg(test)]
@@ -1367,7 +1347,7 @@ mod tests {
                 Json(serde_json::json!({"released": true})).into_response()
             } else {
                 (
-                    StatusCode::NOT_FOUND,
+                    axum::http::StatusCode::NOT_FOUND,
                     Json(serde_json::json!({"error": "no such credential", "code": "unknown_credential"})),
                 )
                     .into_response()

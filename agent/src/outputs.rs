@@ -13,10 +13,9 @@
 //! file exactly as it is, so a user's settings are never lost to a parse error.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value};
 
@@ -29,8 +28,6 @@ pub const OPENCODE_SCHEMA: &str = "https://opencode.ai/config.json";
 /// Existing tool configs larger than this are not read (and not touched).
 const MAX_TOOL_CONFIG_BYTES: u64 = 1024 * 1024;
 const TEMP_MARKER: &str = ".botcreds-tmp-";
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The kinds of file an entry writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,33 +394,17 @@ pub fn write_atomic(path: &Path, content: &[u8], spec: FileSpec) -> io::Result<(
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-    let temp = dir.join(format!(
-        ".{}{TEMP_MARKER}{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(spec.mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)?;
-        if let Some(gid) = spec.group {
-            chown_group(&f, gid)?;
-        }
-        // The umask may have cleared bits of the mode asked for.
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(spec.mode))?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        fs::rename(&temp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
+    crate::atomic::replace(
+        dir,
+        &crate::atomic::temp_name(&format!(".{}{TEMP_MARKER}", name.to_string_lossy())),
+        path,
+        spec.mode,
+        content,
+        |f| match spec.group {
+            Some(gid) => chown_group(f, gid),
+            None => Ok(()),
+        },
+    )
 }
 
 /// Removes `path` (the key or env file); already gone is fine.

@@ -122,7 +122,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn check_peer(
+/// Lets only the allow-listed local users through (`SO_PEERCRED` of the connection).
+pub(crate) async fn check_peer(
     State(allow): State<AllowList>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     request: Request,

@@ -68,6 +68,7 @@ fn ask(i: usize) -> NewRequest {
         rule: "defaults".into(),
         timeout: Duration::from_secs(24 * 3600),
         min_ttl: Duration::from_secs(600),
+        workspace: None,
         client_ip: None,
         preceding: None,
     }

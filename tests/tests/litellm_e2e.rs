@@ -251,7 +251,12 @@ async fn bots_ask_through_the_policy_and_release_their_keys() {
     assert_eq!((status, code_of(&body)), (403, ErrorCode::PolicyDenied));
     assert!(body["rule"].as_str().unwrap().contains("deny"));
     let (status, body) = w.credential(REVIEW_KEY, ask("ci")).await;
-    assert_eq!((status, code_of(&body)), (403, ErrorCode::ApprovalRequired));
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "PENDING");
+    assert_eq!(
+        body["resource"],
+        json!({"kind": "litellm_key", "scope": "ci"})
+    );
     let (status, body) = w.credential(REVIEW_KEY, ask("gpu")).await;
     assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidScope));
     let (status, body) = w
@@ -305,6 +310,173 @@ async fn bots_ask_through_the_policy_and_release_their_keys() {
     assert_eq!(body["released"], true);
     assert_eq!(body["deleted_upstream"], true);
     assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 401);
+}
+
+/// The approval flow for LiteLLM keys: wait, approve with the CLI, grant, remember, deny,
+/// and revocation by bot and by credential id.
+#[tokio::test(flavor = "multi_thread")]
+async fn litellm_keys_that_need_a_human_go_through_the_approval_flow() {
+    let mut w = world("").await;
+    let url = w.url("/v1/credentials");
+    let waiting = |key: &'static str, scope: &str| {
+        let (http, url) = (w.http.clone(), url.clone());
+        let body =
+            json!({"kind": "litellm_key", "scope": scope, "reason": "nightly", "wait": "20s"});
+        tokio::spawn(async move { call(http.post(url).bearer_auth(key).json(&body)).await })
+    };
+    let ask = |scope: &str| json!({"kind": "litellm_key", "scope": scope});
+
+    // review-bot's `ci` keys require approval; the bot waits for the decision.
+    let bot = waiting(REVIEW_KEY, "ci");
+    assert!(
+        w.broker
+            .wait_for_log("approval requested", Duration::from_secs(20))
+            .await
+    );
+    let (code, out, err) = w.cli(&["pending", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let id = list["requests"][0]["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(list["requests"][0]["bot"], "review-bot");
+    assert_eq!(
+        list["requests"][0]["resource"],
+        json!({"kind": "litellm_key", "scope": "ci"})
+    );
+    let (_, table, _) = w.cli(&["pending"]).await;
+    assert!(
+        table.contains(&id) && table.contains("litellm ci"),
+        "{table}"
+    );
+    assert!(w.litellm.calls_to("/key/generate").is_empty());
+
+    let (code, out, err) = w.cli(&["approve", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("APPROVED"), "{out}");
+    let (status, cred) = bot.await.unwrap();
+    assert_eq!(status, 200, "{cred}");
+    assert_eq!(
+        (&cred["kind"], &cred["scope"], &cred["name"], &cred["bot"]),
+        (
+            &json!("litellm_key"),
+            &json!("ci"),
+            &json!("review-bot.ci"),
+            &json!("review-bot")
+        )
+    );
+    let key = cred["key"].as_str().unwrap().to_string();
+    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 200);
+    let (_, polled) = call(
+        w.http
+            .get(w.url(&format!("/v1/requests/{id}")))
+            .bearer_auth(REVIEW_KEY),
+    )
+    .await;
+    assert_eq!(
+        polled["key"], cred["key"],
+        "the approved request answers the key"
+    );
+
+    // The grant lets the next request through without a human.
+    let (status, again) = w.credential(REVIEW_KEY, ask("ci")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["key"], cred["key"]);
+    let (_, out, _) = w.cli(&["pending", "--json"]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["requests"],
+        json!([])
+    );
+    let (_, out, _) = w
+        .cli(&[
+            "log",
+            "--event=credential_issued",
+            "--bot=review-bot",
+            "--json",
+        ])
+        .await;
+    assert!(
+        out.contains("\"grant\"") && out.contains("\"manual\""),
+        "{out}"
+    );
+
+    // Denied: other-bot's `agent:write` falls to `defaults`.
+    let denied = waiting(OTHER_KEY, "agent:write");
+    assert!(
+        w.broker
+            .wait_for_count("approval requested", 2, Duration::from_secs(20))
+            .await
+    );
+    let (_, out, _) = w.cli(&["pending", "--json"]).await;
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let other = list["requests"][0]["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(list["requests"][0]["rule"], "defaults");
+    let (code, _, err) = w.cli(&["deny", &other, "--reason=no budget"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (status, body) = denied.await.unwrap();
+    assert_eq!((status, code_of(&body)), (403, ErrorCode::ApprovalDenied));
+    assert!(
+        body["error"].as_str().unwrap().contains("no budget"),
+        "{body}"
+    );
+
+    // Revoking the bot deletes its key in LiteLLM and ends the grant.
+    let (code, out, err) = w.cli(&["revoke", "--bot=review-bot", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let revoked: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        revoked["grants_ended"].as_array().unwrap().len(),
+        1,
+        "{revoked}"
+    );
+    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 401);
+    let (status, body) = w.credential(REVIEW_KEY, ask("ci")).await;
+    assert_eq!(status, 202, "the grant is gone: {body}");
+    let id = body["request_id"].as_str().unwrap().to_string();
+
+    // Approve + remember: a remembered litellm_scope rule; revoking the key by id ends the
+    // new grant, and the remembered rule still issues without a human.
+    let (code, _, err) = w.cli(&["approve", &id, "--persist"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (status, second) = call(
+        w.http
+            .get(w.url(&format!("/v1/requests/{id}?wait=5s")))
+            .bearer_auth(REVIEW_KEY),
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    let second_key = second["key"].as_str().unwrap().to_string();
+    assert_ne!(second_key, key);
+    let (_, shown, _) = w.cli(&["policy", "show"]).await;
+    assert!(shown.contains("litellm ci (remembered"), "{shown}");
+    let lk = second["credential_id"].as_str().unwrap();
+    let (code, out, err) = w.cli(&["revoke", lk, "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let revoked: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        revoked["grants_ended"].as_array().unwrap().len(),
+        1,
+        "{revoked}"
+    );
+    assert_eq!(w.litellm.chat(&second_key, HAIKU).await.0, 401);
+    let (_, out, _) = w.cli(&["grants", "list", "--json"]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["grants"],
+        json!([])
+    );
+    let (status, third) = w.credential(REVIEW_KEY, ask("ci")).await;
+    assert_eq!(status, 200, "{third}");
+    assert_eq!(
+        w.litellm
+            .chat(third["key"].as_str().unwrap(), HAIKU)
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -25,6 +25,7 @@ use crate::approvals::api::query_map;
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
+use crate::policy::Resource;
 use crate::store::AuditFilter;
 
 /// Most audit events one query returns.
@@ -255,15 +256,32 @@ async fn revoke(
                     "credential_id must be tok_ (GitHub) or lk_ (LiteLLM) and hex digits",
                 ));
             }
-            let revoked = match &state.keys {
-                Some(keys) => keys.revoke_by_credential_id(&id, &actor).await?,
-                None => None,
+            let Some(keys) = &state.keys else {
+                return Err(ApiError::new(
+                    ErrorCode::UnknownCredential,
+                    format!("the broker holds no live credential {id:?}"),
+                ));
             };
-            match revoked {
-                Some(r) => Ok(Json(RevokeAnswer {
-                    revoked: vec![r],
-                    grants_ended: Vec::new(),
-                })),
+            // The grant that would hand the bot another key of this scope ends with the key.
+            let record = keys.live_record(&id)?;
+            match keys.revoke_by_credential_id(&id, &actor).await? {
+                Some(r) => {
+                    let grants_ended = match record {
+                        Some(k) => {
+                            let owner = k.bot.unwrap_or(k.caller);
+                            let resource = Resource::Litellm { scope: k.scope };
+                            state
+                                .approvals
+                                .end_grants_for(&actor, &owner, &resource)
+                                .await?
+                        }
+                        None => Vec::new(),
+                    };
+                    Ok(Json(RevokeAnswer {
+                        revoked: vec![r],
+                        grants_ended,
+                    }))
+                }
                 None => Err(ApiError::new(
                     ErrorCode::UnknownCredential,
                     format!("the broker holds no live credential {id:?}"),

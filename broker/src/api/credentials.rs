@@ -123,11 +123,11 @@ pub async fn create(
         }
         Outcome::RequireApproval => {
             // A live grant, or an approval request (see approvals/api.rs).
-            let ask = crate::approvals::api::GithubAsk {
-                repositories: ask.repositories.clone(),
-                permissions: ask.permissions.clone(),
+            let ask = crate::approvals::api::ApprovalAsk {
+                resource: crate::policy::Resource::github(&ask.repositories, &ask.permissions),
                 min_ttl: ask.min_ttl,
                 reason: ask.reason.clone(),
+                workspace: None,
             };
             return crate::approvals::api::require_approval(
                 &state,

@@ -26,7 +26,7 @@ use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
 use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration};
 use crate::keys::{IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin};
-use crate::policy::{Outcome, Request};
+use crate::policy::{Outcome, Request, Resource};
 use crate::secret::Secret;
 
 /// Header of the key-provisioner scripts' shared secret.
@@ -645,12 +645,12 @@ async fn release(
     Ok(Json(released))
 }
 
-/// Audit a refused `litellm_key` request and count it.
+/// Audit a refused `litellm_key` request (after `before`, in one flush) and count it.
 async fn refuse(
     state: &AppState,
     caller: &Caller,
     bot: Option<&str>,
-    requested: Option<AuditEvent>,
+    mut before: Vec<AuditEvent>,
     rule: Option<&str>,
     error: ApiError,
 ) -> ApiError {
@@ -665,22 +665,20 @@ async fn refuse(
     denied.rule = rule.map(str::to_string);
     denied.detail = Some(error.message.chars().take(300).collect());
     state.metrics.request(bot, error.code.as_str());
-    let events = requested
-        .into_iter()
-        .chain(std::iter::once(denied))
-        .collect();
-    if let Err(e) = state.audit.record(events).await {
+    before.push(denied);
+    if let Err(e) = state.audit.record(before).await {
         tracing::error!(error = %e, "audit log write failed for a refusal");
     }
     error
 }
 
 /// What a `litellm_key` request asks for, validated.
-struct LitellmAsk {
-    scope: String,
-    min_remaining: Duration,
-    workspace: Option<WorkspaceInfo>,
-    reason: Option<String>,
+pub(crate) struct LitellmAsk {
+    pub scope: String,
+    /// Life the handed-out key must still have.
+    pub min_remaining: Duration,
+    pub workspace: Option<WorkspaceInfo>,
+    pub reason: Option<String>,
 }
 
 fn validate(keys: &KeyService, r: &CredentialRequest) -> Result<LitellmAsk, ApiError> {
@@ -755,8 +753,9 @@ fn validate(keys: &KeyService, r: &CredentialRequest) -> Result<LitellmAsk, ApiE
 }
 
 /// `POST /v1/credentials` with `"kind": "litellm_key"`: decided by the policy's
-/// `litellm_scope` rules. A live key of the same bot and scope with enough life left is
-/// answered again (`replaces` forces a new one); a workspace key is per workspace.
+/// `litellm_scope` rules; a request needing a human goes through the approval flow like a
+/// GitHub one. A live key of the same bot and scope with enough life left is answered again
+/// (`replaces` forces a new one); a workspace key is per workspace.
 pub async fn issue_for_bot(
     state: &AppState,
     caller: Caller,
@@ -764,15 +763,19 @@ pub async fn issue_for_bot(
 ) -> Result<Response, ApiError> {
     let bot = state.policy.current().bot_for(&caller).map(str::to_string);
     let Some(keys) = keys_of(state) else {
-        let e = ApiError::new(
-            ErrorCode::InvalidKind,
-            "credential kind litellm_key is not served by this broker ([litellm] is not configured)",
-        );
-        return Err(refuse(state, &caller, bot.as_deref(), None, None, e).await);
+        return Err(refuse(
+            state,
+            &caller,
+            bot.as_deref(),
+            Vec::new(),
+            None,
+            not_served(),
+        )
+        .await);
     };
     let ask = match validate(keys, &request) {
         Ok(a) => a,
-        Err(e) => return Err(refuse(state, &caller, bot.as_deref(), None, None, e).await),
+        Err(e) => return Err(refuse(state, &caller, bot.as_deref(), Vec::new(), None, e).await),
     };
     let decision = state.policy.current().decide_with(
         &caller,
@@ -806,33 +809,79 @@ pub async fn issue_for_bot(
                 state,
                 &caller,
                 bot.as_deref(),
-                Some(requested),
+                vec![requested],
                 Some(&decision.rule),
                 e,
             )
             .await);
         }
         Outcome::RequireApproval => {
-            let e = ApiError::new(
-                ErrorCode::ApprovalRequired,
-                format!(
-                    "{} — LiteLLM keys are not queued for approval yet; ask an admin to add an \
-                     auto_approve litellm_scope rule",
-                    decision.explanation
-                ),
-            )
-            .with_rule(decision.rule.clone());
-            return Err(refuse(
+            // A live grant, or an approval request (see approvals/api.rs).
+            let ask = crate::approvals::api::ApprovalAsk {
+                resource: Resource::Litellm { scope: ask.scope },
+                min_ttl: ask.min_remaining,
+                reason: ask.reason,
+                workspace: ask.workspace,
+            };
+            return crate::approvals::api::require_approval(
                 state,
                 &caller,
-                bot.as_deref(),
-                Some(requested),
-                Some(&decision.rule),
-                e,
+                &decision,
+                requested,
+                ask,
+                request.wait.as_deref(),
+                request.replaces.as_deref(),
             )
-            .await);
+            .await;
         }
     }
+    let answer = hand_out(
+        state,
+        &caller,
+        bot,
+        ask,
+        request.replaces.clone(),
+        &decision.rule,
+        None,
+        vec![requested],
+    )
+    .await?;
+    Ok(Json(answer).into_response())
+}
+
+fn not_served() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidKind,
+        "credential kind litellm_key is not served by this broker ([litellm] is not configured)",
+    )
+}
+
+/// Issue (or answer again) the key of an allowed, granted or approved `litellm_key` request,
+/// under the bot's key name, and build the answer. `approval` is `None` for a policy allow,
+/// else `("grant" | "manual", request id)`; `before` are audit events to record in the same
+/// flush (the request), also on a refusal.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn hand_out(
+    state: &AppState,
+    caller: &Caller,
+    bot: Option<String>,
+    ask: LitellmAsk,
+    replaces: Option<String>,
+    rule: &str,
+    approval: Option<(&str, &str)>,
+    before: Vec<AuditEvent>,
+) -> Result<LitellmCredential, ApiError> {
+    let Some(keys) = keys_of(state) else {
+        return Err(refuse(
+            state,
+            caller,
+            bot.as_deref(),
+            before,
+            Some(rule),
+            not_served(),
+        )
+        .await);
+    };
     let owner = bot.clone().unwrap_or_else(|| match &caller.via {
         CallerVia::Tailnet(t) => t.computed_name.clone(),
         CallerVia::ApiKey { bot } | CallerVia::Mtls { bot, .. } => bot.clone(),
@@ -842,18 +891,14 @@ pub async fn issue_for_bot(
         bot: bot.clone(),
         caller: caller.describe(),
         client_ip: Some(caller.address.ip().to_string()),
+        approval: approval.map(|(how, _)| how.to_string()),
+        request_id: approval.map(|(_, id)| id.to_string()),
         ..Default::default()
     };
     let result = match ask.workspace {
         Some(info) => {
-            keys.issue_workspace(
-                info,
-                origin,
-                ask.min_remaining,
-                request.replaces.clone(),
-                vec![requested.clone()],
-            )
-            .await
+            keys.issue_workspace(info, origin, ask.min_remaining, replaces, before.clone())
+                .await
         }
         None => {
             keys.issue(KeyAsk {
@@ -864,9 +909,9 @@ pub async fn issue_for_bot(
                 origin,
                 on_existing: OnExisting::Reuse {
                     min_remaining: ask.min_remaining,
-                    rejected: request.replaces.clone(),
+                    rejected: replaces,
                 },
-                preamble: vec![requested.clone()],
+                preamble: before.clone(),
                 reason: ask.reason.clone(),
             })
             .await
@@ -874,17 +919,7 @@ pub async fn issue_for_bot(
     };
     let k = match result {
         Ok(k) => k,
-        Err(e) => {
-            return Err(refuse(
-                state,
-                &caller,
-                bot.as_deref(),
-                Some(requested),
-                Some(&decision.rule),
-                e,
-            )
-            .await);
-        }
+        Err(e) => return Err(refuse(state, caller, bot.as_deref(), before, Some(rule), e).await),
     };
     state.metrics.request(bot.as_deref(), "issued");
     let answer = LitellmCredential {
@@ -905,7 +940,8 @@ pub async fn issue_for_bot(
         bot = answer.bot.as_str(),
         credential_id = %answer.credential_id,
         reused = k.reused,
+        approval = approval.map_or("auto", |(how, _)| how),
         "LiteLLM key handed out"
     );
-    Ok(Json(answer).into_response())
+    Ok(answer)
 }

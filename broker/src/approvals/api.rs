@@ -1,7 +1,8 @@
 //! The bot-facing side of approvals: what `POST /v1/credentials` does when the policy wants a
 //! human (use a live grant, else create or join an approval request and optionally wait for
-//! it), and `GET /v1/requests/{id}?wait=30s`, the long-poll. Approved in time, the answer is
-//! the credential itself and the request becomes `ISSUED`.
+//! it), and `GET /v1/requests/{id}?wait=30s`, the long-poll, for GitHub tokens and LiteLLM
+//! keys alike. Approved in time, the answer is the credential itself and the request becomes
+//! `ISSUED`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -15,32 +16,46 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use botcreds_proto::approval::{ApprovalRequestView, ApprovalState};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
-use botcreds_proto::{
-    CredentialKind, ErrorCode, GitAccess, GithubCredential, Permission, RepoName, Ttl,
-};
+use botcreds_proto::litellm::WorkspaceInfo;
+use botcreds_proto::{CredentialKind, ErrorCode, GitAccess, GithubCredential, Ttl};
 
 use super::NewRequest;
 use crate::api::AppState;
 use crate::api::extract::Authenticated;
+use crate::api::keys::LitellmAsk;
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::TokenScope;
 use crate::identity::Caller;
+use crate::policy::Decision;
 use crate::policy::remembered::Resource;
-use crate::policy::{Decision, Request};
 
 /// Routes that may hold a request open for minutes; merged outside the request timeout.
 pub fn long_poll_routes() -> Router<AppState> {
     Router::new().route("/v1/requests/{id}", get(poll))
 }
 
-/// A validated GitHub request that the policy sent to a human.
+/// A validated request that the policy sent to a human.
 #[derive(Clone, Debug)]
-pub struct GithubAsk {
-    pub repositories: Vec<RepoName>,
-    pub permissions: Vec<Permission>,
+pub struct ApprovalAsk {
+    pub resource: Resource,
+    /// Lifetime the credential must still have when handed out.
     pub min_ttl: Duration,
     pub reason: Option<String>,
+    /// The workspace of a `workspace`-scope LiteLLM key.
+    pub workspace: Option<WorkspaceInfo>,
+}
+
+/// An approved or granted request, to be answered with its credential.
+struct Approved<'a> {
+    bot: Option<String>,
+    rule: &'a str,
+    resource: &'a Resource,
+    min_ttl: Duration,
+    workspace: Option<WorkspaceInfo>,
+    /// `grant` or `manual`.
+    approval: &'a str,
+    request_id: &'a str,
 }
 
 /// Parse a `wait` (`30s`, `2m`; `0s` or `0` for none), at most `max`.
@@ -80,7 +95,7 @@ pub async fn require_approval(
     caller: &Caller,
     decision: &Decision,
     mut requested: AuditEvent,
-    ask: GithubAsk,
+    ask: ApprovalAsk,
     wait: Option<&str>,
     replaces: Option<&str>,
 ) -> Result<Response, ApiError> {
@@ -90,40 +105,38 @@ pub async fn require_approval(
         Err(e) => return Err(refuse(state, requested, decision.bot.as_deref(), e).await),
     };
     let owner = owner_of(decision.bot.as_deref(), caller);
-    let request = Request::Github {
-        repositories: &ask.repositories,
-        permissions: &ask.permissions,
-    };
-    let resource = Resource::github(&ask.repositories, &ask.permissions);
 
-    if let Some(grant) = state.approvals.covering_grant(&owner, &request) {
+    if let Some(grant) = state
+        .approvals
+        .covering_grant(&owner, &ask.resource.as_request())
+    {
         requested.request_id = Some(grant.request_id.clone());
-        let answer = issue_github(
-            state,
-            caller,
-            decision.bot.clone(),
-            &format!("grant {}", grant.grant_id),
-            &resource,
-            ask.min_ttl,
-            replaces,
-            vec![requested],
-            "grant",
-            Some(&grant.request_id),
-        )
-        .await?;
+        let rule = format!("grant {}", grant.grant_id);
+        let approved = Approved {
+            bot: decision.bot.clone(),
+            rule: &rule,
+            resource: &ask.resource,
+            min_ttl: ask.min_ttl,
+            workspace: ask.workspace.clone(),
+            approval: "grant",
+            request_id: &grant.request_id,
+        };
+        let (answer, _) =
+            issue_approved(state, caller, approved, replaces, vec![requested]).await?;
         state.metrics.issue_latency(started.elapsed().as_secs_f64());
-        return Ok(Json(answer).into_response());
+        return Ok(answer);
     }
 
     let new = NewRequest {
         owner,
         bot: decision.bot.clone(),
         caller: caller.describe(),
-        resource: resource.clone(),
+        resource: ask.resource.clone(),
         reason: ask.reason.clone(),
         rule: decision.rule.clone(),
         timeout: decision.approval_timeout,
         min_ttl: ask.min_ttl,
+        workspace: ask.workspace.clone(),
         client_ip: Some(caller.address.ip().to_string()),
         preceding: Some(requested.clone()),
     };
@@ -241,28 +254,26 @@ async fn answer_for(
                     ),
                 ));
             }
-            let (resource, min_ttl) = state.approvals.resource_of(&view.request_id)?;
-            let answer = issue_github(
-                state,
-                caller,
-                view.bot.clone(),
-                &view.rule,
-                &resource,
+            let (resource, min_ttl, workspace) = state.approvals.resource_of(&view.request_id)?;
+            let approved = Approved {
+                bot: view.bot.clone(),
+                rule: &view.rule,
+                resource: &resource,
                 min_ttl,
-                replaces,
-                Vec::new(),
-                "manual",
-                Some(&view.request_id),
-            )
-            .await?;
+                workspace,
+                approval: "manual",
+                request_id: &view.request_id,
+            };
+            let (answer, credential_id) =
+                issue_approved(state, caller, approved, replaces, Vec::new()).await?;
             // The credential is minted and audited: a failed state write must not withhold it.
             if let Err(e) = state
                 .approvals
-                .mark_issued(&view.request_id, &answer.credential_id)
+                .mark_issued(&view.request_id, &credential_id)
             {
                 tracing::error!(request_id = %view.request_id, code = %e.code, "could not mark the request issued");
             }
-            Ok(Json(answer).into_response())
+            Ok(answer)
         }
     }
 }
@@ -284,6 +295,57 @@ async fn refuse(
         tracing::error!(error = %e, "audit log write failed for a refusal");
     }
     error
+}
+
+/// Hand out the credential of an approved or granted request: a GitHub token or a LiteLLM
+/// key, as the resource says. Answers the response and the credential's id.
+async fn issue_approved(
+    state: &AppState,
+    caller: &Caller,
+    a: Approved<'_>,
+    replaces: Option<&str>,
+    before: Vec<AuditEvent>,
+) -> Result<(Response, String), ApiError> {
+    match a.resource {
+        Resource::Github { .. } => {
+            let answer = issue_github(
+                state,
+                caller,
+                a.bot,
+                a.rule,
+                a.resource,
+                a.min_ttl,
+                replaces,
+                before,
+                a.approval,
+                Some(a.request_id),
+            )
+            .await?;
+            let id = answer.credential_id.clone();
+            Ok((Json(answer).into_response(), id))
+        }
+        Resource::Litellm { scope } => {
+            let ask = LitellmAsk {
+                scope: scope.clone(),
+                min_remaining: a.min_ttl,
+                workspace: a.workspace,
+                reason: None,
+            };
+            let answer = crate::api::keys::hand_out(
+                state,
+                caller,
+                a.bot,
+                ask,
+                replaces.map(str::to_string),
+                a.rule,
+                Some((a.approval, a.request_id)),
+                before,
+            )
+            .await?;
+            let id = answer.credential_id.clone();
+            Ok((Json(answer).into_response(), id))
+        }
+    }
 }
 
 /// Mint or reuse a token for an approved or granted request, record it durably, and build

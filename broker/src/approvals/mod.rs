@@ -25,6 +25,7 @@ use botcreds_proto::approval::{
     ApprovalRequestView, ApprovalState, DecisionAnswer, GrantView, RememberedRuleView,
 };
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use botcreds_proto::litellm::WorkspaceInfo;
 use botcreds_proto::{ErrorCode, Ttl};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -145,6 +146,8 @@ pub struct NewRequest {
     pub timeout: Duration,
     /// Lifetime the credential must have when issued.
     pub min_ttl: Duration,
+    /// The workspace of a `workspace`-scope LiteLLM key request.
+    pub workspace: Option<WorkspaceInfo>,
     pub client_ip: Option<String>,
     /// An audit event to record just before `approval_requested`, in the same flush, with
     /// the new request's id filled in (the handler's `credential_requested`). Not recorded
@@ -401,22 +404,29 @@ impl Approvals {
         }
     }
 
-    /// The stored resource and minimum lifetime of a request.
-    pub fn resource_of(&self, id: &str) -> Result<(Resource, Duration), ApiError> {
+    /// The stored resource, minimum lifetime and workspace (for a workspace key) of a request.
+    pub fn resource_of(
+        &self,
+        id: &str,
+    ) -> Result<(Resource, Duration, Option<WorkspaceInfo>), ApiError> {
         let book = self.book();
         let e = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
         let resource = e
             .record
             .resource()
             .ok_or_else(|| ApiError::internal("stored approval request does not parse"))?;
-        Ok((resource, Duration::from_secs(e.record.min_ttl_secs)))
+        Ok((
+            resource,
+            Duration::from_secs(e.record.min_ttl_secs),
+            e.record.workspace.clone(),
+        ))
     }
 
     /// Create an approval request, or join the identical pending one of the same owner.
     pub async fn request(&self, new: NewRequest) -> Result<Requested, ApiError> {
         let now = self.clock.now();
         let resource_wire = new.resource.to_wire();
-        let key = records::dedupe_key(&new.owner, &resource_wire);
+        let key = records::dedupe_key(&new.owner, &resource_wire, new.workspace.as_ref());
         let view = {
             let mut book = self.book();
             if let Some(id) = book.pending_by_key.get(&key)
@@ -483,6 +493,7 @@ impl Approvals {
                 view: view.clone(),
                 owner: new.owner.clone(),
                 min_ttl_secs: new.min_ttl.as_secs(),
+                workspace: new.workspace.clone(),
             };
             self.persist_request(&record)?;
             book.pending_by_key.insert(key, id.clone());

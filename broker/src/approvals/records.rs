@@ -1,6 +1,7 @@
 //! The stored forms of approval requests and grants (JSON documents in the store).
 
 use botcreds_proto::approval::{ApprovalRequestView, ApprovalResource, GrantView};
+use botcreds_proto::litellm::WorkspaceInfo;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -16,11 +17,14 @@ pub(super) struct RequestRecord {
     pub owner: String,
     /// Lifetime the credential must still have when issued.
     pub min_ttl_secs: u64,
+    /// The workspace of a `workspace`-scope LiteLLM key request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceInfo>,
 }
 
 impl RequestRecord {
     pub fn dedupe_key(&self) -> String {
-        dedupe_key(&self.owner, &self.view.resource)
+        dedupe_key(&self.owner, &self.view.resource, self.workspace.as_ref())
     }
 
     pub fn resource(&self) -> Option<Resource> {
@@ -28,11 +32,19 @@ impl RequestRecord {
     }
 }
 
-/// Identical requests of one owner share this key.
-pub(super) fn dedupe_key(owner: &str, resource: &ApprovalResource) -> String {
+/// Identical requests of one owner share this key; workspace keys for different workspaces
+/// are different requests.
+pub(super) fn dedupe_key(
+    owner: &str,
+    resource: &ApprovalResource,
+    workspace: Option<&WorkspaceInfo>,
+) -> String {
     // The resource's JSON is canonical: `Resource` sorts and deduplicates before `to_wire`.
     let resource = serde_json::to_string(resource).unwrap_or_default();
-    format!("{owner}\u{0}{resource}")
+    match workspace {
+        Some(w) => format!("{owner}\u{0}{resource}\u{0}{}", w.workspace_id),
+        None => format!("{owner}\u{0}{resource}"),
+    }
 }
 
 /// A grant as stored.

@@ -1,5 +1,6 @@
 //! Revocation: kill live GitHub tokens at GitHub, drop them from the reuse cache, and end the
-//! grants that would refresh them, so nothing comes back without a new approval.
+//! grants that would refresh them (or those of a revoked LiteLLM key), so nothing comes back
+//! without a new approval.
 //!
 //! Who holds a token is read from the audit log (`credential_issued` events of the last two
 //! hours; installation tokens live one hour), because the reuse cache shares one token among
@@ -7,14 +8,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use botcreds_proto::approval::{RevokeAnswer, RevokedCredential};
+use botcreds_proto::approval::{GrantView, RevokeAnswer, RevokedCredential};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::{ErrorCode, RepoName};
 
+use super::records::GrantRecord;
 use super::{Approvals, NS_GRANTS};
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::IssuedToken;
+use crate::policy::remembered::Resource;
 use crate::store::AuditFilter;
 
 /// What to revoke.
@@ -69,51 +72,26 @@ impl Approvals {
         }
 
         // End the grants that would refresh what was revoked.
-        let ended = {
-            let mut book = self.book();
-            let token_owners: BTreeSet<&str> = picked
-                .iter()
-                .filter_map(|t| holders.get(&t.credential_id))
-                .flatten()
-                .map(String::as_str)
-                .collect();
-            let token_repos: Vec<RepoName> = picked
-                .iter()
-                .flat_map(|t| t.repositories.iter())
-                .filter_map(|r| r.parse::<RepoName>().ok())
-                .collect();
-            let chosen: Vec<String> = book
-                .grants
-                .values()
-                .filter(|g| g.is_live(now))
-                .filter(|g| match target {
-                    RevokeTarget::Bot(bot) => g.owner == *bot || g.view.bot.as_deref() == Some(bot),
-                    RevokeTarget::Repo(repo) => g.resource().is_some_and(|r| r.touches_repo(repo)),
-                    RevokeTarget::Credential(_) => {
-                        token_owners.contains(g.owner.as_str())
-                            && g.resource()
-                                .is_some_and(|r| token_repos.iter().any(|t| r.touches_repo(t)))
-                    }
-                })
-                .map(|g| g.view.grant_id.clone())
-                .collect();
-            let mut ended = Vec::new();
-            for id in chosen {
-                let Some(g) = book.grants.get(&id) else {
-                    continue;
-                };
-                let mut g = g.clone();
-                g.view.revoked_at = Some(rfc3339(now));
-                g.view.revoked_by = Some(actor.to_string());
-                let bytes = serde_json::to_vec(&g).map_err(super::store_error)?;
-                self.store
-                    .put_doc(NS_GRANTS, &id, &bytes)
-                    .map_err(super::store_error)?;
-                book.grants.insert(id, g.clone());
-                ended.push(g.view);
+        let token_owners: BTreeSet<&str> = picked
+            .iter()
+            .filter_map(|t| holders.get(&t.credential_id))
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        let token_repos: Vec<RepoName> = picked
+            .iter()
+            .flat_map(|t| t.repositories.iter())
+            .filter_map(|r| r.parse::<RepoName>().ok())
+            .collect();
+        let ended = self.end_grants(actor, now, |g| match target {
+            RevokeTarget::Bot(bot) => g.owner == *bot || g.view.bot.as_deref() == Some(bot),
+            RevokeTarget::Repo(repo) => g.resource().is_some_and(|r| r.touches_repo(repo)),
+            RevokeTarget::Credential(_) => {
+                token_owners.contains(g.owner.as_str())
+                    && g.resource()
+                        .is_some_and(|r| token_repos.iter().any(|t| r.touches_repo(t)))
             }
-            ended
-        };
+        })?;
 
         let mut revoked = Vec::with_capacity(picked.len());
         let mut events = Vec::new();
@@ -157,18 +135,7 @@ impl Approvals {
                 error,
             });
         }
-        for g in &ended {
-            let mut e = AuditEvent::new(
-                AuditEventKind::GrantRevoked,
-                rfc3339_millis(self.clock.now()),
-            );
-            e.caller = Some(actor.to_string());
-            e.bot = g.bot.clone();
-            e.request_id = Some(g.request_id.clone());
-            e.detail = Some(format!("grant {}", g.grant_id));
-            super::fill_resource(&mut e, &g.resource);
-            events.push(e);
-        }
+        events.extend(self.grant_events(actor, &ended));
         if let Err(err) = self.audit.record(events).await {
             tracing::error!(error = %err, "audit log write failed for a revocation");
         }
@@ -182,6 +149,79 @@ impl Approvals {
             revoked,
             grants_ended: ended.into_iter().map(|g| g.grant_id).collect(),
         })
+    }
+
+    /// End the live grants of `owner` for `resource` (a revoked LiteLLM key's), so nothing
+    /// hands out another without a new approval. Answers the ended grants' ids.
+    pub async fn end_grants_for(
+        &self,
+        actor: &str,
+        owner: &str,
+        resource: &Resource,
+    ) -> Result<Vec<String>, ApiError> {
+        let now = self.clock.now();
+        let ended = self.end_grants(actor, now, |g| {
+            g.owner == owner && g.resource().as_ref() == Some(resource)
+        })?;
+        if ended.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Err(err) = self.audit.record(self.grant_events(actor, &ended)).await {
+            tracing::error!(error = %err, "audit log write failed for ended grants");
+        }
+        tracing::info!(actor = %actor, grants = ended.len(), "grants ended");
+        Ok(ended.into_iter().map(|g| g.grant_id).collect())
+    }
+
+    /// Mark every live grant that `pick` chooses revoked, persisted before memory changes.
+    fn end_grants(
+        &self,
+        actor: &str,
+        now: time::OffsetDateTime,
+        pick: impl Fn(&GrantRecord) -> bool,
+    ) -> Result<Vec<GrantView>, ApiError> {
+        let mut book = self.book();
+        let chosen: Vec<String> = book
+            .grants
+            .values()
+            .filter(|g| g.is_live(now) && pick(g))
+            .map(|g| g.view.grant_id.clone())
+            .collect();
+        let mut ended = Vec::new();
+        for id in chosen {
+            let Some(g) = book.grants.get(&id) else {
+                continue;
+            };
+            let mut g = g.clone();
+            g.view.revoked_at = Some(rfc3339(now));
+            g.view.revoked_by = Some(actor.to_string());
+            let bytes = serde_json::to_vec(&g).map_err(super::store_error)?;
+            self.store
+                .put_doc(NS_GRANTS, &id, &bytes)
+                .map_err(super::store_error)?;
+            book.grants.insert(id, g.clone());
+            ended.push(g.view);
+        }
+        Ok(ended)
+    }
+
+    /// `grant_revoked` audit events for ended grants.
+    fn grant_events(&self, actor: &str, ended: &[GrantView]) -> Vec<AuditEvent> {
+        ended
+            .iter()
+            .map(|g| {
+                let mut e = AuditEvent::new(
+                    AuditEventKind::GrantRevoked,
+                    rfc3339_millis(self.clock.now()),
+                );
+                e.caller = Some(actor.to_string());
+                e.bot = g.bot.clone();
+                e.request_id = Some(g.request_id.clone());
+                e.detail = Some(format!("grant {}", g.grant_id));
+                super::fill_resource(&mut e, &g.resource);
+                e
+            })
+            .collect()
     }
 
     /// credential id → bots it was handed to, from recent `credential_issued` events.

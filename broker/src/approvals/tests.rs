@@ -63,6 +63,7 @@ fn ask(bot: &str, repos: &[&str], perms: &[&str]) -> NewRequest {
         rule: format!("bots.{bot}.requires_approval[0]"),
         timeout: Duration::from_secs(60),
         min_ttl: Duration::from_secs(600),
+        workspace: None,
         client_ip: None,
         preceding: None,
     }
@@ -601,4 +602,136 @@ async fn the_credential_request_is_logged_right_before_its_approval_request() {
             (AuditEventKind::ApprovalRequested, Some(id)),
         ]
     );
+}
+
+fn litellm_ask(bot: &str, scope: &str, workspace: Option<&str>) -> NewRequest {
+    NewRequest {
+        resource: Resource::Litellm {
+            scope: scope.into(),
+        },
+        workspace: workspace.map(|id| WorkspaceInfo {
+            workspace_id: id.into(),
+            workspace_name: format!("ws-{id}"),
+            coder_user: "alice".into(),
+            coder_user_id: "u-1".into(),
+        }),
+        ..ask(bot, &["acme/web"], &["contents:read"])
+    }
+}
+
+#[tokio::test]
+async fn litellm_requests_dedupe_grant_and_remember_by_scope() {
+    let w = world();
+    let a = w
+        .approvals
+        .request(litellm_ask("ci", "agent:write", None))
+        .await
+        .unwrap();
+    let b = w
+        .approvals
+        .request(litellm_ask("ci", "agent:write", None))
+        .await
+        .unwrap();
+    assert!(a.created && !b.created);
+    assert_eq!(a.view.resource.summary(), "litellm agent:write");
+    // Workspace keys of different workspaces are different requests, of one workspace one.
+    let ws1 = w
+        .approvals
+        .request(litellm_ask("ci", "workspace", Some("w1")))
+        .await
+        .unwrap();
+    let ws2 = w
+        .approvals
+        .request(litellm_ask("ci", "workspace", Some("w2")))
+        .await
+        .unwrap();
+    let ws1_again = w
+        .approvals
+        .request(litellm_ask("ci", "workspace", Some("w1")))
+        .await
+        .unwrap();
+    assert!(ws1.created && ws2.created && !ws1_again.created);
+    let (_, _, stored) = w.approvals.resource_of(&ws2.view.request_id).unwrap();
+    assert_eq!(stored.map(|s| s.workspace_id).as_deref(), Some("w2"));
+
+    let d = w
+        .approvals
+        .approve("ops", &a.view.request_id, true)
+        .await
+        .unwrap();
+    let (resource, min_ttl, workspace) = w.approvals.resource_of(&a.view.request_id).unwrap();
+    assert_eq!(
+        resource,
+        Resource::Litellm {
+            scope: "agent:write".into()
+        }
+    );
+    assert_eq!(min_ttl, Duration::from_secs(600));
+    assert!(workspace.is_none());
+    let scope = Request::Litellm {
+        scope: "agent:write",
+    };
+    let grant = w.approvals.covering_grant("ci", &scope).unwrap();
+    assert_eq!(Some(&grant), d.grant.as_ref());
+    assert!(
+        w.approvals
+            .covering_grant("ci", &Request::Litellm { scope: "ci" })
+            .is_none()
+    );
+    let rule = d.remembered.unwrap();
+    assert_eq!(rule.resource.summary(), "litellm agent:write");
+    assert!(w.approvals.remembered().covering("ci", &scope).is_some());
+}
+
+#[tokio::test]
+async fn ending_the_grants_of_a_revoked_key() {
+    let w = world();
+    let mut grants = Vec::new();
+    for (bot, scope) in [
+        ("ci", "agent:write"),
+        ("ci", "ci"),
+        ("deploy", "agent:write"),
+    ] {
+        let r = w
+            .approvals
+            .request(litellm_ask(bot, scope, None))
+            .await
+            .unwrap();
+        let d = w
+            .approvals
+            .approve("ops", &r.view.request_id, false)
+            .await
+            .unwrap();
+        grants.push(d.grant.unwrap().grant_id);
+    }
+    let write = Resource::Litellm {
+        scope: "agent:write".into(),
+    };
+    let ended = w
+        .approvals
+        .end_grants_for("ops", "ci", &write)
+        .await
+        .unwrap();
+    assert_eq!(ended, vec![grants[0].clone()]);
+    assert!(!w.approvals.grant_is_live(&grants[0]));
+    assert!(w.approvals.grant_is_live(&grants[1]));
+    assert!(w.approvals.grant_is_live(&grants[2]));
+    assert_eq!(events(&w, AuditEventKind::GrantRevoked), 1);
+    // Nothing left to end: nothing recorded.
+    let again = w
+        .approvals
+        .end_grants_for("ops", "ci", &write)
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    assert_eq!(events(&w, AuditEventKind::GrantRevoked), 1);
+
+    // A bot's revocation ends its LiteLLM grants too.
+    let answer = w
+        .approvals
+        .revoke("ops", &RevokeTarget::Bot("deploy".into()))
+        .await
+        .unwrap();
+    assert_eq!(answer.grants_ended, vec![grants[2].clone()]);
+    assert!(w.approvals.grant_is_live(&grants[1]));
 }

@@ -47,6 +47,18 @@ pub struct Origin {
     /// `api_key:ci`, `tailnet:node (id)`, `provisioner`, `coder:alice`.
     pub caller: String,
     pub client_ip: Option<String>,
+    /// How the issue was decided for the audit log: `auto` (the default), `grant` or `manual`.
+    pub approval: Option<String>,
+    /// The approval request the key is issued under, if any.
+    pub request_id: Option<String>,
+}
+
+impl Origin {
+    /// Mark an issue event with how it was decided.
+    fn stamp(&self, ev: &mut AuditEvent) {
+        ev.approval = Some(self.approval.clone().unwrap_or_else(|| "auto".into()));
+        ev.request_id = self.request_id.clone();
+    }
 }
 
 /// What to do when a live key already has the name asked for.
@@ -380,7 +392,7 @@ impl KeyService {
                         ev.reused = true;
                         ev.client_ip = ask.origin.client_ip.clone();
                         ev.reason = ask.reason.clone();
-                        ev.approval = Some("auto".into());
+                        ask.origin.stamp(&mut ev);
                         events.push(ev);
                         self.audit.record(events).await.map_err(|e| {
                             ApiError::internal(format!("audit log write failed: {e}"))
@@ -547,7 +559,7 @@ impl KeyService {
         };
         ev.client_ip = o.client_ip.clone();
         ev.reason = ask.reason.clone();
-        ev.approval = Some("auto".into());
+        o.stamp(&mut ev);
         events.push(ev);
         if let Err(e) = self.audit.record(events).await {
             self.roll_back(&generated).await;
@@ -711,7 +723,7 @@ impl KeyService {
             workspace: old.workspace.clone(),
             bot: old.bot.clone(),
             caller: actor.to_string(),
-            client_ip: None,
+            ..Default::default()
         };
         self.issue_locked(KeyAsk {
             scope: old.scope.clone(),
@@ -821,6 +833,15 @@ impl KeyService {
             )
             .await?;
         Ok(Some(Self::revoked_view(&r, err.as_ref())))
+    }
+
+    /// The live key with credential id `id` (`lk_...`), if any.
+    pub fn live_record(&self, id: &str) -> Result<Option<KeyRecord>, ApiError> {
+        let now = self.clock.now();
+        Ok(self
+            .records()?
+            .into_iter()
+            .find(|r| r.credential_id == id && r.is_live(now)))
     }
 
     /// Revoke every live key issued to the policy bot `bot`.

@@ -651,3 +651,49 @@ async fn an_expired_key_not_yet_swept_frees_its_name_and_is_audited() {
         ]
     );
 }
+
+#[tokio::test]
+async fn issue_events_say_how_the_key_was_decided_and_live_record_finds_it() {
+    let w = World::new();
+    let reuse = OnExisting::Reuse {
+        min_remaining: Duration::from_secs(60),
+        rejected: None,
+    };
+    let auto = w
+        .keys
+        .issue(ask("agent:write", "ci.agent-write", reuse.clone()))
+        .await
+        .unwrap();
+    let mut approved = ask("agent:write", "ci.agent-write", reuse);
+    approved.origin.approval = Some("grant".into());
+    approved.origin.request_id = Some("apr_abcdefgh".into());
+    let again = w.keys.issue(approved).await.unwrap();
+    assert!(again.reused);
+    let issued: Vec<(Option<String>, Option<String>)> = w
+        .audit
+        .read(&AuditFilter {
+            event: Some(AuditEventKind::CredentialIssued),
+            ..AuditFilter::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.approval, e.request_id))
+        .collect();
+    assert_eq!(
+        issued,
+        vec![
+            (Some("auto".into()), None),
+            (Some("grant".into()), Some("apr_abcdefgh".into())),
+        ]
+    );
+
+    let id = auto.record.credential_id.clone();
+    let found = w.keys.live_record(&id).unwrap().unwrap();
+    assert_eq!(
+        (found.scope.as_str(), found.bot.as_deref()),
+        ("agent:write", Some("ops"))
+    );
+    w.keys.revoke_by_credential_id(&id, "admin").await.unwrap();
+    assert!(w.keys.live_record(&id).unwrap().is_none());
+    assert!(w.keys.live_record("lk_unknown").unwrap().is_none());
+}

@@ -83,8 +83,8 @@ fn requested(request: &ApprovalRequestView, bot: &str, page: &str, now: OffsetDa
             fields.push(field(label, &repositories.join(", ")));
             fields.push(field("Permissions", &permissions.join(", ")));
         }
-        ApprovalResource::LitellmKey { scope } => {
-            fields.push(field("Scope", &format!("LiteLLM key {scope}")));
+        ApprovalResource::LitellmKey { .. } => {
+            fields.push(field("Scope", &request.resource.summary()));
         }
     }
     fields.push(field("Requested", &age));
@@ -296,7 +296,7 @@ mod tests {
             datetime!(2026-02-17 18:00:00 UTC),
         );
         let fields = m["blocks"][1]["fields"].as_array().unwrap();
-        assert_eq!(fields[1]["text"], "*Scope:*\nLiteLLM key agent:write");
+        assert_eq!(fields[1]["text"], "*Scope:*\nlitellm agent:write");
         assert_eq!(fields[2]["text"], "*Requested:*\n3 hours ago");
         assert_eq!(m["blocks"][2]["text"]["text"], "*Reason:* _none given_");
 

@@ -89,7 +89,7 @@ fn resource_cells(resource: &ApprovalResource) -> (String, String) {
             repositories,
             permissions,
         } => (repositories.join(", "), permissions.join(", ")),
-        ApprovalResource::LitellmKey { scope } => (format!("LiteLLM key {scope}"), String::new()),
+        ApprovalResource::LitellmKey { .. } => (resource.summary(), String::new()),
     }
 }
 
