@@ -72,6 +72,17 @@ impl Auth {
         }
     }
 
+    /// With `auth = "mtls"`, also trust agent.toml's `[tls]` roots for the broker's server
+    /// certificate (a no-op for the other methods).
+    pub fn trusting(self, config: &crate::tls::ServerTrustConfig) -> Result<Auth, AuthError> {
+        match self {
+            Auth::Mtls(identity) => Ok(Auth::Mtls(
+                identity.with_server_trust(crate::tls::ServerTrust::load(config)?),
+            )),
+            other => Ok(other),
+        }
+    }
+
     /// For status output and logs: the method, never the key.
     pub fn describe(&self) -> String {
         match self {
@@ -246,6 +257,8 @@ pub struct BrokerClient {
 pub struct HttpSlot {
     client: std::sync::Arc<std::sync::RwLock<reqwest::Client>>,
     timeout: Duration,
+    /// agent.toml `[tls]` roots for the broker's server certificate.
+    server_trust: crate::tls::ServerTrust,
 }
 
 impl HttpSlot {
@@ -257,9 +270,13 @@ impl HttpSlot {
             .clone()
     }
 
-    /// From now on, present this certificate.
+    /// From now on, present this certificate (trusting the same extra server roots as before:
+    /// a renewed identity comes from the state dir, which does not hold them).
     pub fn use_identity(&self, identity: &crate::tls::MtlsIdentity) -> Result<(), reqwest::Error> {
-        let client = identity.client(client_builder(self.timeout))?;
+        let client = identity
+            .clone()
+            .with_server_trust(self.server_trust.clone())
+            .client(client_builder(self.timeout))?;
         *self
             .client
             .write()
@@ -282,14 +299,18 @@ pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
 impl BrokerClient {
     /// `base` is the broker URL without a trailing `/`; `timeout` bounds each request.
     pub fn new(base: &str, auth: Auth, timeout: Duration) -> Result<BrokerClient, reqwest::Error> {
-        let http = match &auth {
-            Auth::Mtls(identity) => identity.client(client_builder(timeout))?,
-            _ => client_builder(timeout).build()?,
+        let (http, server_trust) = match &auth {
+            Auth::Mtls(identity) => (
+                identity.client(client_builder(timeout))?,
+                identity.server_trust().clone(),
+            ),
+            _ => (client_builder(timeout).build()?, Default::default()),
         };
         Ok(BrokerClient {
             http: HttpSlot {
                 client: std::sync::Arc::new(std::sync::RwLock::new(http)),
                 timeout,
+                server_trust,
             },
             base: base.to_string(),
             auth,

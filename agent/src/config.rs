@@ -50,6 +50,9 @@ pub struct Config {
     pub github: Vec<GithubEntry>,
     /// `[[litellm]]` entries: LiteLLM virtual keys and the files they are written to.
     pub litellm: Vec<crate::litellm_config::LitellmEntry>,
+    /// `[tls]`: what the broker's server certificate is verified against besides the
+    /// enrolled CA bundle (`auth = "mtls"` only).
+    pub server_trust: crate::tls::ServerTrustConfig,
 }
 
 /// How the agent proves who it is to the broker.
@@ -158,6 +161,17 @@ struct RawConfig {
     github: Vec<RawGithub>,
     #[serde(default)]
     litellm: Vec<crate::litellm_config::RawLitellm>,
+    tls: Option<RawTls>,
+}
+
+/// `[tls]` of agent.toml: extra roots for the broker's server certificate.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// PEM certificates the broker's server certificate may chain to.
+    server_ca_file: Option<PathBuf>,
+    /// `"enrolled"` (default: only the CA bundle from enrollment) or `"system"`.
+    server_roots: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +269,44 @@ impl Config {
                 ));
             }
         };
+        let server_trust = match raw.tls {
+            None => crate::tls::ServerTrustConfig::default(),
+            Some(tls) => {
+                if !matches!(auth, AuthConfig::Mtls(_)) {
+                    let key = if tls.server_ca_file.is_some() {
+                        "tls.server_ca_file"
+                    } else {
+                        "tls.server_roots"
+                    };
+                    return Err(invalid(
+                        key,
+                        "only used with auth = \"mtls\" (the broker's mTLS listener)".into(),
+                    ));
+                }
+                if let Some(file) = &tls.server_ca_file
+                    && !file.is_absolute()
+                {
+                    return Err(invalid(
+                        "tls.server_ca_file",
+                        "must be an absolute path".into(),
+                    ));
+                }
+                let system_roots = match tls.server_roots.as_deref() {
+                    None | Some("enrolled") => false,
+                    Some("system") => true,
+                    Some(other) => {
+                        return Err(invalid(
+                            "tls.server_roots",
+                            format!("{other:?} must be \"enrolled\" or \"system\""),
+                        ));
+                    }
+                };
+                crate::tls::ServerTrustConfig {
+                    ca_file: tls.server_ca_file,
+                    system_roots,
+                }
+            }
+        };
         let cache_dir = raw.cache_dir.unwrap_or_else(|| DEFAULT_CACHE_DIR.into());
         if !cache_dir.is_absolute() {
             return Err(invalid("cache_dir", "must be an absolute path".into()));
@@ -349,6 +401,7 @@ impl Config {
             idle_timeout,
             github,
             litellm,
+            server_trust,
         })
     }
 
@@ -808,6 +861,49 @@ min_ttl = "50m"
             (g.refresh_before.as_secs(), g.min_ttl.as_secs()),
             (1800, 3000)
         );
+    }
+
+    #[test]
+    fn tls_server_trust_keys() {
+        let c = parse("broker = \"https://b\"\nauth = \"mtls\"\n").unwrap();
+        assert_eq!(c.server_trust, crate::tls::ServerTrustConfig::default());
+        let c = parse(
+            "broker = \"https://b\"\nauth = \"mtls\"\n[tls]\nserver_ca_file = \"/etc/le.pem\"\n\
+             server_roots = \"system\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.server_trust,
+            crate::tls::ServerTrustConfig {
+                ca_file: Some("/etc/le.pem".into()),
+                system_roots: true
+            }
+        );
+        let c =
+            parse("broker = \"https://b\"\nauth = \"mtls\"\n[tls]\nserver_roots = \"enrolled\"\n")
+                .unwrap();
+        assert!(!c.server_trust.system_roots);
+        for (text, want) in [
+            (
+                "broker = \"https://b\"\nauth = \"mtls\"\n[tls]\nserver_ca_file = \"rel.pem\"\n",
+                "tls.server_ca_file: must be an absolute path",
+            ),
+            (
+                "broker = \"https://b\"\nauth = \"mtls\"\n[tls]\nserver_roots = \"webpki\"\n",
+                "tls.server_roots: \"webpki\" must be",
+            ),
+            (
+                "broker = \"https://b\"\n[tls]\nserver_ca_file = \"/x.pem\"\n",
+                "tls.server_ca_file: only used with auth = \"mtls\"",
+            ),
+            (
+                "broker = \"https://b\"\nauth = \"mtls\"\n[tls]\nserver_ca = \"/x.pem\"\n",
+                "server_ca",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
     }
 
     #[test]

@@ -95,7 +95,9 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    let auth = match Auth::load(&config.auth, std::env::var(API_KEY_ENV).ok()) {
+    let auth = match Auth::load(&config.auth, std::env::var(API_KEY_ENV).ok())
+        .and_then(|a| a.trusting(&config.server_trust))
+    {
         Ok(a) => a,
         Err(e) => return fail(&e.to_string()),
     };

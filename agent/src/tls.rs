@@ -3,7 +3,9 @@
 //!
 //! `client.pem` (mode 0600) holds the private key and the certificate together, so that a
 //! renewal replaces both in one rename; `ca.pem` holds the CA bundle the broker's server
-//! certificate is verified against.
+//! certificate is verified against. agent.toml's `[tls]` may add roots for a server
+//! certificate from elsewhere (tailscaled's Let's Encrypt pair): a PEM file and/or the
+//! system's roots ([`ServerTrust`]).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -74,6 +76,62 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// `[tls]` of agent.toml as configured: roots for the broker's server certificate besides
+/// the enrolled CA bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerTrustConfig {
+    /// `server_ca_file`: PEM certificates the server certificate may chain to.
+    pub ca_file: Option<PathBuf>,
+    /// `server_roots = "system"`: the platform's roots too.
+    pub system_roots: bool,
+}
+
+/// The extra roots, read once at startup and kept across certificate renewals.
+#[derive(Clone, Default)]
+pub struct ServerTrust {
+    extra: Vec<reqwest::Certificate>,
+    system_roots: bool,
+}
+
+impl std::fmt::Debug for ServerTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTrust")
+            .field("extra", &self.extra.len())
+            .field("system_roots", &self.system_roots)
+            .finish()
+    }
+}
+
+impl ServerTrust {
+    /// Read `server_ca_file` (it must hold at least one certificate).
+    pub fn load(config: &ServerTrustConfig) -> Result<ServerTrust, TlsError> {
+        let extra = match &config.ca_file {
+            None => Vec::new(),
+            Some(path) => {
+                let text = std::fs::read(path)
+                    .map_err(|e| file_err(path, format!("[tls] server_ca_file: {e}")))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&text).map_err(|e| {
+                    file_err(
+                        path,
+                        format!("[tls] server_ca_file: not PEM certificates: {e}"),
+                    )
+                })?;
+                if certs.is_empty() {
+                    return Err(file_err(
+                        path,
+                        "[tls] server_ca_file holds no PEM certificate",
+                    ));
+                }
+                certs
+            }
+        };
+        Ok(ServerTrust {
+            extra,
+            system_roots: config.system_roots,
+        })
+    }
+}
+
 /// The identity loaded from the state dir, ready for a reqwest client.
 #[derive(Clone)]
 pub struct MtlsIdentity {
@@ -81,6 +139,7 @@ pub struct MtlsIdentity {
     pub info: CertInfo,
     identity: reqwest::Identity,
     roots: Vec<reqwest::Certificate>,
+    server_trust: ServerTrust,
 }
 
 impl std::fmt::Debug for MtlsIdentity {
@@ -139,18 +198,39 @@ impl MtlsIdentity {
             info,
             identity,
             roots,
+            server_trust: ServerTrust::default(),
         })
     }
 
-    /// A reqwest client presenting this certificate and trusting only the broker's CAs.
+    /// Also trust these roots for the broker's server certificate.
+    pub fn with_server_trust(mut self, trust: ServerTrust) -> MtlsIdentity {
+        self.server_trust = trust;
+        self
+    }
+
+    /// The extra roots this identity's clients trust.
+    pub fn server_trust(&self) -> &ServerTrust {
+        &self.server_trust
+    }
+
+    /// A reqwest client presenting this certificate and trusting the broker's CAs, plus the
+    /// configured extra roots (and the system's with `server_roots = "system"`).
     pub fn client(
         &self,
         builder: reqwest::ClientBuilder,
     ) -> Result<reqwest::Client, reqwest::Error> {
-        builder
-            .identity(self.identity.clone())
-            .tls_certs_only(self.roots.clone())
-            .build()
+        let roots = self
+            .roots
+            .iter()
+            .chain(&self.server_trust.extra)
+            .cloned()
+            .collect::<Vec<_>>();
+        let builder = builder.identity(self.identity.clone());
+        if self.server_trust.system_roots {
+            builder.tls_certs_merge(roots).build()
+        } else {
+            builder.tls_certs_only(roots).build()
+        }
     }
 }
 
@@ -364,6 +444,42 @@ mod tests {
         .unwrap();
         let err = MtlsIdentity::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn server_trust_reads_its_pem_file_or_says_which_key_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            ServerTrust::load(&ServerTrustConfig::default())
+                .unwrap()
+                .extra
+                .is_empty()
+        );
+        let (key, _) = new_key_and_csr(None).unwrap();
+        let (_, ca) = issue(&key, "ci", 1);
+        let good = dir.path().join("roots.pem");
+        std::fs::write(&good, &ca).unwrap();
+        let trust = ServerTrust::load(&ServerTrustConfig {
+            ca_file: Some(good),
+            system_roots: true,
+        })
+        .unwrap();
+        assert_eq!(trust.extra.len(), 1);
+        assert!(trust.system_roots);
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing here\n").unwrap();
+        for (path, want) in [
+            (dir.path().join("missing.pem"), "server_ca_file"),
+            (empty, "holds no PEM certificate"),
+        ] {
+            let err = ServerTrust::load(&ServerTrustConfig {
+                ca_file: Some(path),
+                system_roots: false,
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
     }
 
     #[test]

@@ -504,7 +504,10 @@ impl Config {
             None => None,
         };
         let tls = match raw.tls {
-            Some(t) => Some(t.validate(&resolve).map_err(|(k, m)| invalid(&k, m))?),
+            Some(t) => Some(
+                t.validate(&resolve, tailscale.as_ref().map(|t| t.socket.as_path()))
+                    .map_err(|(k, m)| invalid(&k, m))?,
+            ),
             None => None,
         };
 

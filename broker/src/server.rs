@@ -139,13 +139,14 @@ pub async fn run(
     );
     let mtls = match &config.tls {
         Some(tls) => Some(
-            crate::tls::Mtls::start(
+            crate::tls::Mtls::open(
                 tls,
                 &config.data_dir,
                 store.clone(),
                 audit.clone(),
                 edges.clock.clone(),
             )
+            .await
             .map_err(|e| ServeError::Config(e.to_string()))?,
         ),
         None => None,

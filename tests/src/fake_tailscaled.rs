@@ -30,6 +30,20 @@
 //!   `404 no match for IP:port`; no or empty `addr`: `400 missing 'addr' parameter`; unparsable:
 //!   `400 invalid 'addr' parameter`; bad node key: `400 invalid nodekey in 'addr' parameter`.
 //!
+//! - `/localapi/v0/status` (`?peers=false` or not; the fake has no peers): `200` with an
+//!   `ipnstate.Status` for the node set by [`FakeTailscaled::set_self`] (Go's
+//!   `json.Encoder` with tab indentation and a trailing newline); without one, the logged-out
+//!   shape (`BackendState: "NeedsLogin"`, empty `Self.DNSName`, `CertDomains: null`).
+//! - `/localapi/v0/cert/{domain}?type=T` (`ipn/localapi/cert.go` + `ipnlocal/cert.go`):
+//!   a connection without write/cert permission ([`FakeTailscaled::set_cert_denied`]):
+//!   `403 cert access denied`; a domain that does not look like one (empty, `..`, `:`, `/`, `\\`,
+//!   NUL, no dot): `500 invalid domain`; a node without HTTPS certificates (no `CertDomains`):
+//!   `500 your Tailscale account does not support getting TLS certs`; another domain:
+//!   `500 invalid domain "D"; must be one of ["A"]`; then `type` `""`/`crt`/`cert` answers the
+//!   chain PEM, `key` the key PEM, `pair` the key PEM then the chain PEM (`Content-Type:
+//!   text/plain`), anything else `400 invalid type; want "cert" (default), "key", or "pair"`.
+//!   Keys are served as tailscaled writes them: SEC1 `EC PRIVATE KEY` ([`CertPair::from_pkcs8`]).
+//!
 //! Errors are Go `http.Error` answers: `text/plain; charset=utf-8`, the message and `\n`. Every answer
 //! carries `Tailscale-Version`, `Tailscale-Cap`, `Content-Security-Policy`, `X-Frame-Options: DENY` and
 //! `X-Content-Type-Options: nosniff`.
@@ -836,6 +850,10 @@ struct Shared {
 #[derive(Default)]
 struct Ledger {
     nodes: HashMap<IpAddr, WhoIsBody>,
+    self_node: Option<SelfNode>,
+    cert_pairs: HashMap<String, CertPair>,
+    cert_denied: bool,
+    cert_requests: Vec<String>,
     whois_calls: u64,
     whois_addrs: Vec<String>,
     fail_next: u32,
@@ -946,6 +964,32 @@ impl FakeTailscaled {
     pub fn set_whois_denied(&self, denied: bool) {
         self.inner.shared.lock().whois_denied = denied;
     }
+
+    /// This node as `/localapi/v0/status` reports it (its MagicDNS name and `CertDomains`).
+    pub fn set_self(&self, node: SelfNode) {
+        self.inner.shared.lock().self_node = Some(node);
+    }
+
+    /// The certificate pair tailscaled holds for `domain` (what `cert/{domain}` serves).
+    /// Setting another one later is tailscaled's renewal.
+    pub fn set_cert_pair(&self, domain: &str, pair: CertPair) {
+        self.inner
+            .shared
+            .lock()
+            .cert_pairs
+            .insert(domain.to_string(), pair);
+    }
+
+    /// Makes `cert/` answer `403 cert access denied`, as for a connection that is neither
+    /// root/operator nor allowed by `TS_PERMIT_CERT_UID`.
+    pub fn set_cert_denied(&self, denied: bool) {
+        self.inner.shared.lock().cert_denied = denied;
+    }
+
+    /// The `cert/` requests so far, as `domain?type=T` (decoded), in order.
+    pub fn cert_requests(&self) -> Vec<String> {
+        self.inner.shared.lock().cert_requests.clone()
+    }
 }
 
 fn unmap(ip: IpAddr) -> IpAddr {
@@ -1051,6 +1095,12 @@ async fn localapi(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     {
         return http_error(StatusCode::BAD_REQUEST, "invalid reason header");
     }
+    if path == "/localapi/v0/status" {
+        return status(&shared);
+    }
+    if let Some(domain) = path.strip_prefix("/localapi/v0/cert/") {
+        return cert(&shared, &percent_decode(domain), &req);
+    }
     if !is_whois {
         return http_error(StatusCode::NOT_FOUND, "404 page not found");
     }
@@ -1096,4 +1146,397 @@ fn whois(shared: &Shared, req: &Request) -> Response {
         }
         None => http_error(StatusCode::NOT_FOUND, "no match for IP:port"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status and certificates
+
+/// This node as tailscaled's status reports it.
+#[derive(Clone, Debug)]
+pub struct SelfNode {
+    /// The OS hostname (`Self.HostName`).
+    pub host_name: String,
+    /// The MagicDNS FQDN without the trailing dot; `Self.DNSName` carries the dot.
+    pub dns_name: String,
+    pub tailscale_ips: Vec<IpAddr>,
+    /// Names tailscaled gets certificates for; empty when HTTPS certificates are off for the
+    /// tailnet (then `CertDomains` is `null`).
+    pub cert_domains: Vec<String>,
+}
+
+impl SelfNode {
+    /// The node `host` in the tailnet `tailnet` (e.g. `"tailnet-1234.ts.net"`), HTTPS
+    /// certificates enabled for its name.
+    pub fn new(host: &str, tailnet: &str) -> SelfNode {
+        let dns_name = format!("{host}.{tailnet}");
+        SelfNode {
+            host_name: host.to_string(),
+            dns_name: dns_name.clone(),
+            tailscale_ips: vec![
+                IpAddr::V4(Ipv4Addr::new(100, 88, 77, 66)),
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0x6458, 0x4d42,
+                )),
+            ],
+            cert_domains: vec![dns_name],
+        }
+    }
+
+    /// The same node in a tailnet without HTTPS certificates.
+    pub fn without_https(mut self) -> SelfNode {
+        self.cert_domains.clear();
+        self
+    }
+}
+
+/// A key and certificate chain as tailscaled keeps them: the key PEM (SEC1 `EC PRIVATE KEY`)
+/// and the chain PEM, leaf first. Served byte-for-byte.
+#[derive(Clone)]
+pub struct CertPair {
+    key_pem: Bytes,
+    cert_pem: Bytes,
+}
+
+impl std::fmt::Debug for CertPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertPair")
+            .field("cert_pem_len", &self.cert_pem.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertPair {
+    /// The key and chain exactly as given (to serve odd or broken answers).
+    pub fn raw(key_pem: impl Into<Bytes>, cert_pem: impl Into<Bytes>) -> CertPair {
+        CertPair {
+            key_pem: key_pem.into(),
+            cert_pem: cert_pem.into(),
+        }
+    }
+
+    /// A P-256 key in PKCS#8 PEM (what rcgen writes) re-encoded as tailscaled writes it
+    /// (`x509.MarshalECPrivateKey`: SEC1 with the curve named), and the chain PEM.
+    ///
+    /// # Panics
+    /// If the key is not a PKCS#8 P-256 key.
+    pub fn from_pkcs8(key_pem: &str, cert_pem: &str) -> CertPair {
+        use rustls::pki_types::PrivatePkcs8KeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let pkcs8 = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes())
+            .unwrap_or_else(|e| panic!("CertPair::from_pkcs8: not a PKCS#8 PEM key: {e}"));
+        let sec1 = sec1_from_pkcs8_p256(pkcs8.secret_pkcs8_der())
+            .unwrap_or_else(|| panic!("CertPair::from_pkcs8: not a P-256 PKCS#8 key"));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(sec1);
+        let mut pem = String::from("-----BEGIN EC PRIVATE KEY-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END EC PRIVATE KEY-----\n");
+        CertPair::raw(pem, cert_pem.to_string())
+    }
+}
+
+/// PKCS#8 `PrivateKeyInfo { 0, {ecPublicKey, prime256v1}, OCTET STRING ECPrivateKey }` with
+/// the inner `ECPrivateKey { 1, key, [1] pub }` given its `[0] prime256v1` parameters.
+fn sec1_from_pkcs8_p256(pkcs8: &[u8]) -> Option<Vec<u8>> {
+    const PRIME256V1: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    // The inner ECPrivateKey starts with SEQUENCE, version 1, OCTET STRING of 32 bytes.
+    let start = pkcs8
+        .windows(7)
+        .position(|w| w[0] == 0x30 && w[2..] == [0x02, 0x01, 0x01, 0x04, 0x20])?;
+    let inner_len = usize::from(*pkcs8.get(start + 1)?);
+    let inner = pkcs8.get(start + 2..start + 2 + inner_len)?;
+    if !pkcs8.windows(PRIME256V1.len()).any(|w| w == PRIME256V1) {
+        return None;
+    }
+    let (head, tail) = inner.split_at(5 + 32);
+    let mut body = head.to_vec();
+    body.push(0xa0);
+    body.push(PRIME256V1.len() as u8);
+    body.extend_from_slice(&PRIME256V1);
+    body.extend_from_slice(tail);
+    if body.len() > 127 {
+        return None;
+    }
+    let mut out = vec![0x30, body.len() as u8];
+    out.extend(body);
+    Some(out)
+}
+
+/// `%XX` escapes of a path decoded, as Go's `URL.Path` is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex_pair) = s.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex_pair, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `ipnstate.Status` without peers, in Go's field order.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct StatusBody {
+    version: &'static str,
+    #[serde(rename = "TUN")]
+    tun: bool,
+    backend_state: &'static str,
+    #[serde(skip_serializing_if = "is_false")]
+    have_node_key: bool,
+    #[serde(rename = "AuthURL")]
+    auth_url: String,
+    tailscale_ips: Option<Vec<IpAddr>>,
+    #[serde(rename = "Self")]
+    self_status: PeerStatusBody,
+    health: Vec<String>,
+    #[serde(rename = "MagicDNSSuffix")]
+    magic_dns_suffix: String,
+    current_tailnet: Option<TailnetStatusBody>,
+    cert_domains: Option<Vec<String>>,
+    peer: Option<BTreeMap<String, serde_json::Value>>,
+    user: Option<BTreeMap<String, serde_json::Value>>,
+    client_version: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct TailnetStatusBody {
+    name: String,
+    #[serde(rename = "MagicDNSSuffix")]
+    magic_dns_suffix: String,
+    #[serde(rename = "MagicDNSEnabled")]
+    magic_dns_enabled: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct PeerStatusBody {
+    #[serde(rename = "ID")]
+    id: String,
+    public_key: String,
+    host_name: String,
+    #[serde(rename = "DNSName")]
+    dns_name: String,
+    #[serde(rename = "OS")]
+    os: String,
+    #[serde(rename = "UserID")]
+    user_id: i64,
+    #[serde(rename = "TailscaleIPs")]
+    tailscale_ips: Option<Vec<IpAddr>>,
+    addrs: Option<Vec<String>>,
+    cur_addr: String,
+    relay: String,
+    rx_bytes: i64,
+    tx_bytes: i64,
+    created: &'static str,
+    last_write: &'static str,
+    last_seen: &'static str,
+    last_handshake: &'static str,
+    online: bool,
+    exit_node: bool,
+    exit_node_option: bool,
+    active: bool,
+    #[serde(rename = "PeerAPIURL")]
+    peer_api_url: Option<Vec<String>>,
+    in_network_map: bool,
+    in_magic_sock: bool,
+    in_engine: bool,
+}
+
+const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+fn status_body(node: Option<&SelfNode>) -> Vec<u8> {
+    let zero_peer =
+        |dns_name: String, host_name: String, ips: Option<Vec<IpAddr>>| PeerStatusBody {
+            id: String::new(),
+            public_key: "nodekey:0000000000000000000000000000000000000000000000000000000000000000"
+                .into(),
+            host_name,
+            dns_name,
+            os: "linux".into(),
+            user_id: 0,
+            tailscale_ips: ips,
+            addrs: None,
+            cur_addr: String::new(),
+            relay: String::new(),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            created: GO_ZERO_TIME,
+            last_write: GO_ZERO_TIME,
+            last_seen: GO_ZERO_TIME,
+            last_handshake: GO_ZERO_TIME,
+            online: false,
+            exit_node: false,
+            exit_node_option: false,
+            active: false,
+            peer_api_url: None,
+            in_network_map: false,
+            in_magic_sock: false,
+            in_engine: false,
+        };
+    let body = match node {
+        None => StatusBody {
+            version: TAILSCALE_VERSION,
+            tun: true,
+            backend_state: "NeedsLogin",
+            have_node_key: false,
+            auth_url: String::new(),
+            tailscale_ips: None,
+            self_status: zero_peer(String::new(), "fake-host".into(), None),
+            health: vec![],
+            magic_dns_suffix: String::new(),
+            current_tailnet: None,
+            cert_domains: None,
+            peer: None,
+            user: None,
+            client_version: None,
+        },
+        Some(n) => {
+            let suffix = n
+                .dns_name
+                .split_once('.')
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or_default();
+            let mut me = zero_peer(
+                format!("{}.", n.dns_name),
+                n.host_name.clone(),
+                Some(n.tailscale_ips.clone()),
+            );
+            me.id = derived_stable_id(&n.host_name);
+            me.public_key = format!("nodekey:{}", hex::encode(sha256(&n.host_name)));
+            me.user_id = derived_i64(&n.host_name);
+            me.online = true;
+            me.peer_api_url = Some(
+                n.tailscale_ips
+                    .iter()
+                    .map(|ip| match ip {
+                        IpAddr::V4(v4) => format!("http://{v4}:41641"),
+                        IpAddr::V6(v6) => format!("http://[{v6}]:41641"),
+                    })
+                    .collect(),
+            );
+            me.in_network_map = true;
+            me.in_magic_sock = true;
+            StatusBody {
+                version: TAILSCALE_VERSION,
+                tun: true,
+                backend_state: "Running",
+                have_node_key: true,
+                auth_url: String::new(),
+                tailscale_ips: Some(n.tailscale_ips.clone()),
+                self_status: me,
+                health: vec![],
+                magic_dns_suffix: suffix.clone(),
+                current_tailnet: Some(TailnetStatusBody {
+                    name: "example.com".into(),
+                    magic_dns_suffix: suffix,
+                    magic_dns_enabled: true,
+                }),
+                cert_domains: (!n.cert_domains.is_empty()).then(|| n.cert_domains.clone()),
+                peer: None,
+                user: None,
+                client_version: None,
+            }
+        }
+    };
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
+    if body.serialize(&mut ser).is_err() {
+        return b"{}\n".to_vec();
+    }
+    out.push(b'\n');
+    out
+}
+
+fn status(shared: &Shared) -> Response {
+    let node = shared.lock().self_node.clone();
+    let mut response = Response::new(Body::from(status_body(node.as_ref())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    localapi_headers(response.headers_mut());
+    response
+}
+
+/// `validLookingCertDomain`.
+fn valid_looking_cert_domain(name: &str) -> bool {
+    !(name.is_empty()
+        || name.contains("..")
+        || name.contains([':', '/', '\\', '\0'])
+        || !name.contains('.'))
+}
+
+fn cert(shared: &Shared, domain: &str, req: &Request) -> Response {
+    let kind = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|Query(pairs)| pairs.into_iter().find(|(k, _)| k == "type").map(|(_, v)| v))
+        .unwrap_or_default();
+    let mut ledger = shared.lock();
+    ledger.cert_requests.push(format!("{domain}?type={kind}"));
+    if ledger.cert_denied {
+        return http_error(StatusCode::FORBIDDEN, "cert access denied");
+    }
+    if !valid_looking_cert_domain(domain) {
+        return http_error(StatusCode::INTERNAL_SERVER_ERROR, "invalid domain");
+    }
+    let cert_domains = ledger
+        .self_node
+        .as_ref()
+        .map(|n| n.cert_domains.clone())
+        .unwrap_or_default();
+    if cert_domains.is_empty() {
+        return http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "your Tailscale account does not support getting TLS certs",
+        );
+    }
+    if !cert_domains.iter().any(|d| d == domain) {
+        // Go's %q of a []string: ["a" "b"].
+        let quoted: Vec<String> = cert_domains.iter().map(|d| format!("{d:?}")).collect();
+        return http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!(
+                "invalid domain {domain:?}; must be one of [{}]",
+                quoted.join(" ")
+            ),
+        );
+    }
+    let Some(pair) = ledger.cert_pairs.get(domain).cloned() else {
+        // The real one would now order a certificate from Let's Encrypt.
+        return http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("acme.GetReg: the fake tailscaled holds no certificate for {domain:?}"),
+        );
+    };
+    drop(ledger);
+    let body: Vec<u8> = match kind.as_str() {
+        "" | "crt" | "cert" => pair.cert_pem.to_vec(),
+        "key" => pair.key_pem.to_vec(),
+        "pair" => [pair.key_pem.as_ref(), pair.cert_pem.as_ref()].concat(),
+        _ => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                r#"invalid type; want "cert" (default), "key", or "pair""#,
+            );
+        }
+    };
+    let mut response = Response::new(Body::from(body));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    localapi_headers(response.headers_mut());
+    response
 }

@@ -1162,7 +1162,7 @@ async fn localapi_errors_are_go_http_errors() {
             "invalid localapi request\n",
         ),
         (
-            "/localapi/v0/status",
+            "/localapi/v0/no-such-endpoint",
             Some("local-tailscaled.sock"),
             &[],
             404,
@@ -1387,4 +1387,183 @@ async fn tailscaled_knobs_remove_fail_and_go_down() {
     tailscaled.set_down(false).await;
     assert_eq!(whois(&tailscaled, BOT_IP).await.status, 200);
     assert_eq!(tailscaled.whois_calls(), 5);
+}
+
+async fn local_get(tailscaled: &FakeTailscaled, target: &str) -> LocalAnswer {
+    localapi(
+        tailscaled.socket_path(),
+        target,
+        Some("local-tailscaled.sock"),
+        &[],
+    )
+    .await
+}
+
+/// A P-256 key (PKCS#8 PEM, as rcgen writes it) and a self-signed certificate for `domain`.
+fn key_and_cert(domain: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![domain.to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    (key.serialize_pem(), cert.pem())
+}
+
+#[tokio::test]
+async fn status_reports_the_node_name_and_cert_domains_like_tailscaled() {
+    use botcreds_tests::fake_tailscaled::SelfNode;
+    let tailscaled = FakeTailscaled::start().await;
+
+    // Logged out: no name, no certificate domains.
+    let out = local_get(&tailscaled, "/localapi/v0/status?peers=false").await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.header("content-type"), "application/json");
+    let status: Value = serde_json::from_slice(&out.body).expect("JSON");
+    assert_eq!(status["BackendState"], "NeedsLogin");
+    assert_eq!(status["Self"]["DNSName"], "");
+    assert_eq!(status["CertDomains"], Value::Null);
+
+    tailscaled.set_self(SelfNode::new("bot-broker", "tailnet-1234.ts.net"));
+    let out = local_get(&tailscaled, "/localapi/v0/status").await;
+    let text = String::from_utf8(out.body).expect("UTF-8");
+    // Go's json.Encoder with SetIndent("", "\t"): tabs and a trailing newline.
+    assert!(text.starts_with("{\n\t\"Version\": "), "{text}");
+    assert!(text.ends_with("}\n"), "{text}");
+    let status: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(status["BackendState"], "Running");
+    assert_eq!(status["Self"]["DNSName"], "bot-broker.tailnet-1234.ts.net.");
+    assert_eq!(status["Self"]["HostName"], "bot-broker");
+    assert_eq!(status["MagicDNSSuffix"], "tailnet-1234.ts.net");
+    assert_eq!(
+        status["CurrentTailnet"]["MagicDNSSuffix"],
+        "tailnet-1234.ts.net"
+    );
+    assert_eq!(
+        status["CertDomains"],
+        json!(["bot-broker.tailnet-1234.ts.net"])
+    );
+
+    tailscaled.set_self(SelfNode::new("bot-broker", "tailnet-1234.ts.net").without_https());
+    let out = local_get(&tailscaled, "/localapi/v0/status").await;
+    let status: Value = serde_json::from_slice(&out.body).expect("JSON");
+    assert_eq!(status["CertDomains"], Value::Null);
+}
+
+#[tokio::test]
+async fn cert_serves_the_pair_and_refuses_like_tailscaled() {
+    use botcreds_tests::fake_tailscaled::{CertPair, SelfNode};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateSec1KeyDer};
+
+    const DOMAIN: &str = "bot-broker.tailnet-1234.ts.net";
+    let tailscaled = FakeTailscaled::start().await;
+    let (key_pem, cert_pem) = key_and_cert(DOMAIN);
+    tailscaled.set_cert_pair(DOMAIN, CertPair::from_pkcs8(&key_pem, &cert_pem));
+
+    // No HTTPS certificates for the tailnet (and logged out): tailscaled's message.
+    let out = local_get(
+        &tailscaled,
+        &format!("/localapi/v0/cert/{DOMAIN}?type=pair"),
+    )
+    .await;
+    assert_eq!(out.status, 500);
+    assert_eq!(
+        out.body,
+        b"your Tailscale account does not support getting TLS certs\n"
+    );
+    assert_eq!(out.header("content-type"), "text/plain; charset=utf-8");
+
+    tailscaled.set_self(SelfNode::new("bot-broker", "tailnet-1234.ts.net"));
+    let pair = local_get(
+        &tailscaled,
+        &format!("/localapi/v0/cert/{DOMAIN}?type=pair"),
+    )
+    .await;
+    assert_eq!(pair.status, 200);
+    assert_eq!(pair.header("content-type"), "text/plain");
+    assert_eq!(pair.header("tailscale-cap"), "145");
+    let text = String::from_utf8(pair.body).expect("PEM");
+    // The key first, as SEC1 the way Go's x509.MarshalECPrivateKey writes it, then the chain.
+    assert!(
+        text.starts_with("-----BEGIN EC PRIVATE KEY-----\n"),
+        "{text}"
+    );
+    assert!(text.ends_with(&cert_pem), "{text}");
+    let sec1 = PrivateSec1KeyDer::from_pem_slice(text.as_bytes()).expect("a SEC1 key");
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(sec1.into())
+        .expect("a usable key");
+    let certified = rustls::sign::CertifiedKey::new(
+        vec![CertificateDer::from_pem_slice(text.as_bytes()).expect("certificate")],
+        signer,
+    );
+    certified
+        .keys_match()
+        .expect("the key belongs to the certificate");
+
+    for (kind, want) in [
+        ("", cert_pem.as_str()),
+        ("cert", &cert_pem),
+        ("crt", &cert_pem),
+    ] {
+        let out = local_get(
+            &tailscaled,
+            &format!("/localapi/v0/cert/{DOMAIN}?type={kind}"),
+        )
+        .await;
+        assert_eq!(
+            (out.status, out.body.as_slice()),
+            (200, want.as_bytes()),
+            "{kind}"
+        );
+    }
+    let key_only = local_get(&tailscaled, &format!("/localapi/v0/cert/{DOMAIN}?type=key")).await;
+    assert!(text.starts_with(std::str::from_utf8(&key_only.body).expect("PEM")));
+
+    for (target, status, message) in [
+        (
+            format!("/localapi/v0/cert/{DOMAIN}?type=der"),
+            400,
+            "invalid type; want \"cert\" (default), \"key\", or \"pair\"\n",
+        ),
+        (
+            "/localapi/v0/cert/other.tailnet-1234.ts.net?type=pair".to_string(),
+            500,
+            "invalid domain \"other.tailnet-1234.ts.net\"; must be one of [\"bot-broker.tailnet-1234.ts.net\"]\n",
+        ),
+        (
+            "/localapi/v0/cert/localhost?type=pair".to_string(),
+            500,
+            "invalid domain\n",
+        ),
+        (
+            "/localapi/v0/cert/a..b?type=pair".to_string(),
+            500,
+            "invalid domain\n",
+        ),
+    ] {
+        let out = local_get(&tailscaled, &target).await;
+        assert_eq!(
+            (out.status, String::from_utf8_lossy(&out.body).as_ref()),
+            (status, message),
+            "{target}"
+        );
+    }
+
+    tailscaled.set_cert_denied(true);
+    let out = local_get(
+        &tailscaled,
+        &format!("/localapi/v0/cert/{DOMAIN}?type=pair"),
+    )
+    .await;
+    assert_eq!(
+        (out.status, out.body.as_slice()),
+        (403, &b"cert access denied\n"[..])
+    );
+    assert_eq!(
+        tailscaled.cert_requests().first().map(String::as_str),
+        Some("bot-broker.tailnet-1234.ts.net?type=pair")
+    );
 }

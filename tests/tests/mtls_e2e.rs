@@ -863,3 +863,183 @@ async fn ca_rotation_keeps_old_certificates_working_until_the_old_ca_is_retired(
         "the certificate enrolled in step 1 came from the old CA"
     );
 }
+
+/// The node's MagicDNS name in the tailscaled-certificate tests.
+const TS_DOMAIN: &str = "bot-broker.tailnet-1234.ts.net";
+
+/// A stand-in for Let's Encrypt: a root, an intermediate, and a 90-day certificate from the
+/// intermediate for `names`. Returns the root PEM and the pair as tailscaled serves it (SEC1
+/// key, leaf then intermediate).
+fn public_ca_pair(names: &[&str]) -> (String, botcreds_tests::fake_tailscaled::CertPair) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::default();
+    root.distinguished_name
+        .push(DnType::CommonName, "Test Public Root X1");
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root, root_key);
+    let mid_key = KeyPair::generate().unwrap();
+    let mut mid = CertificateParams::default();
+    mid.distinguished_name
+        .push(DnType::CommonName, "Test Public E5");
+    mid.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let mid_cert = mid.signed_by(&mid_key, &root_issuer).unwrap();
+    let mid_issuer = Issuer::new(mid, mid_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, names[0]);
+    leaf.not_before = now - time::Duration::hours(1);
+    leaf.not_after = now + time::Duration::days(90);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_cert = leaf.signed_by(&leaf_key, &mid_issuer).unwrap();
+    let pair = botcreds_tests::fake_tailscaled::CertPair::from_pkcs8(
+        &leaf_key.serialize_pem(),
+        &format!("{}{}", leaf_cert.pem(), mid_cert.pem()),
+    );
+    (root_cert.pem(), pair)
+}
+
+/// A client presenting the certificate in `state_dir`, trusting only `roots_pem`, and reaching
+/// `TS_DOMAIN` at the mTLS listener (SNI and Host stay the tailnet name).
+fn tailnet_name_client(state_dir: &Path, roots_pem: &[u8], tls: SocketAddr) -> reqwest::Client {
+    let identity = std::fs::read(state_dir.join("client.pem")).unwrap();
+    reqwest::Client::builder()
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(roots_pem).unwrap())
+        .resolve(TS_DOMAIN, tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `[tls] server_certificate = "tailscale"`: the listener presents tailscaled's certificate for
+/// the node's MagicDNS name while client certificates still come from the broker's CA; a
+/// client needs the public root (not the broker CA) to connect, and so does the agent
+/// (`[tls] server_ca_file`). Without tailscaled the broker does not start.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_certificate_from_tailscaled_for_the_tailnet_name() {
+    use botcreds_tests::agent::{AgentBuilder, GithubEntry};
+    use botcreds_tests::fake_tailscaled::{FakeTailscaled, SelfNode};
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    tailscaled.set_self(SelfNode::new("bot-broker", "tailnet-1234.ts.net"));
+    // The agent binary resolves names through the system, so the certificate also names
+    // localhost for it; the reqwest clients below use the tailnet name itself.
+    let (root_pem, pair) = public_ca_pair(&[TS_DOMAIN, "localhost"]);
+    tailscaled.set_cert_pair(TS_DOMAIN, pair);
+    let mut broker = BrokerBuilder::new(AGENT_POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("ops", OPS_KEY)
+        .tailscaled(tailscaled.socket_path())
+        .toml(&format!("{TLS_TOML}server_certificate = \"tailscale\"\n"))
+        .start()
+        .await;
+    let tls = tls_addr(&mut broker).await;
+    assert!(
+        broker
+            .logs()
+            .contains("mTLS server certificate from tailscaled"),
+        "{}",
+        broker.logs()
+    );
+    assert_eq!(
+        tailscaled.cert_requests(),
+        vec![format!("{TS_DOMAIN}?type=pair")]
+    );
+    assert!(
+        !broker.logs().contains("PRIVATE KEY"),
+        "the key must never be logged"
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let token = join_token(&broker.url, "cert-bot").await;
+    let (code, _, err) = agent_enroll(&broker.url, &token, state.path()).await;
+    assert_eq!(code, 0, "{err}");
+    // Enrollment still hands out the broker's CA: it verifies client certificates.
+    let ca_bundle = std::fs::read_to_string(state.path().join("ca.pem")).unwrap();
+    assert!(!ca_bundle.contains(root_pem.trim()));
+    let url = format!("https://{TS_DOMAIN}:{}/v1/whoami", tls.port());
+
+    let public = tailnet_name_client(state.path(), root_pem.as_bytes(), tls);
+    let (status, who) = get_json(&public, &url).await.expect("whoami over mTLS");
+    assert_eq!(
+        (status, who["bot"].as_str()),
+        (200, Some("cert-bot")),
+        "{who}"
+    );
+
+    // Trusting only the broker's CA, the handshake fails: the server certificate is not its.
+    let broker_ca_only = tailnet_name_client(state.path(), ca_bundle.as_bytes(), tls);
+    let err = get_json(&broker_ca_only, &url)
+        .await
+        .expect_err("the broker CA does not vouch for tailscaled's certificate");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // The agent with the public root in `[tls] server_ca_file` gets a credential through
+    // the listener.
+    let roots_file = state.path().join("public-root.pem");
+    std::fs::write(&roots_file, &root_pem).unwrap();
+    let home = AgentBuilder::new(&format!("https://localhost:{}", tls.port()))
+        .toml(&format!(
+            "auth = \"mtls\"\nstate_dir = {:?}\n\n[tls]\nserver_ca_file = {:?}\n",
+            state.path().display().to_string(),
+            roots_file.display().to_string()
+        ))
+        .github(GithubEntry::new(
+            "github.com",
+            &["acme-corp/web"],
+            &["contents:write"],
+        ))
+        .build();
+    let agent = home.start().await;
+    let out = home
+        .helper(
+            "get",
+            "protocol=http\nhost=github.com\npath=acme-corp/web.git\n",
+        )
+        .await;
+    assert!(
+        out.stdout.contains("password=ghs_"),
+        "no credential: {}{}\nagent:\n{}",
+        out.stdout,
+        out.stderr,
+        agent.logs()
+    );
+    drop(agent);
+
+    // Without tailscaled's certificate the broker refuses to start, naming the key.
+    tailscaled.set_self(SelfNode::new("bot-broker", "tailnet-1234.ts.net").without_https());
+    assert!(broker.stop().await.success());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(binary("botcreds"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&broker.config_path)
+        .env("RUST_LOG", "info")
+        .env("BOTCREDS_TEST_KEY_0", OPS_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    match BrokerProcess::try_spawn(
+        &mut cmd,
+        dir,
+        broker.config_path.clone(),
+        broker.policy_path.clone(),
+    )
+    .await
+    {
+        Ok(_) => panic!("the broker started without tailscaled's certificate"),
+        Err(f) => {
+            assert!(f.logs.contains("tls.server_certificate"), "{}", f.logs);
+            assert!(f.logs.contains("enable HTTPS certificates"), "{}", f.logs);
+        }
+    }
+}

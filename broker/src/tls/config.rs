@@ -27,6 +27,8 @@ pub struct RawTlsConfig {
     handshake_timeout: Ttl,
     #[serde(default)]
     tailnet_enrollment: bool,
+    /// `"ca"` (default) or `"tailscale"`.
+    server_certificate: Option<String>,
 }
 
 fn default_cert_ttl() -> Ttl {
@@ -48,6 +50,16 @@ pub enum CaSource {
     Files { cert: PathBuf, key: PathBuf },
 }
 
+/// Where the mTLS listener's server certificate comes from (`[tls] server_certificate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCertificate {
+    /// Issued by the broker's own CA for `server_names` on every start.
+    Ca,
+    /// The node's own certificate pair for its MagicDNS name, from tailscaled's LocalAPI on
+    /// this socket, refreshed while the broker runs.
+    Tailscale { socket: PathBuf },
+}
+
 /// The validated `[tls]` table.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
@@ -63,15 +75,36 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
     /// Whether a tailnet caller mapped to a bot by the policy may enroll without a token.
     pub tailnet_enrollment: bool,
+    pub server_certificate: ServerCertificate,
 }
 
 impl RawTlsConfig {
-    /// Validate; errors are `(key, message)` with the key under `tls.`.
+    /// Validate; errors are `(key, message)` with the key under `tls.`. `tailscaled_socket` is
+    /// the LocalAPI socket of `[tailscale]`, `None` when it is disabled.
     pub fn validate(
         self,
         resolve: &dyn Fn(&Path) -> PathBuf,
+        tailscaled_socket: Option<&Path>,
     ) -> Result<TlsConfig, (String, String)> {
         let bad = |key: &str, message: String| Err((format!("tls.{key}"), message));
+        let server_certificate = match (self.server_certificate.as_deref(), tailscaled_socket) {
+            (None | Some("ca"), _) => ServerCertificate::Ca,
+            (Some("tailscale"), Some(socket)) => ServerCertificate::Tailscale {
+                socket: socket.to_path_buf(),
+            },
+            (Some("tailscale"), None) => {
+                return bad(
+                    "server_certificate",
+                    "\"tailscale\" asks tailscaled for the certificate: enable [tailscale]".into(),
+                );
+            }
+            (Some(other), _) => {
+                return bad(
+                    "server_certificate",
+                    format!("{other:?} must be \"ca\" or \"tailscale\""),
+                );
+            }
+        };
         if self.listen.is_empty() {
             return bad("listen", "at least one address is needed".into());
         }
@@ -146,6 +179,7 @@ impl RawTlsConfig {
             max_join_token_ttl: self.max_join_token_ttl.as_duration(),
             handshake_timeout: self.handshake_timeout.as_duration(),
             tailnet_enrollment: self.tailnet_enrollment,
+            server_certificate,
         })
     }
 }
@@ -156,7 +190,10 @@ mod tests {
 
     fn parse(text: &str) -> Result<TlsConfig, (String, String)> {
         let raw: RawTlsConfig = toml::from_str(text).map_err(|e| ("toml".into(), e.to_string()))?;
-        raw.validate(&|p: &Path| Path::new("/etc/botcreds").join(p))
+        raw.validate(
+            &|p: &Path| Path::new("/etc/botcreds").join(p),
+            Some(Path::new("/run/ts.sock")),
+        )
     }
 
     #[test]
@@ -191,8 +228,34 @@ mod tests {
                 "tls.server_names[0]",
             ),
             ("listen = [\"127.0.0.1:1\"]\ncolour = 1\n", "toml"),
+            (
+                "listen = [\"127.0.0.1:1\"]\nserver_certificate = \"acme\"\n",
+                "tls.server_certificate",
+            ),
         ] {
             assert_eq!(parse(text).unwrap_err().0, key, "{text}");
         }
+    }
+
+    #[test]
+    fn server_certificate_source() {
+        let c = parse("listen = [\"127.0.0.1:1\"]\n").unwrap();
+        assert_eq!(c.server_certificate, ServerCertificate::Ca);
+        let c = parse("listen = [\"127.0.0.1:1\"]\nserver_certificate = \"ca\"\n").unwrap();
+        assert_eq!(c.server_certificate, ServerCertificate::Ca);
+        let c = parse("listen = [\"127.0.0.1:1\"]\nserver_certificate = \"tailscale\"\n").unwrap();
+        assert_eq!(
+            c.server_certificate,
+            ServerCertificate::Tailscale {
+                socket: "/run/ts.sock".into()
+            }
+        );
+        // Without [tailscale] there is nobody to ask.
+        let raw: RawTlsConfig =
+            toml::from_str("listen = [\"127.0.0.1:1\"]\nserver_certificate = \"tailscale\"\n")
+                .unwrap();
+        let (key, message) = raw.validate(&|p: &Path| p.to_path_buf(), None).unwrap_err();
+        assert_eq!(key, "tls.server_certificate");
+        assert!(message.contains("[tailscale]"), "{message}");
     }
 }

@@ -5,33 +5,32 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ::time::OffsetDateTime;
 use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::peer::{VerifiedPeer, parse_client_cert};
+use super::server_cert::ServerCertResolver;
 use super::{CertAuthority, Mtls, TlsError};
 
 /// Sessions kept for resumption (TLS 1.2 ids and TLS 1.3 stateful tickets).
 const SESSION_CACHE: usize = 4096;
 
-/// The server configuration: a fresh server certificate from the CA for `names`, and a
-/// client verifier that requires a certificate chaining to one of the trusted CAs.
+/// The server configuration: the server certificate from `resolver` (the CA's or
+/// tailscaled's, swappable), and a client verifier that requires a certificate chaining to
+/// one of the trusted CAs.
 pub fn server_config(
     ca: &CertAuthority,
-    names: &[String],
-    now: OffsetDateTime,
+    resolver: Arc<ServerCertResolver>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier =
         WebPkiClientVerifier::builder_with_provider(ca.root_store()?, provider.clone()).build()?;
-    let (chain, key) = ca.issue_server(names, now)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(resolver);
     // hyper serves HTTP/1.1 here.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);

@@ -11,6 +11,7 @@ pub mod config;
 pub mod csr;
 pub mod listener;
 pub mod peer;
+pub mod server_cert;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +34,7 @@ use crate::secret::sha256_hex;
 use crate::store::Store;
 
 pub use self::ca::CertAuthority;
-pub use self::config::{RawTlsConfig, TlsConfig};
+pub use self::config::{RawTlsConfig, ServerCertificate, TlsConfig};
 pub use self::peer::{ClientCert, VerifiedPeer};
 
 /// Store namespace of issued certificates, keyed by serial.
@@ -57,6 +58,8 @@ pub enum TlsError {
     Store(#[from] crate::store::StoreError),
     #[error("a stored mTLS record is unreadable: {0}")]
     Record(String),
+    #[error("server certificate: {0}")]
+    ServerCert(String),
 }
 
 /// How a certificate came to be.
@@ -112,6 +115,10 @@ pub struct Mtls {
     config: TlsConfig,
     ca: CertAuthority,
     server_config: Arc<rustls::ServerConfig>,
+    /// The server certificate in use; swapped when tailscaled renews its pair.
+    server_cert: Arc<server_cert::ServerCertResolver>,
+    /// Re-fetches tailscaled's pair (`server_certificate = "tailscale"`); stops with `Mtls`.
+    _refresher: Option<server_cert::AbortOnDrop>,
     store: Arc<dyn Store>,
     audit: AuditLog,
     clock: SharedClock,
@@ -130,7 +137,8 @@ impl std::fmt::Debug for Mtls {
 }
 
 impl Mtls {
-    /// Load (or create) the CA, issue the server certificate, and read the certificate records.
+    /// Load (or create) the CA, issue the server certificate from it, and read the certificate
+    /// records. For `server_certificate = "tailscale"` use [`Mtls::open`].
     pub fn start(
         config: &TlsConfig,
         data_dir: &Path,
@@ -138,9 +146,103 @@ impl Mtls {
         audit: AuditLog,
         clock: SharedClock,
     ) -> Result<Arc<Mtls>, TlsError> {
+        if config.server_certificate != ServerCertificate::Ca {
+            return Err(TlsError::ServerCert(
+                "server_certificate = \"tailscale\" needs tailscaled's pair: start with Mtls::open"
+                    .into(),
+            ));
+        }
         let now = clock.now();
         let ca = CertAuthority::load_or_create(config, data_dir, now)?;
-        let server_config = listener::server_config(&ca, &config.server_names, now)?;
+        let (chain, key) = ca.issue_server(&config.server_names, now)?;
+        // The CA's certificate names every configured name (DNS or IP); the first one only
+        // labels it in logs.
+        let label = config.server_names.first().cloned().unwrap_or_default();
+        let pair = server_cert::held_pair(chain, key, &label, false)?;
+        Mtls::assemble(config, ca, pair, None, store, audit, clock)
+    }
+
+    /// Like [`Mtls::start`], and for `server_certificate = "tailscale"` first fetch the
+    /// node's pair from tailscaled (failing when it is unreachable or refuses), then keep
+    /// re-fetching it in the background and swap renewals in.
+    pub async fn open(
+        config: &TlsConfig,
+        data_dir: &Path,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        clock: SharedClock,
+    ) -> Result<Arc<Mtls>, TlsError> {
+        match &config.server_certificate {
+            ServerCertificate::Ca => Mtls::start(config, data_dir, store, audit, clock),
+            ServerCertificate::Tailscale { socket } => {
+                let source = Arc::new(server_cert::LocalApiPairSource::new(socket.clone()));
+                Mtls::open_with_source(config, data_dir, store, audit, clock, source).await
+            }
+        }
+    }
+
+    /// [`Mtls::open`] with the server certificate from `source`.
+    pub async fn open_with_source(
+        config: &TlsConfig,
+        data_dir: &Path,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        clock: SharedClock,
+        source: Arc<dyn server_cert::PairSource>,
+    ) -> Result<Arc<Mtls>, TlsError> {
+        let pair = source.fetch().await.map_err(|e| {
+            TlsError::ServerCert(format!(
+                "tls.server_certificate = \"tailscale\": cannot get this node's certificate \
+                 from tailscaled: {}",
+                match e {
+                    TlsError::ServerCert(m) => m,
+                    other => other.to_string(),
+                }
+            ))
+        })?;
+        let now = clock.now();
+        if pair.not_after <= now {
+            return Err(TlsError::ServerCert(format!(
+                "tls.server_certificate = \"tailscale\": tailscaled's certificate for {} \
+                 expired at {}",
+                pair.domain, pair.not_after
+            )));
+        }
+        tracing::info!(domain = %pair.domain, serial = %pair.serial, not_after = %pair.not_after,
+            "mTLS server certificate from tailscaled");
+        let ca = CertAuthority::load_or_create(config, data_dir, now)?;
+        let resolver = Arc::new(server_cert::ServerCertResolver::new(pair));
+        let refresher = server_cert::AbortOnDrop(tokio::spawn(server_cert::refresh_loop(
+            resolver.clone(),
+            source,
+            clock.clone(),
+        )));
+        Mtls::assemble_with(config, ca, resolver, Some(refresher), store, audit, clock)
+    }
+
+    fn assemble(
+        config: &TlsConfig,
+        ca: CertAuthority,
+        pair: server_cert::HeldPair,
+        refresher: Option<server_cert::AbortOnDrop>,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        clock: SharedClock,
+    ) -> Result<Arc<Mtls>, TlsError> {
+        let resolver = Arc::new(server_cert::ServerCertResolver::new(pair));
+        Mtls::assemble_with(config, ca, resolver, refresher, store, audit, clock)
+    }
+
+    fn assemble_with(
+        config: &TlsConfig,
+        ca: CertAuthority,
+        resolver: Arc<server_cert::ServerCertResolver>,
+        refresher: Option<server_cert::AbortOnDrop>,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        clock: SharedClock,
+    ) -> Result<Arc<Mtls>, TlsError> {
+        let server_config = listener::server_config(&ca, resolver.clone())?;
         let mut certs = HashMap::new();
         for (serial, bytes) in store.list_docs(CERTS_NS)? {
             let record: CertRecord = serde_json::from_slice(&bytes)
@@ -151,12 +253,19 @@ impl Mtls {
             config: config.clone(),
             ca,
             server_config,
+            server_cert: resolver,
+            _refresher: refresher,
             store,
             audit,
             clock,
             certs: Mutex::new(certs),
             tokens: Mutex::new(()),
         }))
+    }
+
+    /// The server certificate the listener presents now.
+    pub fn server_certificate(&self) -> server_cert::HeldPair {
+        self.server_cert.current()
     }
 
     pub fn config(&self) -> &TlsConfig {

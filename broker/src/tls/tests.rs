@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::config::{CaSource, TlsConfig};
+use super::config::{CaSource, ServerCertificate, TlsConfig};
 use super::*;
 use crate::clock::{OffsetClock, SharedClock};
 use crate::identity::{Caller, CallerVia};
@@ -39,6 +39,7 @@ fn tls_config() -> TlsConfig {
         max_join_token_ttl: Duration::from_secs(86_400),
         handshake_timeout: Duration::from_secs(5),
         tailnet_enrollment: false,
+        server_certificate: ServerCertificate::Ca,
     }
 }
 
@@ -571,4 +572,120 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
         "{}",
         w.last_refusal()
     );
+}
+
+/// A "public" root and a pair from it for `domain`, as tailscaled would serve it.
+fn public_pair(domain: &str) -> (CertificateDer<'static>, server_cert::HeldPair) {
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::default();
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(root, root_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![domain.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let body = format!("{}{}", key.serialize_pem(), leaf.pem());
+    (
+        root_cert.der().clone(),
+        server_cert::parse_pair(body.as_bytes(), domain).unwrap(),
+    )
+}
+
+struct Swappable(std::sync::Mutex<server_cert::HeldPair>);
+
+#[async_trait::async_trait]
+impl server_cert::PairSource for Swappable {
+    async fn fetch(&self) -> Result<server_cert::HeldPair, TlsError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
+
+async fn tls_client_named(
+    addr: SocketAddr,
+    name: &'static str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut tls = connector
+        .connect(ServerName::try_from(name).unwrap(), stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tls.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    (buf == b"ok")
+        .then_some(())
+        .ok_or_else(|| "no answer".into())
+}
+
+#[tokio::test]
+async fn tailscaled_pair_is_served_and_its_renewal_swapped_in_without_a_restart() {
+    const DOMAIN: &str = "bot-broker.tailnet-1234.ts.net";
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let (root_a, pair_a) = public_pair(DOMAIN);
+    let (root_b, pair_b) = public_pair(DOMAIN);
+    let source = Arc::new(Swappable(std::sync::Mutex::new(pair_a)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tls_config();
+    config.server_certificate = ServerCertificate::Tailscale {
+        socket: dir.path().join("unused.sock"),
+    };
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let audit = AuditLog::start(store.clone());
+    let clock = OffsetClock::default();
+    let mtls = Mtls::open_with_source(
+        &config,
+        dir.path(),
+        store,
+        audit.clone(),
+        Arc::new(clock.clone()),
+        source.clone(),
+    )
+    .await
+    .unwrap();
+    let w = World {
+        _dir: dir,
+        mtls,
+        audit,
+        clock,
+        admin: Caller {
+            address: "127.0.0.1:9".parse().unwrap(),
+            via: CallerVia::ApiKey { bot: "ops".into() },
+        },
+    };
+    let (key, cert) = w.enroll("ci").await;
+    let connect = |root: CertificateDer<'static>| {
+        let identity = identity_of(&cert.certificate, &key);
+        let config = client_config(&[root], Some(identity));
+        let w = &w;
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let verified = w
+                .handshake_with(|addr| async move {
+                    let _ = tx.send(tls_client_named(addr, DOMAIN, config).await);
+                })
+                .await;
+            (rx.await.unwrap(), verified.is_some())
+        }
+    };
+
+    // tailscaled's certificate is presented; client certificates are still the broker CA's.
+    assert_eq!(connect(root_a.clone()).await, (Ok(()), true));
+    let broker_ca = w.mtls.ca().trusted()[0].clone();
+    let (client, _) = connect(broker_ca).await;
+    assert!(client.unwrap_err().contains("certificate"));
+
+    // tailscaled renewed: the next refresh swaps the new pair in for the next handshake.
+    *source.0.lock().unwrap() = pair_b.clone();
+    assert!(
+        server_cert::refresh_once(&w.mtls.server_cert, source.as_ref())
+            .await
+            .unwrap()
+    );
+    assert_eq!(w.mtls.server_certificate().serial, pair_b.serial);
+    assert_eq!(connect(root_b).await, (Ok(()), true));
+    let (client, _) = connect(root_a).await;
+    assert!(client.unwrap_err().contains("certificate"));
 }
