@@ -43,9 +43,10 @@ pub trait WhoIs: Send + Sync + 'static {
 
 /// HTTP/1.1 over tailscaled's Unix socket, keeping the status of every answer (the crate's
 /// own client turns every non-200 into one error, and a 404 must mean "unknown caller").
+/// Shared with `tls/server_cert.rs`, which asks tailscaled for the node's certificate pair.
 #[derive(Clone)]
-struct SocketClient {
-    path: PathBuf,
+pub(crate) struct SocketClient {
+    pub(crate) path: PathBuf,
 }
 
 impl LocalApiClient for SocketClient {

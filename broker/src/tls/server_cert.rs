@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use ::time::OffsetDateTime;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Limited};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -24,6 +22,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 use tailscale_localapi::LocalApiClient;
+
+use crate::identity::tailnet::SocketClient;
 
 use super::TlsError;
 
@@ -416,33 +416,6 @@ pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// HTTP/1.1 over tailscaled's Unix socket, keeping every answer's status (the crate's own
-/// client turns every non-200 into one opaque error, losing tailscaled's message).
-#[derive(Clone)]
-struct SocketClient {
-    path: PathBuf,
-}
-
-impl LocalApiClient for SocketClient {
-    async fn get(&self, uri: http::Uri) -> tailscale_localapi::Result<http::Response<Incoming>> {
-        let stream = tokio::net::UnixStream::connect(&self.path).await?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "tailscaled connection ended");
-            }
-        });
-        let request = http::Request::builder()
-            .method("GET")
-            .uri(uri)
-            .header(http::header::HOST, "local-tailscaled.sock")
-            .header("Tailscale-Cap", "100")
-            .body(Empty::<Bytes>::new())?;
-        Ok(sender.send_request(request).await?)
     }
 }
 
