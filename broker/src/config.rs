@@ -582,19 +582,20 @@ pub fn is_loopback_or_tailnet(ip: IpAddr) -> bool {
     }
 }
 
+/// An environment of fixed variables, for the config tests of every section.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_env {
     use std::collections::HashMap;
 
-    struct MapEnv(HashMap<String, String>);
-    impl Env for MapEnv {
+    pub(crate) struct MapEnv(HashMap<String, String>);
+
+    impl super::Env for MapEnv {
         fn var(&self, name: &str) -> Option<String> {
             self.0.get(name).cloned()
         }
     }
 
-    fn env(pairs: &[(&str, &str)]) -> MapEnv {
+    pub(crate) fn env(pairs: &[(&str, &str)]) -> MapEnv {
         MapEnv(
             pairs
                 .iter()
@@ -602,6 +603,13 @@ mod tests {
                 .collect(),
         )
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::test_env::{MapEnv, env};
 
     const MIN: &str = "listen = [\"127.0.0.1:8443\"]\ndata_dir = \"/tmp/d\"\npolicy = \"p.yaml\"\n";
 

@@ -72,3 +72,16 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// An error and its causes on one line (`a: b: c`): reqwest's and hyper's own messages alone
+/// say little ("error sending request").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

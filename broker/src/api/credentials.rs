@@ -152,12 +152,7 @@ pub async fn create(
     {
         Ok(i) => i,
         Err(upstream) => {
-            let mut e = ApiError::new(upstream.code(), upstream.to_string());
-            if let crate::providers::github::GithubError::RateLimited { retry_after_secs } =
-                upstream
-            {
-                e = e.with_retry_after(retry_after_secs);
-            }
+            let e = upstream_error(&upstream);
             tracing::warn!(bot = decision.bot.as_deref().unwrap_or("-"), code = %e.code, error = %upstream, "GitHub refused or failed");
             return Err(record_denial(&state, requested, &decision, e).await);
         }
@@ -187,31 +182,14 @@ pub async fn create(
         return Err(ApiError::internal(format!("audit log write failed: {e}")));
     }
 
-    let host = state.issuer.github().git_host().to_string();
-    let secret = token.token.expose();
-    let clone_urls: Vec<String> = ask
-        .repositories
-        .iter()
-        .map(|r| format!("https://x-access-token:{secret}@{host}/{r}.git"))
-        .collect();
-    let answer = GithubCredential {
-        kind: CredentialKind::GithubToken,
-        credential_id: token.credential_id.clone(),
-        token: secret.to_string(),
-        expires_at: rfc3339(token.expires_at),
-        repositories: ask.repositories.iter().map(|r| r.to_string()).collect(),
-        permissions: token.permissions.clone(),
-        approval: "auto".into(),
-        bot: decision.bot.clone().unwrap_or_default(),
-        git: GitAccess {
-            clone_url: clone_urls.first().cloned().unwrap_or_default(),
-            clone_urls,
-            askpass_script: format!(
-                "#!/bin/sh\ncase \"$1\" in\n  Username*) echo x-access-token ;;\n  *) echo {secret} ;;\nesac\n"
-            ),
-        },
+    let answer = github_answer(
+        &state,
+        &token,
+        &ask.repositories,
+        "auto",
+        decision.bot.clone(),
         attribution,
-    };
+    );
     state.metrics.request(decision.bot.as_deref(), "issued");
     state.metrics.issue_latency(started.elapsed().as_secs_f64());
     tracing::info!(
@@ -381,6 +359,52 @@ async fn record_denial(
         tracing::error!(error = %e, "audit log write failed for a denial");
     }
     error
+}
+
+/// GitHub's refusal or failure as the API's error, with GitHub's wait when rate limited.
+pub(crate) fn upstream_error(upstream: &crate::providers::github::GithubError) -> ApiError {
+    let e = ApiError::new(upstream.code(), upstream.to_string());
+    match upstream {
+        crate::providers::github::GithubError::RateLimited { retry_after_secs } => {
+            e.with_retry_after(*retry_after_secs)
+        }
+        _ => e,
+    }
+}
+
+/// The seed's answer for a token: the clone URLs and the askpass script carry it.
+pub(crate) fn github_answer(
+    state: &AppState,
+    token: &crate::grants::IssuedToken,
+    repositories: &[RepoName],
+    approval: &str,
+    bot: Option<String>,
+    attribution: Attribution,
+) -> GithubCredential {
+    let host = state.issuer.github().git_host();
+    let secret = token.token.expose();
+    let clone_urls: Vec<String> = repositories
+        .iter()
+        .map(|r| format!("https://x-access-token:{secret}@{host}/{r}.git"))
+        .collect();
+    GithubCredential {
+        kind: CredentialKind::GithubToken,
+        credential_id: token.credential_id.clone(),
+        token: secret.to_string(),
+        expires_at: rfc3339(token.expires_at),
+        repositories: repositories.iter().map(|r| r.to_string()).collect(),
+        permissions: token.permissions.clone(),
+        approval: approval.to_string(),
+        bot: bot.unwrap_or_default(),
+        git: GitAccess {
+            clone_url: clone_urls.first().cloned().unwrap_or_default(),
+            clone_urls,
+            askpass_script: format!(
+                "#!/bin/sh\ncase \"$1\" in\n  Username*) echo x-access-token ;;\n  *) echo {secret} ;;\nesac\n"
+            ),
+        },
+        attribution,
+    }
 }
 
 /// Audit a request refused before it could be decided (bad identity or bad body).

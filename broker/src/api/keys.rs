@@ -156,23 +156,46 @@ async fn audit_refusal(state: &AppState, caller: &str, ip: Option<String>, e: &S
 
 /// Who may use a provisioner route: the `X-Provisioner-Secret` holder (`provisioner`), or an
 /// admin. A wrong secret is refused even when the caller is an admin.
-fn provisioner_or_admin(
-    state: &AppState,
-    keys: &KeyService,
+/// The provisioner routes' gate: the `X-Provisioner-Secret` header (constant-time compare) or an
+/// admin caller. Answers the key service, the actor in words and the caller's address; a refusal
+/// is audited.
+async fn provisioner_gate<'s>(
+    state: &'s AppState,
     headers: &HeaderMap,
     caller: &Result<Caller, ApiError>,
-) -> Result<String, SeedError> {
-    if let Some(value) = headers.get(PROVISIONER_HEADER) {
-        return if keys.provisioner_secret_matches(value.as_bytes()) {
+) -> Result<(&'s KeyService, String, Option<String>), SeedError> {
+    let Some(keys) = keys_of(state) else {
+        return Err(SeedError::not_configured());
+    };
+    let ip = peer_ip(caller);
+    let actor = if let Some(value) = headers.get(PROVISIONER_HEADER) {
+        if keys.provisioner_secret_matches(value.as_bytes()) {
             Ok("provisioner".to_string())
         } else {
             tracing::warn!("wrong X-Provisioner-Secret");
             Err(SeedError::secret())
-        };
+        }
+    } else {
+        match caller {
+            Ok(c) if crate::identity::admin::is_admin(&state.admin, c) => Ok(c.describe()),
+            _ => Err(SeedError::secret()),
+        }
+    };
+    match actor {
+        Ok(actor) => Ok((keys, actor, ip)),
+        Err(e) => {
+            audit_refusal(state, "provisioner", ip, &e).await;
+            Err(e)
+        }
     }
-    match caller {
-        Ok(c) if crate::identity::admin::is_admin(&state.admin, c) => Ok(c.describe()),
-        _ => Err(SeedError::secret()),
+}
+
+/// The design's `created_by`: the provisioner's own name for its calls, else the admin.
+fn created_by(actor: &str) -> String {
+    if actor == "provisioner" {
+        KEY_PROVISIONER.to_string()
+    } else {
+        actor.to_string()
     }
 }
 
@@ -208,25 +231,11 @@ async fn workspace_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WorkspaceKeyResponse>, SeedError> {
-    let Some(keys) = keys_of(&state) else {
-        return Err(SeedError::not_configured());
-    };
-    let ip = peer_ip(&caller);
-    let actor = match provisioner_or_admin(&state, keys, &headers, &caller) {
-        Ok(a) => a,
-        Err(e) => {
-            audit_refusal(&state, "provisioner", ip, &e).await;
-            return Err(e);
-        }
-    };
+    let (keys, actor, ip) = provisioner_gate(&state, &headers, &caller).await?;
     let result = async {
         let request: WorkspaceKeyRequest = json_body(&headers, body).await?;
         let info = workspace_info(request)?;
-        let created_by = if actor == "provisioner" {
-            KEY_PROVISIONER.to_string()
-        } else {
-            actor.clone()
-        };
+        let created_by = created_by(&actor);
         let origin = Origin {
             created_by,
             caller: actor.clone(),
@@ -446,24 +455,10 @@ async fn service_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ServiceKeyResponse>, SeedError> {
-    let Some(keys) = keys_of(&state) else {
-        return Err(SeedError::not_configured());
-    };
-    let ip = peer_ip(&caller);
-    let actor = match provisioner_or_admin(&state, keys, &headers, &caller) {
-        Ok(a) => a,
-        Err(e) => {
-            audit_refusal(&state, "provisioner", ip, &e).await;
-            return Err(e);
-        }
-    };
+    let (keys, actor, ip) = provisioner_gate(&state, &headers, &caller).await?;
     let result = async {
         let request: ServiceKeyRequest = json_body(&headers, body).await?;
-        let created_by = if actor == "provisioner" {
-            KEY_PROVISIONER.to_string()
-        } else {
-            actor.clone()
-        };
+        let created_by = created_by(&actor);
         let origin = Origin {
             created_by,
             caller: actor.clone(),
@@ -509,17 +504,7 @@ async fn revoke_named(
     headers: HeaderMap,
     name: String,
 ) -> Result<Json<KeyRevoked>, SeedError> {
-    let Some(keys) = keys_of(&state) else {
-        return Err(SeedError::not_configured());
-    };
-    let ip = peer_ip(&caller);
-    let actor = match provisioner_or_admin(&state, keys, &headers, &caller) {
-        Ok(a) => a,
-        Err(e) => {
-            audit_refusal(&state, "provisioner", ip, &e).await;
-            return Err(e);
-        }
-    };
+    let (keys, actor, _) = provisioner_gate(&state, &headers, &caller).await?;
     match keys.revoke_by_name(&name, &actor).await {
         Ok(r) => Ok(Json(r)),
         Err(e) if e.code == ErrorCode::KeyNotFound => Err(SeedError::not_found(&name)),

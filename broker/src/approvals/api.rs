@@ -17,7 +17,7 @@ use axum::routing::get;
 use botcreds_proto::approval::{ApprovalRequestView, ApprovalState};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::WorkspaceInfo;
-use botcreds_proto::{CredentialKind, ErrorCode, GitAccess, GithubCredential, Ttl};
+use botcreds_proto::{ErrorCode, GithubCredential, Ttl};
 
 use super::NewRequest;
 use crate::api::AppState;
@@ -395,12 +395,7 @@ pub async fn issue_github(
     let issued = match state.issuer.issue(&scope, min_ttl, replaces).await {
         Ok(i) => i,
         Err(upstream) => {
-            let mut e = ApiError::new(upstream.code(), upstream.to_string());
-            if let crate::providers::github::GithubError::RateLimited { retry_after_secs } =
-                upstream
-            {
-                e = e.with_retry_after(retry_after_secs);
-            }
+            let e = crate::api::credentials::upstream_error(&upstream);
             let mut denied = done.clone();
             denied.event = AuditEventKind::CredentialDenied;
             denied.code = Some(e.code.as_str().to_string());
@@ -425,12 +420,6 @@ pub async fn issue_github(
         return Err(ApiError::internal(format!("audit log write failed: {e}")));
     }
 
-    let host = state.issuer.github().git_host().to_string();
-    let secret = token.token.expose();
-    let clone_urls: Vec<String> = repositories
-        .iter()
-        .map(|r| format!("https://x-access-token:{secret}@{host}/{r}.git"))
-        .collect();
     state.metrics.request(bot.as_deref(), "issued");
     tracing::info!(
         bot = bot.as_deref().unwrap_or("-"),
@@ -440,24 +429,14 @@ pub async fn issue_github(
         request_id = request_id.unwrap_or("-"),
         "credential issued"
     );
-    Ok(GithubCredential {
-        kind: CredentialKind::GithubToken,
-        credential_id: token.credential_id.clone(),
-        token: secret.to_string(),
-        expires_at: rfc3339(token.expires_at),
-        repositories: repositories.iter().map(|r| r.to_string()).collect(),
-        permissions: token.permissions.clone(),
-        approval: approval.to_string(),
-        bot: bot.unwrap_or_default(),
-        git: GitAccess {
-            clone_url: clone_urls.first().cloned().unwrap_or_default(),
-            clone_urls,
-            askpass_script: format!(
-                "#!/bin/sh\ncase \"$1\" in\n  Username*) echo x-access-token ;;\n  *) echo {secret} ;;\nesac\n"
-            ),
-        },
+    Ok(crate::api::credentials::github_answer(
+        state,
+        &token,
+        repositories,
+        approval,
+        bot,
         attribution,
-    })
+    ))
 }
 
 /// Query parameters as a map, with a rejection turned into `invalid_filter`.

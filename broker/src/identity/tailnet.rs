@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tailscale_localapi::{LocalApiClient, UserProfile};
 
 use super::TailnetIdentity;
+use crate::error::error_chain;
 
 /// The largest WhoIs answer accepted (real ones are a few KiB).
 const MAX_WHOIS_BYTES: usize = 256 * 1024;
@@ -130,17 +131,6 @@ impl WhoIs for LocalApiWhoIs {
             .await
             .map_err(|_| WhoIsError::Timeout(self.timeout))?
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// IPv4-mapped IPv6 peers (`::ffff:100.x.y.z`) are asked about as IPv4, as tailscaled does.

@@ -184,24 +184,9 @@ impl CoderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
     use std::os::unix::fs::PermissionsExt;
 
-    struct MapEnv(HashMap<String, String>);
-    impl Env for MapEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.0.get(name).cloned()
-        }
-    }
-
-    fn env(pairs: &[(&str, &str)]) -> MapEnv {
-        MapEnv(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
+    use crate::config::test_env::{MapEnv, env};
 
     fn parse(text: &str, e: &MapEnv, base: &Path) -> Result<LitellmConfig, (String, String)> {
         let raw: RawLitellm = toml::from_str(text).map_err(|e| ("toml".into(), e.to_string()))?;

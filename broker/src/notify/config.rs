@@ -381,15 +381,9 @@ fn parse_events(names: Option<&[String]>) -> Result<Vec<AuditEventKind>, String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
     use std::os::unix::fs::PermissionsExt;
 
-    struct MapEnv(HashMap<String, String>);
-    impl Env for MapEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.0.get(name).cloned()
-        }
-    }
+    use crate::config::test_env;
 
     fn parse(toml_text: &str, env: &[(&str, &str)], base: &Path) -> Result<NotifyConfig, Invalid> {
         #[derive(Deserialize)]
@@ -402,11 +396,7 @@ mod tests {
         }
         let doc: Doc = toml::from_str(toml_text).map_err(|e| ("toml".into(), e.to_string()))?;
         let web = WebConfig::from_raw(doc.web)?;
-        let env = MapEnv(
-            env.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let env = test_env::env(env);
         let base = base.to_path_buf();
         NotifyConfig::from_raw(doc.notify, &web, &|p: &Path| base.join(p), &env)
     }

@@ -23,6 +23,7 @@ use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 use tailscale_localapi::LocalApiClient;
 
+use crate::error::error_chain;
 use crate::identity::tailnet::SocketClient;
 
 use super::TlsError;
@@ -417,17 +418,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

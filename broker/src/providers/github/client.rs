@@ -674,15 +674,9 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// The error and its causes, made safe for one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    clean_text(&text)
+    clean_text(&crate::error::error_chain(e))
 }
 
 /// GitHub App slugs: lower-case letters, digits and hyphens (case tolerated).

@@ -3,6 +3,7 @@
 //! Messages carry GitHub's own `message` text (opaque, trimmed) or a description of the
 //! problem; they never carry the app JWT, an installation token or the private key.
 
+pub(crate) use crate::providers::clean_text;
 use botcreds_proto::ErrorCode;
 
 /// A failure of a GitHub App operation. Clients branch on [`GithubError::code`].
@@ -61,9 +62,6 @@ impl GithubError {
     }
 }
 
-/// Longest piece of GitHub's error text kept in a message.
-const MAX_MESSAGE_CHARS: usize = 300;
-
 /// GitHub's `message` from an error body, trimmed and stripped of control characters; a
 /// generic text naming the status when the body has none.
 pub(crate) fn upstream_message(body: &[u8], status: u16) -> String {
@@ -74,20 +72,6 @@ pub(crate) fn upstream_message(body: &[u8], status: u16) -> String {
         Some(m) if !m.trim().is_empty() => clean_text(&m),
         _ => format!("HTTP {status} without a message"),
     }
-}
-
-/// Opaque text made safe for one log line: no control characters, bounded length.
-pub(crate) fn clean_text(s: &str) -> String {
-    let mut out: String = s
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_MESSAGE_CHARS)
-        .collect();
-    if s.trim().chars().count() > MAX_MESSAGE_CHARS {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]
@@ -169,7 +153,7 @@ mod tests {
         let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(1000));
         assert_eq!(
             upstream_message(long.as_bytes(), 400).chars().count(),
-            MAX_MESSAGE_CHARS + 1
+            crate::providers::MAX_MESSAGE_CHARS + 1
         );
     }
 }

@@ -117,7 +117,8 @@ impl LitellmError {
     }
 }
 
-/// `sk-...` key values removed from an upstream text; LiteLLM's masked form `sk-...abcd` stays.
+/// `sk-...` key values removed from an upstream text (LiteLLM's masked form `sk-...abcd` stays),
+/// then made safe for one line ([`crate::providers::clean_text`]).
 pub(crate) fn scrub(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -135,7 +136,7 @@ pub(crate) fn scrub(text: &str) -> String {
         rest = &tail[len..];
     }
     out.push_str(rest);
-    out.chars().take(300).collect()
+    crate::providers::clean_text(&out)
 }
 
 /// Lock-free counters behind [`LitellmStats`].
