@@ -118,7 +118,7 @@ fn approve_to_waiting_bot(bencher: Bencher) {
                 let perms: Vec<Permission> = vec!["contents:write".parse().expect("permission")];
                 let scope = TokenScope::new(&repos, &perms).expect("scope");
                 issuer
-                    .issue(&scope, Duration::from_secs(600), None)
+                    .issue(&scope, Duration::from_secs(600), None, "ci")
                     .await
                     .expect("token")
                     .token

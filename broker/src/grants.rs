@@ -3,7 +3,9 @@
 //! lifetime left. Live tokens are kept in memory only, never on disk.
 //!
 //! Concurrent identical requests wait on one mint (single flight), so a burst costs one
-//! upstream call.
+//! upstream call. Every token handed out is tracked until it expires, superseded ones too,
+//! so revocation reaches all of them; a replaced token is revoked when its replacement is
+//! minted, and replacements are rate limited per caller and scope.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -85,7 +87,61 @@ pub fn credential_id_for(token: &Secret) -> String {
 pub struct Issued {
     pub token: IssuedToken,
     pub reused: bool,
+    /// The token this one replaced at the client's report that GitHub rejected it; it was
+    /// revoked at GitHub (or GitHub did not confirm) before this answer.
+    pub replaced: Option<Replaced>,
 }
+
+/// A token that a replacement superseded, and what its revocation at GitHub did.
+#[derive(Clone, Debug)]
+pub struct Replaced {
+    pub credential_id: String,
+    pub repositories: Vec<String>,
+    pub expires_at: OffsetDateTime,
+    /// GitHub's refusal when it did not confirm the revocation.
+    pub error: Option<String>,
+}
+
+/// Why [`TokenIssuer::issue`] handed out nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error(transparent)]
+    Github(#[from] GithubError),
+    /// The caller asked for replacements of this scope faster than `[limits]` allows.
+    #[error(
+        "too many replacements of this token; another replacement is allowed in {retry_after_secs}s"
+    )]
+    ReplaceLimited { retry_after_secs: u64 },
+}
+
+/// How often one caller may have the token of one scope replaced (`replaces`): a bucket of
+/// `burst` replacements that regains one every `interval`. Each replacement is a mint, and
+/// mints spend the App's rate limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplaceLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+impl Default for ReplaceLimit {
+    fn default() -> Self {
+        ReplaceLimit {
+            burst: 3,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One caller's replacement bucket for one scope.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    /// Replacements available (fractional while refilling).
+    available: f64,
+    at: OffsetDateTime,
+}
+
+/// Buckets kept before full ones (indistinguishable from absent ones) are forgotten.
+const MAX_BUCKETS: usize = 10_000;
 
 type Slot = Arc<tokio::sync::Mutex<Option<IssuedToken>>>;
 
@@ -94,6 +150,11 @@ pub struct TokenIssuer {
     github: Arc<dyn GithubApi>,
     clock: SharedClock,
     slots: Mutex<HashMap<TokenScope, Slot>>,
+    /// Every token handed out, by credential id, until it expires — the one a scope's slot
+    /// holds and those it superseded — so revocation reaches all of them.
+    handed_out: Mutex<HashMap<String, IssuedToken>>,
+    replace_limit: ReplaceLimit,
+    buckets: Mutex<HashMap<(String, TokenScope), Bucket>>,
 }
 
 impl TokenIssuer {
@@ -102,7 +163,16 @@ impl TokenIssuer {
             github,
             clock,
             slots: Mutex::new(HashMap::new()),
+            handed_out: Mutex::new(HashMap::new()),
+            replace_limit: ReplaceLimit::default(),
+            buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Use `limit` for replacements instead of the default.
+    pub fn with_replace_limit(mut self, limit: ReplaceLimit) -> TokenIssuer {
+        self.replace_limit = limit;
+        self
     }
 
     pub fn github(&self) -> &Arc<dyn GithubApi> {
@@ -124,26 +194,69 @@ impl TokenIssuer {
         s
     }
 
+    /// Take one replacement from `who`'s bucket for `scope`, or say when one is available.
+    fn take_replacement(&self, who: &str, scope: &TokenScope) -> Result<(), IssueError> {
+        let limit = self.replace_limit;
+        let now = self.clock.now();
+        let per_sec = 1.0 / limit.interval.as_secs_f64().max(0.001);
+        let burst = f64::from(limit.burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_BUCKETS {
+            buckets.retain(|_, b| {
+                b.available + (now - b.at).as_seconds_f64().max(0.0) * per_sec < burst
+            });
+        }
+        let bucket = buckets
+            .entry((who.to_string(), scope.clone()))
+            .or_insert(Bucket {
+                available: burst,
+                at: now,
+            });
+        let elapsed = (now - bucket.at).as_seconds_f64().max(0.0);
+        bucket.available = (bucket.available + elapsed * per_sec).min(burst);
+        bucket.at = now;
+        if bucket.available >= 1.0 {
+            bucket.available -= 1.0;
+            return Ok(());
+        }
+        let wait = ((1.0 - bucket.available) / per_sec).ceil().max(1.0);
+        Err(IssueError::ReplaceLimited {
+            retry_after_secs: wait as u64,
+        })
+    }
+
     /// A token for `scope` that stays valid for at least `min_ttl`: the live one if it
     /// qualifies, else a freshly minted one (which then replaces it). A live token whose id
-    /// is `rejected` (a client saw GitHub refuse it) never qualifies.
+    /// is `rejected` (a client saw GitHub refuse it) never qualifies: it is replaced —
+    /// at most as often as the replacement limit lets `who` (the bot) — and revoked.
     pub async fn issue(
         &self,
         scope: &TokenScope,
         min_ttl: Duration,
         rejected: Option<&str>,
-    ) -> Result<Issued, GithubError> {
+        who: &str,
+    ) -> Result<Issued, IssueError> {
         let slot = self.slot(scope);
         let mut held = slot.lock().await;
         let now = self.clock.now();
+        let mut replacing = None;
         if let Some(t) = held.as_ref()
-            && t.expires_at - now >= min_ttl
-            && rejected != Some(t.credential_id.as_str())
+            && t.expires_at > now
         {
-            return Ok(Issued {
-                token: t.clone(),
-                reused: true,
-            });
+            let enough_life = t.expires_at - now >= min_ttl;
+            if rejected == Some(t.credential_id.as_str()) {
+                // Only a replacement the ttl does not force anyway counts against the limit.
+                if enough_life {
+                    self.take_replacement(who, scope)?;
+                }
+                replacing = Some(t.clone());
+            } else if enough_life {
+                return Ok(Issued {
+                    token: t.clone(),
+                    reused: true,
+                    replaced: None,
+                });
+            }
         }
         let minted = self
             .github
@@ -157,28 +270,70 @@ impl TokenIssuer {
                 "GitHub issued a token that lives less than the requested ttl"
             );
         }
+        {
+            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+            handed_out.retain(|_, t| t.expires_at > now);
+            if let Some(old) = &replacing {
+                handed_out.remove(&old.credential_id);
+            }
+            handed_out.insert(token.credential_id.clone(), token.clone());
+        }
         *held = Some(token.clone());
+        drop(held);
+        let replaced = match replacing {
+            None => None,
+            Some(old) => {
+                let error = match self.github.revoke_installation_token(&old.token).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(credential_id = %old.credential_id, error = %e, "GitHub did not confirm revoking a replaced token");
+                        Some(e.to_string())
+                    }
+                };
+                Some(Replaced {
+                    credential_id: old.credential_id,
+                    repositories: old.repositories,
+                    expires_at: old.expires_at,
+                    error,
+                })
+            }
+        };
         Ok(Issued {
             token,
             reused: false,
+            replaced,
         })
     }
 
-    /// Remove from the reuse cache every live token that `pick` selects, and return them so
-    /// the caller can revoke them upstream. Later requests for those scopes mint afresh.
+    /// Remove every live token that `pick` selects — the ones the reuse cache holds and the
+    /// superseded ones still alive — and return them so the caller can revoke them
+    /// upstream. Later requests for those scopes mint afresh.
     pub async fn take_where(&self, pick: impl Fn(&IssuedToken) -> bool) -> Vec<IssuedToken> {
+        let now = self.clock.now();
+        let taken: Vec<IssuedToken> = {
+            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+            handed_out.retain(|_, t| t.expires_at > now);
+            let ids: Vec<String> = handed_out
+                .values()
+                .filter(|t| pick(t))
+                .map(|t| t.credential_id.clone())
+                .collect();
+            ids.iter().filter_map(|id| handed_out.remove(id)).collect()
+        };
+        if taken.is_empty() {
+            return taken;
+        }
         let slots: Vec<Slot> = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.values().cloned().collect()
         };
-        let now = self.clock.now();
-        let mut taken = Vec::new();
         for slot in slots {
             let mut held = slot.lock().await;
-            if held.as_ref().is_some_and(|t| t.expires_at > now && pick(t))
-                && let Some(t) = held.take()
+            if held
+                .as_ref()
+                .is_some_and(|t| taken.iter().any(|x| x.credential_id == t.credential_id))
             {
-                taken.push(t);
+                *held = None;
             }
         }
         taken
@@ -234,16 +389,16 @@ mod tests {
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
 
-        let first = issuer.issue(&s, ten, None).await.unwrap();
+        let first = issuer.issue(&s, ten, None, "ci").await.unwrap();
         assert!(!first.reused);
-        let second = issuer.issue(&s, ten, None).await.unwrap();
+        let second = issuer.issue(&s, ten, None, "ci").await.unwrap();
         assert!(second.reused);
         assert_eq!(first.token.credential_id, second.token.credential_id);
         assert_eq!(github.stats().mints, 1);
 
         // 55 minutes later less than 10 minutes remain: a new token.
         clock.advance(55 * 60);
-        let third = issuer.issue(&s, ten, None).await.unwrap();
+        let third = issuer.issue(&s, ten, None, "ci").await.unwrap();
         assert!(!third.reused);
         assert_ne!(third.token.credential_id, first.token.credential_id);
         assert_eq!(github.stats().mints, 2);
@@ -251,35 +406,184 @@ mod tests {
 
         // A client reports the live token rejected: a fresh one, once.
         let id = third.token.credential_id.clone();
-        let fourth = issuer.issue(&s, ten, Some(&id)).await.unwrap();
+        let fourth = issuer.issue(&s, ten, Some(&id), "ci").await.unwrap();
         assert!(!fourth.reused);
         assert_ne!(fourth.token.credential_id, id);
-        let fifth = issuer.issue(&s, ten, Some(&id)).await.unwrap();
+        let fifth = issuer.issue(&s, ten, Some(&id), "ci").await.unwrap();
         assert!(fifth.reused, "a stale report does not mint again");
         assert_eq!(github.stats().mints, 3);
     }
 
-    #[tokio::test]
+    /// A GitHub whose mints wait at a gate the test opens, so a test can hold the first
+    /// mint until every other request has reached the point where it blocks.
+    struct GatedGithub {
+        inner: SimulatedGithub,
+        open: tokio::sync::watch::Sender<bool>,
+    }
+
+    #[async_trait::async_trait]
+    impl GithubApi for GatedGithub {
+        async fn create_installation_token(
+            &self,
+            owner: &str,
+            repositories: &[RepoName],
+            permissions: &[Permission],
+        ) -> Result<InstallationToken, GithubError> {
+            let mut open = self.open.subscribe();
+            let _ = open.wait_for(|o| *o).await;
+            self.inner
+                .create_installation_token(owner, repositories, permissions)
+                .await
+        }
+        async fn revoke_installation_token(&self, token: &Secret) -> Result<(), GithubError> {
+            self.inner.revoke_installation_token(token).await
+        }
+        async fn app_identity(&self) -> Result<crate::providers::github::AppIdentity, GithubError> {
+            self.inner.app_identity().await
+        }
+        fn git_host(&self) -> &str {
+            self.inner.git_host()
+        }
+        fn stats(&self) -> crate::providers::github::UpstreamStats {
+            self.inner.stats()
+        }
+    }
+
+    /// Regression: this test used to run on the current-thread runtime against a GitHub that
+    /// never yields, so the requests ran one after another and it passed without single
+    /// flight. Now 32 requests run on worker threads; the first mint is held until every
+    /// request has been polled to the point where it waits (on the mint or on the scope's
+    /// lock), so without single flight each of them mints.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_identical_requests_mint_once() {
         let shared: SharedClock = Arc::new(OffsetClock::default());
-        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let (open, _) = tokio::sync::watch::channel(false);
+        let github = Arc::new(GatedGithub {
+            inner: SimulatedGithub::new(shared.clone()),
+            open,
+        });
         let issuer = Arc::new(TokenIssuer::new(github.clone(), shared));
         let s = scope(&["acme/web"], &["contents:write"]);
+        let (parked, mut parked_rx) = tokio::sync::watch::channel(0usize);
+        let parked = Arc::new(parked);
         let mut tasks = Vec::new();
         for _ in 0..32 {
-            let (issuer, s) = (issuer.clone(), s.clone());
+            let (issuer, s, parked) = (issuer.clone(), s.clone(), parked.clone());
             tasks.push(tokio::spawn(async move {
-                issuer
-                    .issue(&s, Duration::from_secs(60), None)
-                    .await
-                    .unwrap()
+                let mut fut = std::pin::pin!(issuer.issue(&s, Duration::from_secs(60), None, "ci"));
+                let mut counted = false;
+                std::future::poll_fn(|cx| {
+                    let r = fut.as_mut().poll(cx);
+                    if r.is_pending() && !counted {
+                        counted = true;
+                        parked.send_modify(|n| *n += 1);
+                    }
+                    r
+                })
+                .await
+                .unwrap()
             }));
         }
+        parked_rx.wait_for(|n| *n == 32).await.unwrap();
+        github.open.send_replace(true);
+        let mut ids = std::collections::HashSet::new();
         for t in tasks {
-            t.await.unwrap();
+            ids.insert(t.await.unwrap().token.credential_id);
         }
         assert_eq!(github.stats().mints, 1);
+        assert_eq!(ids.len(), 1, "every request got the one token");
         assert_eq!(issuer.live_tokens(), 1);
+    }
+
+    /// Regression: a replacement (or a ttl-driven re-mint) overwrote the held token, so the
+    /// superseded one stayed live at GitHub and out of reach of revocation.
+    #[tokio::test]
+    async fn superseded_tokens_stay_revocable_and_a_replaced_one_is_revoked() {
+        let clock = OffsetClock::default();
+        let shared: SharedClock = Arc::new(clock.clone());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+
+        let first = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        // The client reports the first rejected: the replacement revokes it at GitHub.
+        let second = issuer
+            .issue(&s, ten, Some(&first.credential_id), "ci")
+            .await
+            .unwrap()
+            .token;
+        assert_ne!(first.credential_id, second.credential_id);
+        assert!(
+            github.is_revoked(&first.token),
+            "the replaced token is revoked"
+        );
+        // 55 minutes on, a request needing 10 minutes gets a third token; the second is
+        // superseded but still live and still the broker's to revoke.
+        clock.advance(55 * 60);
+        let third = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        assert_ne!(third.credential_id, second.credential_id);
+        assert!(github.is_live(&second.token));
+
+        let mut taken: Vec<String> = issuer
+            .take_where(|_| true)
+            .await
+            .into_iter()
+            .map(|t| t.credential_id)
+            .collect();
+        taken.sort();
+        let mut want = vec![second.credential_id.clone(), third.credential_id.clone()];
+        want.sort();
+        assert_eq!(taken, want, "every live token, superseded ones too");
+        assert!(issuer.take_where(|_| true).await.is_empty());
+    }
+
+    /// Regression: `replaces` with the newest token's id minted on every request, so one bot
+    /// could spend the App's rate limit (20 requests → 19 mints).
+    #[tokio::test]
+    async fn replacements_are_rate_limited_per_bot_and_scope() {
+        let clock = OffsetClock::default();
+        let shared: SharedClock = Arc::new(clock.clone());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let mut current = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        let mut refused = 0;
+        for _ in 0..20 {
+            match issuer
+                .issue(&s, ten, Some(&current.credential_id), "ci")
+                .await
+            {
+                Ok(i) => current = i.token,
+                Err(_) => refused += 1,
+            }
+        }
+        let limit = ReplaceLimit::default();
+        assert_eq!(github.stats().mints, 1 + u64::from(limit.burst));
+        assert_eq!(refused, 20 - limit.burst as usize);
+        // Another bot has its own bucket; time refills this one.
+        let other = issuer
+            .issue(&s, ten, Some(&current.credential_id), "deploy")
+            .await;
+        assert!(other.is_ok());
+        current = other.unwrap().token;
+        match issuer
+            .issue(&s, ten, Some(&current.credential_id), "ci")
+            .await
+        {
+            Err(IssueError::ReplaceLimited { retry_after_secs }) => {
+                assert!((1..=60).contains(&retry_after_secs), "{retry_after_secs}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        clock.advance(60);
+        assert!(
+            issuer
+                .issue(&s, ten, Some(&current.credential_id), "ci")
+                .await
+                .is_ok()
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum AuditEventKind {
     ApprovalGranted,
     ApprovalDenied,
     ApprovalExpired,
+    /// An admin's decision was refused (self-approval).
+    ApprovalRefused,
     /// An admin ended a grant (revocation), so nothing refreshes under it any more.
     GrantRevoked,
     /// "Approve + remember" added an auto_approve rule for a bot.
@@ -54,6 +56,7 @@ impl AuditEventKind {
             AuditEventKind::ApprovalGranted => "approval_granted",
             AuditEventKind::ApprovalDenied => "approval_denied",
             AuditEventKind::ApprovalExpired => "approval_expired",
+            AuditEventKind::ApprovalRefused => "approval_refused",
             AuditEventKind::GrantRevoked => "grant_revoked",
             AuditEventKind::RuleRemembered => "rule_remembered",
             AuditEventKind::RuleForgotten => "rule_forgotten",

@@ -102,6 +102,8 @@ error_codes! {
     RequestExpired = ("request_expired", 409, "The approval request expired before anyone decided it."),
     WrongBot = ("wrong_bot", 409, "The approval request belongs to another bot than the one named."),
     InvalidDenyReason = ("invalid_deny_reason", 400, "The deny reason is longer than 4 KiB or has control characters other than newline and tab."),
+    SelfApproval = ("self_approval", 403, "An admin whose own identity made the approval request (as its policy bot) may not approve it; see [approvals] allow_self_approval."),
+    ReplaceRateLimited = ("replace_rate_limited", 429, "Replacements (replaces) of one token scope come faster than [limits] replace_burst and replace_interval allow; see retry_after."),
     TooManyPending = ("too_many_pending", 429, "Too many approval requests are pending (for this bot, or in all); wait for decisions."),
     UnknownBot = ("unknown_bot", 404, "The policy has no bot of this name."),
     UnknownCredential = ("unknown_credential", 404, "The broker holds no live credential with this id."),

@@ -99,6 +99,10 @@ pub async fn create(
         }
     };
 
+    // Decide on the policy in force now, not the one seen before the body arrived: a deny
+    // added by a reload meanwhile must win.
+    drop(policy);
+    let policy = state.policy.current();
     let decision = policy.decide_with(
         &caller,
         &Request::Github {
@@ -145,15 +149,16 @@ pub async fn create(
     let Some(scope) = TokenScope::new(&ask.repositories, &ask.permissions) else {
         return Err(ApiError::internal("validated request has no repository"));
     };
+    let who = crate::approvals::api::owner_of(decision.bot.as_deref(), &caller);
     let issued = match state
         .issuer
-        .issue(&scope, ask.min_ttl, request.replaces.as_deref())
+        .issue(&scope, ask.min_ttl, request.replaces.as_deref(), &who)
         .await
     {
         Ok(i) => i,
-        Err(upstream) => {
-            let e = upstream_error(&upstream);
-            tracing::warn!(bot = decision.bot.as_deref().unwrap_or("-"), code = %e.code, error = %upstream, "GitHub refused or failed");
+        Err(failure) => {
+            let e = issue_error(&failure);
+            tracing::warn!(bot = decision.bot.as_deref().unwrap_or("-"), code = %e.code, error = %failure, "no token issued");
             return Err(record_denial(&state, requested, &decision, e).await);
         }
     };
@@ -177,7 +182,11 @@ pub async fn create(
     done.reason = ask.reason.clone();
     done.rule = Some(decision.rule.clone());
     done.reused = issued.reused;
-    if let Err(e) = state.audit.record(vec![requested, done]).await {
+    let mut events = vec![requested, done];
+    if let Some(r) = &issued.replaced {
+        events.push(replaced_event(&state, &caller, decision.bot.as_deref(), r));
+    }
+    if let Err(e) = state.audit.record(events).await {
         // No durable record, no token.
         return Err(ApiError::internal(format!("audit log write failed: {e}")));
     }
@@ -370,6 +379,41 @@ pub(crate) fn upstream_error(upstream: &crate::providers::github::GithubError) -
         }
         _ => e,
     }
+}
+
+/// Why no token was issued, as the API's error: GitHub's refusal, or the replacement limit.
+pub(crate) fn issue_error(failure: &crate::grants::IssueError) -> ApiError {
+    match failure {
+        crate::grants::IssueError::Github(upstream) => upstream_error(upstream),
+        crate::grants::IssueError::ReplaceLimited { retry_after_secs } => {
+            ApiError::new(ErrorCode::ReplaceRateLimited, failure.to_string())
+                .with_retry_after(*retry_after_secs)
+        }
+    }
+}
+
+/// `credential_revoked` for the token a replacement superseded (revoked at GitHub as the
+/// replacement was minted).
+pub(crate) fn replaced_event(
+    state: &AppState,
+    caller: &Caller,
+    bot: Option<&str>,
+    replaced: &crate::grants::Replaced,
+) -> AuditEvent {
+    let mut e = AuditEvent::new(
+        AuditEventKind::CredentialRevoked,
+        rfc3339_millis(state.clock.now()),
+    );
+    e.bot = bot.map(str::to_string);
+    e.caller = Some(caller.describe());
+    e.token_id = Some(replaced.credential_id.clone());
+    e.repositories = replaced.repositories.clone();
+    e.expires_at = Some(rfc3339(replaced.expires_at));
+    e.detail = Some(match &replaced.error {
+        None => "replaced at the client's report that GitHub rejected it; revoked at GitHub".into(),
+        Some(err) => format!("replaced; GitHub did not confirm the revocation: {err}"),
+    });
+    e
 }
 
 /// The seed's answer for a token: the clone URLs and the askpass script carry it.

@@ -392,10 +392,11 @@ pub async fn issue_github(
     done.rule = Some(rule.to_string());
     done.request_id = request_id.map(str::to_string);
 
-    let issued = match state.issuer.issue(&scope, min_ttl, replaces).await {
+    let who = owner_of(bot.as_deref(), caller);
+    let issued = match state.issuer.issue(&scope, min_ttl, replaces, &who).await {
         Ok(i) => i,
-        Err(upstream) => {
-            let e = crate::api::credentials::upstream_error(&upstream);
+        Err(failure) => {
+            let e = crate::api::credentials::issue_error(&failure);
             let mut denied = done.clone();
             denied.event = AuditEventKind::CredentialDenied;
             denied.code = Some(e.code.as_str().to_string());
@@ -415,6 +416,14 @@ pub async fn issue_github(
     done.expires_at = Some(rfc3339(token.expires_at));
     done.reused = issued.reused;
     before.push(done);
+    if let Some(r) = &issued.replaced {
+        before.push(crate::api::credentials::replaced_event(
+            state,
+            caller,
+            bot.as_deref(),
+            r,
+        ));
+    }
     if let Err(e) = state.audit.record(before).await {
         // No durable record, no token.
         return Err(ApiError::internal(format!("audit log write failed: {e}")));

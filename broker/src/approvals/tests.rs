@@ -500,7 +500,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
     let scope = TokenScope::new(&repos, &perms).unwrap();
     let issued = w
         .issuer
-        .issue(&scope, Duration::from_secs(600), None)
+        .issue(&scope, Duration::from_secs(600), None, "ci")
         .await
         .unwrap();
     // Record the holder as the credentials handler does.
@@ -538,7 +538,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
     // Out of the reuse cache: the next request mints afresh.
     let again = w
         .issuer
-        .issue(&scope, Duration::from_secs(600), None)
+        .issue(&scope, Duration::from_secs(600), None, "ci")
         .await
         .unwrap();
     assert!(!again.reused);
@@ -734,4 +734,64 @@ async fn ending_the_grants_of_a_revoked_key() {
         .unwrap();
     assert_eq!(answer.grants_ended, vec![grants[2].clone()]);
     assert!(w.approvals.grant_is_live(&grants[1]));
+}
+
+/// Regression: re-mints (ttl-driven and `replaces`) overwrote the held token, so with five
+/// live tokens for one scope `revoke --bot` revoked one.
+#[tokio::test]
+async fn revoking_a_bot_reaches_every_token_it_was_handed() {
+    let w = world();
+    let repos: Vec<RepoName> = vec!["acme/web".parse().unwrap()];
+    let perms: Vec<Permission> = vec!["contents:write".parse().unwrap()];
+    let scope = TokenScope::new(&repos, &perms).unwrap();
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        // Each request wants 55 minutes, so every 6 minutes the held token is too short.
+        let issued = if i % 2 == 1 {
+            let last: &crate::grants::IssuedToken = tokens.last().unwrap();
+            w.issuer
+                .issue(
+                    &scope,
+                    Duration::from_secs(55 * 60),
+                    Some(&last.credential_id),
+                    "ci",
+                )
+                .await
+                .unwrap()
+        } else {
+            w.issuer
+                .issue(&scope, Duration::from_secs(55 * 60), None, "ci")
+                .await
+                .unwrap()
+        };
+        assert!(!issued.reused);
+        let mut e = botcreds_proto::audit::AuditEvent::new(
+            AuditEventKind::CredentialIssued,
+            crate::clock::rfc3339_millis(w.approvals.clock().now()),
+        );
+        e.bot = Some("ci".into());
+        e.token_id = Some(issued.token.credential_id.clone());
+        w.audit.record(vec![e]).await.unwrap();
+        tokens.push(issued.token);
+        w.clock.advance(6 * 60);
+    }
+    // The two replaced ones died with their replacement; three superseded ones live on.
+    let live: Vec<_> = tokens
+        .iter()
+        .filter(|t| w.github.is_live(&t.token))
+        .collect();
+    assert_eq!(live.len(), 3);
+    let answer = w
+        .approvals
+        .revoke("ops", &RevokeTarget::Bot("ci".into()))
+        .await
+        .unwrap();
+    assert_eq!(answer.revoked.len(), 3, "{:?}", answer.revoked);
+    for t in &tokens {
+        assert!(
+            !w.github.is_live(&t.token),
+            "{} still live",
+            t.credential_id
+        );
+    }
 }
