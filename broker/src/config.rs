@@ -102,6 +102,12 @@ struct RawLimits {
     max_concurrent_requests: usize,
     #[serde(default = "default_max_ttl")]
     max_github_ttl: Ttl,
+    /// Replacements (`replaces`) of one token scope one bot may have at once.
+    #[serde(default = "default_replace_burst")]
+    replace_burst: u32,
+    /// How long one more replacement takes to become available again.
+    #[serde(default = "default_replace_interval")]
+    replace_interval: Ttl,
 }
 
 impl Default for RawLimits {
@@ -110,6 +116,8 @@ impl Default for RawLimits {
             request_timeout: default_request_timeout(),
             max_concurrent_requests: default_concurrency(),
             max_github_ttl: default_max_ttl(),
+            replace_burst: default_replace_burst(),
+            replace_interval: default_replace_interval(),
         }
     }
 }
@@ -170,6 +178,12 @@ fn default_request_timeout() -> Ttl {
 }
 fn default_concurrency() -> usize {
     1024
+}
+fn default_replace_burst() -> u32 {
+    crate::grants::ReplaceLimit::default().burst
+}
+fn default_replace_interval() -> Ttl {
+    Ttl::from_secs(crate::grants::ReplaceLimit::default().interval.as_secs())
 }
 fn default_max_ttl() -> Ttl {
     Ttl::from_secs(3000)
@@ -233,6 +247,8 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// The longest `ttl` a GitHub token request may ask for (tokens live one hour).
     pub max_github_ttl: Duration,
+    /// How often one bot may have the token of one scope replaced (`replaces`).
+    pub replace: crate::grants::ReplaceLimit,
 }
 
 impl Default for Limits {
@@ -242,6 +258,10 @@ impl Default for Limits {
             request_timeout: raw.request_timeout.as_duration(),
             max_concurrent_requests: raw.max_concurrent_requests,
             max_github_ttl: raw.max_github_ttl.as_duration(),
+            replace: crate::grants::ReplaceLimit {
+                burst: raw.replace_burst,
+                interval: raw.replace_interval.as_duration(),
+            },
         }
     }
 }
@@ -478,6 +498,19 @@ impl Config {
                 "GitHub installation tokens live at most 1h".into(),
             ));
         }
+        if raw.limits.replace_burst == 0 {
+            return Err(invalid(
+                "limits.replace_burst",
+                "must be at least 1 (a client whose token GitHub rejected needs one replacement)"
+                    .into(),
+            ));
+        }
+        if raw.limits.replace_interval.as_duration() < Duration::from_secs(1) {
+            return Err(invalid(
+                "limits.replace_interval",
+                "must be at least 1s".into(),
+            ));
+        }
         if let Some(level) = &raw.log.level
             && tracing_subscriber::EnvFilter::try_new(level).is_err()
         {
@@ -523,6 +556,10 @@ impl Config {
                 request_timeout: raw.limits.request_timeout.as_duration(),
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
                 max_github_ttl: raw.limits.max_github_ttl.as_duration(),
+                replace: crate::grants::ReplaceLimit {
+                    burst: raw.limits.replace_burst,
+                    interval: raw.limits.replace_interval.as_duration(),
+                },
             },
             approvals: raw.approvals.clone(),
             log_format: raw.log.format,
@@ -668,6 +705,14 @@ mod tests {
             (
                 format!("{MIN}[limits]\nmax_github_ttl = \"2h\"\n"),
                 "limits.max_github_ttl",
+            ),
+            (
+                format!("{MIN}[limits]\nreplace_burst = 0\n"),
+                "limits.replace_burst",
+            ),
+            (
+                format!("{MIN}[limits]\nreplace_interval = \"0s\"\n"),
+                "replace_interval",
             ),
             (
                 format!("{MIN}[admin]\napi_key_bots = [\"ops\"]\n"),

@@ -119,7 +119,10 @@ pub async fn run(
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
     let audit = AuditLog::start(store.clone());
     let policy = Arc::new(PolicyHandle::load(&config.policy)?);
-    let issuer = Arc::new(TokenIssuer::new(edges.github.clone(), edges.clock.clone()));
+    let issuer = Arc::new(
+        TokenIssuer::new(edges.github.clone(), edges.clock.clone())
+            .with_replace_limit(config.limits.replace),
+    );
     let keys = crate::keys::service_for(&config, &edges, store.clone(), audit.clone())?;
     let metrics = Metrics::with_collectors(
         issuer.clone(),
