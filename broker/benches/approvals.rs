@@ -129,7 +129,11 @@ fn approve_to_waiting_bot(bencher: Bencher) {
         .bench_local_values(|(id, waiter)| {
             w.runtime.block_on(async {
                 w.approvals
-                    .approve("bench", &id, false)
+                    .approve(
+                        &botcreds_broker::approvals::Approver::new("bench", "bench"),
+                        &id,
+                        false,
+                    )
                     .await
                     .expect("approve");
                 waiter.await.expect("waiter")

@@ -21,7 +21,7 @@ use botcreds_proto::{ErrorCode, RepoName, Ttl};
 use super::AppState;
 use super::extract::{AdminCaller, json_body};
 use crate::approvals::RevokeTarget;
-use crate::approvals::api::query_map;
+use crate::approvals::api::{approver, query_map};
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
@@ -96,7 +96,12 @@ async fn approve(
     let body: ApproveBody = json_body(&headers, body).await?;
     let answer = state
         .approvals
-        .approve_checked(&actor(&caller), &id, body.persist, body.bot.as_deref())
+        .approve_checked(
+            &approver(&state, &caller),
+            &id,
+            body.persist,
+            body.bot.as_deref(),
+        )
         .await?;
     Ok(Json(answer))
 }
@@ -111,7 +116,7 @@ async fn approve_all(
     known_bot(&state, &body.bot)?;
     let approved = state
         .approvals
-        .approve_all(&actor(&caller), &body.bot, body.persist)
+        .approve_all(&approver(&state, &caller), &body.bot, body.persist)
         .await?;
     Ok(Json(ApproveAllAnswer { approved }))
 }

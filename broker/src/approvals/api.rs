@@ -87,6 +87,16 @@ pub fn owner_of(bot: Option<&str>, caller: &Caller) -> String {
     bot.map_or_else(|| caller.describe(), str::to_string)
 }
 
+/// The deciding admin as the approval service sees them: how decisions record them, and
+/// whose requests their own identity makes under the current policy (self-approval check).
+pub fn approver(state: &AppState, caller: &Caller) -> super::Approver {
+    let bot = state.policy.current().bot_for(caller).map(str::to_string);
+    super::Approver::new(
+        crate::api::admin::actor(caller),
+        owner_of(bot.as_deref(), caller),
+    )
+}
+
 /// `POST /v1/credentials` for a request that needs approval. `requested` is the
 /// `credential_requested` audit event, not yet recorded.
 #[allow(clippy::too_many_arguments)]

@@ -71,6 +71,10 @@ pub struct ApprovalsConfig {
     /// How often expired requests and grants are swept (default 1s).
     #[serde(default = "default_sweep_interval")]
     pub sweep_interval: Ttl,
+    /// Whether an admin whose identity is also the requesting policy bot (or the requesting
+    /// caller) may approve that request (default false: `403 self_approval`).
+    #[serde(default)]
+    pub allow_self_approval: bool,
 }
 
 fn default_grant_ttl() -> Ttl {
@@ -97,6 +101,7 @@ impl Default for ApprovalsConfig {
             max_pending_per_bot: default_max_pending_per_bot(),
             max_pending: default_max_pending(),
             sweep_interval: default_sweep_interval(),
+            allow_self_approval: false,
         }
     }
 }
@@ -130,6 +135,25 @@ pub struct ApprovalEvent {
     pub actor: Option<String>,
     /// RFC 3339, UTC.
     pub at: String,
+}
+
+/// Who decides an approval request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approver {
+    /// The admin as decisions record them (`tailnet:alice@example.com`, `api_key:ops`).
+    pub actor: String,
+    /// Whose requests the admin's own identity makes: the policy bot it matches, else its
+    /// description — the same as a request's owner, so self-approval is an equality.
+    pub owner: String,
+}
+
+impl Approver {
+    pub fn new(actor: impl Into<String>, owner: impl Into<String>) -> Approver {
+        Approver {
+            actor: actor.into(),
+            owner: owner.into(),
+        }
+    }
 }
 
 /// A new approval request, as the credentials handler knows it.
@@ -532,21 +556,47 @@ impl Approvals {
     /// `remember` an auto_approve rule for the bot and resource.
     pub async fn approve(
         &self,
-        actor: &str,
+        by: &Approver,
         id: &str,
         remember: bool,
     ) -> Result<DecisionAnswer, ApiError> {
-        self.approve_checked(actor, id, remember, None).await
+        self.approve_checked(by, id, remember, None).await
     }
 
     /// [`Approvals::approve`], refusing (`wrong_bot`) when the request is not `expect_bot`'s.
+    /// Every way of deciding (admin API, CLI, web page) comes here, so the self-approval
+    /// refusal holds for all of them.
     pub async fn approve_checked(
         &self,
-        actor: &str,
+        by: &Approver,
         id: &str,
         remember: bool,
         expect_bot: Option<&str>,
     ) -> Result<DecisionAnswer, ApiError> {
+        let actor = by.actor.as_str();
+        // A request's owner never changes, so this check outside the decision lock holds.
+        let own = {
+            let book = self.book();
+            book.requests
+                .get(id)
+                .filter(|e| {
+                    e.record.owner == by.owner && e.record.view.state == ApprovalState::Pending
+                })
+                .map(|e| e.record.view.clone())
+        };
+        if let Some(view) = own
+            && !self.config.allow_self_approval
+        {
+            let error = ApiError::new(
+                ErrorCode::SelfApproval,
+                format!(
+                    "{actor} made request {id} (as {}), so another admin must approve it",
+                    by.owner
+                ),
+            );
+            self.refuse_decision(by, Ok(&view), &error).await;
+            return Err(error);
+        }
         let now = self.clock.now();
         let decided = {
             let mut book = self.book();
@@ -713,13 +763,52 @@ impl Approvals {
         })
     }
 
+    /// Audit a refused decision (`approval_refused`, with the refusal's code) about one
+    /// request, or (`Err(bot)`) about all of a bot's.
+    async fn refuse_decision(
+        &self,
+        by: &Approver,
+        subject: Result<&ApprovalRequestView, &str>,
+        error: &ApiError,
+    ) {
+        let mut e = match subject {
+            Ok(v) => self.event(AuditEventKind::ApprovalRefused, v, Some(&by.actor)),
+            Err(bot) => {
+                let mut e = AuditEvent::new(
+                    AuditEventKind::ApprovalRefused,
+                    rfc3339_millis(self.clock.now()),
+                );
+                e.caller = Some(by.actor.clone());
+                e.bot = Some(bot.to_string());
+                e
+            }
+        };
+        e.code = Some(error.code.as_str().to_string());
+        e.detail = Some(error.message.chars().take(300).collect());
+        if let Err(err) = self.audit.record(vec![e]).await {
+            tracing::error!(error = %err, "audit log write failed for a refused decision");
+        }
+        tracing::warn!(actor = %by.actor, code = %error.code, "approval decision refused");
+    }
+
     /// Approve every pending request of `bot`.
     pub async fn approve_all(
         &self,
-        actor: &str,
+        by: &Approver,
         bot: &str,
         remember: bool,
     ) -> Result<Vec<DecisionAnswer>, ApiError> {
+        if by.owner == bot && !self.config.allow_self_approval {
+            let error = ApiError::new(
+                ErrorCode::SelfApproval,
+                format!(
+                    "{} is {bot} itself, so another admin must approve its requests",
+                    by.actor
+                ),
+            );
+            self.refuse_decision(by, Err(bot), &error).await;
+            return Err(error);
+        }
         let ids: Vec<String> = self
             .pending()?
             .into_iter()
@@ -728,7 +817,7 @@ impl Approvals {
             .collect();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.approve_checked(actor, &id, remember, Some(bot)).await {
+            match self.approve_checked(by, &id, remember, Some(bot)).await {
                 Ok(d) => out.push(d),
                 // Decided or expired meanwhile: not this command's to report.
                 Err(e)

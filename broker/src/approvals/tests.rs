@@ -43,6 +43,11 @@ fn world_with(store: Arc<dyn Store>, config: ApprovalsConfig) -> World {
     }
 }
 
+/// An admin whose identity matches no policy bot.
+fn admin(actor: &str) -> Approver {
+    Approver::new(actor, actor)
+}
+
 fn world() -> World {
     world_with(Arc::new(MemoryStore::new()), ApprovalsConfig::default())
 }
@@ -111,7 +116,7 @@ async fn lifecycle_pending_approved_issued_with_a_grant() {
     let id = r.view.request_id.clone();
     let d = w
         .approvals
-        .approve("tailnet:alice@example.com", &id, false)
+        .approve(&admin("tailnet:alice@example.com"), &id, false)
         .await
         .unwrap();
     assert_eq!(d.request.state, ApprovalState::Approved);
@@ -213,7 +218,9 @@ async fn concurrent_approvals_exactly_one_wins() {
         let (approvals, id) = (w.approvals.clone(), id.clone());
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                approvals.approve(&format!("admin{i}"), &id, true).await
+                approvals
+                    .approve(&admin(&format!("admin{i}")), &id, true)
+                    .await
             } else {
                 approvals.deny(&format!("admin{i}"), &id, Some("no")).await
             }
@@ -255,7 +262,11 @@ async fn expiry_follows_the_clock() {
     w.clock.advance(61);
     // Past its timeout it is no longer listed or approvable, even before the sweep.
     assert!(w.approvals.pending().unwrap().is_empty());
-    let e = w.approvals.approve("a", &id, false).await.unwrap_err();
+    let e = w
+        .approvals
+        .approve(&admin("a"), &id, false)
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::RequestExpired);
     assert_eq!(w.approvals.sweep().await, 1);
     assert_eq!(w.approvals.sweep().await, 0);
@@ -292,7 +303,10 @@ async fn a_waiter_hears_the_decision() {
         tokio::spawn(async move { approvals.wait_decided(&id, Duration::from_secs(60)).await })
     };
     tokio::task::yield_now().await;
-    w.approvals.approve("ops", &id, false).await.unwrap();
+    w.approvals
+        .approve(&admin("ops"), &id, false)
+        .await
+        .unwrap();
     let v = waiter.await.unwrap().unwrap();
     assert_eq!(v.state, ApprovalState::Approved);
 }
@@ -351,13 +365,16 @@ async fn bad_decisions_change_nothing() {
     let before = w.approvals.get(&id).unwrap();
     let audit_before = w.audit.read(&AuditFilter::default()).unwrap().len();
 
-    let e = w.approvals.approve("a", "apr_nosuchid", false).await;
+    let e = w
+        .approvals
+        .approve(&admin("a"), "apr_nosuchid", false)
+        .await;
     assert_eq!(e.unwrap_err().code, ErrorCode::UnknownRequest);
     let e = w.approvals.deny("a", "apr_nosuchid", None).await;
     assert_eq!(e.unwrap_err().code, ErrorCode::UnknownRequest);
     let e = w
         .approvals
-        .approve_checked("a", &id, false, Some("deploy"))
+        .approve_checked(&admin("a"), &id, false, Some("deploy"))
         .await;
     assert_eq!(e.unwrap_err().code, ErrorCode::WrongBot);
     let e = w
@@ -392,7 +409,11 @@ async fn bad_decisions_change_nothing() {
         d.request.deny_reason.as_deref(),
         Some("not now\n\tsee ticket 7")
     );
-    let e = w.approvals.approve("b", &id, false).await.unwrap_err();
+    let e = w
+        .approvals
+        .approve(&admin("b"), &id, false)
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::AlreadyDecided);
     assert_eq!(w.approvals.get(&id).unwrap().state, ApprovalState::Denied);
 }
@@ -407,7 +428,7 @@ async fn remember_and_forget() {
         .unwrap()
         .view
         .request_id;
-    let d = w.approvals.approve("ops", &id, true).await.unwrap();
+    let d = w.approvals.approve(&admin("ops"), &id, true).await.unwrap();
     let rule = d.remembered.unwrap();
     assert!(rule.rule_id.starts_with("rem_"));
     assert_eq!(
@@ -452,7 +473,7 @@ async fn pending_requests_grants_and_rules_survive_a_restart() {
             .unwrap()
             .view
             .request_id;
-        let d = w.approvals.approve("ops", &a, true).await.unwrap();
+        let d = w.approvals.approve(&admin("ops"), &a, true).await.unwrap();
         w.audit.shutdown();
         w.store.flush().unwrap();
         (p, a, d.remembered.unwrap().rule_id)
@@ -478,7 +499,7 @@ async fn pending_requests_grants_and_rules_survive_a_restart() {
             .created
     );
     w.approvals
-        .approve("ops", &pending_id, false)
+        .approve(&admin("ops"), &pending_id, false)
         .await
         .unwrap();
     assert!(w.approvals.pending().unwrap().is_empty());
@@ -494,7 +515,10 @@ async fn revoking_kills_tokens_and_ends_grants() {
         .unwrap()
         .view
         .request_id;
-    w.approvals.approve("ops", &id, false).await.unwrap();
+    w.approvals
+        .approve(&admin("ops"), &id, false)
+        .await
+        .unwrap();
     let repos: Vec<RepoName> = vec!["acme/web".parse().unwrap()];
     let perms: Vec<Permission> = vec!["contents:write".parse().unwrap()];
     let scope = TokenScope::new(&repos, &perms).unwrap();
@@ -656,7 +680,7 @@ async fn litellm_requests_dedupe_grant_and_remember_by_scope() {
 
     let d = w
         .approvals
-        .approve("ops", &a.view.request_id, true)
+        .approve(&admin("ops"), &a.view.request_id, true)
         .await
         .unwrap();
     let (resource, min_ttl, workspace) = w.approvals.resource_of(&a.view.request_id).unwrap();
@@ -699,7 +723,7 @@ async fn ending_the_grants_of_a_revoked_key() {
             .unwrap();
         let d = w
             .approvals
-            .approve("ops", &r.view.request_id, false)
+            .approve(&admin("ops"), &r.view.request_id, false)
             .await
             .unwrap();
         grants.push(d.grant.unwrap().grant_id);
@@ -794,4 +818,92 @@ async fn revoking_a_bot_reaches_every_token_it_was_handed() {
             t.credential_id
         );
     }
+}
+
+/// Regression: an admin who is also a policy bot approved (and remembered) its own request.
+/// Each way of deciding is refused with `self_approval`, audited, and changes nothing.
+#[tokio::test]
+async fn an_admin_may_not_approve_its_own_bots_request() {
+    let w = world();
+    let id = w
+        .approvals
+        .request(ask("ci", &["acme/web"], &["contents:write"]))
+        .await
+        .unwrap()
+        .view
+        .request_id;
+    let me = Approver::new("api_key:ci", "ci");
+    let cases: Vec<(&str, Result<usize, ApiError>)> = vec![
+        (
+            "approve",
+            w.approvals.approve(&me, &id, false).await.map(|_| 1),
+        ),
+        (
+            "approve + remember",
+            w.approvals.approve(&me, &id, true).await.map(|_| 1),
+        ),
+        (
+            "approve naming the bot",
+            w.approvals
+                .approve_checked(&me, &id, true, Some("ci"))
+                .await
+                .map(|_| 1),
+        ),
+        (
+            "approve all",
+            w.approvals
+                .approve_all(&me, "ci", true)
+                .await
+                .map(|d| d.len()),
+        ),
+    ];
+    for (what, result) in cases {
+        let e = result.err().unwrap_or_else(|| panic!("{what}: approved"));
+        assert_eq!(e.code, ErrorCode::SelfApproval, "{what}: {}", e.message);
+    }
+    assert_eq!(w.approvals.get(&id).unwrap().state, ApprovalState::Pending);
+    assert_eq!(w.approvals.pending().unwrap().len(), 1);
+    assert!(w.approvals.grants(true).is_empty());
+    assert!(w.approvals.remembered_views().is_empty());
+    assert_eq!(events(&w, AuditEventKind::ApprovalRefused), 4);
+    assert_eq!(events(&w, AuditEventKind::ApprovalGranted), 0);
+
+    // Another admin may; and the bot may withdraw (deny) its own request.
+    let d = w
+        .approvals
+        .approve(&admin("tailnet:alice@example.com"), &id, false)
+        .await;
+    assert!(d.is_ok());
+    let id = w
+        .approvals
+        .request(ask("ci", &["acme/api"], &["contents:write"]))
+        .await
+        .unwrap()
+        .view
+        .request_id;
+    assert!(
+        w.approvals
+            .deny_checked(&me.actor, &id, None, None)
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn self_approval_when_the_config_allows_it() {
+    let config = ApprovalsConfig {
+        allow_self_approval: true,
+        ..ApprovalsConfig::default()
+    };
+    let w = world_with(Arc::new(MemoryStore::new()), config);
+    let id = w
+        .approvals
+        .request(ask("ci", &["acme/web"], &["contents:write"]))
+        .await
+        .unwrap()
+        .view
+        .request_id;
+    let me = Approver::new("api_key:ci", "ci");
+    assert!(w.approvals.approve(&me, &id, false).await.is_ok());
+    assert_eq!(events(&w, AuditEventKind::ApprovalRefused), 0);
 }

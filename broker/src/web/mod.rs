@@ -72,6 +72,8 @@ pub fn routes(state: &AppState) -> Router<AppState> {
 pub struct WebAdmin {
     /// As decisions record it (`tailnet:alice@example.com`); form tokens are bound to it.
     pub actor: String,
+    /// The admin as the approval service checks decisions (self-approval).
+    pub approver: crate::approvals::Approver,
 }
 
 impl FromRequestParts<AppState> for WebAdmin {
@@ -104,6 +106,7 @@ impl FromRequestParts<AppState> for WebAdmin {
         if crate::identity::admin::is_admin(&state.admin, &caller) {
             Ok(WebAdmin {
                 actor: crate::api::admin::actor(&caller),
+                approver: crate::approvals::api::approver(state, &caller),
             })
         } else {
             tracing::warn!(caller = %caller.describe(), path = %parts.uri.path(), "non-admin caller on the approval page");
@@ -340,7 +343,7 @@ async fn approve(
     };
     match state
         .approvals
-        .approve_checked(&admin.actor, &id, remember, form.get("bot"))
+        .approve_checked(&admin.approver, &id, remember, form.get("bot"))
         .await
     {
         Ok(_) => {
