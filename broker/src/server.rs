@@ -140,6 +140,8 @@ pub async fn run(
         )
         .map_err(|e| ServeError::Config(format!("loading approval requests: {}", e.message)))?,
     );
+    // Grants persisted under an earlier policy end if the policy in force denies them.
+    approvals.end_denied_grants(&policy.current()).await;
     let mtls = match &config.tls {
         Some(tls) => Some(
             crate::tls::Mtls::open(
@@ -361,7 +363,12 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         let event = match result {
             Ok(Reload::Unchanged) => continue,
             Ok(Reload::Loaded { bots }) => {
-                tracing::info!(bots, path = %state.policy.path().display(), "policy reloaded");
+                // Deny wins over earlier approvals: end the grants the new policy denies.
+                let ended = state
+                    .approvals
+                    .end_denied_grants(&state.policy.current())
+                    .await;
+                tracing::info!(bots, grants_ended = ended.len(), path = %state.policy.path().display(), "policy reloaded");
                 state.metrics.policy_reload(true);
                 let mut e = AuditEvent::new(AuditEventKind::PolicyLoaded, now);
                 e.detail = Some(format!("{bots} bots"));

@@ -27,7 +27,7 @@ use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::TokenScope;
 use crate::identity::Caller;
-use crate::policy::Decision;
+use crate::policy::{Decision, Outcome};
 use crate::policy::remembered::Resource;
 
 /// Routes that may hold a request open for minutes; merged outside the request timeout.
@@ -251,6 +251,22 @@ async fn answer_for(
             ),
         )),
         ApprovalState::Approved | ApprovalState::Issued => {
+            let (resource, min_ttl, workspace) = state.approvals.resource_of(&view.request_id)?;
+            let approved = Approved {
+                bot: view.bot.clone(),
+                rule: &view.rule,
+                resource: &resource,
+                min_ttl,
+                workspace,
+                approval: "manual",
+                request_id: &view.request_id,
+            };
+            // A deny added after the approval wins, and says so (rather than "expired",
+            // which a reload that ended the grant would otherwise show).
+            if let Some(e) = denied_now(state, caller, &resource) {
+                refuse_approved(state, caller, &approved, Vec::new(), &e).await;
+                return Err(e);
+            }
             let live = view
                 .grant_id
                 .as_deref()
@@ -264,16 +280,6 @@ async fn answer_for(
                     ),
                 ));
             }
-            let (resource, min_ttl, workspace) = state.approvals.resource_of(&view.request_id)?;
-            let approved = Approved {
-                bot: view.bot.clone(),
-                rule: &view.rule,
-                resource: &resource,
-                min_ttl,
-                workspace,
-                approval: "manual",
-                request_id: &view.request_id,
-            };
             let (answer, credential_id) =
                 issue_approved(state, caller, approved, replaces, Vec::new()).await?;
             // The credential is minted and audited: a failed state write must not withhold it.
@@ -307,8 +313,56 @@ async fn refuse(
     error
 }
 
+/// The refusal when the policy in force now denies `caller` the `resource`. An approval or
+/// a grant never outweighs a deny, whenever the deny was added.
+fn denied_now(state: &AppState, caller: &Caller, resource: &Resource) -> Option<ApiError> {
+    let policy = state.policy.current();
+    let decision = policy.decide_with(
+        caller,
+        &resource.as_request(),
+        &state.approvals.remembered(),
+    );
+    (decision.outcome == Outcome::Deny).then(|| {
+        ApiError::new(
+            ErrorCode::PolicyDenied,
+            format!("denied by policy: {}", decision.explanation),
+        )
+        .with_rule(decision.rule)
+    })
+}
+
+/// Audit a refusal of an approved or granted request (`before` + `credential_denied`).
+async fn refuse_approved(
+    state: &AppState,
+    caller: &Caller,
+    a: &Approved<'_>,
+    mut before: Vec<AuditEvent>,
+    error: &ApiError,
+) {
+    let mut denied = AuditEvent::new(
+        AuditEventKind::CredentialDenied,
+        rfc3339_millis(state.clock.now()),
+    );
+    denied.bot = a.bot.clone();
+    denied.caller = Some(caller.describe());
+    denied.client_ip = Some(caller.address.ip().to_string());
+    denied.request_id = Some(a.request_id.to_string());
+    denied.approval = Some(a.approval.to_string());
+    denied.code = Some(error.code.as_str().to_string());
+    denied.rule = error.rule.clone();
+    denied.detail = Some(error.message.chars().take(300).collect());
+    super::fill_resource(&mut denied, &a.resource.to_wire());
+    before.push(denied);
+    state.metrics.request(a.bot.as_deref(), error.code.as_str());
+    if let Err(e) = state.audit.record(before).await {
+        tracing::error!(error = %e, "audit log write failed for a refusal");
+    }
+}
+
 /// Hand out the credential of an approved or granted request: a GitHub token or a LiteLLM
-/// key, as the resource says. Answers the response and the credential's id.
+/// key, as the resource says, unless the policy in force now denies it (checked here, right
+/// before the mint, on every path that hands out what an approval covered). Answers the
+/// response and the credential's id.
 async fn issue_approved(
     state: &AppState,
     caller: &Caller,
@@ -316,6 +370,11 @@ async fn issue_approved(
     replaces: Option<&str>,
     before: Vec<AuditEvent>,
 ) -> Result<(Response, String), ApiError> {
+    if let Some(e) = denied_now(state, caller, a.resource) {
+        tracing::info!(bot = a.bot.as_deref().unwrap_or("-"), request_id = %a.request_id, "approved request refused: the policy now denies it");
+        refuse_approved(state, caller, &a, before, &e).await;
+        return Err(e);
+    }
     match a.resource {
         Resource::Github { .. } => {
             let answer = issue_github(

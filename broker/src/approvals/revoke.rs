@@ -18,6 +18,10 @@ use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::IssuedToken;
 use crate::policy::remembered::Resource;
+use crate::policy::{Outcome, Policy};
+
+/// Who ends the grants a reloaded policy denies, as `revoked_by` and the audit's caller.
+const POLICY_ACTOR: &str = "policy";
 use crate::store::AuditFilter;
 
 /// What to revoke.
@@ -149,6 +153,46 @@ impl Approvals {
             revoked,
             grants_ended: ended.into_iter().map(|g| g.grant_id).collect(),
         })
+    }
+
+    /// End every live grant that `policy` (just loaded) denies: deny wins over an earlier
+    /// approval. Answers the ended grants' ids; each gets a `grant_revoked` event.
+    pub async fn end_denied_grants(&self, policy: &Policy) -> Vec<String> {
+        let now = self.clock.now();
+        let denied = |g: &GrantRecord| {
+            g.resource().is_some_and(|r| {
+                policy
+                    .decide_for_bot(g.view.bot.as_deref(), &r.as_request())
+                    .outcome
+                    == Outcome::Deny
+            })
+        };
+        let ended = match self.end_grants(POLICY_ACTOR, now, denied) {
+            Ok(ended) => ended,
+            Err(e) => {
+                // Minting re-decides against the current policy too, so a grant left live
+                // here still hands out nothing the policy denies.
+                tracing::error!(code = %e.code, error = %e.message, "could not end grants the reloaded policy denies");
+                return Vec::new();
+            }
+        };
+        if ended.is_empty() {
+            return Vec::new();
+        }
+        let mut events = self.grant_events(POLICY_ACTOR, &ended);
+        for e in &mut events {
+            e.detail = Some(format!(
+                "{}: ended because the policy now denies it",
+                e.detail.as_deref().unwrap_or("grant")
+            ));
+        }
+        if let Err(err) = self.audit.record(events).await {
+            tracing::error!(error = %err, "audit log write failed for grants the policy ended");
+        }
+        for g in &ended {
+            tracing::info!(grant_id = %g.grant_id, bot = g.bot.as_deref().unwrap_or("-"), "grant ended: the policy now denies it");
+        }
+        ended.into_iter().map(|g| g.grant_id).collect()
     }
 
     /// End the live grants of `owner` for `resource` (a revoked LiteLLM key's), so nothing

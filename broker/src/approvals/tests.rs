@@ -907,3 +907,57 @@ async fn self_approval_when_the_config_allows_it() {
     assert!(w.approvals.approve(&me, &id, false).await.is_ok());
     assert_eq!(events(&w, AuditEventKind::ApprovalRefused), 0);
 }
+
+/// Regression: a deny added after an approval left the grant live for its whole life.
+/// A reload that denies what a grant covers ends it (audited); others stay.
+#[tokio::test]
+async fn a_reloaded_policy_ends_the_grants_it_denies() {
+    let w = world();
+    let mut ids = Vec::new();
+    for repo in ["acme/web", "acme/api"] {
+        let id = w
+            .approvals
+            .request(ask("ci", &[repo], &["contents:write"]))
+            .await
+            .unwrap()
+            .view
+            .request_id;
+        w.approvals.approve(&admin("ops"), &id, false).await.unwrap();
+        ids.push(id);
+    }
+    let allow = crate::policy::Policy::parse(
+        "p.yaml",
+        "bots:\n  ci:\n    identity: { type: api_key }\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n",
+    )
+    .unwrap();
+    assert!(w.approvals.end_denied_grants(&allow).await.is_empty());
+    let deny = crate::policy::Policy::parse(
+        "p.yaml",
+        "bots:\n  ci:\n    identity: { type: api_key }\n    deny:\n      - repo: \"acme/web\"\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n",
+    )
+    .unwrap();
+    let ended = w.approvals.end_denied_grants(&deny).await;
+    assert_eq!(ended.len(), 1);
+    let live = w.approvals.grants(false);
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].request_id, ids[1]);
+    let gone = w
+        .approvals
+        .grants(true)
+        .into_iter()
+        .find(|g| g.grant_id == ended[0])
+        .unwrap();
+    assert_eq!(gone.request_id, ids[0]);
+    assert_eq!(gone.revoked_by.as_deref(), Some("policy"));
+    assert_eq!(events(&w, AuditEventKind::GrantRevoked), 1);
+    // Persisted: a restart does not bring it back.
+    let again = Approvals::load(
+        w.store.clone(),
+        w.audit.clone(),
+        Arc::new(w.clock.clone()),
+        w.issuer.clone(),
+        ApprovalsConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(again.grants(false).len(), 1);
+}
