@@ -27,8 +27,8 @@ use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::TokenScope;
 use crate::identity::Caller;
-use crate::policy::{Decision, Outcome};
 use crate::policy::remembered::Resource;
+use crate::policy::{Decision, Outcome};
 
 /// Routes that may hold a request open for minutes; merged outside the request timeout.
 pub fn long_poll_routes() -> Router<AppState> {

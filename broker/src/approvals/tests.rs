@@ -922,7 +922,10 @@ async fn a_reloaded_policy_ends_the_grants_it_denies() {
             .unwrap()
             .view
             .request_id;
-        w.approvals.approve(&admin("ops"), &id, false).await.unwrap();
+        w.approvals
+            .approve(&admin("ops"), &id, false)
+            .await
+            .unwrap();
         ids.push(id);
     }
     let allow = crate::policy::Policy::parse(

@@ -1,0 +1,504 @@
+//! Negative security tests of approvals and grants through the real `botcreds` binary: a deny
+//! added after an approval, self-approval on every decision path, replacement flooding, and
+//! concurrent identical requests. Each refusal is a table row: what is tried, the stable code
+//! it must be refused with, and the audit events it may add — pending requests, grants,
+//! remembered rules and GitHub's mint count must not change.
+
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use botcreds_proto::approval::{
+    ApprovalList, ApprovalRequestView, AuditList, GrantList, GrantView, PolicyView,
+};
+use botcreds_proto::audit::AuditEventKind;
+use botcreds_proto::{ErrorBody, ErrorCode, GithubCredential};
+use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
+use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+bots:
+  ci-bot:
+    identity: { tag: "tag:ci" }
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:read]
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:write]
+  ops:
+    identity: { type: api_key }
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:write]
+defaults:
+  requires_approval: true
+  approval_timeout: 24h
+"#;
+
+/// [`POLICY`] with a deny for ci-bot on acme-corp/api, added after an approval of it.
+const POLICY_WITH_DENY: &str = r#"
+bots:
+  ci-bot:
+    identity: { tag: "tag:ci" }
+    deny:
+      - repo: "acme-corp/api"
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:read]
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:write]
+  ops:
+    identity: { type: api_key }
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:write]
+defaults:
+  requires_approval: true
+  approval_timeout: 24h
+"#;
+
+/// Alice's machine: a tailnet admin who is no bot.
+const ADMIN: &str = "127.0.0.1";
+const CI: &str = "127.0.0.2";
+/// `ops` is an admin (`[admin] api_key_bots`) and a policy bot at once.
+const OPS_KEY: &str = "bck_secOpsAdminKey0123456789abcdefghi";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+struct World {
+    github: FakeGithub,
+    _tailscaled: FakeTailscaled,
+    broker: BrokerProcess,
+}
+
+async fn world() -> World {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    tailscaled.add_node(
+        ip(ADMIN),
+        NodeBuilder::new("alice-desk")
+            .login("alice@example.com")
+            .build(),
+    );
+    tailscaled.add_node(
+        ip(CI),
+        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
+    );
+    let broker = BrokerBuilder::new(POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .api_key("ops", OPS_KEY)
+        .toml("[admin]\nusers = [\"alice@example.com\"]\napi_key_bots = [\"ops\"]\n")
+        .toml("[limits]\nreplace_burst = 2\nreplace_interval = \"10m\"\n")
+        .start()
+        .await;
+    World {
+        github,
+        _tailscaled: tailscaled,
+        broker,
+    }
+}
+
+/// Who sends a request: a tailnet node by its address, or the `ops` API key.
+#[derive(Clone, Copy)]
+enum As {
+    Node(&'static str),
+    Ops,
+}
+
+async fn send(w: &World, who: As, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let from = match who {
+        As::Node(a) => a,
+        As::Ops => ADMIN,
+    };
+    let client = w.broker.client_from(ip(from));
+    let url = format!("{}{path}", w.broker.url);
+    let mut req = match method {
+        "GET" => client.get(url),
+        _ => client.post(url),
+    };
+    if let As::Ops = who {
+        req = req.bearer_auth(OPS_KEY);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn write_request(repo: &str) -> Value {
+    json!({"kind": "github_token", "repositories": [repo], "permissions": ["contents:write"]})
+}
+
+fn read_request(repo: &str) -> Value {
+    json!({"kind": "github_token", "repositories": [repo], "permissions": ["contents:read"]})
+}
+
+fn code_of(body: &Value) -> ErrorCode {
+    serde_json::from_value::<ErrorBody>(body.clone())
+        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
+        .code
+}
+
+fn credential(status: u16, body: Value) -> GithubCredential {
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_value(body).expect("a credential")
+}
+
+fn pending_view(status: u16, body: Value) -> ApprovalRequestView {
+    assert_eq!(status, 202, "{body}");
+    serde_json::from_value(body).expect("an approval request")
+}
+
+/// What a refusal must leave as it was.
+#[derive(Debug, PartialEq)]
+struct Stored {
+    pending: Vec<String>,
+    grants: Vec<GrantView>,
+    remembered: usize,
+    mints: u64,
+}
+
+async fn stored(w: &World) -> (Stored, usize) {
+    let alice = As::Node(ADMIN);
+    let (s, pending) = send(w, alice, "GET", "/v1/admin/approvals", None).await;
+    assert_eq!(s, 200, "{pending}");
+    let pending: ApprovalList = serde_json::from_value(pending).unwrap();
+    let (s, grants) = send(w, alice, "GET", "/v1/admin/grants?all=true", None).await;
+    assert_eq!(s, 200, "{grants}");
+    let grants: GrantList = serde_json::from_value(grants).unwrap();
+    let (s, policy) = send(w, alice, "GET", "/v1/admin/policy", None).await;
+    assert_eq!(s, 200, "{policy}");
+    let policy: PolicyView = serde_json::from_value(policy).unwrap();
+    let audit = audit(w).await;
+    (
+        Stored {
+            pending: pending.requests.into_iter().map(|r| r.request_id).collect(),
+            grants: grants.grants,
+            remembered: policy.remembered.len(),
+            mints: w.github.mint_count(),
+        },
+        audit.len(),
+    )
+}
+
+async fn audit(w: &World) -> Vec<botcreds_proto::audit::AuditEvent> {
+    let (s, log) = send(
+        w,
+        As::Node(ADMIN),
+        "GET",
+        "/v1/admin/audit?limit=10000",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{log}");
+    serde_json::from_value::<AuditList>(log).unwrap().events
+}
+
+/// `botcreds ARGS` as the `ops` admin (its API key): the exit code and stderr.
+async fn cli_as_ops(w: &World, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(binary("botcreds"))
+        .args(args)
+        .env("BOTCREDS_BROKER", &w.broker.url)
+        .env("BOTCREDS_API_KEY", OPS_KEY)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running botcreds");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One thing tried.
+enum Try {
+    Http {
+        who: As,
+        method: &'static str,
+        path: String,
+        body: Option<Value>,
+    },
+    CliAsOps(Vec<String>),
+}
+
+struct Case {
+    name: &'static str,
+    try_: Try,
+    code: ErrorCode,
+    /// The audit events the refusal adds, in order.
+    events: Vec<AuditEventKind>,
+}
+
+/// Regressions for the adversarial review's approval findings, as one table of refusals.
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_refusals_change_nothing_but_the_audit_log() {
+    let mut w = world().await;
+
+    // ci-bot asks for write on acme-corp/api; alice approves it; nobody collects it yet.
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(write_request("acme-corp/api")),
+    )
+    .await;
+    let ci_request = pending_view(s, b).request_id;
+    let (s, b) = send(
+        &w,
+        As::Node(ADMIN),
+        "POST",
+        &format!("/v1/admin/approvals/{ci_request}/approve"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    // ops, an admin and a policy bot, asks for write on acme-corp/web.
+    let (s, b) = send(
+        &w,
+        As::Ops,
+        "POST",
+        "/v1/credentials",
+        Some(write_request("acme-corp/web")),
+    )
+    .await;
+    let ops_request = pending_view(s, b).request_id;
+    // ci-bot spends its replacements of acme-corp/web contents:read (burst 2).
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(read_request("acme-corp/web")),
+    )
+    .await;
+    let mut current = credential(s, b);
+    let mut replaced = Vec::new();
+    for _ in 0..2 {
+        let mut body = read_request("acme-corp/web");
+        body["replaces"] = json!(current.credential_id);
+        let (s, b) = send(&w, As::Node(CI), "POST", "/v1/credentials", Some(body)).await;
+        replaced.push(std::mem::replace(&mut current, credential(s, b)));
+    }
+    for old in &replaced {
+        let info = w.github.token_info(&old.token).expect("minted by the fake");
+        assert!(!info.is_active(), "a replaced token is revoked at GitHub");
+    }
+
+    // The policy now denies ci-bot acme-corp/api: the reload ends the grant, audited.
+    let loads = w.broker.log_count("policy reloaded");
+    std::fs::write(&w.broker.policy_path, POLICY_WITH_DENY).unwrap();
+    w.broker.signal("HUP");
+    assert!(
+        w.broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    let (s, b) = send(&w, As::Node(ADMIN), "GET", "/v1/admin/grants", None).await;
+    assert_eq!(s, 200);
+    let live: GrantList = serde_json::from_value(b).unwrap();
+    assert!(
+        live.grants.is_empty(),
+        "the denied grant ended: {:?}",
+        live.grants
+    );
+    let ended = audit(&w).await;
+    let ended: Vec<_> = ended
+        .iter()
+        .filter(|e| e.event == AuditEventKind::GrantRevoked)
+        .collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].request_id.as_deref(), Some(ci_request.as_str()));
+    assert_eq!(ended[0].caller.as_deref(), Some("policy"));
+
+    let replace_body = {
+        let mut b = read_request("acme-corp/web");
+        b["replaces"] = json!(current.credential_id);
+        b
+    };
+    let requested_denied = vec![
+        AuditEventKind::CredentialRequested,
+        AuditEventKind::CredentialDenied,
+    ];
+    let cases = vec![
+        Case {
+            name: "poll an approved request the policy now denies",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "GET",
+                path: format!("/v1/requests/{ci_request}"),
+                body: None,
+            },
+            code: ErrorCode::PolicyDenied,
+            events: vec![AuditEventKind::CredentialDenied],
+        },
+        Case {
+            name: "ask again for what the ended grant covered",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "POST",
+                path: "/v1/credentials".into(),
+                body: Some(write_request("acme-corp/api")),
+            },
+            code: ErrorCode::PolicyDenied,
+            events: requested_denied.clone(),
+        },
+        Case {
+            name: "admin API: approve + persist its own request",
+            try_: Try::Http {
+                who: As::Ops,
+                method: "POST",
+                path: format!("/v1/admin/approvals/{ops_request}/approve"),
+                body: Some(json!({"persist": true})),
+            },
+            code: ErrorCode::SelfApproval,
+            events: vec![AuditEventKind::ApprovalRefused],
+        },
+        Case {
+            name: "admin API: approve its own request naming its bot",
+            try_: Try::Http {
+                who: As::Ops,
+                method: "POST",
+                path: format!("/v1/admin/approvals/{ops_request}/approve"),
+                body: Some(json!({"bot": "ops"})),
+            },
+            code: ErrorCode::SelfApproval,
+            events: vec![AuditEventKind::ApprovalRefused],
+        },
+        Case {
+            name: "admin API: approve-all of its own bot",
+            try_: Try::Http {
+                who: As::Ops,
+                method: "POST",
+                path: "/v1/admin/approvals/approve-all".into(),
+                body: Some(json!({"bot": "ops", "persist": true})),
+            },
+            code: ErrorCode::SelfApproval,
+            events: vec![AuditEventKind::ApprovalRefused],
+        },
+        Case {
+            name: "CLI: approve --persist its own request",
+            try_: Try::CliAsOps(vec![
+                "approve".into(),
+                ops_request.clone(),
+                "--persist".into(),
+            ]),
+            code: ErrorCode::SelfApproval,
+            events: vec![AuditEventKind::ApprovalRefused],
+        },
+        Case {
+            name: "CLI: approve --all of its own bot",
+            try_: Try::CliAsOps(vec!["approve".into(), "--bot=ops".into(), "--all".into()]),
+            code: ErrorCode::SelfApproval,
+            events: vec![AuditEventKind::ApprovalRefused],
+        },
+        Case {
+            name: "replace the token once more than [limits] allows",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "POST",
+                path: "/v1/credentials".into(),
+                body: Some(replace_body),
+            },
+            code: ErrorCode::ReplaceRateLimited,
+            events: requested_denied.clone(),
+        },
+    ];
+
+    for case in cases {
+        let (before, audit_len) = stored(&w).await;
+        match case.try_ {
+            Try::Http {
+                who,
+                method,
+                path,
+                body,
+            } => {
+                let (status, body) = send(&w, who, method, &path, body).await;
+                assert_eq!(status, case.code.http_status(), "{}: {body}", case.name);
+                assert_eq!(code_of(&body), case.code, "{}: {body}", case.name);
+                if case.code == ErrorCode::ReplaceRateLimited {
+                    let retry = body["retry_after"].as_u64().unwrap_or(0);
+                    assert!(retry >= 1, "{}: retry_after {body}", case.name);
+                }
+            }
+            Try::CliAsOps(args) => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (code, stderr) = cli_as_ops(&w, &args).await;
+                assert_ne!(code, 0, "{}: {stderr}", case.name);
+                assert!(
+                    stderr.contains(&format!("({})", case.code)),
+                    "{}: {stderr}",
+                    case.name
+                );
+            }
+        }
+        let (after, _) = stored(&w).await;
+        assert_eq!(after, before, "{}: stored state changed", case.name);
+        let events = audit(&w).await;
+        let added: Vec<AuditEventKind> = events[audit_len..].iter().map(|e| e.event).collect();
+        assert_eq!(added, case.events, "{}: audit events", case.name);
+        if let Some(last) = events.last() {
+            assert_eq!(
+                last.code.as_deref(),
+                Some(case.code.as_str()),
+                "{}: the refusal names its code",
+                case.name
+            );
+        }
+    }
+
+    // Another admin may approve ops's request.
+    let (s, b) = send(
+        &w,
+        As::Node(ADMIN),
+        "POST",
+        &format!("/v1/admin/approvals/{ops_request}/approve"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+}
+
+/// Concurrent identical requests against the fake GitHub cost exactly one mint. GitHub
+/// answers slowly here, so every request arrives while the first mint is in flight.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_identical_requests_mint_once_end_to_end() {
+    let w = world().await;
+    w.github.set_delay(Duration::from_millis(300));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = w.broker.client_from(ip(CI));
+        let url = format!("{}/v1/credentials", w.broker.url);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .json(&read_request("acme-corp/web"))
+                .send()
+                .await
+                .expect("request");
+            let status = resp.status().as_u16();
+            credential(status, resp.json().await.expect("json"))
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap().credential_id);
+    }
+    assert_eq!(w.github.mint_count(), 1);
+    assert_eq!(ids.len(), 1);
+}
