@@ -502,3 +502,102 @@ async fn concurrent_identical_requests_mint_once_end_to_end() {
     assert_eq!(w.github.mint_count(), 1);
     assert_eq!(ids.len(), 1);
 }
+
+const LITELLM_POLICY: &str = r#"
+bots:
+  review-bot:
+    identity: { type: api_key }
+    requires_approval:
+      - litellm_scope: ci
+  ops:
+    identity: { type: api_key }
+defaults:
+  requires_approval: true
+  approval_timeout: 24h
+"#;
+
+const REVIEW_KEY: &str = "bck_secReviewBotKey0123456789abcdefg";
+
+/// Regression (LiteLLM side of the deny-after-approval finding): an approved LiteLLM key
+/// request whose scope the policy now denies hands out nothing, and the reload ends its grant.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deny_added_after_a_litellm_approval_wins() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let litellm = botcreds_tests::fake_litellm::FakeLitellm::start(
+        botcreds_tests::fake_litellm::FakeLitellmConfig::default(),
+    )
+    .await;
+    let mut broker = BrokerBuilder::new(LITELLM_POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("review-bot", REVIEW_KEY)
+        .api_key("ops", OPS_KEY)
+        .litellm(&litellm.base_url(), litellm.master_key(), "")
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
+        .start()
+        .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = broker.url.clone();
+    let call = |key: &'static str, method: &'static str, path: String, body: Option<Value>| {
+        let url = format!("{base}{path}");
+        let http = http.clone();
+        async move {
+            let mut r = match method {
+                "GET" => http.get(url),
+                _ => http.post(url),
+            }
+            .bearer_auth(key);
+            if let Some(b) = body {
+                r = r.json(&b);
+            }
+            let resp = r.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        }
+    };
+    let ask = json!({"kind": "litellm_key", "scope": "ci"});
+    let (s, b) = call(
+        REVIEW_KEY,
+        "POST",
+        "/v1/credentials".into(),
+        Some(ask.clone()),
+    )
+    .await;
+    let id = pending_view(s, b).request_id;
+    let (s, b) = call(
+        OPS_KEY,
+        "POST",
+        format!("/v1/admin/approvals/{id}/approve"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+
+    let loads = broker.log_count("policy reloaded");
+    std::fs::write(
+        &broker.policy_path,
+        LITELLM_POLICY.replace(
+            "    requires_approval:\n      - litellm_scope: ci\n",
+            "    deny:\n      - litellm_scope: ci\n",
+        ),
+    )
+    .unwrap();
+    broker.signal("HUP");
+    assert!(
+        broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    let (s, b) = call(OPS_KEY, "GET", "/v1/admin/grants".into(), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["grants"], json!([]), "the denied grant ended");
+
+    let (s, b) = call(REVIEW_KEY, "GET", format!("/v1/requests/{id}"), None).await;
+    assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
+    let (s, b) = call(REVIEW_KEY, "POST", "/v1/credentials".into(), Some(ask)).await;
+    assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
+    assert!(
+        litellm.calls_to("/key/generate").is_empty(),
+        "no key was minted"
+    );
+}
