@@ -33,6 +33,11 @@ bots:
     requires_approval:
       - repo: "acme-corp/*"
         permissions: [contents:write]
+  ops-node:
+    identity: { tag: "tag:ops" }
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:write]
 defaults:
   requires_approval: true
   approval_timeout: 24h
@@ -56,6 +61,11 @@ bots:
     requires_approval:
       - repo: "acme-corp/*"
         permissions: [contents:write]
+  ops-node:
+    identity: { tag: "tag:ops" }
+    requires_approval:
+      - repo: "acme-corp/*"
+        permissions: [contents:write]
 defaults:
   requires_approval: true
   approval_timeout: 24h
@@ -64,6 +74,8 @@ defaults:
 /// Alice's machine: a tailnet admin who is no bot.
 const ADMIN: &str = "127.0.0.1";
 const CI: &str = "127.0.0.2";
+/// A tagged node that is an admin (`[admin] tags`) and the policy bot `ops-node` at once.
+const OPS_NODE: &str = "127.0.0.5";
 /// `ops` is an admin (`[admin] api_key_bots`) and a policy bot at once.
 const OPS_KEY: &str = "bck_secOpsAdminKey0123456789abcdefghi";
 
@@ -91,11 +103,17 @@ async fn world() -> World {
         ip(CI),
         NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
     );
+    tailscaled.add_node(
+        ip(OPS_NODE),
+        NodeBuilder::new("ops-box").tags(["tag:ops"]).build(),
+    );
     let broker = BrokerBuilder::new(POLICY)
         .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
         .tailscaled(tailscaled.socket_path())
         .api_key("ops", OPS_KEY)
-        .toml("[admin]\nusers = [\"alice@example.com\"]\napi_key_bots = [\"ops\"]\n")
+        .toml(
+            "[admin]\nusers = [\"alice@example.com\"]\ntags = [\"tag:ops\"]\napi_key_bots = [\"ops\"]\n",
+        )
         .toml("[limits]\nreplace_burst = 2\nreplace_interval = \"10m\"\n")
         .start()
         .await;
@@ -224,6 +242,37 @@ async fn cli_as_ops(w: &World, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// Approve + remember on the web page as the node at `from`: the detail page's form token,
+/// then the form POST from the broker's own origin. Status and the page.
+async fn web_approve(w: &World, from: &str, id: &str) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .local_address(ip(from))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("{}/approvals/{id}", w.broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let html = resp.text().await.unwrap();
+    let start = html.find("name=\"csrf\" value=\"").expect("a form token") + 19;
+    let csrf = html[start..].split('"').next().unwrap();
+    let resp = client
+        .post(format!("{}/approvals/{id}/approve", w.broker.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", w.broker.url.clone())
+        .header("sec-fetch-site", "same-origin")
+        .body(format!("csrf={csrf}&bot=ops-node&remember=1"))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
 /// One thing tried.
 enum Try {
     Http {
@@ -233,6 +282,11 @@ enum Try {
         body: Option<Value>,
     },
     CliAsOps(Vec<String>),
+    /// Approve + remember on the approval web page, as the node at this address.
+    WebApprove {
+        from: &'static str,
+        id: String,
+    },
 }
 
 struct Case {
@@ -277,6 +331,16 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
     )
     .await;
     let ops_request = pending_view(s, b).request_id;
+    // ops-node, a tagged admin node and a policy bot, asks for write on acme-corp/docs.
+    let (s, b) = send(
+        &w,
+        As::Node(OPS_NODE),
+        "POST",
+        "/v1/credentials",
+        Some(write_request("acme-corp/docs")),
+    )
+    .await;
+    let ops_node_request = pending_view(s, b).request_id;
     // ci-bot spends its replacements of acme-corp/web contents:read (burst 2).
     let (s, b) = send(
         &w,
@@ -407,6 +471,15 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
             events: vec![AuditEventKind::ApprovalRefused],
         },
         Case {
+            name: "web page: approve + remember its own request",
+            try_: Try::WebApprove {
+                from: OPS_NODE,
+                id: ops_node_request.clone(),
+            },
+            code: ErrorCode::SelfApproval,
+            events: vec![AuditEventKind::ApprovalRefused],
+        },
+        Case {
             name: "replace the token once more than [limits] allows",
             try_: Try::Http {
                 who: As::Node(CI),
@@ -435,6 +508,11 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
                     let retry = body["retry_after"].as_u64().unwrap_or(0);
                     assert!(retry >= 1, "{}: retry_after {body}", case.name);
                 }
+            }
+            Try::WebApprove { from, id } => {
+                let (status, html) = web_approve(&w, from, &id).await;
+                assert_eq!(status, case.code.http_status(), "{}: {html}", case.name);
+                assert!(html.contains(case.code.as_str()), "{}: {html}", case.name);
             }
             Try::CliAsOps(args) => {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
