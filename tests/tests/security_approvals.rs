@@ -358,9 +358,19 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         let (s, b) = send(&w, As::Node(CI), "POST", "/v1/credentials", Some(body)).await;
         replaced.push(std::mem::replace(&mut current, credential(s, b)));
     }
+    let revoked_events: Vec<String> = audit(&w)
+        .await
+        .into_iter()
+        .filter(|e| e.event == AuditEventKind::CredentialRevoked)
+        .filter_map(|e| e.token_id)
+        .collect();
     for old in &replaced {
         let info = w.github.token_info(&old.token).expect("minted by the fake");
         assert!(!info.is_active(), "a replaced token is revoked at GitHub");
+        assert!(
+            revoked_events.contains(&old.credential_id),
+            "the replaced token's revocation is audited"
+        );
     }
 
     // The policy now denies ci-bot acme-corp/api: the reload ends the grant, audited.
