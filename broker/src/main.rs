@@ -64,6 +64,22 @@ enum Command {
         #[command(subcommand)]
         command: cli::keys::KeysCommand,
     },
+    /// Offline checks of a stopped broker's store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Open the store of a stopped broker and check the audit chain and approval records;
+    /// exits 1 when anything is broken.
+    Verify {
+        /// The broker's `data_dir`.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -174,6 +190,22 @@ fn main() -> ExitCode {
         Command::Enroll { command } => cli_exit(cli::certs::run_enroll(command)),
         Command::Certs { command } => cli_exit(cli::certs::run_certs(command)),
         Command::Keys { command } => cli_exit(cli::keys::run(command)),
+        Command::Store {
+            command: StoreCommand::Verify { data_dir },
+        } => match cli::store::verify(&data_dir) {
+            Ok(report) => {
+                println!("{report}");
+                if report.is_intact() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("botcreds: opening the store in {}: {e}", data_dir.display());
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -171,13 +171,19 @@ impl BrokerBuilder {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for (i, (_, key)) in self.api_keys.iter().enumerate() {
-            cmd.env(format!("BOTCREDS_TEST_KEY_{i}"), key);
-        }
-        for (k, v) in &self.env {
+        let mut env: Vec<(String, String)> = self
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, (_, key))| (format!("BOTCREDS_TEST_KEY_{i}"), key.clone()))
+            .collect();
+        env.extend(self.env.iter().cloned());
+        for (k, v) in &env {
             cmd.env(k, v);
         }
-        BrokerProcess::spawn(cmd, dir, config_path, policy_path).await
+        let mut broker = BrokerProcess::spawn(cmd, dir, config_path, policy_path).await;
+        broker.env = env;
+        broker
     }
 }
 
@@ -191,6 +197,8 @@ pub struct BrokerProcess {
     pub policy_path: PathBuf,
     logs: Arc<Mutex<String>>,
     lines: watch::Receiver<usize>,
+    /// The variables the process was started with, for [`BrokerProcess::crash_and_restart`].
+    env: Vec<(String, String)>,
 }
 
 /// Why a broker did not come up.
@@ -270,7 +278,50 @@ impl BrokerProcess {
             policy_path,
             logs,
             lines: rx,
+            env: Vec::new(),
         })
+    }
+
+    /// `kill -9` the broker and wait until it is gone: no shutdown path runs.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("SIGKILL the broker");
+        let _ = self.child.wait().await;
+    }
+
+    /// The command that starts this broker again on its own config and data.
+    pub fn serve_command(&self) -> Command {
+        let mut cmd = Command::new(binary("botcreds"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,botcreds_broker=debug")
+            .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// `kill -9` the broker, then start it again on the same config and data directory (a new
+    /// port: `url` and `addr` change). Panics with the log if it does not come back.
+    pub async fn crash_and_restart(self) -> BrokerProcess {
+        let mut old = self;
+        old.kill9().await;
+        let cmd = old.serve_command();
+        let BrokerProcess {
+            dir,
+            config_path,
+            policy_path,
+            env,
+            ..
+        } = old;
+        let mut broker = BrokerProcess::spawn(cmd, dir, config_path, policy_path).await;
+        broker.env = env;
+        broker
     }
 
     /// Everything the broker wrote to stderr so far.

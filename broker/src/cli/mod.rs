@@ -1,10 +1,11 @@
-//! Offline admin commands: policy checking and explaining, API-key generation.
+//! Offline admin commands: policy checking and explaining, API-key generation, store checks.
 
 pub mod admin;
 pub mod certs;
 pub mod client;
 pub mod keys;
 pub mod policy;
+pub mod store;
 
 use crate::identity::api_key::generate_key;
 use crate::secret::sha256_hex;
