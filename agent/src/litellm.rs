@@ -259,8 +259,44 @@ impl Held {
     }
 }
 
+/// Whether `url` is a plain `http(s)://host[:port][/path]` URL, checked against an allow-list
+/// before anything else: it ends up in env files that users source (as root, too) and in tool
+/// configs, so it may hold only letters, digits and `-._:/[]%` (no space, quote, `;`, `&`, `$`,
+/// `~`, ...), and no user name, password, query or fragment.
+pub fn plain_base_url(url: &str) -> Result<(), &'static str> {
+    const MAX_URL_BYTES: usize = 2048;
+    if url.is_empty() || url.len() > MAX_URL_BYTES {
+        return Err("empty or too long");
+    }
+    if !url
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._:/[]%".contains(&b))
+    {
+        return Err("it has characters outside letters, digits and -._:/[]%");
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|_| "it does not parse")?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("the scheme is not http or https");
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("it names no host");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("it has a user name or password");
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("it has a query or fragment");
+    }
+    // `http:/v1` parses (the URL standard fills in the slashes); a plain URL spells them out.
+    if !url[parsed.scheme().len()..].starts_with("://") {
+        return Err("it does not start with http:// or https://");
+    }
+    Ok(())
+}
+
 /// Checks the broker's answer and makes it a held key. The key and base URL end up in env
-/// files and JSON, so they must be plain: no quotes, spaces or shell characters.
+/// files and JSON, so they must be plain: no quotes, spaces or shell characters (the env file
+/// quotes them as well, see [`outputs::env_file_content`]).
 fn validate_answer(
     cred: LitellmCredential,
     entry: &LitellmEntry,
@@ -287,15 +323,9 @@ fn validate_answer(
             entry.scope, cred.scope
         )));
     }
-    let url_ok = reqwest::Url::parse(&cred.base_url)
-        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-        && cred
-            .base_url
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !b"'\"\\$`".contains(&b));
-    if !url_ok {
+    if let Err(why) = plain_base_url(&cred.base_url) {
         return Err(bad(format!(
-            "base_url {:?} is not a plain http(s) URL",
+            "base_url {:?} is not a plain http(s) URL: {why}",
             cred.base_url
         )));
     }
@@ -1262,6 +1292,56 @@ mod tests {
         }
     }
 
+    /// A broker answer's base URL ends up in an env file that users source as root: only plain
+    /// http(s) URLs pass, whatever a compromised broker sends.
+    #[test]
+    fn base_url_shell_injection_is_refused() {
+        let now =
+            SystemTime::from(OffsetDateTime::parse("2026-02-06T14:30:00Z", &Rfc3339).unwrap());
+        let refused = [
+            "http://litellm:4000/v1;id>/tmp/PWNED",
+            "http://litellm:4000/v1&id",
+            "http://litellm:4000/v1|id",
+            "http://litellm:4000/v1<x",
+            "http://litellm:4000/v1>x",
+            "http://litellm:4000/(v1)",
+            "http://litellm:4000/~root",
+            "http://litellm:4000/v1 id",
+            "http://litellm:4000/v1\tid",
+            "http://litellm:4000/v1\nid",
+            "http://litellm:4000/v1$(id)",
+            "http://litellm:4000/v1`id`",
+            "http://litellm:4000/v1'",
+            "http://litellm:4000/v1#frag",
+            "http://litellm:4000/v1?a=b",
+            "http://user:pw@litellm:4000/v1",
+            "http://user@litellm:4000/v1",
+            "file:///etc/shadow",
+            "ftp://litellm/v1",
+            "javascript:alert(1)",
+            "http:/v1",
+            "",
+        ];
+        for url in refused {
+            let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
+            c.base_url = url.into();
+            let err = validate_answer(c, &entry(), now).err();
+            assert!(err.is_some(), "{url:?} was accepted");
+        }
+        for url in [
+            "http://litellm:4000/v1",
+            "https://llm.example.com/v1/",
+            "http://127.0.0.1:4000",
+            "http://[::1]:4000/v1",
+            "https://llm.example.com/a-b_c.d/%20v1",
+        ] {
+            let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
+            c.base_url = url.into();
+            let held = validate_answer(c, &entry(), now).unwrap();
+            assert_eq!(held.base_url, url, "kept as sent");
+        }
+    }
+
     #[test]
     fn cache_names_depend_on_scope_and_workspace_only() {
         let a = entry();
@@ -1454,7 +1534,7 @@ coder_user_id = "usr-def456"
                 },
             )
             .await;
-            assert!(read(&out("env")).contains("LITELLM_API_KEY=sk-test-1\n"));
+            assert!(read(&out("env")).contains("LITELLM_API_KEY='sk-test-1'\n"));
             let roo = json(&out("roo.json"));
             assert_eq!(roo["apiConfigs"]["LiteLLM"]["openAiApiKey"], "sk-test-1");
             assert_eq!(roo["theme"], "dark", "the user's settings stay");
@@ -1475,7 +1555,7 @@ coder_user_id = "usr-def456"
                 read(&out("key")) == "sk-test-2\n" && read(&changes).lines().count() == 2
             })
             .await;
-            assert!(read(&out("env")).contains("OPENAI_API_KEY=sk-test-2\n"));
+            assert!(read(&out("env")).contains("OPENAI_API_KEY='sk-test-2'\n"));
             let status = litellm.status();
             assert_eq!(status[0].credential_id.as_deref(), Some("lk_2"));
             assert!(

@@ -119,7 +119,12 @@ pub fn sync(
             };
             let content = match kind {
                 OutputKind::KeyFile => key_file_content(key.key),
-                _ => env_file_content(key.key, key.base_url),
+                _ => env_file_content(key.key, key.base_url).ok_or_else(|| {
+                    OutputError::Refused {
+                        path: path.to_path_buf(),
+                        message: "the key or base URL holds a control character".into(),
+                    }
+                })?,
             };
             if is_current(path, content.as_bytes(), spec).map_err(io_err(path))? {
                 return Ok(Outcome::Unchanged);
@@ -167,17 +172,29 @@ pub fn key_file_content(key: &str) -> String {
     format!("{key}\n")
 }
 
-/// The env file, for `set -a; . FILE` and systemd's `EnvironmentFile=`: the values are plain
-/// (the key and URL are checked to hold no quote, space or shell character), so every reader
-/// of env files takes them the same way.
-pub fn env_file_content(key: &str, base_url: &str) -> String {
-    format!(
+/// The env file, for `set -a; . FILE` and systemd's `EnvironmentFile=`: every value is
+/// single-quoted (a `'` in it written as `'\''`), so sourcing the file only ever assigns, whatever
+/// the broker sent; both readers take single quotes the same way. `None` when a value holds a
+/// control character (a newline would end the assignment for some readers).
+pub fn env_file_content(key: &str, base_url: &str) -> Option<String> {
+    let key = env_quote(key)?;
+    let base_url = env_quote(base_url)?;
+    Some(format!(
         "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
          LITELLM_API_KEY={key}\n\
          LITELLM_BASE_URL={base_url}\n\
          OPENAI_API_KEY={key}\n\
          OPENAI_BASE_URL={base_url}\n"
-    )
+    ))
+}
+
+/// `value` in single quotes for a POSIX shell: nothing inside is special but `'` itself, which
+/// closes the quotes, is written escaped and reopens them. Control characters are refused.
+fn env_quote(value: &str) -> Option<String> {
+    if value.chars().any(char::is_control) {
+        return None;
+    }
+    Some(format!("'{}'", value.replace('\'', "'\\''")))
 }
 
 /// Roo Code's settings as the key-provisioner design writes them, merged into `existing`:
@@ -663,8 +680,8 @@ mod tests {
         assert_eq!(
             fs::read_to_string(&env).unwrap(),
             "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
-             LITELLM_API_KEY=sk-abc\nLITELLM_BASE_URL=http://localhost:4000/v1\n\
-             OPENAI_API_KEY=sk-abc\nOPENAI_BASE_URL=http://localhost:4000/v1\n"
+             LITELLM_API_KEY='sk-abc'\nLITELLM_BASE_URL='http://localhost:4000/v1'\n\
+             OPENAI_API_KEY='sk-abc'\nOPENAI_BASE_URL='http://localhost:4000/v1'\n"
         );
         assert_eq!(mode(&env), 0o640);
 

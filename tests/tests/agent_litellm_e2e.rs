@@ -256,8 +256,8 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
         read(&env_file),
         format!(
             "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
-             LITELLM_API_KEY={key1}\nLITELLM_BASE_URL={base_url}\n\
-             OPENAI_API_KEY={key1}\nOPENAI_BASE_URL={base_url}\n"
+             LITELLM_API_KEY='{key1}'\nLITELLM_BASE_URL='{base_url}'\n\
+             OPENAI_API_KEY='{key1}'\nOPENAI_BASE_URL='{base_url}'\n"
         )
     );
     assert_eq!(mode(&env_file), 0o640);
@@ -373,7 +373,7 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
         "old key revoked"
     );
     assert_eq!(world.litellm.chat(&key2, "claude-sonnet-4-5").await.0, 200);
-    assert!(read(&env_file).contains(&format!("LITELLM_API_KEY={key2}\n")));
+    assert!(read(&env_file).contains(&format!("LITELLM_API_KEY='{key2}'\n")));
     assert_eq!(
         read_json(&roo)["apiConfigs"]["LiteLLM"]["openAiApiKey"],
         key2
