@@ -25,8 +25,8 @@ use tokio::sync::Notify;
 use crate::broker_client::{BrokerError, Released};
 use crate::cache::{DiskCache, ReadError};
 use crate::config::Config;
+use crate::credentials::time_to_unix as to_unix;
 use crate::credentials::{Credentials, rfc3339};
-use crate::credentials::{time_to_unix as to_unix, unix_to_time as from_unix};
 use crate::litellm_config::LitellmEntry;
 use crate::outputs::{self, FileSpec, KeyMaterial, Outcome, OutputKind};
 use crate::peer::AllowList;
@@ -259,6 +259,15 @@ impl Held {
     }
 }
 
+/// Whether `key` looks like a LiteLLM key: 1 to 512 bytes of letters, digits and `-_.~+/=:`.
+fn plain_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_BYTES
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b))
+}
+
 /// Whether `url` is a plain `http(s)://host[:port][/path]` URL, checked against an allow-list
 /// before anything else: it ends up in env files that users source (as root, too) and in tool
 /// configs, so it may hold only letters, digits and `-._:/[]%` (no space, quote, `;`, `&`, `$`,
@@ -306,13 +315,7 @@ fn validate_answer(
         status: 200,
         detail,
     };
-    let key_ok = !cred.key.is_empty()
-        && cred.key.len() <= MAX_KEY_BYTES
-        && cred
-            .key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b));
-    if !key_ok {
+    if !plain_key(&cred.key) {
         return Err(bad(
             "the key is empty, too long, or has characters a LiteLLM key cannot have".into(),
         ));
@@ -357,6 +360,8 @@ fn validate_answer(
             cred.expires_at
         )));
     }
+    refresh::check_lifetime(expires_at, now, refresh::MAX_LITELLM_KEY_LIFE)
+        .map_err(|why| bad(format!("the key expires at {}: {why}", cred.expires_at)))?;
     Ok(Held {
         refresh_at: refresh_at(entry, now, expires_at, rand::random()),
         key: Secret::new(cred.key),
@@ -466,7 +471,11 @@ impl Litellm {
         });
         inner.load_cache();
         for slot in &inner.slots {
-            let task = tokio::spawn(run_slot(inner.clone(), slot.clone()));
+            let (for_task, supervised) = (inner.clone(), slot.clone());
+            let task = tokio::spawn(refresh::supervise(
+                format!("LiteLLM key {}", slot.entry.scope),
+                move || run_slot(for_task.clone(), supervised.clone()),
+            ));
             *lock(&slot.task) = Some(task.abort_handle());
         }
         Litellm { inner }
@@ -556,13 +565,36 @@ impl Inner {
                     continue;
                 }
             };
-            let expires_at = from_unix(record.expires_at);
+            let checked = refresh::record_times(
+                record.expires_at,
+                record.fetched_at,
+                None,
+                refresh::MAX_LITELLM_KEY_LIFE,
+                now,
+            )
+            .and_then(|times| {
+                // The cache is the agent's own, but what it holds goes into files users
+                // source: the same checks as for a broker answer.
+                if !plain_key(record.key.expose()) {
+                    return Err("the key has characters a LiteLLM key cannot have".into());
+                }
+                plain_base_url(&record.base_url)
+                    .map_err(|why| format!("base_url is not a plain http(s) URL: {why}"))?;
+                Ok(times)
+            });
+            let (expires_at, fetched_at) = match checked {
+                Ok((expires_at, fetched_at, _)) => (expires_at, fetched_at),
+                Err(reason) => {
+                    tracing::warn!(scope = %slot.entry.scope, file = %slot.file_name, "cached LiteLLM key is out of range ({reason}); removed, fetching anew");
+                    let _ = self.disk.remove(&slot.file_name);
+                    continue;
+                }
+            };
             if !refresh::servable(expires_at, now) {
                 // Expired while the agent was down: never written again.
                 let _ = self.disk.remove(&slot.file_name);
                 continue;
             }
-            let fetched_at = from_unix(record.fetched_at);
             let held = Held {
                 refresh_at: refresh_at(&slot.entry, fetched_at, expires_at, rand::random()),
                 key: record.key,
@@ -690,8 +722,10 @@ impl Inner {
                         // refresh answered with the key held): ask again with growing backoff,
                         // not in a tight loop.
                         st.failures = earlier_failures.saturating_add(1);
-                        st.retry_at =
-                            Some(now + refresh::backoff(st.failures, Retry::Soon, rand::random()));
+                        st.retry_at = Some(refresh::later(
+                            now,
+                            refresh::backoff(st.failures, Retry::Soon, rand::random()),
+                        ));
                         let left = h.expires_at.duration_since(now).unwrap_or_default();
                         st.last_error = Some((
                             now,
@@ -724,11 +758,13 @@ impl Inner {
                 let dropped = {
                     let mut st = lock(&slot.state);
                     st.failures = st.failures.saturating_add(1);
-                    let mut delay = refresh::backoff(st.failures, e.retry(), rand::random());
-                    if let Some(after) = e.retry_after() {
-                        delay = delay.max(after);
-                    }
-                    st.retry_at = Some(now + delay);
+                    let delay = refresh::retry_delay(
+                        st.failures,
+                        e.retry(),
+                        e.retry_after(),
+                        rand::random(),
+                    );
+                    st.retry_at = Some(refresh::later(now, delay));
                     st.last_error = Some((now, e.to_string()));
                     if e.revokes_access() {
                         st.held.take()
@@ -1014,7 +1050,10 @@ impl Slot {
             expires_at: st.held.as_ref().map(|h| h.expires_at),
             refresh_at: st.held.as_ref().map(|h| h.refresh_at),
             next_check: st.held.as_ref().map(|h| {
-                st.last_check.unwrap_or(h.fetched_at).max(h.fetched_at) + self.entry.check_interval
+                refresh::later(
+                    st.last_check.unwrap_or(h.fetched_at).max(h.fetched_at),
+                    self.entry.check_interval,
+                )
             }),
             retry_at: st.retry_at,
         }
@@ -1283,6 +1322,14 @@ mod tests {
                 Box::new(|c: &mut LitellmCredential| c.models = vec!["a b".into()]),
                 "model",
             ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.expires_at = "9999-12-31T23:59:59Z".into()),
+                "longer than",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.expires_at = "2027-03-01T00:00:00Z".into()),
+                "longer than",
+            ),
         ] {
             let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
             mutate(&mut c);
@@ -1381,6 +1428,8 @@ mod tests {
 
         #[derive(Default)]
         struct Fake {
+            /// Answer every credential request with this refusal (HTTP 429) instead.
+            refuse: Option<serde_json::Value>,
             minted: u32,
             current: Option<String>,
             released: Vec<String>,
@@ -1400,6 +1449,10 @@ mod tests {
             Json(r): Json<CredentialRequest>,
         ) -> Response {
             let mut f = lock(&fake);
+            if let Some(body) = f.refuse.clone() {
+                f.requests.push(r);
+                return (axum::http::StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            }
             let n = match (&f.current, &r.replaces) {
                 (Some(c), Some(rep)) if c == rep => mint(&mut f),
                 (None, _) => mint(&mut f),
@@ -1619,6 +1672,124 @@ coder_user_id = "usr-def456"
                 .count();
             assert_eq!(cached, 0, "a released key leaves the cache");
             drop(stop);
+        }
+
+        /// Config of one `workspace` entry against the fake at `addr`, files under `dir`.
+        fn one_entry(addr: SocketAddr, dir: &Path) -> Arc<Config> {
+            let toml = format!(
+                r#"
+broker = "http://{addr}"
+cache_dir = "{d}/cache"
+socket = "{d}/agent.sock"
+[[litellm]]
+scope = "workspace"
+key_file = "{d}/out/key"
+[litellm.workspace]
+workspace_id = "ws-abc123"
+workspace_name = "contractor-alice"
+coder_user = "alice"
+coder_user_id = "usr-def456"
+"#,
+                d = dir.display(),
+            );
+            Arc::new(Config::parse(&toml, Path::new("agent.toml")).unwrap())
+        }
+
+        fn task_alive(litellm: &Litellm) -> bool {
+            lock(&litellm.inner.slots[0].task)
+                .as_ref()
+                .is_some_and(|t| !t.is_finished())
+        }
+
+        /// A broker answering 429 with `retry_after` = u64::MAX overflowed the retry time and
+        /// killed the entry's task for good; the delay is now clamped and the task lives on.
+        #[tokio::test]
+        async fn huge_retry_after_neither_panics_nor_kills_the_task() {
+            let tmp = tempfile::tempdir().unwrap();
+            for retry_after in [u64::MAX, i64::MAX as u64, 10 * 365 * 86_400] {
+                let fake: Shared = Arc::default();
+                lock(&fake).refuse = Some(serde_json::json!({
+                    "error": "slow down", "code": "overloaded", "retry_after": retry_after
+                }));
+                let (addr, stop) = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+                let config = one_entry(addr, tmp.path());
+                let (creds, litellm) = start(&config);
+                wait_until(&litellm, "a refused fetch", || {
+                    litellm.status()[0].failures > 0
+                })
+                .await;
+                assert!(
+                    task_alive(&litellm),
+                    "retry_after {retry_after}: the task died"
+                );
+                let status = litellm.status();
+                let next =
+                    OffsetDateTime::parse(status[0].next_refresh.as_deref().unwrap(), &Rfc3339)
+                        .unwrap();
+                assert!(
+                    next <= OffsetDateTime::now_utc()
+                        + time::Duration::seconds(refresh::MAX_SERVER_DELAY.as_secs() as i64 + 5),
+                    "retry_after {retry_after}: next ask at {next}, beyond the clamp"
+                );
+                litellm.shutdown(Duration::from_secs(1)).await;
+                creds.shutdown();
+                drop(stop);
+            }
+        }
+
+        /// A cache record with times at the end of (or before) time panicked the loader or
+        /// `GET /v1/litellm/status`; such records are dropped on load instead.
+        #[tokio::test]
+        async fn cache_records_with_extreme_times_are_dropped() {
+            let now = to_unix(SystemTime::now());
+            let cases = [
+                ("fetched at the end of time", now + 3600, i64::MAX),
+                ("expires at the end of time", i64::MAX, now),
+                ("both at the end of time", i64::MAX, i64::MAX),
+                ("expires beyond any key's life", now + 400 * 86_400, now),
+                ("fetched in the far future", now + 3600, now + 100 * 86_400),
+                ("negative times", now + 3600, i64::MIN),
+            ];
+            for (name, expires_at, fetched_at) in cases {
+                let tmp = tempfile::tempdir().unwrap();
+                // A broker that never answers: only the cache can give the entry a key.
+                let config = one_entry("127.0.0.1:9".parse().unwrap(), tmp.path());
+                let entry = &config.litellm[0];
+                let disk = DiskCache::open(&config.cache_dir).unwrap();
+                let record = KeyRecord {
+                    format: KEY_CACHE_FORMAT,
+                    identity: entry.identity(),
+                    credential_id: "lk_1".into(),
+                    key: Secret::new("sk-cached".into()),
+                    name: "n".into(),
+                    scope: entry.scope.clone(),
+                    budget_usd: 1.0,
+                    budget_period: "day".into(),
+                    rpm_limit: 1,
+                    models: vec![],
+                    base_url: "http://127.0.0.1:4000/v1".into(),
+                    expires_at,
+                    fetched_at,
+                };
+                disk.store_bytes(
+                    &cache_file_name(entry),
+                    &serde_json::to_vec(&record).unwrap(),
+                )
+                .unwrap();
+                let for_task = config.clone();
+                let (creds, litellm) = tokio::task::spawn(async move { start(&for_task) })
+                    .await
+                    .unwrap_or_else(|_| panic!("{name}: starting on the record panicked"));
+                let status = litellm.status();
+                assert_eq!(status[0].credential_id, None, "{name}: the record was used");
+                assert!(task_alive(&litellm), "{name}: the task died");
+                assert!(
+                    !tmp.path().join("out/key").exists(),
+                    "{name}: the record's key was written"
+                );
+                litellm.shutdown(Duration::from_secs(1)).await;
+                creds.shutdown();
+            }
         }
     }
 }

@@ -119,12 +119,12 @@ pub fn sync(
             };
             let content = match kind {
                 OutputKind::KeyFile => key_file_content(key.key),
-                _ => env_file_content(key.key, key.base_url).ok_or_else(|| {
-                    OutputError::Refused {
+                _ => {
+                    env_file_content(key.key, key.base_url).ok_or_else(|| OutputError::Refused {
                         path: path.to_path_buf(),
                         message: "the key or base URL holds a control character".into(),
-                    }
-                })?,
+                    })?
+                }
             };
             if is_current(path, content.as_bytes(), spec).map_err(io_err(path))? {
                 return Ok(Outcome::Unchanged);
