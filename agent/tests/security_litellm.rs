@@ -100,3 +100,159 @@ fn env_file_refuses_control_characters() {
         assert!(!env.exists(), "{hostile:?}: nothing written");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// on_change: the agent (often root) runs a command after every key change.
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+fn vars() -> Vec<(&'static str, String)> {
+    vec![
+        ("BOTCREDS_LITELLM_EVENT", "updated".into()),
+        ("BOTCREDS_LITELLM_SCOPE", "ci".into()),
+    ]
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped: it runs nothing any more).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A process is killed asynchronously: wait (bounded) until it is gone.
+async fn wait_gone(pid: i32) -> bool {
+    for _ in 0..200 {
+        if gone(pid) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// on_change inherited the agent's whole environment (BOTCREDS_API_KEY, NOTIFY_SOCKET, ...):
+/// it gets only a short allow-list and its own variables.
+#[tokio::test]
+async fn on_change_environment_is_an_allow_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("env");
+    let script = format!("env > {}", dump.display());
+    let (ok, result) = botcreds_agent::litellm::run_command(
+        &sh(&script),
+        &vars(),
+        std::time::Duration::from_secs(60),
+        None,
+    )
+    .await;
+    assert!(ok, "{result}");
+    let env = std::fs::read_to_string(&dump).unwrap();
+    // What the shell itself adds.
+    let shell = ["PWD", "SHLVL", "_", "OLDPWD"];
+    let allowed = ["PATH", "HOME", "LANG"];
+    for line in env.lines() {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            allowed.contains(&name)
+                || shell.contains(&name)
+                || name.starts_with("BOTCREDS_LITELLM_"),
+            "on_change inherited {name}"
+        );
+    }
+    assert!(env.contains("BOTCREDS_LITELLM_EVENT=updated\n"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+}
+
+/// A command that leaves a child in the background was reported as timed out (its child held
+/// the stderr pipe open) and the child lived on. The command's own exit counts, and its whole
+/// process group goes with it.
+#[tokio::test]
+async fn on_change_background_children_do_not_outlive_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    let script = format!("sleep 1000 & echo $! > {}; exit 0", pidfile.display());
+    let (ok, result) = botcreds_agent::litellm::run_command(
+        &sh(&script),
+        &vars(),
+        std::time::Duration::from_secs(20),
+        None,
+    )
+    .await;
+    assert!(ok, "the command itself exited 0: {result}");
+    assert_eq!(result, "exit status 0");
+    let pid = read_pid(&pidfile);
+    assert!(wait_gone(pid).await, "the background child {pid} survived");
+}
+
+/// On timeout, the whole process group is killed, not only the direct child.
+#[tokio::test]
+async fn on_change_timeout_kills_the_process_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    let script = format!("sleep 1000 & echo $! > {}; sleep 1000", pidfile.display());
+    let (ok, result) = botcreds_agent::litellm::run_command(
+        &sh(&script),
+        &vars(),
+        std::time::Duration::from_secs(2),
+        None,
+    )
+    .await;
+    assert!(!ok);
+    assert!(result.contains("timed out"), "{result}");
+    let pid = read_pid(&pidfile);
+    assert!(
+        wait_gone(pid).await,
+        "the grandchild {pid} survived the timeout"
+    );
+}
+
+/// The peak resident memory of this process (`VmHWM`), in KiB, after resetting it.
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+fn peak_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// 1.5 GB on stderr grew the agent to 2 GB: the output is read into a bounded buffer, the rest
+/// discarded, and the last line still reported.
+#[tokio::test]
+async fn on_change_output_is_bounded() {
+    reset_peak();
+    let before = peak_kib();
+    let script =
+        "head -c 300000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'the last line' >&2; exit 3";
+    let (ok, result) = botcreds_agent::litellm::run_command(
+        &sh(script),
+        &vars(),
+        std::time::Duration::from_secs(300),
+        None,
+    )
+    .await;
+    let grown = peak_kib().saturating_sub(before);
+    assert!(!ok);
+    assert_eq!(result, "exit status 3: the last line");
+    assert!(
+        grown < 64 * 1024,
+        "reading 300 MB of stderr grew the peak memory by {grown} KiB"
+    );
+}
