@@ -256,3 +256,208 @@ async fn on_change_output_is_bounded() {
         "reading 300 MB of stderr grew the peak memory by {grown} KiB"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Symlinks: the agent (root) writes into directories the target user controls.
+
+/// A user that is not root (`nobody`).
+const USER: u32 = 65534;
+
+fn chown_user(path: &Path) {
+    std::os::unix::fs::lchown(path, Some(USER), Some(USER)).unwrap();
+}
+
+fn all_outputs() -> [(OutputKind, &'static str); 4] {
+    [
+        (OutputKind::KeyFile, "key"),
+        (OutputKind::EnvFile, "env"),
+        (OutputKind::RooCode, "settings.json"),
+        (OutputKind::OpenCode, "config.json"),
+    ]
+}
+
+const ROOT_SECRET: &str = "{\"secret\": \"root-only-content\"}";
+
+/// A root-only directory holding a root-only file named like each output.
+fn root_only_dir(base: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = base.join("root-only");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for (_, name) in all_outputs() {
+        std::fs::write(dir.join(name), ROOT_SECRET).unwrap();
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    dir
+}
+
+/// Every file under `dir` (not following links), with its content.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(files_under(&e.path()));
+        } else if t.is_file() {
+            out.push((
+                e.path(),
+                std::fs::read_to_string(e.path()).unwrap_or_default(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn assert_root_dir_untouched(root: &Path, what: &str) {
+    let files = files_under(root);
+    assert_eq!(
+        files.len(),
+        all_outputs().len(),
+        "{what}: files appeared or went: {files:?}"
+    );
+    for (path, content) in files {
+        assert_eq!(
+            content,
+            ROOT_SECRET,
+            "{what}: {} was changed",
+            path.display()
+        );
+    }
+}
+
+fn assert_not_leaked(user_dir: &Path, what: &str) {
+    for (path, content) in files_under(user_dir) {
+        assert!(
+            !content.contains("root-only-content"),
+            "{what}: the root-only file leaked into {}",
+            path.display()
+        );
+    }
+}
+
+/// A user symlinks an output (`settings.json`, `key`, ...) in their own directory to a root-only
+/// file: the agent must neither read it into a file the user can read nor rewrite it.
+#[test]
+fn file_symlink_to_a_root_only_file_is_neither_leaked_nor_rewritten() {
+    let models = vec!["m".to_string()];
+    for (kind, name) in all_outputs() {
+        for with_key in [true, false] {
+            let what = format!("{name}, key {with_key}");
+            let tmp = tempfile::tempdir().unwrap();
+            let root = root_only_dir(tmp.path());
+            let user_dir = tmp.path().join("home/.config/tool");
+            std::fs::create_dir_all(&user_dir).unwrap();
+            chown_user(&tmp.path().join("home"));
+            chown_user(&tmp.path().join("home/.config"));
+            chown_user(&user_dir);
+            let path = user_dir.join(name);
+            std::os::unix::fs::symlink(root.join(name), &path).unwrap();
+            chown_user(&path);
+            let material = KeyMaterial {
+                key: "sk-new",
+                base_url: "http://x/v1",
+                models: &models,
+                model: None,
+            };
+            let _ = outputs::sync(kind, &path, PRIVATE, with_key.then_some(&material));
+            assert_root_dir_untouched(&root, &what);
+            assert_not_leaked(&tmp.path().join("home"), &what);
+        }
+    }
+}
+
+/// A user replaces a directory on the way to an output with a symlink to a root-only
+/// directory: the agent must not write, remove or read anything there.
+#[test]
+fn directory_symlink_to_a_root_only_directory_is_not_followed() {
+    let models = vec!["m".to_string()];
+    for (kind, name) in all_outputs() {
+        for with_key in [true, false] {
+            let what = format!("{name}, key {with_key}");
+            let tmp = tempfile::tempdir().unwrap();
+            let root = root_only_dir(tmp.path());
+            let home = tmp.path().join("home");
+            std::fs::create_dir_all(home.join(".config")).unwrap();
+            chown_user(&home);
+            chown_user(&home.join(".config"));
+            let link = home.join(".config/tool");
+            std::os::unix::fs::symlink(&root, &link).unwrap();
+            chown_user(&link);
+            let material = KeyMaterial {
+                key: "sk-new",
+                base_url: "http://x/v1",
+                models: &models,
+                model: None,
+            };
+            let result = outputs::sync(
+                kind,
+                &link.join(name),
+                PRIVATE,
+                with_key.then_some(&material),
+            );
+            assert!(result.is_err(), "{what}: went through the link: {result:?}");
+            assert_root_dir_untouched(&root, &what);
+            assert_not_leaked(&home, &what);
+        }
+    }
+}
+
+/// Symlinks only root can have made (root's, in a directory only root may change) are
+/// followed: `/var/run -> /run` and the like keep working.
+#[test]
+fn root_owned_symlinks_in_root_only_directories_are_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, tmp.path().join("alias")).unwrap();
+    let models = vec!["m".to_string()];
+    let material = KeyMaterial {
+        key: "sk-new",
+        base_url: "http://x/v1",
+        models: &models,
+        model: None,
+    };
+    let path = tmp.path().join("alias/sub/key");
+    outputs::sync(OutputKind::KeyFile, &path, PRIVATE, Some(&material)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(real.join("sub/key")).unwrap(),
+        "sk-new\n"
+    );
+}
+
+/// A hard link to a root-only file in the user's directory (where the kernel allows making
+/// one) is not read into the config the agent writes.
+#[test]
+fn hard_link_to_a_root_only_file_is_not_leaked() {
+    let models = vec!["m".to_string()];
+    for (kind, name) in [
+        (OutputKind::RooCode, "settings.json"),
+        (OutputKind::OpenCode, "config.json"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = root_only_dir(tmp.path());
+        let user_dir = tmp.path().join("home");
+        std::fs::create_dir_all(&user_dir).unwrap();
+        chown_user(&user_dir);
+        let path = user_dir.join(name);
+        std::fs::hard_link(root.join(name), &path).unwrap();
+        let material = KeyMaterial {
+            key: "sk-new",
+            base_url: "http://x/v1",
+            models: &models,
+            model: None,
+        };
+        let result = outputs::sync(kind, &path, PRIVATE, Some(&material));
+        assert!(result.is_err(), "{name}: {result:?}");
+        assert_root_dir_untouched(&root, name);
+        // The link itself is the root file (mode 0600, root's): unchanged, and no other file
+        // (that the user could read) appeared.
+        assert_eq!(
+            files_under(&user_dir),
+            vec![(path.clone(), ROOT_SECRET.to_string())],
+            "{name}"
+        );
+    }
+}
