@@ -510,6 +510,46 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT\" >> {home}/change
     assert_ne!(key3, key2);
     assert_eq!(world.litellm.chat(&key3, "claude-haiku-3-5").await.0, 200);
     assert_eq!(world.litellm.chat(&key2, "claude-haiku-3-5").await.0, 401);
+    // "In time", from the fake LiteLLM's records: the old key was deleted while it still lived
+    // (a rotation, not a clean-up after expiry), and the new key reached the file before the
+    // old one expired, without the file ever losing its key in between.
+    let old = world
+        .litellm
+        .deleted_key(&key2)
+        .expect("the old key was deleted at LiteLLM");
+    let old_expires = old.expires.expect("the old key had an expiry");
+    assert!(
+        old.updated_at < old_expires,
+        "the old key was deleted at {}, after it expired at {old_expires}",
+        old.updated_at
+    );
+    // With checks every 2 s, the broker itself replaces a key once less than half its life is
+    // left (it stops reusing it): only the agent's own refresh (window 120 s of 150 s here)
+    // rotates it earlier. A late refresh would hide behind those checks without this.
+    let half_life = (old_expires - old.created_at) / 2;
+    assert!(
+        old_expires - old.updated_at > half_life,
+        "the old key (created {}, expiring {old_expires}) was replaced at {}, with less than half \
+         its life left: not by the agent's refresh",
+        old.created_at,
+        old.updated_at
+    );
+    let st = litellm_status(&home).await;
+    let written = st["outputs"][0]["changed_at"]
+        .as_str()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .unwrap_or_else(|| panic!("no changed_at for the key file: {st}"));
+    assert!(
+        written < old_expires,
+        "the new key reached the file at {written}, after the old one expired at {old_expires}"
+    );
+    let changes = read(&home.dir().join("changes"));
+    assert!(
+        !changes.contains("removed"),
+        "the key file went without a key in between: {changes}"
+    );
     let (exit, logs) = agent.stop().await;
     assert!(exit.success(), "{logs}");
     assert!(
