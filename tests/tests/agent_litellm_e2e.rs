@@ -633,3 +633,115 @@ async fn bad_litellm_entries_stop_the_agent_with_the_key_named() {
         );
     }
 }
+
+/// Whether `key` is one the fake LiteLLM minted (live or deleted since): a partial key is not.
+fn minted(world: &World, key: &str) -> bool {
+    world.litellm.deleted_key(key).is_some()
+        || world
+            .litellm
+            .live_keys()
+            .iter()
+            .any(|k| k.token == botcreds_tests::fake_litellm::hash_token(key))
+}
+
+/// Every output and cache file of the agent in `home` is absent or whole: a complete file
+/// holding a key LiteLLM minted. Temp files (the agent's own, named `.…botcreds-tmp-…` and
+/// `.tmp-…`) are skipped: nobody reads them.
+fn assert_whole(world: &World, home: &AgentHome, round: usize) {
+    let out = home.dir().join("out");
+    let known = |key: &str, what: &str| {
+        assert!(
+            minted(world, key),
+            "round {round}: {what} holds a key LiteLLM never minted (partial?): {key:?}"
+        );
+    };
+    if let Ok(text) = std::fs::read_to_string(out.join("ci.key")) {
+        let key = text
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("round {round}: key file without its newline: {text:?}"));
+        known(key, "the key file");
+    }
+    if let Ok(text) = std::fs::read_to_string(out.join("ci.env")) {
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines.len() == 5 && text.ends_with('\n'),
+            "round {round}: partial env file: {text:?}"
+        );
+        let key = lines[1]
+            .strip_prefix("LITELLM_API_KEY='")
+            .and_then(|k| k.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("round {round}: env file: {text:?}"));
+        known(key, "the env file");
+    }
+    if let Ok(text) = std::fs::read_to_string(out.join("roo.json")) {
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: partial roo.json ({e}): {text:?}"));
+        if let Some(key) = v["apiConfigs"]["LiteLLM"]["openAiApiKey"].as_str() {
+            known(key, "roo.json");
+        }
+    }
+    for entry in std::fs::read_dir(home.cache_dir()).expect("cache dir") {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: partial cache file {name} ({e})"));
+        if name.starts_with("litellm-") {
+            known(v["key"].as_str().unwrap_or_default(), "the cache");
+        }
+    }
+}
+
+/// `kill -9` in the middle of writing a new key (right after the agent logs it fetched one)
+/// never leaves a partial key file, env file, tool config or cache file: each is the old one or
+/// the new one, whole, every time.
+#[tokio::test]
+async fn kill_9_mid_write_never_leaves_a_partial_key_or_cache_file() {
+    const ROUNDS: usize = 10;
+    const FETCHED: &str = "LiteLLM key fetched";
+    let world = World::new().await;
+    let home = world
+        .agent()
+        .litellm(
+            r#"scope = "ci"
+key_file = "{home}/out/ci.key"
+env_file = "{home}/out/ci.env"
+roo_code = "{home}/out/roo.json"
+check_interval = "1s""#,
+        )
+        .build();
+    let mut agent = home.start().await;
+    wait_log(&mut agent, FILES_CHANGED, 1, WAIT).await;
+    let name = litellm_status(&home).await["name"]
+        .as_str()
+        .expect("the key's name")
+        .to_string();
+    for round in 0..ROUNDS {
+        // Rotated at the broker: the agent's next check (within a second) fetches the new key
+        // and writes the cache and every file; it is killed somewhere in those writes.
+        let before = agent.log_count(FETCHED);
+        let (status, body) = world
+            .admin(reqwest::Method::POST, &format!("/v1/keys/{name}/rotate"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        wait_log(&mut agent, FETCHED, before + 1, WAIT).await;
+        // Spread the moment over the writes (fsyncs take milliseconds).
+        tokio::time::sleep(Duration::from_millis((round as u64 * 7) % 25)).await;
+        let exit = agent.kill().await;
+        assert!(!exit.success(), "round {round}: killed, not exited");
+        assert_whole(&world, &home, round);
+        agent = home.start().await;
+        // The restarted agent loads its cache and brings the files in line (whole files at
+        // every moment, so checking while it writes is part of the test).
+        wait_log(&mut agent, "loaded cached LiteLLM key", 1, WAIT).await;
+        assert_whole(&world, &home, round);
+    }
+    // Answering on its socket means it serves, and so listens for SIGTERM too (the handler is
+    // set up with the server, just after "agent ready").
+    litellm_status(&home).await;
+    let (exit, logs) = agent.stop().await;
+    assert!(exit.success(), "{exit:?}: {logs}");
+}
