@@ -496,9 +496,10 @@ impl<'a> Place<'a> {
     /// Replaces the output with `content` in one step: temp file in the same directory (mode
     /// and group set before any byte is written), fsync, rename, fsync of the directory.
     fn write(&self, content: &[u8], spec: FileSpec) -> io::Result<()> {
+        let prefix = format!(".{}{TEMP_MARKER}", self.name.to_string_lossy());
         crate::atomic::replace_at(
             &self.dir,
-            &crate::atomic::temp_name(&format!(".{}{TEMP_MARKER}", self.name.to_string_lossy())),
+            &crate::atomic::temp_name(&prefix),
             self.name,
             spec.mode,
             content,
@@ -506,7 +507,28 @@ impl<'a> Place<'a> {
                 Some(gid) => chown_group(f, gid),
                 None => Ok(()),
             },
-        )
+        )?;
+        self.remove_stale_temps(&prefix);
+        Ok(())
+    }
+
+    /// Removes temp files of this output left by an agent killed mid-write (they hold a key),
+    /// but not this process's own (another write of the same path may be under way). Best
+    /// effort: a leftover costs nothing but the space.
+    fn remove_stale_temps(&self, prefix: &str) {
+        let ours = format!("{prefix}{}-", std::process::id());
+        let Ok(dir) = rustix::fs::Dir::read_from(&self.dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_bytes();
+            if name.starts_with(prefix.as_bytes())
+                && !name.starts_with(ours.as_bytes())
+                && entry.file_type() == FileType::RegularFile
+            {
+                let _ = rustix::fs::unlinkat(&self.dir, entry.file_name(), AtFlags::empty());
+            }
+        }
     }
 }
 
@@ -1027,6 +1049,25 @@ mod tests {
         assert!(err.contains("is not a JSON object"), "{err}");
         assert_eq!(fs::read_to_string(&roo).unwrap(), "[1, 2]");
         assert_eq!(entries(roo.parent().unwrap()), vec!["settings.json"]);
+    }
+
+    /// A temp file left by an agent killed mid-write (it holds a key) goes with the next write
+    /// of that file; other files, and temp files of other outputs, stay.
+    #[test]
+    fn temp_files_of_a_killed_agent_are_removed_at_the_next_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = models();
+        let path = tmp.path().join("key");
+        let stale = [".key.botcreds-tmp-999999-0", ".key.botcreds-tmp-1-7"];
+        let kept = [".env.botcreds-tmp-999999-0", "key.botcreds-tmp-1-1", "notes"];
+        for name in stale.iter().chain(kept.iter()) {
+            fs::write(tmp.path().join(name), "sk-stale\n").unwrap();
+        }
+        sync(OutputKind::KeyFile, &path, PRIVATE, Some(&material("sk-new", &m))).unwrap();
+        let mut want: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+        want.push("key".into());
+        want.sort();
+        assert_eq!(entries(tmp.path()), want);
     }
 
     #[test]
