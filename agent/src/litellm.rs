@@ -339,6 +339,13 @@ fn validate_answer(
             "credential_id or name is empty, too long or has control characters".into(),
         ));
     }
+    // Kept in the cache as JSON, which has no NaN or infinity: such a record would not load.
+    if !(cred.budget_usd.is_finite() && cred.budget_usd >= 0.0) {
+        return Err(bad(format!(
+            "budget_usd {} is not a dollar amount",
+            cred.budget_usd
+        )));
+    }
     if let Some(m) = cred
         .models
         .iter()
@@ -1438,6 +1445,18 @@ mod tests {
             (
                 Box::new(|c: &mut LitellmCredential| c.expires_at = "9999-12-31T23:59:59Z".into()),
                 "longer than",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.budget_usd = f64::NAN),
+                "budget",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.budget_usd = f64::INFINITY),
+                "budget",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.budget_usd = -1.0),
+                "budget",
             ),
             (
                 Box::new(|c: &mut LitellmCredential| c.expires_at = "2027-03-01T00:00:00Z".into()),

@@ -1059,11 +1059,21 @@ mod tests {
         let m = models();
         let path = tmp.path().join("key");
         let stale = [".key.botcreds-tmp-999999-0", ".key.botcreds-tmp-1-7"];
-        let kept = [".env.botcreds-tmp-999999-0", "key.botcreds-tmp-1-1", "notes"];
+        let kept = [
+            ".env.botcreds-tmp-999999-0",
+            "key.botcreds-tmp-1-1",
+            "notes",
+        ];
         for name in stale.iter().chain(kept.iter()) {
             fs::write(tmp.path().join(name), "sk-stale\n").unwrap();
         }
-        sync(OutputKind::KeyFile, &path, PRIVATE, Some(&material("sk-new", &m))).unwrap();
+        sync(
+            OutputKind::KeyFile,
+            &path,
+            PRIVATE,
+            Some(&material("sk-new", &m)),
+        )
+        .unwrap();
         let mut want: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
         want.push("key".into());
         want.sort();
