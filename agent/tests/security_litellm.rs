@@ -461,3 +461,28 @@ fn hard_link_to_a_root_only_file_is_not_leaked() {
         );
     }
 }
+
+/// A child that left the command's process group (`setsid`) cannot be killed with it and may
+/// hold the stderr pipe open for ever: the run still ends when the command itself exits.
+#[tokio::test]
+async fn on_change_ends_with_the_command_even_if_an_escaped_child_holds_its_stderr() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    let script = format!(
+        "setsid sleep 1000 & echo $! > {}; echo done >&2; exit 0",
+        pidfile.display()
+    );
+    let (ok, result) = botcreds_agent::litellm::run_command(
+        &sh(&script),
+        &vars(),
+        std::time::Duration::from_secs(30),
+        None,
+    )
+    .await;
+    let pid = read_pid(&pidfile);
+    // The escaped child is this test's to end.
+    // SAFETY: plain syscall on the pid this test's command started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(ok, "{result}");
+    assert_eq!(result, "exit status 0");
+}
