@@ -534,7 +534,13 @@ impl<'a> Place<'a> {
 
 /// Opens directory `dir` (absolute) as described at [`Place::open`].
 fn open_dir(dir: &Path, create: Option<FileSpec>) -> io::Result<OwnedFd> {
-    const DIR: OFlags = OFlags::RDONLY
+    // Walking needs only search permission on each directory (`O_PATH`), as path lookup
+    // does; the last one is opened for reading at the end (fsync, listing).
+    const DIR: OFlags = OFlags::PATH
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::CLOEXEC);
+    const OPEN_DIR: OFlags = OFlags::RDONLY
         .union(OFlags::DIRECTORY)
         .union(OFlags::NOFOLLOW)
         .union(OFlags::CLOEXEC);
@@ -561,7 +567,7 @@ fn open_dir(dir: &Path, create: Option<FileSpec>) -> io::Result<OwnedFd> {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(e.into()),
                 }
-                let next = rustix::fs::openat(&fd, &name, DIR, Mode::empty())?;
+                let next = rustix::fs::openat(&fd, &name, OPEN_DIR, Mode::empty())?;
                 // Exactly this mode, whatever the umask.
                 rustix::fs::fchmod(&next, Mode::from_raw_mode(mode))?;
                 if let Some(gid) = spec.group {
@@ -602,7 +608,7 @@ fn open_dir(dir: &Path, create: Option<FileSpec>) -> io::Result<OwnedFd> {
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(fd)
+    Ok(rustix::fs::openat(&fd, ".", OPEN_DIR, Mode::empty())?)
 }
 
 /// Pushes the components of `path` onto `pending` so that its first one is popped next. `..`
