@@ -158,7 +158,8 @@ pub fn restart_delay(panics: u32) -> Duration {
 /// Runs the task `make` builds, and builds and runs it again whenever it panics, after a
 /// growing delay; returns when a run ends normally. A bug (or an input nobody foresaw) must
 /// never silently stop a credential from being refreshed. The first panic is logged as an
-/// error, later ones as warnings with their count. Dropping (aborting) the supervisor aborts
+/// error, repeats as warnings at the 2nd, 4th, 8th, ... panic (not a log line per crash).
+/// Dropping (aborting) the supervisor aborts
 /// the running task too.
 pub async fn supervise<F, Fut>(what: String, mut make: F)
 where
