@@ -1,10 +1,14 @@
 //! Replacing a file in one step, for the cache and the key files: a reader sees the old file
 //! or the new one, never a partial one, and the new one is on disk before anyone sees it.
 
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -46,6 +50,41 @@ pub fn replace(
     })();
     if result.is_err() {
         let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// [`replace`] inside the directory `dir` (an open descriptor, so that nothing on the way to it
+/// can be swapped meanwhile): `dir/temp` is created new (never through a symlink), gets `mode`
+/// and `prepare`, is written and fsynced, renamed over `dir/target`, and `dir` is fsynced. On
+/// failure the temp file is removed.
+pub fn replace_at(
+    dir: impl AsFd,
+    temp: &str,
+    target: &OsStr,
+    mode: u32,
+    content: &[u8],
+    prepare: impl FnOnce(&File) -> io::Result<()>,
+) -> io::Result<()> {
+    let dir = dir.as_fd();
+    let fd = rustix::fs::openat(
+        dir,
+        temp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode & 0o7777),
+    )?;
+    let result = (|| {
+        let mut f = File::from(fd);
+        prepare(&f)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        rustix::fs::renameat(dir, temp, dir, target)?;
+        rustix::fs::fsync(dir)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(dir, temp, AtFlags::empty());
     }
     result
 }

@@ -343,7 +343,20 @@ impl Inner {
                 let _ = self.disk.remove(&l.file_name);
                 continue;
             };
-            let expires_at = unix_to_time(record.expires_at);
+            let (expires_at, fetched_at, last_used) = match refresh::record_times(
+                record.expires_at,
+                record.fetched_at,
+                record.last_used,
+                refresh::MAX_GITHUB_TOKEN_LIFE,
+                now,
+            ) {
+                Ok(times) => times,
+                Err(reason) => {
+                    tracing::warn!(scope = %scope, file = %l.file_name, "cached credential has times out of range ({reason}); removed, fetching anew");
+                    let _ = self.disk.remove(&l.file_name);
+                    continue;
+                }
+            };
             if !refresh::servable(expires_at, now) {
                 let _ = self.disk.remove(&l.file_name);
                 continue;
@@ -362,7 +375,7 @@ impl Inner {
                 token: record.token,
                 credential_id: record.credential_id,
                 expires_at,
-                fetched_at: unix_to_time(record.fetched_at),
+                fetched_at,
             };
             tracing::info!(
                 scope = %scope,
@@ -373,7 +386,7 @@ impl Inner {
             let slot = self.slot(scope, entry, source, None);
             let mut st = lock(&slot.state);
             st.last_refresh = Some(held.fetched_at);
-            st.last_used = record.last_used.map(unix_to_time);
+            st.last_used = last_used;
             st.held = Some(held);
             drop(st);
             slot.wake.notify_one();
@@ -404,7 +417,11 @@ impl Inner {
                     wake: Notify::new(),
                     task: Mutex::new(None),
                 });
-                let task = tokio::spawn(run_slot(self.clone(), slot.clone()));
+                let (inner, supervised) = (self.clone(), slot.clone());
+                let task = tokio::spawn(refresh::supervise(
+                    format!("credential {}", slot.scope),
+                    move || run_slot(inner.clone(), supervised.clone()),
+                ));
                 *lock(&slot.task) = Some(task.abort_handle());
                 slot
             })
@@ -608,17 +625,25 @@ async fn fetch(
         .await;
     let now = SystemTime::now();
     let result = result.and_then(|issued| {
-        if refresh::servable(issued.expires_at, now) {
-            Ok(issued)
-        } else {
-            Err(BrokerError::BadAnswer {
-                status: 200,
-                detail: format!(
-                    "the credential expires at {}, less than a minute from now (check the clocks)",
-                    rfc3339(issued.expires_at)
-                ),
-            })
+        let bad = |detail: String| BrokerError::BadAnswer {
+            status: 200,
+            detail,
+        };
+        if !refresh::servable(issued.expires_at, now) {
+            return Err(bad(format!(
+                "the credential expires at {}, less than a minute from now (check the clocks)",
+                rfc3339(issued.expires_at)
+            )));
         }
+        refresh::check_lifetime(issued.expires_at, now, refresh::MAX_GITHUB_TOKEN_LIFE).map_err(
+            |why| {
+                bad(format!(
+                    "the GitHub token expires at {}: {why}",
+                    rfc3339(issued.expires_at)
+                ))
+            },
+        )?;
+        Ok(issued)
     });
     let _disk = slot.disk_lock.lock().await;
     match result {
@@ -644,9 +669,11 @@ async fn fetch(
                 if held.refresh_at <= now {
                     // Already due again: a broker handing back a short-lived token must not
                     // make us ask again in a tight loop.
-                    st.failures += 1;
-                    st.retry_at =
-                        Some(now + refresh::backoff(st.failures, Retry::Soon, rand::random()));
+                    st.failures = st.failures.saturating_add(1);
+                    st.retry_at = Some(refresh::later(
+                        now,
+                        refresh::backoff(st.failures, Retry::Soon, rand::random()),
+                    ));
                     let left = held.expires_at.duration_since(now).unwrap_or_default();
                     st.last_error = Some((
                         now,
@@ -680,11 +707,9 @@ async fn fetch(
             let (dropped, still_held, failures, retry_in) = {
                 let mut st = lock(&slot.state);
                 st.failures = st.failures.saturating_add(1);
-                let mut delay = refresh::backoff(st.failures, e.retry(), rand::random());
-                if let Some(after) = e.retry_after() {
-                    delay = delay.max(after);
-                }
-                st.retry_at = Some(now + delay);
+                let delay =
+                    refresh::retry_delay(st.failures, e.retry(), e.retry_after(), rand::random());
+                st.retry_at = Some(refresh::later(now, delay));
                 st.last_error = Some((now, e.to_string()));
                 let dropped = if e.revokes_access() {
                     st.held.take()
@@ -756,14 +781,6 @@ async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot>) {
     }
 }
 
-pub(crate) fn unix_to_time(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        SystemTime::UNIX_EPOCH
-    }
-}
-
 pub(crate) fn time_to_unix(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -781,4 +798,225 @@ pub fn rfc3339(t: SystemTime) -> String {
 pub fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use axum::Json;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+
+    use super::*;
+    use crate::broker_client::Auth;
+
+    /// What the fake broker answers every credential request with.
+    type Answer = Arc<Mutex<(StatusCode, serde_json::Value)>>;
+
+    async fn credentials(State(answer): State<Answer>) -> Response {
+        let (status, body) = lock(&answer).clone();
+        (status, Json(body)).into_response()
+    }
+
+    async fn serve(answer: Answer) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/v1/credentials", post(credentials))
+            .with_state(answer);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        (addr, tx)
+    }
+
+    fn config(broker: SocketAddr, dir: &Path) -> Arc<Config> {
+        let toml = format!(
+            r#"
+broker = "http://{broker}"
+cache_dir = "{d}/cache"
+socket = "{d}/agent.sock"
+[[github]]
+repositories = ["acme/web"]
+permissions = ["contents:read"]
+"#,
+            d = dir.display()
+        );
+        Arc::new(Config::parse(&toml, Path::new("agent.toml")).unwrap())
+    }
+
+    fn start(config: &Arc<Config>) -> Credentials {
+        let disk = DiskCache::open(&config.cache_dir).unwrap();
+        let broker =
+            BrokerClient::new(&config.broker, Auth::Tailnet, Duration::from_secs(2)).unwrap();
+        Credentials::start(config.clone(), broker, disk)
+    }
+
+    fn token(expires_at: &str) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "github_token", "credential_id": "tok_1", "token": "ghs_test",
+            "expires_at": expires_at, "repositories": ["acme/web"],
+            "permissions": {"contents": "read"}, "approval": "auto", "bot": "b",
+            "git": {"clone_url": "", "askpass_script": ""},
+            "attribution": {"name": "n", "email": "e", "trailer": "t"}
+        })
+    }
+
+    fn task_alive(creds: &Credentials) -> bool {
+        lock(&creds.inner.slots)
+            .values()
+            .all(|s| lock(&s.task).as_ref().is_some_and(|t| !t.is_finished()))
+    }
+
+    /// The credential tasks have no step signal: poll the status, bounded.
+    async fn wait_for_failure(creds: &Credentials, what: &str) {
+        for _ in 0..600 {
+            if creds.status().first().is_some_and(|s| s.failures > 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for a failed fetch: {what}");
+    }
+
+    fn description() -> Description {
+        Description {
+            protocol: Some("https".into()),
+            host: Some("github.com".into()),
+            path: Some("acme/web".into()),
+            ..Description::default()
+        }
+    }
+
+    /// A broker answering 429 with `retry_after` = u64::MAX overflowed the retry time and
+    /// killed the credential's refresh task for good.
+    #[tokio::test]
+    async fn huge_retry_after_neither_panics_nor_kills_the_task() {
+        for retry_after in [u64::MAX, i64::MAX as u64, 10 * 365 * 86_400] {
+            let tmp = tempfile::tempdir().unwrap();
+            let answer: Answer = Arc::new(Mutex::new((
+                StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": "slow down", "code": "overloaded", "retry_after": retry_after}),
+            )));
+            let (addr, _stop) = serve(answer).await;
+            let creds = start(&config(addr, tmp.path()));
+            wait_for_failure(&creds, &retry_after.to_string()).await;
+            assert!(
+                task_alive(&creds),
+                "retry_after {retry_after}: the task died"
+            );
+            let next = creds.status()[0].next_refresh.clone().unwrap();
+            let next = OffsetDateTime::parse(&next, &Rfc3339).unwrap();
+            let bound = OffsetDateTime::now_utc()
+                + time::Duration::seconds(refresh::MAX_SERVER_DELAY.as_secs() as i64 + 5);
+            assert!(
+                next <= bound,
+                "retry_after {retry_after}: next fetch at {next}"
+            );
+            creds.shutdown();
+        }
+    }
+
+    /// A broker handing out a token that "expires" in the year 9999 (or later than a GitHub
+    /// token can live) must not make it look eternal: it is refused, not cached.
+    #[tokio::test]
+    async fn tokens_living_longer_than_github_allows_are_refused() {
+        let later = |secs: i64| {
+            (OffsetDateTime::now_utc() + time::Duration::seconds(secs))
+                .format(&Rfc3339)
+                .unwrap()
+        };
+        let cases = [
+            ("the year 9999", "9999-12-31T23:59:59Z".to_string(), false),
+            ("a day", later(86_400), false),
+            ("two hours", later(2 * 3600), false),
+            ("an hour (GitHub's)", later(3600), true),
+            ("half an hour", later(1800), true),
+        ];
+        for (name, expires_at, ok) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let answer: Answer = Arc::new(Mutex::new((StatusCode::OK, token(&expires_at))));
+            let (addr, _stop) = serve(answer).await;
+            let creds = start(&config(addr, tmp.path()));
+            let got = creds.git_get(&description()).await;
+            match (ok, &got) {
+                (true, GitAnswer::Credential { .. }) => {}
+                (false, GitAnswer::Refused { message, .. }) => {
+                    assert!(message.contains("longer than"), "{name}: {message}")
+                }
+                _ => panic!("{name}: {got:?}"),
+            }
+            creds.shutdown();
+        }
+    }
+
+    /// Cache records with times out of range (at the end of time, far in the future, a life
+    /// longer than GitHub's hour) panicked the planner and `GET /v1/status`, or made a token
+    /// look eternal; they are dropped when loading.
+    #[tokio::test]
+    async fn cache_records_with_extreme_times_are_dropped() {
+        let now = time_to_unix(SystemTime::now());
+        let cases: [(&str, i64, i64, Option<i64>); 7] = [
+            (
+                "last used at the end of time",
+                now + 1800,
+                now,
+                Some(i64::MAX),
+            ),
+            ("fetched at the end of time", now + 1800, i64::MAX, None),
+            ("expires at the end of time", i64::MAX, now, None),
+            ("expires in the year 9999", 253_402_300_799, now, None),
+            ("lives longer than an hour", now + 3 * 3600, now, None),
+            ("fetched in the far future", now + 1800, now + 86_400, None),
+            (
+                "last used before the epoch",
+                now + 1800,
+                now,
+                Some(i64::MIN),
+            ),
+        ];
+        for (name, expires_at, fetched_at, last_used) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            // Nothing listens on port 9: only the cache can give a credential.
+            let config = config("127.0.0.1:9".parse().unwrap(), tmp.path());
+            let disk = DiskCache::open(&config.cache_dir).unwrap();
+            let scope = config.github[0].literal_scope().unwrap();
+            let record = CacheRecord {
+                format: CACHE_FORMAT,
+                protocol: scope.protocol.clone(),
+                host: scope.host.clone(),
+                repositories: vec!["acme/web".into()],
+                permissions: vec!["contents:read".into()],
+                credential_id: "tok_1".into(),
+                token: Secret::new("ghs_cached".into()),
+                expires_at,
+                fetched_at,
+                last_used,
+            };
+            disk.store(&scope.cache_file_name(), &record).unwrap();
+            let for_task = config.clone();
+            let creds = tokio::spawn(async move { start(&for_task) })
+                .await
+                .unwrap_or_else(|_| panic!("{name}: loading panicked"));
+            let status = tokio::spawn({
+                let creds = creds.clone();
+                async move { creds.status() }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the status panicked"));
+            assert_eq!(status[0].credential_id, None, "{name}: the record was used");
+            assert!(task_alive(&creds), "{name}: the task died");
+            creds.shutdown();
+        }
+    }
 }

@@ -25,8 +25,8 @@ use tokio::sync::Notify;
 use crate::broker_client::{BrokerError, Released};
 use crate::cache::{DiskCache, ReadError};
 use crate::config::Config;
+use crate::credentials::time_to_unix as to_unix;
 use crate::credentials::{Credentials, rfc3339};
-use crate::credentials::{time_to_unix as to_unix, unix_to_time as from_unix};
 use crate::litellm_config::LitellmEntry;
 use crate::outputs::{self, FileSpec, KeyMaterial, Outcome, OutputKind};
 use crate::peer::AllowList;
@@ -259,8 +259,53 @@ impl Held {
     }
 }
 
+/// Whether `key` looks like a LiteLLM key: 1 to 512 bytes of letters, digits and `-_.~+/=:`.
+fn plain_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_BYTES
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b))
+}
+
+/// Whether `url` is a plain `http(s)://host[:port][/path]` URL, checked against an allow-list
+/// before anything else: it ends up in env files that users source (as root, too) and in tool
+/// configs, so it may hold only letters, digits and `-._:/[]%` (no space, quote, `;`, `&`, `$`,
+/// `~`, ...), and no user name, password, query or fragment.
+pub fn plain_base_url(url: &str) -> Result<(), &'static str> {
+    const MAX_URL_BYTES: usize = 2048;
+    if url.is_empty() || url.len() > MAX_URL_BYTES {
+        return Err("empty or too long");
+    }
+    if !url
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._:/[]%".contains(&b))
+    {
+        return Err("it has characters outside letters, digits and -._:/[]%");
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|_| "it does not parse")?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("the scheme is not http or https");
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("it names no host");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("it has a user name or password");
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("it has a query or fragment");
+    }
+    // `http:/v1` parses (the URL standard fills in the slashes); a plain URL spells them out.
+    if !url[parsed.scheme().len()..].starts_with("://") {
+        return Err("it does not start with http:// or https://");
+    }
+    Ok(())
+}
+
 /// Checks the broker's answer and makes it a held key. The key and base URL end up in env
-/// files and JSON, so they must be plain: no quotes, spaces or shell characters.
+/// files and JSON, so they must be plain: no quotes, spaces or shell characters (the env file
+/// quotes them as well, see [`outputs::env_file_content`]).
 fn validate_answer(
     cred: LitellmCredential,
     entry: &LitellmEntry,
@@ -270,13 +315,7 @@ fn validate_answer(
         status: 200,
         detail,
     };
-    let key_ok = !cred.key.is_empty()
-        && cred.key.len() <= MAX_KEY_BYTES
-        && cred
-            .key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b));
-    if !key_ok {
+    if !plain_key(&cred.key) {
         return Err(bad(
             "the key is empty, too long, or has characters a LiteLLM key cannot have".into(),
         ));
@@ -287,15 +326,9 @@ fn validate_answer(
             entry.scope, cred.scope
         )));
     }
-    let url_ok = reqwest::Url::parse(&cred.base_url)
-        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-        && cred
-            .base_url
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !b"'\"\\$`".contains(&b));
-    if !url_ok {
+    if let Err(why) = plain_base_url(&cred.base_url) {
         return Err(bad(format!(
-            "base_url {:?} is not a plain http(s) URL",
+            "base_url {:?} is not a plain http(s) URL: {why}",
             cred.base_url
         )));
     }
@@ -305,6 +338,13 @@ fn validate_answer(
         return Err(bad(
             "credential_id or name is empty, too long or has control characters".into(),
         ));
+    }
+    // Kept in the cache as JSON, which has no NaN or infinity: such a record would not load.
+    if !(cred.budget_usd.is_finite() && cred.budget_usd >= 0.0) {
+        return Err(bad(format!(
+            "budget_usd {} is not a dollar amount",
+            cred.budget_usd
+        )));
     }
     if let Some(m) = cred
         .models
@@ -327,6 +367,8 @@ fn validate_answer(
             cred.expires_at
         )));
     }
+    refresh::check_lifetime(expires_at, now, refresh::MAX_LITELLM_KEY_LIFE)
+        .map_err(|why| bad(format!("the key expires at {}: {why}", cred.expires_at)))?;
     Ok(Held {
         refresh_at: refresh_at(entry, now, expires_at, rand::random()),
         key: Secret::new(cred.key),
@@ -436,7 +478,11 @@ impl Litellm {
         });
         inner.load_cache();
         for slot in &inner.slots {
-            let task = tokio::spawn(run_slot(inner.clone(), slot.clone()));
+            let (for_task, supervised) = (inner.clone(), slot.clone());
+            let task = tokio::spawn(refresh::supervise(
+                format!("LiteLLM key {}", slot.entry.scope),
+                move || run_slot(for_task.clone(), supervised.clone()),
+            ));
             *lock(&slot.task) = Some(task.abort_handle());
         }
         Litellm { inner }
@@ -526,13 +572,36 @@ impl Inner {
                     continue;
                 }
             };
-            let expires_at = from_unix(record.expires_at);
+            let checked = refresh::record_times(
+                record.expires_at,
+                record.fetched_at,
+                None,
+                refresh::MAX_LITELLM_KEY_LIFE,
+                now,
+            )
+            .and_then(|times| {
+                // The cache is the agent's own, but what it holds goes into files users
+                // source: the same checks as for a broker answer.
+                if !plain_key(record.key.expose()) {
+                    return Err("the key has characters a LiteLLM key cannot have".into());
+                }
+                plain_base_url(&record.base_url)
+                    .map_err(|why| format!("base_url is not a plain http(s) URL: {why}"))?;
+                Ok(times)
+            });
+            let (expires_at, fetched_at) = match checked {
+                Ok((expires_at, fetched_at, _)) => (expires_at, fetched_at),
+                Err(reason) => {
+                    tracing::warn!(scope = %slot.entry.scope, file = %slot.file_name, "cached LiteLLM key is out of range ({reason}); removed, fetching anew");
+                    let _ = self.disk.remove(&slot.file_name);
+                    continue;
+                }
+            };
             if !refresh::servable(expires_at, now) {
                 // Expired while the agent was down: never written again.
                 let _ = self.disk.remove(&slot.file_name);
                 continue;
             }
-            let fetched_at = from_unix(record.fetched_at);
             let held = Held {
                 refresh_at: refresh_at(&slot.entry, fetched_at, expires_at, rand::random()),
                 key: record.key,
@@ -660,8 +729,10 @@ impl Inner {
                         // refresh answered with the key held): ask again with growing backoff,
                         // not in a tight loop.
                         st.failures = earlier_failures.saturating_add(1);
-                        st.retry_at =
-                            Some(now + refresh::backoff(st.failures, Retry::Soon, rand::random()));
+                        st.retry_at = Some(refresh::later(
+                            now,
+                            refresh::backoff(st.failures, Retry::Soon, rand::random()),
+                        ));
                         let left = h.expires_at.duration_since(now).unwrap_or_default();
                         st.last_error = Some((
                             now,
@@ -694,11 +765,13 @@ impl Inner {
                 let dropped = {
                     let mut st = lock(&slot.state);
                     st.failures = st.failures.saturating_add(1);
-                    let mut delay = refresh::backoff(st.failures, e.retry(), rand::random());
-                    if let Some(after) = e.retry_after() {
-                        delay = delay.max(after);
-                    }
-                    st.retry_at = Some(now + delay);
+                    let delay = refresh::retry_delay(
+                        st.failures,
+                        e.retry(),
+                        e.retry_after(),
+                        rand::random(),
+                    );
+                    st.retry_at = Some(refresh::later(now, delay));
                     st.last_error = Some((now, e.to_string()));
                     if e.revokes_access() {
                         st.held.take()
@@ -886,50 +959,18 @@ async fn run_on_change(
             h.map(|h| h.key.clone()),
         )
     };
-    let timeout = slot.entry.on_change_timeout;
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("BOTCREDS_LITELLM_EVENT", event)
-        .env("BOTCREDS_LITELLM_SCOPE", &slot.entry.scope)
-        .env("BOTCREDS_LITELLM_KEY_NAME", &name)
-        .env("BOTCREDS_LITELLM_EXPIRES_AT", &expires)
-        .env("BOTCREDS_LITELLM_KEY_FILE", &slot.entry.key_file)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+    let vars = [
+        ("BOTCREDS_LITELLM_EVENT", event.to_string()),
+        ("BOTCREDS_LITELLM_SCOPE", slot.entry.scope.clone()),
+        ("BOTCREDS_LITELLM_KEY_NAME", name),
+        ("BOTCREDS_LITELLM_EXPIRES_AT", expires),
+        (
+            "BOTCREDS_LITELLM_KEY_FILE",
+            slot.entry.key_file.display().to_string(),
+        ),
+    ];
     let started = SystemTime::now();
-    let (ok, result) = match cmd.spawn() {
-        Err(e) => (false, format!("cannot start {}: {e}", argv[0])),
-        Ok(child) => match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Err(_) => (
-                false,
-                format!("timed out after {}s; killed", timeout.as_secs()),
-            ),
-            Ok(Err(e)) => (false, format!("waiting for it failed: {e}")),
-            Ok(Ok(out)) => {
-                let stderr = redact(&String::from_utf8_lossy(&out.stderr), key.as_ref());
-                let last = stderr
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .chars()
-                    .take(MAX_ON_CHANGE_OUTPUT)
-                    .collect::<String>();
-                let status = match out.status.code() {
-                    Some(code) => format!("exit status {code}"),
-                    None => "killed by a signal".to_string(),
-                };
-                let text = if last.is_empty() || out.status.success() {
-                    status
-                } else {
-                    format!("{status}: {last}")
-                };
-                (out.status.success(), text)
-            }
-        },
-    };
+    let (ok, result) = run_command(&argv, &vars, slot.entry.on_change_timeout, key.as_ref()).await;
     if ok {
         tracing::info!(scope = %slot.entry.scope, event, "on_change ran: {result}");
     } else {
@@ -941,6 +982,151 @@ async fn run_on_change(
         result,
     });
     steps.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// The only variables `on_change` gets from the agent's environment (the agent's may hold
+/// `BOTCREDS_API_KEY`, `NOTIFY_SOCKET`, ...); its own `BOTCREDS_LITELLM_*` come on top.
+pub const ON_CHANGE_ENV: &[&str] = &["PATH", "HOME", "LANG"];
+/// `PATH` for `on_change` when the agent has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How much of `on_change`'s stderr is kept (its end); the rest is read and discarded.
+pub const MAX_ON_CHANGE_CAPTURE: usize = 64 * 1024;
+/// Once the command exited, its output is awaited this much longer at most: a process that
+/// left its process group may hold the pipe open for ever.
+const PIPE_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs `argv` with `vars` in its environment, bounded by `timeout`: whether it succeeded, and
+/// a one-line account (`exit status 0`, `exit status 1: <last line of stderr>`, `timed out
+/// after 30s; killed`), with `key` redacted from it.
+///
+/// The command runs in its own process group with a cleared environment (plus
+/// [`ON_CHANGE_ENV`]). Its exit ends the wait, whatever its children do; then, or on timeout,
+/// the whole group is killed, so nothing it started in the background outlives it. Only the
+/// last [`MAX_ON_CHANGE_CAPTURE`] bytes of its stderr are kept.
+pub async fn run_command(
+    argv: &[String],
+    vars: &[(&str, String)],
+    timeout: Duration,
+    key: Option<&Secret>,
+) -> (bool, String) {
+    let Some(program) = argv.first() else {
+        return (false, "no command".into());
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&argv[1..]).env_clear();
+    for name in ON_CHANGE_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    cmd.envs(vars.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return (false, format!("cannot start {program}: {e}")),
+    };
+    // The group's id is the child's pid (`process_group(0)`); never 0 or 1 (kill(-1) would
+    // signal every process).
+    let mut group = ProcessGroup(
+        child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|p| *p > 1),
+    );
+    let tail = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+    let mut reader = tokio::spawn(read_tail(child.stderr.take(), tail.clone()));
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    // Whatever the command left running goes now. (The group outlives the reaped child while
+    // any member is left, so its id cannot have been reused by then.)
+    group.kill();
+    let status = match waited {
+        Err(_) => {
+            let _ = child.wait().await;
+            None
+        }
+        Ok(Err(e)) => return (false, format!("waiting for it failed: {e}")),
+        Ok(Ok(status)) => Some(status),
+    };
+    if tokio::time::timeout(PIPE_GRACE, &mut reader).await.is_err() {
+        reader.abort();
+    }
+    let Some(status) = status else {
+        return (
+            false,
+            format!("timed out after {}s; killed", timeout.as_secs()),
+        );
+    };
+    let stderr = {
+        let mut tail = lock(&tail);
+        String::from_utf8_lossy(tail.make_contiguous()).into_owned()
+    };
+    let stderr = redact(&stderr, key);
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .chars()
+        .take(MAX_ON_CHANGE_OUTPUT)
+        .collect::<String>();
+    let code = match status.code() {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
+    };
+    let text = if last.is_empty() || status.success() {
+        code
+    } else {
+        format!("{code}: {last}")
+    };
+    (status.success(), text)
+}
+
+/// Reads `stderr` to its end, keeping only its last [`MAX_ON_CHANGE_CAPTURE`] bytes in `tail`.
+async fn read_tail(
+    stderr: Option<tokio::process::ChildStderr>,
+    tail: Arc<Mutex<std::collections::VecDeque<u8>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let Some(mut stderr) = stderr else { return };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut tail = lock(&tail);
+                tail.extend(&buf[..n]);
+                let excess = tail.len().saturating_sub(MAX_ON_CHANGE_CAPTURE);
+                tail.drain(..excess);
+            }
+        }
+    }
+}
+
+/// The process group of an `on_change` run; killed when dropped too (the agent stopping
+/// mid-run), so no part of it is left behind.
+struct ProcessGroup(Option<i32>);
+
+impl ProcessGroup {
+    /// Kills the group, once.
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            // SAFETY: plain syscall; `pgid` > 1 is the group this run created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 fn redact(text: &str, key: Option<&Secret>) -> String {
@@ -984,7 +1170,10 @@ impl Slot {
             expires_at: st.held.as_ref().map(|h| h.expires_at),
             refresh_at: st.held.as_ref().map(|h| h.refresh_at),
             next_check: st.held.as_ref().map(|h| {
-                st.last_check.unwrap_or(h.fetched_at).max(h.fetched_at) + self.entry.check_interval
+                refresh::later(
+                    st.last_check.unwrap_or(h.fetched_at).max(h.fetched_at),
+                    self.entry.check_interval,
+                )
             }),
             retry_at: st.retry_at,
         }
@@ -1253,12 +1442,82 @@ mod tests {
                 Box::new(|c: &mut LitellmCredential| c.models = vec!["a b".into()]),
                 "model",
             ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.expires_at = "9999-12-31T23:59:59Z".into()),
+                "longer than",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.budget_usd = f64::NAN),
+                "budget",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.budget_usd = f64::INFINITY),
+                "budget",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.budget_usd = -1.0),
+                "budget",
+            ),
+            (
+                Box::new(|c: &mut LitellmCredential| c.expires_at = "2027-03-01T00:00:00Z".into()),
+                "longer than",
+            ),
         ] {
             let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
             mutate(&mut c);
             let err = validate_answer(c, &e, now).err().unwrap().to_string();
             assert!(err.contains(want), "{err} / {want}");
             assert!(!err.contains("reboot"), "no key in errors: {err}");
+        }
+    }
+
+    /// A broker answer's base URL ends up in an env file that users source as root: only plain
+    /// http(s) URLs pass, whatever a compromised broker sends.
+    #[test]
+    fn base_url_shell_injection_is_refused() {
+        let now =
+            SystemTime::from(OffsetDateTime::parse("2026-02-06T14:30:00Z", &Rfc3339).unwrap());
+        let refused = [
+            "http://litellm:4000/v1;id>/tmp/PWNED",
+            "http://litellm:4000/v1&id",
+            "http://litellm:4000/v1|id",
+            "http://litellm:4000/v1<x",
+            "http://litellm:4000/v1>x",
+            "http://litellm:4000/(v1)",
+            "http://litellm:4000/~root",
+            "http://litellm:4000/v1 id",
+            "http://litellm:4000/v1\tid",
+            "http://litellm:4000/v1\nid",
+            "http://litellm:4000/v1$(id)",
+            "http://litellm:4000/v1`id`",
+            "http://litellm:4000/v1'",
+            "http://litellm:4000/v1#frag",
+            "http://litellm:4000/v1?a=b",
+            "http://user:pw@litellm:4000/v1",
+            "http://user@litellm:4000/v1",
+            "file:///etc/shadow",
+            "ftp://litellm/v1",
+            "javascript:alert(1)",
+            "http:/v1",
+            "",
+        ];
+        for url in refused {
+            let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
+            c.base_url = url.into();
+            let err = validate_answer(c, &entry(), now).err();
+            assert!(err.is_some(), "{url:?} was accepted");
+        }
+        for url in [
+            "http://litellm:4000/v1",
+            "https://llm.example.com/v1/",
+            "http://127.0.0.1:4000",
+            "http://[::1]:4000/v1",
+            "https://llm.example.com/a-b_c.d/%20v1",
+        ] {
+            let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
+            c.base_url = url.into();
+            let held = validate_answer(c, &entry(), now).unwrap();
+            assert_eq!(held.base_url, url, "kept as sent");
         }
     }
 
@@ -1301,6 +1560,8 @@ mod tests {
 
         #[derive(Default)]
         struct Fake {
+            /// Answer every credential request with this refusal (HTTP 429) instead.
+            refuse: Option<serde_json::Value>,
             minted: u32,
             current: Option<String>,
             released: Vec<String>,
@@ -1320,6 +1581,10 @@ mod tests {
             Json(r): Json<CredentialRequest>,
         ) -> Response {
             let mut f = lock(&fake);
+            if let Some(body) = f.refuse.clone() {
+                f.requests.push(r);
+                return (axum::http::StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            }
             let n = match (&f.current, &r.replaces) {
                 (Some(c), Some(rep)) if c == rep => mint(&mut f),
                 (None, _) => mint(&mut f),
@@ -1454,7 +1719,7 @@ coder_user_id = "usr-def456"
                 },
             )
             .await;
-            assert!(read(&out("env")).contains("LITELLM_API_KEY=sk-test-1\n"));
+            assert!(read(&out("env")).contains("LITELLM_API_KEY='sk-test-1'\n"));
             let roo = json(&out("roo.json"));
             assert_eq!(roo["apiConfigs"]["LiteLLM"]["openAiApiKey"], "sk-test-1");
             assert_eq!(roo["theme"], "dark", "the user's settings stay");
@@ -1475,7 +1740,7 @@ coder_user_id = "usr-def456"
                 read(&out("key")) == "sk-test-2\n" && read(&changes).lines().count() == 2
             })
             .await;
-            assert!(read(&out("env")).contains("OPENAI_API_KEY=sk-test-2\n"));
+            assert!(read(&out("env")).contains("OPENAI_API_KEY='sk-test-2'\n"));
             let status = litellm.status();
             assert_eq!(status[0].credential_id.as_deref(), Some("lk_2"));
             assert!(
@@ -1539,6 +1804,124 @@ coder_user_id = "usr-def456"
                 .count();
             assert_eq!(cached, 0, "a released key leaves the cache");
             drop(stop);
+        }
+
+        /// Config of one `workspace` entry against the fake at `addr`, files under `dir`.
+        fn one_entry(addr: SocketAddr, dir: &Path) -> Arc<Config> {
+            let toml = format!(
+                r#"
+broker = "http://{addr}"
+cache_dir = "{d}/cache"
+socket = "{d}/agent.sock"
+[[litellm]]
+scope = "workspace"
+key_file = "{d}/out/key"
+[litellm.workspace]
+workspace_id = "ws-abc123"
+workspace_name = "contractor-alice"
+coder_user = "alice"
+coder_user_id = "usr-def456"
+"#,
+                d = dir.display(),
+            );
+            Arc::new(Config::parse(&toml, Path::new("agent.toml")).unwrap())
+        }
+
+        fn task_alive(litellm: &Litellm) -> bool {
+            lock(&litellm.inner.slots[0].task)
+                .as_ref()
+                .is_some_and(|t| !t.is_finished())
+        }
+
+        /// A broker answering 429 with `retry_after` = u64::MAX overflowed the retry time and
+        /// killed the entry's task for good; the delay is now clamped and the task lives on.
+        #[tokio::test]
+        async fn huge_retry_after_neither_panics_nor_kills_the_task() {
+            let tmp = tempfile::tempdir().unwrap();
+            for retry_after in [u64::MAX, i64::MAX as u64, 10 * 365 * 86_400] {
+                let fake: Shared = Arc::default();
+                lock(&fake).refuse = Some(serde_json::json!({
+                    "error": "slow down", "code": "overloaded", "retry_after": retry_after
+                }));
+                let (addr, stop) = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+                let config = one_entry(addr, tmp.path());
+                let (creds, litellm) = start(&config);
+                wait_until(&litellm, "a refused fetch", || {
+                    litellm.status()[0].failures > 0
+                })
+                .await;
+                assert!(
+                    task_alive(&litellm),
+                    "retry_after {retry_after}: the task died"
+                );
+                let status = litellm.status();
+                let next =
+                    OffsetDateTime::parse(status[0].next_refresh.as_deref().unwrap(), &Rfc3339)
+                        .unwrap();
+                assert!(
+                    next <= OffsetDateTime::now_utc()
+                        + time::Duration::seconds(refresh::MAX_SERVER_DELAY.as_secs() as i64 + 5),
+                    "retry_after {retry_after}: next ask at {next}, beyond the clamp"
+                );
+                litellm.shutdown(Duration::from_secs(1)).await;
+                creds.shutdown();
+                drop(stop);
+            }
+        }
+
+        /// A cache record with times at the end of (or before) time panicked the loader or
+        /// `GET /v1/litellm/status`; such records are dropped on load instead.
+        #[tokio::test]
+        async fn cache_records_with_extreme_times_are_dropped() {
+            let now = to_unix(SystemTime::now());
+            let cases = [
+                ("fetched at the end of time", now + 3600, i64::MAX),
+                ("expires at the end of time", i64::MAX, now),
+                ("both at the end of time", i64::MAX, i64::MAX),
+                ("expires beyond any key's life", now + 400 * 86_400, now),
+                ("fetched in the far future", now + 3600, now + 100 * 86_400),
+                ("negative times", now + 3600, i64::MIN),
+            ];
+            for (name, expires_at, fetched_at) in cases {
+                let tmp = tempfile::tempdir().unwrap();
+                // A broker that never answers: only the cache can give the entry a key.
+                let config = one_entry("127.0.0.1:9".parse().unwrap(), tmp.path());
+                let entry = &config.litellm[0];
+                let disk = DiskCache::open(&config.cache_dir).unwrap();
+                let record = KeyRecord {
+                    format: KEY_CACHE_FORMAT,
+                    identity: entry.identity(),
+                    credential_id: "lk_1".into(),
+                    key: Secret::new("sk-cached".into()),
+                    name: "n".into(),
+                    scope: entry.scope.clone(),
+                    budget_usd: 1.0,
+                    budget_period: "day".into(),
+                    rpm_limit: 1,
+                    models: vec![],
+                    base_url: "http://127.0.0.1:4000/v1".into(),
+                    expires_at,
+                    fetched_at,
+                };
+                disk.store_bytes(
+                    &cache_file_name(entry),
+                    &serde_json::to_vec(&record).unwrap(),
+                )
+                .unwrap();
+                let for_task = config.clone();
+                let (creds, litellm) = tokio::task::spawn(async move { start(&for_task) })
+                    .await
+                    .unwrap_or_else(|_| panic!("{name}: starting on the record panicked"));
+                let status = litellm.status();
+                assert_eq!(status[0].credential_id, None, "{name}: the record was used");
+                assert!(task_alive(&litellm), "{name}: the task died");
+                assert!(
+                    !tmp.path().join("out/key").exists(),
+                    "{name}: the record's key was written"
+                );
+                litellm.shutdown(Duration::from_secs(1)).await;
+                creds.shutdown();
+            }
         }
     }
 }

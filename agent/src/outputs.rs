@@ -4,7 +4,13 @@
 //!
 //! Every write goes to a temp file in the target's own directory (created `O_EXCL`, never
 //! following a symlink), which gets its mode and group, is fsynced, renamed over the target, and
-//! then the directory is fsynced. When the key goes away (revoked, expired, released) the key
+//! then the directory is fsynced.
+//!
+//! The agent usually runs as root and writes into directories its users control (their home).
+//! So the target's directory is opened one component at a time with `O_NOFOLLOW` and every step
+//! after that goes through the open descriptor (`openat`, `renameat`, `unlinkat`): a symlink on
+//! the way is followed only when only root could have made it, a tool config that is a symlink
+//! or has other hard links is never read, and a user swapping in a link meanwhile gains nothing. When the key goes away (revoked, expired, released) the key
 //! and env files are removed — a reader sees "no file", never an empty or stale key — and the
 //! key field alone is removed from the tool configs, which keep everything else.
 //!
@@ -12,10 +18,15 @@
 //! into are not objects) is never overwritten: the agent reports the problem and leaves the
 //! file exactly as it is, so a user's settings are never lost to a parse error.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use serde_json::{Map, Value};
 
@@ -119,16 +130,35 @@ pub fn sync(
             };
             let content = match kind {
                 OutputKind::KeyFile => key_file_content(key.key),
-                _ => env_file_content(key.key, key.base_url),
+                _ => {
+                    env_file_content(key.key, key.base_url).ok_or_else(|| OutputError::Refused {
+                        path: path.to_path_buf(),
+                        message: "the key or base URL holds a control character".into(),
+                    })?
+                }
             };
-            if is_current(path, content.as_bytes(), spec).map_err(io_err(path))? {
+            let place = Place::open(path, Some(spec)).map_err(io_err(path))?;
+            if place
+                .is_current(content.as_bytes(), spec)
+                .map_err(io_err(path))?
+            {
                 return Ok(Outcome::Unchanged);
             }
-            write_atomic(path, content.as_bytes(), spec).map_err(io_err(path))?;
+            place
+                .write(content.as_bytes(), spec)
+                .map_err(io_err(path))?;
             Ok(Outcome::Written)
         }
         OutputKind::RooCode | OutputKind::OpenCode => {
-            let existing = read_tool_config(path)?;
+            let place = match Place::open(path, None) {
+                Ok(place) => Some(place),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err(path)(e)),
+            };
+            let existing = match &place {
+                Some(place) => place.read_tool_config()?,
+                None => None,
+            };
             let merged = match kind {
                 OutputKind::RooCode => roo_code_merge(existing.as_ref(), key),
                 _ => opencode_merge(existing.as_ref(), key),
@@ -140,9 +170,11 @@ pub fn sync(
             let Some(merged) = merged else {
                 return Ok(Outcome::Unchanged);
             };
-            if existing.as_ref() == Some(&merged)
-                && (key.is_none() || has_mode(path, spec).map_err(io_err(path))?)
-            {
+            let has_mode = match &place {
+                Some(place) => place.has_mode(spec).map_err(io_err(path))?,
+                None => false,
+            };
+            if existing.as_ref() == Some(&merged) && (key.is_none() || has_mode) {
                 // Same settings (however the user formatted them); a file without our key
                 // needs no new mode either.
                 return Ok(Outcome::Unchanged);
@@ -152,7 +184,11 @@ pub fn sync(
                 source: io::Error::other(e),
             })?;
             text.push('\n');
-            write_atomic(path, text.as_bytes(), spec).map_err(io_err(path))?;
+            let place = match place {
+                Some(place) => place,
+                None => Place::open(path, Some(spec)).map_err(io_err(path))?,
+            };
+            place.write(text.as_bytes(), spec).map_err(io_err(path))?;
             Ok(if key.is_some() {
                 Outcome::Written
             } else {
@@ -167,17 +203,29 @@ pub fn key_file_content(key: &str) -> String {
     format!("{key}\n")
 }
 
-/// The env file, for `set -a; . FILE` and systemd's `EnvironmentFile=`: the values are plain
-/// (the key and URL are checked to hold no quote, space or shell character), so every reader
-/// of env files takes them the same way.
-pub fn env_file_content(key: &str, base_url: &str) -> String {
-    format!(
+/// The env file, for `set -a; . FILE` and systemd's `EnvironmentFile=`: every value is
+/// single-quoted (a `'` in it written as `'\''`), so sourcing the file only ever assigns, whatever
+/// the broker sent; both readers take single quotes the same way. `None` when a value holds a
+/// control character (a newline would end the assignment for some readers).
+pub fn env_file_content(key: &str, base_url: &str) -> Option<String> {
+    let key = env_quote(key)?;
+    let base_url = env_quote(base_url)?;
+    Some(format!(
         "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
          LITELLM_API_KEY={key}\n\
          LITELLM_BASE_URL={base_url}\n\
          OPENAI_API_KEY={key}\n\
          OPENAI_BASE_URL={base_url}\n"
-    )
+    ))
+}
+
+/// `value` in single quotes for a POSIX shell: nothing inside is special but `'` itself, which
+/// closes the quotes, is written escaped and reopens them. Control characters are refused.
+fn env_quote(value: &str) -> Option<String> {
+    if value.chars().any(char::is_control) {
+        return None;
+    }
+    Some(format!("'{}'", value.replace('\'', "'\\''")))
 }
 
 /// Roo Code's settings as the key-provisioner design writes them, merged into `existing`:
@@ -318,108 +366,291 @@ fn child_object<'a>(
         .ok_or_else(|| format!("\"{name}\" is not a JSON object"))
 }
 
-/// The tool config as JSON, `None` if there is no file. A file that is not valid JSON is an
-/// error, so that it is never replaced.
-fn read_tool_config(path: &Path) -> Result<Option<Value>, OutputError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    let meta = file.metadata().map_err(io_err(path))?;
-    let refused = |message: String| OutputError::Refused {
-        path: path.to_path_buf(),
-        message,
-    };
-    if !meta.is_file() {
-        return Err(refused("is not a regular file".into()));
-    }
-    if meta.len() > MAX_TOOL_CONFIG_BYTES {
-        return Err(refused(format!(
-            "is larger than {MAX_TOOL_CONFIG_BYTES} bytes"
-        )));
-    }
-    let mut text = String::new();
-    file.take(MAX_TOOL_CONFIG_BYTES)
-        .read_to_string(&mut text)
-        .map_err(|e| refused(format!("cannot be read as UTF-8 text ({e})")))?;
-    if text.trim().is_empty() {
-        // An empty file holds no settings to lose.
-        return Ok(Some(Value::Object(Map::new())));
-    }
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| refused(format!("is not valid JSON ({e})")))
+/// The directory of an output, opened one component at a time from `/` without following a
+/// symlink that anyone but root could have made, and the output's name in it. Every later step
+/// (read, compare, create, rename, remove) goes through this descriptor, so a user who controls
+/// a directory on the way (their home, `~/.config`) cannot redirect the agent, which usually
+/// runs as root, to another file by swapping in a symlink, before or during the write.
+struct Place<'a> {
+    path: &'a Path,
+    dir: OwnedFd,
+    name: &'a OsStr,
 }
 
-/// Whether `path` already holds exactly `content` with the wanted mode and group.
-fn is_current(path: &Path, content: &[u8], spec: FileSpec) -> io::Result<bool> {
-    if !has_mode(path, spec)? || fs::metadata(path)?.len() != content.len() as u64 {
-        return Ok(false);
+/// Symlinks followed on the way to one output at most (like the kernel's `ELOOP` limit).
+const MAX_LINKS: usize = 40;
+
+impl<'a> Place<'a> {
+    /// Opens the directory of `path`; with `create`, missing directories are made (0700, or
+    /// 0750 and the entry's group). A component that is a symlink is followed only when root
+    /// owns it and the directory holding it, and only root may change that directory.
+    fn open(path: &'a Path, create: Option<FileSpec>) -> io::Result<Place<'a>> {
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+        if !path.is_absolute() {
+            return Err(invalid("the path is not absolute"));
+        }
+        let name = path
+            .file_name()
+            .ok_or_else(|| invalid("the path names no file"))?;
+        let dir = parent_dir(path)?;
+        Ok(Place {
+            path,
+            dir: open_dir(dir, create)?,
+            name,
+        })
     }
-    Ok(fs::read(path)? == content)
-}
 
-/// Whether `path` is a regular file (not a symlink) with the wanted mode and group.
-fn has_mode(path: &Path, spec: FileSpec) -> io::Result<bool> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    Ok(meta.is_file()
-        && meta.mode() & 0o7777 == spec.mode
-        && spec.group.is_none_or(|g| g == meta.gid()))
-}
+    /// Opens the output for reading, never through a symlink (`ELOOP`) and never blocking on a
+    /// FIFO.
+    fn open_file(&self) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.dir,
+            self.name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
 
-/// Replaces `path` with `content` in one step: temp file in the same directory (mode and group
-/// set before any byte is written), fsync, rename, fsync of the directory. A missing directory is
-/// created (0700, or 0750 with the entry's group).
-pub fn write_atomic(path: &Path, content: &[u8], spec: FileSpec) -> io::Result<()> {
-    let dir = parent_dir(path)?;
-    if !dir.exists() {
-        let mode = if spec.group.is_some() { 0o750 } else { 0o700 };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(mode)
-            .create(dir)?;
-        if let Some(gid) = spec.group {
-            chown_group(&File::open(dir)?, gid)?;
+    /// The tool config as JSON, `None` if there is no file. A file that is not valid JSON is an
+    /// error, so that it is never replaced. A symlink or a file with other hard links is not
+    /// read: it may be another user's or root's file, whose content would end up in the config
+    /// the agent writes.
+    fn read_tool_config(&self) -> Result<Option<Value>, OutputError> {
+        let path = self.path;
+        let refused = |message: String| OutputError::Refused {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file = match self.open_file() {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(refused(
+                    "is a symbolic link; the agent does not follow it (point the entry at the real file)"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.is_file() {
+            return Err(refused("is not a regular file".into()));
+        }
+        if meta.nlink() > 1 {
+            return Err(refused(
+                "has other hard links; the agent does not read it".into(),
+            ));
+        }
+        if meta.len() > MAX_TOOL_CONFIG_BYTES {
+            return Err(refused(format!(
+                "is larger than {MAX_TOOL_CONFIG_BYTES} bytes"
+            )));
+        }
+        let mut text = String::new();
+        file.take(MAX_TOOL_CONFIG_BYTES)
+            .read_to_string(&mut text)
+            .map_err(|e| refused(format!("cannot be read as UTF-8 text ({e})")))?;
+        if text.trim().is_empty() {
+            // An empty file holds no settings to lose.
+            return Ok(Some(Value::Object(Map::new())));
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| refused(format!("is not valid JSON ({e})")))
+    }
+
+    /// Whether the output is a regular file (not a symlink) with the wanted mode and group.
+    fn has_mode(&self, spec: FileSpec) -> io::Result<bool> {
+        let st = match rustix::fs::statat(&self.dir, self.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            && st.st_mode & 0o7777 == spec.mode
+            && spec.group.is_none_or(|g| g == st.st_gid))
+    }
+
+    /// Whether the output already holds exactly `content` with the wanted mode and group.
+    fn is_current(&self, content: &[u8], spec: FileSpec) -> io::Result<bool> {
+        if !self.has_mode(spec)? {
+            return Ok(false);
+        }
+        let mut file = match self.open_file() {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() || meta.len() != content.len() as u64 {
+            return Ok(false);
+        }
+        let mut on_disk = Vec::with_capacity(content.len());
+        (&mut file)
+            .take(content.len() as u64 + 1)
+            .read_to_end(&mut on_disk)?;
+        Ok(on_disk == content)
+    }
+
+    /// Replaces the output with `content` in one step: temp file in the same directory (mode
+    /// and group set before any byte is written), fsync, rename, fsync of the directory.
+    fn write(&self, content: &[u8], spec: FileSpec) -> io::Result<()> {
+        let prefix = format!(".{}{TEMP_MARKER}", self.name.to_string_lossy());
+        crate::atomic::replace_at(
+            &self.dir,
+            &crate::atomic::temp_name(&prefix),
+            self.name,
+            spec.mode,
+            content,
+            |f| match spec.group {
+                Some(gid) => chown_group(f, gid),
+                None => Ok(()),
+            },
+        )?;
+        self.remove_stale_temps(&prefix);
+        Ok(())
+    }
+
+    /// Removes temp files of this output left by an agent killed mid-write (they hold a key),
+    /// but not this process's own (another write of the same path may be under way). Best
+    /// effort: a leftover costs nothing but the space.
+    fn remove_stale_temps(&self, prefix: &str) {
+        let ours = format!("{prefix}{}-", std::process::id());
+        let Ok(dir) = rustix::fs::Dir::read_from(&self.dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_bytes();
+            if name.starts_with(prefix.as_bytes())
+                && !name.starts_with(ours.as_bytes())
+                && entry.file_type() == FileType::RegularFile
+            {
+                let _ = rustix::fs::unlinkat(&self.dir, entry.file_name(), AtFlags::empty());
+            }
         }
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-    crate::atomic::replace(
-        dir,
-        &crate::atomic::temp_name(&format!(".{}{TEMP_MARKER}", name.to_string_lossy())),
-        path,
-        spec.mode,
-        content,
-        |f| match spec.group {
-            Some(gid) => chown_group(f, gid),
-            None => Ok(()),
-        },
-    )
+}
+
+/// Opens directory `dir` (absolute) as described at [`Place::open`].
+fn open_dir(dir: &Path, create: Option<FileSpec>) -> io::Result<OwnedFd> {
+    // Walking needs only search permission on each directory (`O_PATH`), as path lookup
+    // does; the last one is opened for reading at the end (fsync, listing).
+    const DIR: OFlags = OFlags::PATH
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::CLOEXEC);
+    const OPEN_DIR: OFlags = OFlags::RDONLY
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::CLOEXEC);
+    let root = || rustix::fs::open("/", DIR, Mode::empty());
+    // Components still to walk, the next one last.
+    let mut pending: Vec<OsString> = Vec::new();
+    push_components(&mut pending, dir)?;
+    let mut fd = root()?;
+    let mut walked = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        match rustix::fs::openat(&fd, &name, DIR, Mode::empty()) {
+            Ok(next) => {
+                fd = next;
+                walked.push(&name);
+            }
+            Err(rustix::io::Errno::NOENT) if create.is_some() => {
+                let spec = create.unwrap_or(FileSpec {
+                    mode: 0o600,
+                    group: None,
+                });
+                let mode = if spec.group.is_some() { 0o750 } else { 0o700 };
+                match rustix::fs::mkdirat(&fd, &name, Mode::from_raw_mode(mode)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let next = rustix::fs::openat(&fd, &name, OPEN_DIR, Mode::empty())?;
+                // Exactly this mode, whatever the umask.
+                rustix::fs::fchmod(&next, Mode::from_raw_mode(mode))?;
+                if let Some(gid) = spec.group {
+                    rustix::fs::fchown(&next, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+                }
+                fd = next;
+                walked.push(&name);
+            }
+            Err(e @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) => {
+                let st = rustix::fs::statat(&fd, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+                    return Err(e.into());
+                }
+                let holder = rustix::fs::fstat(&fd)?;
+                let only_root_could_make_it =
+                    st.st_uid == 0 && holder.st_uid == 0 && holder.st_mode & 0o022 == 0;
+                if !only_root_could_make_it {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "{} is a symbolic link someone other than root could have made;                              the agent does not follow it",
+                            walked.join(&name).display()
+                        ),
+                    ));
+                }
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(rustix::io::Errno::LOOP.into());
+                }
+                let target = rustix::fs::readlinkat(&fd, &name, Vec::new())?;
+                let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+                if target.is_absolute() {
+                    fd = root()?;
+                    walked = PathBuf::from("/");
+                }
+                push_components(&mut pending, &target)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(rustix::fs::openat(&fd, ".", OPEN_DIR, Mode::empty())?)
+}
+
+/// Pushes the components of `path` onto `pending` so that its first one is popped next. `..`
+/// is refused: the walk holds descriptors, not names, and never goes back up.
+fn push_components(pending: &mut Vec<OsString>, path: &Path) -> io::Result<()> {
+    let mut names = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => names.push(n.to_os_string()),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} has a \"..\" component", path.display()),
+                ));
+            }
+        }
+    }
+    pending.extend(names.into_iter().rev());
+    Ok(())
+}
+
+/// Replaces `path` with `content` in one step (see [`Place`]); a missing directory is created
+/// (0700, or 0750 with the entry's group).
+pub fn write_atomic(path: &Path, content: &[u8], spec: FileSpec) -> io::Result<()> {
+    Place::open(path, Some(spec))?.write(content, spec)
 }
 
 /// Removes `path` (the key or env file); already gone is fine.
 fn remove_file(path: &Path) -> Result<Outcome, OutputError> {
-    match fs::remove_file(path) {
+    let place = match Place::open(path, None) {
+        Ok(place) => place,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Unchanged),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    match rustix::fs::unlinkat(&place.dir, place.name, AtFlags::empty()) {
         Ok(()) => {
-            if let Ok(dir) = parent_dir(path)
-                && let Ok(d) = File::open(dir)
-            {
-                let _ = d.sync_all();
-            }
+            let _ = rustix::fs::fsync(&place.dir);
             Ok(Outcome::Removed)
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Outcome::Unchanged),
-        Err(e) => Err(io_err(path)(e)),
+        Err(rustix::io::Errno::NOENT) => Ok(Outcome::Unchanged),
+        Err(e) => Err(io_err(path)(e.into())),
     }
 }
 
@@ -430,16 +661,14 @@ fn parent_dir(path: &Path) -> io::Result<&Path> {
 }
 
 fn chown_group(f: &File, gid: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the duration of the call; uid -1 keeps the owner.
-    if unsafe { libc::fchown(f.as_raw_fd(), u32::MAX, gid) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::fs::fchown(f, None, Some(rustix::fs::Gid::from_raw(gid)))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use serde_json::json;
 
@@ -663,8 +892,8 @@ mod tests {
         assert_eq!(
             fs::read_to_string(&env).unwrap(),
             "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
-             LITELLM_API_KEY=sk-abc\nLITELLM_BASE_URL=http://localhost:4000/v1\n\
-             OPENAI_API_KEY=sk-abc\nOPENAI_BASE_URL=http://localhost:4000/v1\n"
+             LITELLM_API_KEY='sk-abc'\nLITELLM_BASE_URL='http://localhost:4000/v1'\n\
+             OPENAI_API_KEY='sk-abc'\nOPENAI_BASE_URL='http://localhost:4000/v1'\n"
         );
         assert_eq!(mode(&env), 0o640);
 
@@ -688,26 +917,40 @@ mod tests {
         assert!(entries(&tmp.path().join("sub/dir")).is_empty());
     }
 
+    /// The group asked for must differ from the one files get anyway (the process's), or the
+    /// test passes without any chown: `nogroup` (65534), which the tests (run as root) may give.
     #[test]
     fn group_is_set_when_configured() {
+        const NOGROUP: u32 = 65534;
         let tmp = tempfile::tempdir().unwrap();
         // SAFETY: getegid has no preconditions.
-        let gid = unsafe { libc::getegid() };
-        let path = tmp.path().join("key");
+        assert_ne!(unsafe { libc::getegid() }, NOGROUP, "pick another group");
         let m = models();
         let spec = FileSpec {
             mode: 0o640,
-            group: Some(gid),
+            group: Some(NOGROUP),
         };
-        sync(
-            OutputKind::KeyFile,
-            &path,
-            spec,
-            Some(&material("sk-g", &m)),
-        )
-        .unwrap();
-        let meta = fs::metadata(&path).unwrap();
-        assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o640, gid));
+        for (kind, name) in [
+            (OutputKind::KeyFile, "new-dir/key"),
+            (OutputKind::EnvFile, "env"),
+            (OutputKind::RooCode, "settings.json"),
+            (OutputKind::OpenCode, "config.json"),
+        ] {
+            let path = tmp.path().join(name);
+            sync(kind, &path, spec, Some(&material("sk-g", &m))).unwrap();
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(
+                (meta.mode() & 0o7777, meta.gid()),
+                (0o640, NOGROUP),
+                "{name}"
+            );
+        }
+        let dir = fs::metadata(tmp.path().join("new-dir")).unwrap();
+        assert_eq!(
+            (dir.mode() & 0o7777, dir.gid()),
+            (0o750, NOGROUP),
+            "a created directory gets the group too"
+        );
     }
 
     #[test]
@@ -812,6 +1055,35 @@ mod tests {
         assert!(err.contains("is not a JSON object"), "{err}");
         assert_eq!(fs::read_to_string(&roo).unwrap(), "[1, 2]");
         assert_eq!(entries(roo.parent().unwrap()), vec!["settings.json"]);
+    }
+
+    /// A temp file left by an agent killed mid-write (it holds a key) goes with the next write
+    /// of that file; other files, and temp files of other outputs, stay.
+    #[test]
+    fn temp_files_of_a_killed_agent_are_removed_at_the_next_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = models();
+        let path = tmp.path().join("key");
+        let stale = [".key.botcreds-tmp-999999-0", ".key.botcreds-tmp-1-7"];
+        let kept = [
+            ".env.botcreds-tmp-999999-0",
+            "key.botcreds-tmp-1-1",
+            "notes",
+        ];
+        for name in stale.iter().chain(kept.iter()) {
+            fs::write(tmp.path().join(name), "sk-stale\n").unwrap();
+        }
+        sync(
+            OutputKind::KeyFile,
+            &path,
+            PRIVATE,
+            Some(&material("sk-new", &m)),
+        )
+        .unwrap();
+        let mut want: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+        want.push("key".into());
+        want.sort();
+        assert_eq!(entries(tmp.path()), want);
     }
 
     #[test]

@@ -461,6 +461,16 @@ impl AgentProcess {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 
+    /// SIGKILL, as a crash or the OOM killer would: nothing of the agent's own clean-up runs.
+    /// Waits for the exit.
+    pub async fn kill(mut self) -> std::process::ExitStatus {
+        self.signal("KILL");
+        tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("agent did not exit after SIGKILL:\n{}", self.logs()))
+            .expect("wait")
+    }
+
     /// SIGTERM, then waits for the exit and for the log to be complete.
     pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
         self.signal("TERM");

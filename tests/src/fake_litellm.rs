@@ -343,6 +343,17 @@ impl FakeLitellm {
             .contains_key(&hash_token(key))
     }
 
+    /// A deleted (or regenerated) key as it was, by plaintext or hash; its `updated_at` is
+    /// when it was deleted, by the fake's clock.
+    pub fn deleted_key(&self, key: &str) -> Option<KeyRow> {
+        self.inner
+            .shared
+            .lock()
+            .deleted
+            .get(&hash_token(key))
+            .cloned()
+    }
+
     /// Moves the fake's clock (key expiry) by `secs`.
     pub fn advance_clock(&self, secs: i64) {
         self.inner.shared.lock().skew_secs += secs;
@@ -868,8 +879,11 @@ async fn delete_keys(
             None,
         );
     }
+    let now = now_of(&l);
     for h in found {
-        if let Some(row) = l.keys.remove(&h) {
+        if let Some(mut row) = l.keys.remove(&h) {
+            // A deleted row's `updated_at` is when it was deleted (see `deleted_key`).
+            row.updated_at = now;
             l.deleted.insert(h, row);
         }
     }
@@ -993,7 +1007,9 @@ fn regenerate(shared: &Shared, headers: &HeaderMap, key: Option<String>, body: &
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(new_key);
-    l.deleted.insert(row.token.clone(), row.clone());
+    let mut old = row.clone();
+    old.updated_at = now_of(&l);
+    l.deleted.insert(row.token.clone(), old);
     row.token = sha256_hex(&plaintext);
     row.key_name = masked(&plaintext);
     if let Some(d) = b

@@ -256,8 +256,8 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
         read(&env_file),
         format!(
             "# Written by botcreds-agent; replaced whenever the LiteLLM key changes. Do not edit.\n\
-             LITELLM_API_KEY={key1}\nLITELLM_BASE_URL={base_url}\n\
-             OPENAI_API_KEY={key1}\nOPENAI_BASE_URL={base_url}\n"
+             LITELLM_API_KEY='{key1}'\nLITELLM_BASE_URL='{base_url}'\n\
+             OPENAI_API_KEY='{key1}'\nOPENAI_BASE_URL='{base_url}'\n"
         )
     );
     assert_eq!(mode(&env_file), 0o640);
@@ -373,7 +373,7 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
         "old key revoked"
     );
     assert_eq!(world.litellm.chat(&key2, "claude-sonnet-4-5").await.0, 200);
-    assert!(read(&env_file).contains(&format!("LITELLM_API_KEY={key2}\n")));
+    assert!(read(&env_file).contains(&format!("LITELLM_API_KEY='{key2}'\n")));
     assert_eq!(
         read_json(&roo)["apiConfigs"]["LiteLLM"]["openAiApiKey"],
         key2
@@ -510,6 +510,46 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT\" >> {home}/change
     assert_ne!(key3, key2);
     assert_eq!(world.litellm.chat(&key3, "claude-haiku-3-5").await.0, 200);
     assert_eq!(world.litellm.chat(&key2, "claude-haiku-3-5").await.0, 401);
+    // "In time", from the fake LiteLLM's records: the old key was deleted while it still lived
+    // (a rotation, not a clean-up after expiry), and the new key reached the file before the
+    // old one expired, without the file ever losing its key in between.
+    let old = world
+        .litellm
+        .deleted_key(&key2)
+        .expect("the old key was deleted at LiteLLM");
+    let old_expires = old.expires.expect("the old key had an expiry");
+    assert!(
+        old.updated_at < old_expires,
+        "the old key was deleted at {}, after it expired at {old_expires}",
+        old.updated_at
+    );
+    // With checks every 2 s, the broker itself replaces a key once less than half its life is
+    // left (it stops reusing it): only the agent's own refresh (window 120 s of 150 s here)
+    // rotates it earlier. A late refresh would hide behind those checks without this.
+    let half_life = (old_expires - old.created_at) / 2;
+    assert!(
+        old_expires - old.updated_at > half_life,
+        "the old key (created {}, expiring {old_expires}) was replaced at {}, with less than half \
+         its life left: not by the agent's refresh",
+        old.created_at,
+        old.updated_at
+    );
+    let st = litellm_status(&home).await;
+    let written = st["outputs"][0]["changed_at"]
+        .as_str()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .unwrap_or_else(|| panic!("no changed_at for the key file: {st}"));
+    assert!(
+        written < old_expires,
+        "the new key reached the file at {written}, after the old one expired at {old_expires}"
+    );
+    let changes = read(&home.dir().join("changes"));
+    assert!(
+        !changes.contains("removed"),
+        "the key file went without a key in between: {changes}"
+    );
     let (exit, logs) = agent.stop().await;
     assert!(exit.success(), "{logs}");
     assert!(
@@ -592,4 +632,116 @@ async fn bad_litellm_entries_stop_the_agent_with_the_key_named() {
             failure.logs
         );
     }
+}
+
+/// Whether `key` is one the fake LiteLLM minted (live or deleted since): a partial key is not.
+fn minted(world: &World, key: &str) -> bool {
+    world.litellm.deleted_key(key).is_some()
+        || world
+            .litellm
+            .live_keys()
+            .iter()
+            .any(|k| k.token == botcreds_tests::fake_litellm::hash_token(key))
+}
+
+/// Every output and cache file of the agent in `home` is absent or whole: a complete file
+/// holding a key LiteLLM minted. Temp files (the agent's own, named `.…botcreds-tmp-…` and
+/// `.tmp-…`) are skipped: nobody reads them.
+fn assert_whole(world: &World, home: &AgentHome, round: usize) {
+    let out = home.dir().join("out");
+    let known = |key: &str, what: &str| {
+        assert!(
+            minted(world, key),
+            "round {round}: {what} holds a key LiteLLM never minted (partial?): {key:?}"
+        );
+    };
+    if let Ok(text) = std::fs::read_to_string(out.join("ci.key")) {
+        let key = text
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("round {round}: key file without its newline: {text:?}"));
+        known(key, "the key file");
+    }
+    if let Ok(text) = std::fs::read_to_string(out.join("ci.env")) {
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines.len() == 5 && text.ends_with('\n'),
+            "round {round}: partial env file: {text:?}"
+        );
+        let key = lines[1]
+            .strip_prefix("LITELLM_API_KEY='")
+            .and_then(|k| k.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("round {round}: env file: {text:?}"));
+        known(key, "the env file");
+    }
+    if let Ok(text) = std::fs::read_to_string(out.join("roo.json")) {
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: partial roo.json ({e}): {text:?}"));
+        if let Some(key) = v["apiConfigs"]["LiteLLM"]["openAiApiKey"].as_str() {
+            known(key, "roo.json");
+        }
+    }
+    for entry in std::fs::read_dir(home.cache_dir()).expect("cache dir") {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: partial cache file {name} ({e})"));
+        if name.starts_with("litellm-") {
+            known(v["key"].as_str().unwrap_or_default(), "the cache");
+        }
+    }
+}
+
+/// `kill -9` in the middle of writing a new key (right after the agent logs it fetched one)
+/// never leaves a partial key file, env file, tool config or cache file: each is the old one or
+/// the new one, whole, every time.
+#[tokio::test]
+async fn kill_9_mid_write_never_leaves_a_partial_key_or_cache_file() {
+    const ROUNDS: usize = 10;
+    const FETCHED: &str = "LiteLLM key fetched";
+    let world = World::new().await;
+    let home = world
+        .agent()
+        .litellm(
+            r#"scope = "ci"
+key_file = "{home}/out/ci.key"
+env_file = "{home}/out/ci.env"
+roo_code = "{home}/out/roo.json"
+check_interval = "1s""#,
+        )
+        .build();
+    let mut agent = home.start().await;
+    wait_log(&mut agent, FILES_CHANGED, 1, WAIT).await;
+    let name = litellm_status(&home).await["name"]
+        .as_str()
+        .expect("the key's name")
+        .to_string();
+    for round in 0..ROUNDS {
+        // Rotated at the broker: the agent's next check (within a second) fetches the new key
+        // and writes the cache and every file; it is killed somewhere in those writes.
+        let before = agent.log_count(FETCHED);
+        let (status, body) = world
+            .admin(reqwest::Method::POST, &format!("/v1/keys/{name}/rotate"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        wait_log(&mut agent, FETCHED, before + 1, WAIT).await;
+        // Spread the moment over the writes (fsyncs take milliseconds).
+        tokio::time::sleep(Duration::from_millis((round as u64 * 7) % 25)).await;
+        let exit = agent.kill().await;
+        assert!(!exit.success(), "round {round}: killed, not exited");
+        assert_whole(&world, &home, round);
+        agent = home.start().await;
+        // The restarted agent loads its cache and brings the files in line (whole files at
+        // every moment, so checking while it writes is part of the test).
+        wait_log(&mut agent, "loaded cached LiteLLM key", 1, WAIT).await;
+        assert_whole(&world, &home, round);
+    }
+    // Answering on its socket means it serves, and so listens for SIGTERM too (the handler is
+    // set up with the server, just after "agent ready").
+    litellm_status(&home).await;
+    let (exit, logs) = agent.stop().await;
+    assert!(exit.success(), "{exit:?}: {logs}");
 }
