@@ -1,4 +1,4 @@
-//! A faithful double of the LiteLLM proxy's virtual-key management API (litellm 1.109.1, per
+//! A faithful double of the LiteLLM proxy's virtual-key management API (litellm 1.106.2, per
 //! `../shared/reference/litellm-keys.md` and `tests/fixtures/litellm/`), with a chat completion
 //! endpoint that only live virtual keys may call, and a tiny stand-in for Coder's
 //! `GET /api/v2/users/me` so the broker's session-token check can be exercised.
@@ -17,9 +17,18 @@
 //!
 //! Authentication follows reference §1: the first of `x-litellm-api-key`, `Authorization`
 //! (`Bearer `/`bearer `/`Basic ` prefix, else 401 malformed), `API-Key`, `x-api-key`,
-//! `x-goog-api-key`, `Ocp-Apim-Subscription-Key`. A virtual key (`llm_api`) on a management
-//! route gets 403 `error-403-route-not-allowed.json`. Keys are stored by SHA-256 hash; a value
-//! starting with `sk-` is hashed, anything else is taken as a hash. All successes are 200.
+//! `x-goog-api-key`, `Ocp-Apim-Subscription-Key`. Route checks follow LiteLLM 1.106.2's
+//! `route_checks.py`: `key_type` (`llm_api`, `management`, `read_only`, `default`; anything
+//! else 422) sets the key's `allowed_routes`; an `llm_api` key on a management route gets 403
+//! `error-403-route-not-allowed.json`, and a virtual key of any type may only read its own
+//! `/key/info` (other management routes: 401 "Only proxy admin can be used ..."). Keys are
+//! stored by SHA-256 hash; a value starting with `sk-` is hashed, anything else is taken as a
+//! hash. All successes are 200.
+//!
+//! Before authentication every proxy route refuses a body carrying one of LiteLLM's banned
+//! client-side parameters (`fixtures/litellm/banned-request-body-params.json`, e.g.
+//! `workspace_id`, `api_base`) anywhere in it, with the real proxy's 401 "Rejected Request:
+//! <param> is not allowed in request body".
 //!
 //! Every request is recorded ([`FakeLitellm::calls`]) with the kind of credential it carried,
 //! never the credential itself.
@@ -108,6 +117,8 @@ pub struct KeyRow {
     pub tpm_limit: Option<u64>,
     pub max_parallel_requests: Option<u64>,
     pub key_type: String,
+    /// What `key_type` allows (LiteLLM's `allowed_routes`): `["llm_api_routes"]` for `llm_api`.
+    pub allowed_routes: Vec<String>,
     pub team_id: Option<String>,
     pub user_id: Option<String>,
     pub metadata: Value,
@@ -458,6 +469,13 @@ async fn record(
     if let Some(status) = failing {
         return proxy_error(status, "injected failure", "internal_server_error", None);
     }
+    // Every proxy route checks the body before authenticating; the fake Coder does not.
+    if !parts.uri.path().starts_with("/api/v2/")
+        && let Ok(body) = serde_json::from_slice::<Value>(&bytes)
+        && let Some(param) = banned_param_in(&body)
+    {
+        return banned_param_refusal(&param);
+    }
     next.run(axum::extract::Request::from_parts(
         parts,
         axum::body::Body::from(bytes),
@@ -540,19 +558,137 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Caller, Response
     Ok(Caller::Virtual(hash))
 }
 
-fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<(), Response> {
-    match authenticate(shared, headers)? {
-        Caller::Master => Ok(()),
-        Caller::Virtual(_) => Err(proxy_error(
-            403,
-            &format!(
-                "Virtual key is not allowed to call this route. Only allowed to call routes: \
-                 ['llm_api_routes']. Tried to call route: {route}"
-            ),
-            "auth_error",
-            None,
-        )),
+/// The routes a key of this `key_type` may call (LiteLLM's `handle_key_type`); `Err` for a
+/// value that is not one of LiteLLM's `LiteLLMKeyType`s (a 422 there).
+fn allowed_routes_for(key_type: Option<&Value>) -> Result<Vec<String>, Response> {
+    let routes = |r: &str| Ok(vec![r.to_string()]);
+    match key_type {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(t)) => match t.as_str() {
+            "llm_api" => routes("llm_api_routes"),
+            "management" => routes("management_routes"),
+            "read_only" => routes("info_routes"),
+            "default" => Ok(Vec::new()),
+            _ => Err(validation_error(
+                "Input should be 'llm_api', 'management', 'read_only' or 'default'",
+            )),
+        },
+        Some(_) => Err(validation_error("key_type: Input should be a valid string")),
     }
+}
+
+/// Python's `repr` of a list of strings, as LiteLLM's messages show `allowed_routes`.
+fn py_list(items: &[String]) -> String {
+    let inner: Vec<String> = items.iter().map(|i| format!("'{i}'")).collect();
+    format!("[{}]", inner.join(", "))
+}
+
+/// LiteLLM's route checks for a management route (`route_checks.py`): the master key passes.
+/// A virtual key must first be allowed the route by its `allowed_routes` (from `key_type`:
+/// an `llm_api` key gets 403 "Virtual key is not allowed to call this route"); then, having no
+/// proxy-admin role, it may only read info routes (`/key/info`, for its own key — checked by
+/// the handler), and anything else is LiteLLM's 401 "Only proxy admin can be used ...".
+fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<Caller, Response> {
+    let caller = authenticate(shared, headers)?;
+    let Caller::Virtual(hash) = &caller else {
+        return Ok(caller);
+    };
+    let allowed = shared
+        .lock()
+        .keys
+        .get(hash)
+        .map(|k| k.allowed_routes.clone())
+        .unwrap_or_default();
+    let info_route = route == "/key/info";
+    if !allowed.is_empty() {
+        let ok = allowed.iter().any(|a| {
+            a == route
+                || a == "management_routes"
+                || (a == "info_routes" && info_route)
+        });
+        if !ok {
+            return Err(proxy_error(
+                403,
+                &format!(
+                    "Virtual key is not allowed to call this route. Only allowed to call routes: \
+                     {}. Tried to call route: {route}",
+                    py_list(&allowed)
+                ),
+                "auth_error",
+                None,
+            ));
+        }
+    }
+    if info_route {
+        return Ok(caller);
+    }
+    Err(proxy_error(
+        401,
+        &format!(
+            "Authentication Error, Only proxy admin can be used to generate, delete, update info \
+             for new keys/users/teams. Route={route}. Your role=unknown. Your user_id=***"
+        ),
+        "auth_error",
+        Some("None"),
+    ))
+}
+
+/// LiteLLM's client-side parameters that no request body may carry
+/// (`tests/fixtures/litellm/banned-request-body-params.json`, read from the real proxy's
+/// `auth_utils.py`).
+fn banned_params() -> &'static std::collections::HashSet<String> {
+    static BANNED: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    BANNED.get_or_init(|| {
+        let v = fixtures::json("litellm/banned-request-body-params.json");
+        v["params"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The first banned parameter anywhere in `v`, at any depth. The real proxy looks at the root,
+/// `metadata`, `litellm_metadata`, `extra_body`, `litellm_embedding_config`, fallbacks and
+/// `litellm_params.metadata` (also JSON text in those places); the double refuses a banned name
+/// wherever it is, which is stricter and so catches every body the real one refuses.
+fn banned_param_in(v: &Value) -> Option<String> {
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, v)| {
+            if banned_params().contains(k) {
+                Some(k.clone())
+            } else {
+                banned_param_in(v)
+            }
+        }),
+        Value::Array(a) => a.iter().find_map(banned_param_in),
+        Value::String(s) if s.trim_start().starts_with('{') => serde_json::from_str::<Value>(s)
+            .ok()
+            .and_then(|inner| banned_param_in(&inner)),
+        _ => None,
+    }
+}
+
+/// LiteLLM's answer to a banned parameter: `is_request_body_safe` raises a `ValueError` before
+/// any authentication, which the auth handler turns into a 401 `auth_error`.
+fn banned_param_refusal(param: &str) -> Response {
+    proxy_error(
+        401,
+        &format!(
+            "Authentication Error, Rejected Request: {param} is not allowed in request body. \
+             Clientside passthrough requires explicit admin opt-in via either \
+             `general_settings.allow_client_side_credentials = true` (proxy-wide) or \
+             `configurable_clientside_auth_params` on the deployment in your proxy config.yaml. \
+             Relevant Issue: https://huntr.com/bounties/4001e1a2-7b7a-4776-a3ae-e6692ec3d997"
+        ),
+        "auth_error",
+        Some("None"),
+    )
 }
 
 fn json_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Response> {
@@ -594,11 +730,7 @@ fn row_json(k: &KeyRow) -> serde_json::Map<String, Value> {
     m.insert("budget_duration".into(), json!(k.budget_duration));
     m.insert(
         "allowed_routes".into(),
-        json!(if k.key_type == "llm_api" {
-            vec!["llm_api_routes"]
-        } else {
-            vec![]
-        }),
+        json!(k.allowed_routes),
     );
     m.insert("key_type".into(), json!(k.key_type));
     m.insert("created_at".into(), json!(iso(k.created_at)));
@@ -632,6 +764,10 @@ async fn generate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
     }
     let b = match json_object(&body) {
         Ok(b) => b,
+        Err(r) => return r,
+    };
+    let allowed_routes = match allowed_routes_for(b.get("key_type")) {
+        Ok(r) => r,
         Err(r) => return r,
     };
     let tags_set = b
@@ -735,6 +871,7 @@ async fn generate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             .and_then(Value::as_str)
             .unwrap_or("default")
             .to_string(),
+        allowed_routes,
         team_id: b.get("team_id").and_then(Value::as_str).map(str::to_string),
         user_id: b.get("user_id").and_then(Value::as_str).map(str::to_string),
         metadata: b
@@ -881,14 +1018,29 @@ async fn info(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = management(&shared, &headers, "/key/info") {
-        return r;
-    }
-    let Some(sent) = q.get("key").cloned() else {
-        return validation_error("key is required when calling /key/info with the master key");
+    let caller = match management(&shared, &headers, "/key/info") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let sent = match (q.get("key").cloned(), &caller) {
+        (Some(k), _) => k,
+        (None, Caller::Virtual(own)) => own.clone(),
+        (None, Caller::Master) => {
+            return validation_error("key is required when calling /key/info with the master key");
+        }
     };
     let l = shared.lock();
     let hash = hash_token(&sent);
+    if let Caller::Virtual(own) = &caller
+        && own != &hash
+    {
+        return proxy_error(
+            403,
+            "You are not allowed to access this key's info. Your role=unknown",
+            "auth_error",
+            None,
+        );
+    }
     let now = now_of(&l);
     let (row, status) = match (l.keys.get(&hash), l.deleted.get(&hash)) {
         (Some(k), _) if k.blocked => (k, "revoked"),
