@@ -364,7 +364,7 @@ impl FakeLitellm {
     }
 
     /// Answers the next `n` requests (any path, before authentication) with `status` and a
-    /// proxy error body.
+    /// proxy error body (for 401/403 the real proxy's refusal of the credential).
     pub fn fail_next(&self, n: u32, status: u16) {
         let mut l = self.inner.shared.lock();
         l.fail_next = n;
@@ -467,7 +467,12 @@ async fn record(
         }
     };
     if let Some(status) = failing {
-        return proxy_error(status, "injected failure", "internal_server_error", None);
+        // A 401/403 is LiteLLM refusing the credential, as the real proxy words it.
+        return match status {
+            401 => fixture_response(401, "error-401-invalid-key.json"),
+            403 => fixture_response(403, "error-403-route-not-allowed.json"),
+            _ => proxy_error(status, "injected failure", "internal_server_error", None),
+        };
     }
     // Every proxy route checks the body before authenticating; the fake Coder does not.
     if !parts.uri.path().starts_with("/api/v2/")
@@ -601,11 +606,9 @@ fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<Calle
         .unwrap_or_default();
     let info_route = route == "/key/info";
     if !allowed.is_empty() {
-        let ok = allowed.iter().any(|a| {
-            a == route
-                || a == "management_routes"
-                || (a == "info_routes" && info_route)
-        });
+        let ok = allowed
+            .iter()
+            .any(|a| a == route || a == "management_routes" || (a == "info_routes" && info_route));
         if !ok {
             return Err(proxy_error(
                 403,
@@ -728,10 +731,7 @@ fn row_json(k: &KeyRow) -> serde_json::Map<String, Value> {
     m.insert("rpm_limit".into(), json!(k.rpm_limit));
     m.insert("max_budget".into(), json!(k.max_budget));
     m.insert("budget_duration".into(), json!(k.budget_duration));
-    m.insert(
-        "allowed_routes".into(),
-        json!(k.allowed_routes),
-    );
+    m.insert("allowed_routes".into(), json!(k.allowed_routes));
     m.insert("key_type".into(), json!(k.key_type));
     m.insert("created_at".into(), json!(iso(k.created_at)));
     m.insert("created_by".into(), json!("default_user_id"));

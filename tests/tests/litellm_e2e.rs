@@ -221,7 +221,7 @@ async fn bots_ask_through_the_policy_and_release_their_keys() {
         "key_type",
         "created_by",
         "created_at",
-        "workspace_id",
+        "coder_workspace_id",
         "workspace_name",
         "coder_user",
         "coder_user_id",
@@ -532,7 +532,7 @@ async fn provisioner_api_answers_the_designs_bodies_and_keeps_keys_off_disk() {
         .expect("key in LiteLLM");
     assert_eq!(row.budget_duration.as_deref(), Some("1d"));
     assert_eq!(row.metadata["created_by"], "key-provisioner");
-    assert_eq!(row.metadata["workspace_id"], "ws-abc123");
+    assert_eq!(row.metadata["coder_workspace_id"], "ws-abc123");
 
     // Idempotent: the live key comes back, nothing new is minted.
     let (status, again) = w

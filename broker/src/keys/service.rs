@@ -479,12 +479,15 @@ impl KeyService {
             now + time::Duration::seconds(i64::try_from(lifetime_secs).unwrap_or(i64::MAX / 4));
         let o = &ask.origin;
         let w = o.workspace.as_ref();
+        // LiteLLM refuses any body naming one of its client-side parameters anywhere, metadata
+        // included (`auth_utils.py`: `workspace_id` is one), so the workspace id travels as
+        // `coder_workspace_id`; docs/litellm.md has the mapping.
         let metadata = json!({
             "scope": spec.name,
             "key_type": "virtual",
             "created_by": o.created_by,
             "created_at": rfc3339(now),
-            "workspace_id": w.map(|w| w.workspace_id.clone()),
+            "coder_workspace_id": w.map(|w| w.workspace_id.clone()),
             "workspace_name": w.map(|w| w.workspace_name.clone()),
             "coder_user": o.coder_user,
             "coder_user_id": o.coder_user_id,

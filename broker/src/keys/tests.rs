@@ -23,6 +23,8 @@ use crate::store::{AuditFilter, ChainReport, CredentialRecord, MemoryStore, Stor
 struct Switchable {
     inner: SimulatedLitellm,
     down: AtomicBool,
+    /// Every `/key/generate` request, as the real client would send it.
+    sent: std::sync::Mutex<Vec<GenerateKey>>,
 }
 
 impl Switchable {
@@ -40,6 +42,7 @@ impl Switchable {
 #[async_trait::async_trait]
 impl LitellmApi for Switchable {
     async fn generate(&self, r: &GenerateKey) -> Result<GeneratedKey, LitellmError> {
+        self.sent.lock().unwrap().push(r.clone());
         self.check()?;
         self.inner.generate(r).await
     }
@@ -134,6 +137,7 @@ impl World {
         let api = Arc::new(Switchable {
             inner: SimulatedLitellm::new(shared.clone()),
             down: AtomicBool::new(false),
+            sent: Default::default(),
         });
         let store = Arc::new(FlakyStore::default());
         let audit = AuditLog::start(store.clone());
@@ -696,4 +700,72 @@ async fn issue_events_say_how_the_key_was_decided_and_live_record_finds_it() {
     w.keys.revoke_by_credential_id(&id, "admin").await.unwrap();
     assert!(w.keys.live_record(&id).unwrap().is_none());
     assert!(w.keys.live_record("lk_unknown").unwrap().is_none());
+}
+
+/// LiteLLM's banned client-side parameters (read from the real proxy's `auth_utils.py`; the
+/// same file the fake LiteLLM refuses by).
+fn litellm_banned_params() -> std::collections::BTreeSet<String> {
+    let v: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tests/fixtures/litellm/banned-request-body-params.json"
+    ))
+    .unwrap();
+    v["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn object_keys(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                out.push(k.clone());
+                object_keys(v, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| object_keys(v, out)),
+        _ => {}
+    }
+}
+
+/// Real LiteLLM answered every `/key/generate` with 401 "Rejected Request: workspace_id is not
+/// allowed in request body": the metadata carried `workspace_id` (even as null).
+#[tokio::test]
+async fn generate_bodies_carry_no_litellm_banned_param() {
+    let w = World::new();
+    let banned = litellm_banned_params();
+    assert!(banned.contains("workspace_id") && banned.contains("api_base"));
+    w.keys
+        .issue(ask("ci", "github-actions-main", OnExisting::Conflict))
+        .await
+        .unwrap();
+    w.keys
+        .issue_workspace(
+            workspace("ws-1", "dev", "alice"),
+            Origin {
+                created_by: KEY_PROVISIONER.into(),
+                caller: "provisioner".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(60),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let sent = w.api.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    for r in &sent {
+        let body = crate::providers::litellm::generate_body(r);
+        let mut names = Vec::new();
+        object_keys(&body, &mut names);
+        let hits: Vec<&String> = names.iter().filter(|n| banned.contains(*n)).collect();
+        assert!(hits.is_empty(), "banned params {hits:?} in {body}");
+    }
+    // The workspace is still named in the metadata, under a name LiteLLM allows.
+    let meta = &sent[1].metadata;
+    assert_eq!(meta["coder_workspace_id"], "ws-1");
+    assert_eq!(meta["workspace_name"], "dev");
 }
