@@ -20,8 +20,9 @@
 //! `x-goog-api-key`, `Ocp-Apim-Subscription-Key`. Route checks follow LiteLLM 1.106.2's
 //! `route_checks.py`: `key_type` (`llm_api`, `management`, `read_only`, `default`; anything
 //! else 422) sets the key's `allowed_routes`; an `llm_api` key on a management route gets 403
-//! `error-403-route-not-allowed.json`, and a virtual key of any type may only read its own
-//! `/key/info` (other management routes: 401 "Only proxy admin can be used ..."). Keys are
+//! `error-403-route-not-allowed.json` (FastAPI's `{"detail"}` form), and any other virtual key
+//! may only read `/key/info` of keys of its own user (other management routes: 401 "Only proxy
+//! admin can be used ..."). Keys are
 //! stored by SHA-256 hash; a value starting with `sk-` is hashed, anything else is taken as a
 //! hash. All successes are 200.
 //!
@@ -574,9 +575,14 @@ fn allowed_routes_for(key_type: Option<&Value>) -> Result<Vec<String>, Response>
             "management" => routes("management_routes"),
             "read_only" => routes("info_routes"),
             "default" => Ok(Vec::new()),
-            _ => Err(validation_error(
-                "Input should be 'llm_api', 'management', 'read_only' or 'default'",
-            )),
+            _ => Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(
+                    json!({"detail": [{"type": "enum", "loc": ["body", "key_type"],
+                    "msg": "Input should be 'llm_api', 'management', 'read_only' or 'default'"}]}),
+                ),
+            )
+                .into_response()),
         },
         Some(_) => Err(validation_error("key_type: Input should be a valid string")),
     }
@@ -610,16 +616,16 @@ fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<Calle
             .iter()
             .any(|a| a == route || a == "management_routes" || (a == "info_routes" && info_route));
         if !ok {
-            return Err(proxy_error(
-                403,
-                &format!(
+            // A bare FastAPI HTTPException here: `{"detail": "..."}`, not the error envelope.
+            return Err((
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"detail": format!(
                     "Virtual key is not allowed to call this route. Only allowed to call routes: \
                      {}. Tried to call route: {route}",
                     py_list(&allowed)
-                ),
-                "auth_error",
-                None,
-            ));
+                )})),
+            )
+                .into_response());
         }
     }
     if info_route {
@@ -629,7 +635,7 @@ fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<Calle
         401,
         &format!(
             "Authentication Error, Only proxy admin can be used to generate, delete, update info \
-             for new keys/users/teams. Route={route}. Your role=unknown. Your user_id=***"
+             for new keys/users/teams. Route={route}. Your role=unknown. Your user_id=*******"
         ),
         "auth_error",
         Some("None"),
@@ -1031,8 +1037,10 @@ async fn info(
     };
     let l = shared.lock();
     let hash = hash_token(&sent);
+    // A virtual key reads the info of keys of its own user (keys without a user share None).
     if let Caller::Virtual(own) = &caller
-        && own != &hash
+        && let Some(target) = l.keys.get(&hash)
+        && l.keys.get(own).map(|k| &k.user_id) != Some(&target.user_id)
     {
         return proxy_error(
             403,

@@ -408,7 +408,15 @@ mod tests {
             "type": "auth_error", "param": "None", "code": "401"}}))
         .unwrap();
         let admin_only = br#"{"error":{"message":"Authentication Error, Only proxy admin can be used to generate, delete, update info for new keys/users/teams. Route=/key/generate. Your role=unknown. Your user_id=***","type":"auth_error","param":"None","code":"401"}}"#.to_vec();
+        // As the real 1.106.2 proxy words a wrong master key.
+        let wrong_master = br#"{"error":{"message":"Authentication Error, Invalid proxy server token passed. Received API Key = sk-..., Key Hash (Token) =2ab06c. Unable to find token in cache or `LiteLLM_VerificationTokenTable`","type":"token_not_found_in_db","param":"key","code":"401"}}"#.to_vec();
         let cases: Vec<(&str, u16, Vec<u8>, ErrorCode)> = vec![
+            (
+                "wrong master key",
+                401,
+                wrong_master,
+                ErrorCode::LitellmAuthFailed,
+            ),
             (
                 "invalid key",
                 401,
