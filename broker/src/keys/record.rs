@@ -52,12 +52,26 @@ pub struct KeyRecord {
     /// For a rotated key: the credential id of its successor.
     #[serde(default)]
     pub replaced_by: Option<String>,
+    /// Who holds the key ([`super::Origin::owner_id`]): only they get it again, rotate it or
+    /// replace it. Records written before this field derive it ([`KeyRecord::owner_id`]).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl KeyRecord {
     /// Active and not past its expiry.
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
         self.status == KeyStatus::Active && self.expires_unix > now.unix_timestamp()
+    }
+
+    /// The key's holder: `bot:<name>`, `node:<stable id>`, `provisioner`, `coder:<user id>`,
+    /// `user:<login>` or (older records) the caller as described then.
+    pub fn owner_id(&self) -> String {
+        match (&self.owner, &self.bot) {
+            (Some(o), _) => o.clone(),
+            (None, Some(b)) => format!("bot:{b}"),
+            (None, None) => self.caller.clone(),
+        }
     }
 
     /// Seconds of life left (0 when past expiry).

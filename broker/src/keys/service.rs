@@ -51,9 +51,24 @@ pub struct Origin {
     pub approval: Option<String>,
     /// The approval request the key is issued under, if any.
     pub request_id: Option<String>,
+    /// The stable holder of the key (see [`Origin::owner_id`]); empty: derived from `bot` or
+    /// `caller`.
+    pub owner: String,
 }
 
 impl Origin {
+    /// Who holds the key: the explicit `owner`, else `bot:<bot>`, else the caller. A live key
+    /// is answered again, rotated or replaced only for the same holder.
+    pub fn owner_id(&self) -> String {
+        if !self.owner.is_empty() {
+            self.owner.clone()
+        } else if let Some(b) = &self.bot {
+            format!("bot:{b}")
+        } else {
+            self.caller.clone()
+        }
+    }
+
     /// Mark an issue event with how it was decided.
     fn stamp(&self, ev: &mut AuditEvent) {
         ev.approval = Some(self.approval.clone().unwrap_or_else(|| "auto".into()));
@@ -319,6 +334,20 @@ impl KeyService {
                     .as_ref()
                     .is_some_and(|w| w.workspace_id == info.workspace_id)
         });
+        // A workspace's key belongs to whoever had it made (the provisioner, or one bot):
+        // naming the workspace is not enough to get, rotate or replace it.
+        if let Some(r) = mine
+            && r.owner_id() != origin.owner_id()
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "workspace {:?} has a live key issued to another holder; it is not handed \
+                     out, rotated or replaced for you",
+                    info.workspace_id.chars().take(128).collect::<String>()
+                ),
+            ));
+        }
         let name = match mine {
             Some(r) => r.name.clone(),
             None => {
@@ -368,6 +397,21 @@ impl KeyService {
             .cloned();
         let mut replaced: Option<KeyRecord> = None;
         if let Some(old) = existing {
+            // Reuse and rotation act on the asker's own key of that scope only; a live key of
+            // the name held by anyone else (or of another scope) is a collision, never handed
+            // out or deleted.
+            if ask.on_existing != OnExisting::Conflict
+                && (old.owner_id() != ask.origin.owner_id() || old.scope != ask.scope)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::KeyExists,
+                    format!(
+                        "a live key named {:?} (scope {}) belongs to another holder; revoke it \
+                         or ask under another name",
+                        old.name, old.scope
+                    ),
+                ));
+            }
             match &ask.on_existing {
                 OnExisting::Conflict => {
                     return Err(ApiError::new(
@@ -543,6 +587,7 @@ impl KeyService {
             workspace: o.workspace.clone(),
             upstream_deleted: false,
             replaced_by: None,
+            owner: Some(o.owner_id()),
         };
         if let Err(e) = self.put(&record) {
             self.roll_back(&generated).await;
@@ -726,6 +771,7 @@ impl KeyService {
             workspace: old.workspace.clone(),
             bot: old.bot.clone(),
             caller: actor.to_string(),
+            owner: old.owner_id(),
             ..Default::default()
         };
         self.issue_locked(KeyAsk {
