@@ -769,3 +769,115 @@ async fn generate_bodies_carry_no_litellm_banned_param() {
     assert_eq!(meta["coder_workspace_id"], "ws-1");
     assert_eq!(meta["workspace_name"], "dev");
 }
+
+/// Service-level negative table: a live key asked for by someone who does not hold it is never
+/// answered, rotated or replaced, and nothing stored or minted changes.
+#[tokio::test]
+async fn keys_of_other_holders_are_never_handed_out_rotated_or_replaced() {
+    struct Row {
+        name: &'static str,
+        victim: KeyAsk,
+        victim_workspace: Option<WorkspaceInfo>,
+        attack_workspace: Option<(WorkspaceInfo, Origin)>,
+        attack: Option<KeyAsk>,
+        code: ErrorCode,
+    }
+    let user_dev = Origin {
+        created_by: "dev".into(),
+        caller: "coder:dev".into(),
+        owner: "coder:usr-dev".into(),
+        coder_user: Some("dev".into()),
+        ..Default::default()
+    };
+    let rows = vec![
+        Row {
+            name: "workspace key of bot a asked for by bot b (with replaces)",
+            victim: ask("workspace", "unused", OnExisting::Conflict),
+            victim_workspace: Some(workspace("ws-1", "alpha", "alice")),
+            attack_workspace: Some((workspace("ws-1", "alpha", "alice"), origin("bot-b"))),
+            attack: None,
+            code: ErrorCode::Forbidden,
+        },
+        Row {
+            name: "a user key rotating a workspace key named like it",
+            victim: ask("workspace", "unused", OnExisting::Conflict),
+            victim_workspace: Some(workspace("ws-2", "dev-cli", "carol")),
+            attack_workspace: None,
+            attack: Some(KeyAsk {
+                origin: user_dev.clone(),
+                ..ask("user", "dev-cli", OnExisting::Rotate)
+            }),
+            code: ErrorCode::KeyExists,
+        },
+        Row {
+            name: "reuse by name of another bot's key",
+            victim: KeyAsk {
+                origin: origin("bot-a"),
+                ..ask("agent:review", "shared.agent-review", OnExisting::Conflict)
+            },
+            victim_workspace: None,
+            attack_workspace: None,
+            attack: Some(KeyAsk {
+                origin: origin("bot-b"),
+                ..ask(
+                    "agent:review",
+                    "shared.agent-review",
+                    OnExisting::Reuse {
+                        min_remaining: Duration::from_secs(60),
+                        rejected: None,
+                    },
+                )
+            }),
+            code: ErrorCode::KeyExists,
+        },
+    ];
+    for row in rows {
+        let w = World::new();
+        let victim = match &row.victim_workspace {
+            Some(info) => {
+                w.keys
+                    .issue_workspace(
+                        info.clone(),
+                        origin("bot-a"),
+                        Duration::from_secs(60),
+                        None,
+                        Vec::new(),
+                    )
+                    .await
+            }
+            None => w.keys.issue(row.victim.clone()).await,
+        }
+        .unwrap_or_else(|e| panic!("{}: victim: {e:?}", row.name));
+        let before = w.keys.list().unwrap();
+        let minted = w.api.sent.lock().unwrap().len();
+        let result = match (row.attack_workspace, row.attack) {
+            (Some((info, o)), _) => {
+                w.keys
+                    .issue_workspace(
+                        info,
+                        o,
+                        Duration::from_secs(60),
+                        Some(victim.record.credential_id.clone()),
+                        Vec::new(),
+                    )
+                    .await
+            }
+            (None, Some(a)) => w.keys.issue(a).await,
+            (None, None) => unreachable!("a row attacks"),
+        };
+        let e = result
+            .map(|k| k.record.name)
+            .expect_err(&format!("{}: the attack got a key", row.name));
+        assert_eq!(e.code, row.code, "{}: {}", row.name, e.message);
+        assert_eq!(w.keys.list().unwrap(), before, "{}", row.name);
+        assert_eq!(w.api.sent.lock().unwrap().len(), minted, "{}", row.name);
+        assert!(
+            w.keys
+                .live_record(&victim.record.credential_id)
+                .unwrap()
+                .is_some(),
+            "{}",
+            row.name
+        );
+    }
+}
