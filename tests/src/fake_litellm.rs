@@ -13,6 +13,7 @@
 //! | `GET /key/list` (`page`, `size`, `key_alias`, `return_full_object`) | master key | 200 `{"keys", "total_count", "current_page", "total_pages"}` |
 //! | `POST /key/regenerate`, `POST /key/{key}/regenerate` | master key | 200 with the new key when [`FakeLitellmConfig::enterprise`]; else 500 "Enterprise feature" |
 //! | `POST /v1/chat/completions`, `POST /chat/completions` | a live virtual key (or the master key) | 200; 401/403/422/429 per reference §10 |
+//! | `GET /v1/models`, `GET /models` | a live virtual key (or the master key) | 200 `{"data": [{"id", ...}], "object": "list"}`: the key's models |
 //! | `GET /api/v2/users/me` (fake Coder) | `Coder-Session-Token` | 200 `{"id", "username", ...}`; 401 |
 //!
 //! Authentication follows reference §1: the first of `x-litellm-api-key`, `Authorization`
@@ -281,6 +282,8 @@ impl FakeLitellm {
             .route("/key/list", get(list))
             .route("/key/regenerate", post(regenerate_body))
             .route("/key/{*rest}", post(regenerate_path))
+            .route("/v1/models", get(models))
+            .route("/models", get(models))
             .route("/v1/chat/completions", post(chat))
             .route("/chat/completions", post(chat))
             .route("/api/v2/users/me", get(coder_me))
@@ -1277,6 +1280,31 @@ async fn chat(
     .into_response()
 }
 
+/// `GET /v1/models`: the models the calling key may use (the master key: every model some key
+/// names), in OpenAI's list shape, as the real proxy answers a virtual key.
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let caller = match authenticate(&shared, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let l = shared.lock();
+    let mut names: Vec<String> = match caller {
+        Caller::Virtual(hash) => l
+            .keys
+            .get(&hash)
+            .map(|k| k.models.clone())
+            .unwrap_or_default(),
+        Caller::Master => l.keys.values().flat_map(|k| k.models.clone()).collect(),
+    };
+    names.sort();
+    names.dedup();
+    let data: Vec<Value> = names
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 1677610602, "owned_by": "openai"}))
+        .collect();
+    axum::Json(json!({"data": data, "object": "list"})).into_response()
+}
+
 /// Fake Coder: `GET /api/v2/users/me` with `Coder-Session-Token`.
 async fn coder_me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let token = headers
@@ -1302,4 +1330,128 @@ async fn coder_me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
         )
             .into_response(),
     }
+}
+
+/// Which LiteLLM proxy a suite runs against: always this double, and the REAL proxy as well
+/// when `BOTCREDS_REAL_LITELLM_URL` (and `BOTCREDS_REAL_LITELLM_MASTER_KEY`) name one, as
+/// `tests/litellm-real/litellm_real.py start` prints. Checks that must hold on both go through
+/// LiteLLM's own API (`/key/list`, `/v1/models`); fault injection needs [`LitellmBackend::fake`].
+#[derive(Clone)]
+pub struct LitellmBackend {
+    /// `fake` or `real <version>`, for assertion messages.
+    pub label: String,
+    pub url: String,
+    pub master_key: String,
+    fake: Option<FakeLitellm>,
+}
+
+/// The environment variables naming a running real proxy.
+pub const REAL_URL_ENV: &str = "BOTCREDS_REAL_LITELLM_URL";
+pub const REAL_MASTER_KEY_ENV: &str = "BOTCREDS_REAL_LITELLM_MASTER_KEY";
+
+impl LitellmBackend {
+    pub fn of_fake(fake: &FakeLitellm) -> LitellmBackend {
+        LitellmBackend {
+            label: "fake".into(),
+            url: fake.base_url(),
+            master_key: fake.master_key().to_string(),
+            fake: Some(fake.clone()),
+        }
+    }
+
+    /// The real proxy named by the environment, if any. A URL without a master key is a broken
+    /// setup and panics with what to set.
+    pub fn real_from_env() -> Option<LitellmBackend> {
+        let url = std::env::var(REAL_URL_ENV).ok().filter(|u| !u.is_empty())?;
+        let master_key = std::env::var(REAL_MASTER_KEY_ENV)
+            .unwrap_or_else(|_| panic!("{REAL_URL_ENV} is set but {REAL_MASTER_KEY_ENV} is not"));
+        let version = std::env::var("BOTCREDS_REAL_LITELLM_VERSION").unwrap_or_default();
+        Some(LitellmBackend {
+            label: format!("real {version}").trim().to_string(),
+            url: url.trim_end_matches('/').to_string(),
+            master_key,
+            fake: None,
+        })
+    }
+
+    /// A fresh double, and the real proxy when the environment names one.
+    pub async fn all() -> Vec<LitellmBackend> {
+        let fake = FakeLitellm::start(FakeLitellmConfig::default()).await;
+        let mut out = vec![LitellmBackend::of_fake(&fake)];
+        out.extend(LitellmBackend::real_from_env());
+        out
+    }
+
+    /// The double, when this is it (for fault injection and call records).
+    pub fn fake(&self) -> Option<&FakeLitellm> {
+        self.fake.as_ref()
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.fake.is_none()
+    }
+
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("HTTP client")
+    }
+
+    /// `GET /v1/models` with `key`: the status and the model ids it may use. A deleted or
+    /// unknown key is 401 on both.
+    pub async fn models_of(&self, key: &str) -> (u16, Vec<String>) {
+        let r = Self::http()
+            .get(format!("{}/v1/models", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} LiteLLM unreachable: {e}", self.label));
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let mut ids: Vec<String> = body["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        (status, ids)
+    }
+
+    /// The stored key with this alias, as `/key/list?return_full_object=true` shows it
+    /// (`metadata`, `max_budget`, `budget_duration`, `key_type`, ...).
+    pub async fn key_by_alias(&self, alias: &str) -> Option<Value> {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/key/list", self.url),
+            &[
+                ("key_alias", alias),
+                ("return_full_object", "true"),
+                ("size", "100"),
+            ],
+        )
+        .expect("key list URL");
+        let r = Self::http()
+            .get(url)
+            .bearer_auth(&self.master_key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} LiteLLM unreachable: {e}", self.label));
+        assert_eq!(r.status().as_u16(), 200, "{}: /key/list", self.label);
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        body["keys"].as_array().and_then(|keys| {
+            keys.iter()
+                .find(|k| k["key_alias"].as_str() == Some(alias))
+                .cloned()
+        })
+    }
+}
+
+/// A short random tag for names in suites that may share one real proxy with other runs: its
+/// key aliases are unique across the proxy's keys.
+pub fn run_tag() -> String {
+    let n: u32 = rand::rng().random();
+    format!("{n:08x}")
 }
