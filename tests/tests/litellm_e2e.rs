@@ -1301,7 +1301,8 @@ async fn key_lifecycle_on_every_litellm_backend() {
 
         // A broker holding the wrong master key: LiteLLM's refusal of the credential is
         // litellm_auth_failed, told apart from a refused request.
-        let (wrong, _, _github, http) = world_on(&backend, &tag, "sk-not-the-master-key-0000").await;
+        let (wrong, _, _github, http) =
+            world_on(&backend, &tag, "sk-not-the-master-key-0000").await;
         let (status, body) = call(
             http.post(format!("{}/api/v1/keys/service", wrong.url))
                 .header("X-Provisioner-Secret", SECRET)
