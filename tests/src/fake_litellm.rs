@@ -15,6 +15,7 @@
 //! | `POST /v1/chat/completions`, `POST /chat/completions` | a live virtual key (or the master key) | 200; 401/403/422/429 per reference §10 |
 //! | `GET /v1/models`, `GET /models` | a live virtual key (or the master key) | 200 `{"data": [{"id", ...}], "object": "list"}`: the key's models |
 //! | `GET /api/v2/users/me` (fake Coder) | `Coder-Session-Token` | 200 `{"id", "username", ...}`; 401 |
+//! | `GET /api/v2/workspaces/{id}` (fake Coder) | `Coder-Session-Token` | 200 `{"id", "name", "owner_id", "owner_name", ...}`; 404; 401 |
 //!
 //! Authentication follows reference §1: the first of `x-litellm-api-key`, `Authorization`
 //! (`Bearer `/`bearer `/`Basic ` prefix, else 401 malformed), `API-Key`, `x-api-key`,
@@ -141,6 +142,8 @@ struct Ledger {
     /// (hash, minute) → requests in that minute.
     minute_counts: HashMap<(String, i64), u64>,
     coder_sessions: HashMap<String, (String, String)>,
+    /// Fake Coder workspaces by id: (name, owner id, owner name).
+    coder_workspaces: HashMap<String, (String, String, String)>,
 }
 
 struct Shared {
@@ -269,6 +272,7 @@ impl FakeLitellm {
                 skew_secs: 0,
                 minute_counts: HashMap::new(),
                 coder_sessions: HashMap::new(),
+                coder_workspaces: HashMap::new(),
             }),
         });
         let bound = SwitchableServer::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -287,6 +291,7 @@ impl FakeLitellm {
             .route("/v1/chat/completions", post(chat))
             .route("/chat/completions", post(chat))
             .route("/api/v2/users/me", get(coder_me))
+            .route("/api/v2/workspaces/{id}", get(coder_workspace))
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
         let server = bound.serve(router);
@@ -396,6 +401,19 @@ impl FakeLitellm {
             .lock()
             .coder_sessions
             .insert(token.to_string(), (id.to_string(), username.to_string()));
+    }
+
+    /// Fake Coder: a workspace `GET /api/v2/workspaces/{id}` answers (to any session token
+    /// added with [`FakeLitellm::add_coder_session`]).
+    pub fn add_coder_workspace(&self, id: &str, name: &str, owner_id: &str, owner_name: &str) {
+        self.inner.shared.lock().coder_workspaces.insert(
+            id.to_string(),
+            (
+                name.to_string(),
+                owner_id.to_string(),
+                owner_name.to_string(),
+            ),
+        );
     }
 
     /// Takes the fake down (connections refused) or brings it back on the same port.
@@ -1303,6 +1321,41 @@ async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         .map(|m| json!({"id": m, "object": "model", "created": 1677610602, "owned_by": "openai"}))
         .collect();
     axum::Json(json!({"data": data, "object": "list"})).into_response()
+}
+
+/// Fake Coder: `GET /api/v2/workspaces/{id}` with `Coder-Session-Token` (codersdk's
+/// `Workspace`, the fields a broker reads); 404 for an unknown id, 401 without a session.
+async fn coder_workspace(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get("coder-session-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let l = shared.lock();
+    if !l.coder_sessions.contains_key(token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"message": "You must be logged in to use this resource."})),
+        )
+            .into_response();
+    }
+    match l.coder_workspaces.get(&id) {
+        Some((name, owner_id, owner_name)) => axum::Json(json!({
+            "id": id, "name": name, "owner_id": owner_id, "owner_name": owner_name,
+            "template_name": "docker", "outdated": false
+        }))
+        .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(
+                json!({"message": "Resource not found or you do not have access to this resource"}),
+            ),
+        )
+            .into_response(),
+    }
 }
 
 /// Fake Coder: `GET /api/v2/users/me` with `Coder-Session-Token`.

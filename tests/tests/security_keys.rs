@@ -385,3 +385,101 @@ async fn long_bot_names_keep_distinct_key_names() {
         assert!(n.len() <= 128 && n.ends_with(".agent-review"), "{n}");
     }
 }
+
+/// With a Coder token configured, a workspace key is made only for a workspace Coder knows, with
+/// the name and owner Coder gives it; nothing is minted otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn workspace_keys_are_only_for_workspaces_coder_confirms() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let litellm = FakeLitellm::start(FakeLitellmConfig::default()).await;
+    litellm.add_coder_session("coder-admin-token-0123456789", "usr-admin", "admin");
+    litellm.add_coder_workspace("ws-real", "alpha", "usr-alice", "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("coder.token");
+    std::fs::write(&token_file, "coder-admin-token-0123456789\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let broker = BrokerBuilder::new(&policy())
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("ws-a", A_KEY)
+        .litellm(&litellm.base_url(), litellm.master_key(), "")
+        .toml(&format!(
+            "[coder]\nurl = \"{}\"\ntoken_file = \"{}\"\n",
+            litellm.base_url(),
+            token_file.display()
+        ))
+        .env("BOTCREDS_PROVISIONER_SECRET", SECRET)
+        .start()
+        .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ask = |id: &str, name: &str, user: &str, user_id: &str| {
+        json!({"kind": "litellm_key", "scope": "workspace", "workspace":
+            {"workspace_id": id, "workspace_name": name, "coder_user": user, "coder_user_id": user_id}})
+    };
+    let rows = [
+        (
+            "unknown workspace",
+            ask("ws-none", "alpha", "alice", "usr-alice"),
+            400,
+            "invalid_workspace",
+        ),
+        (
+            "another name",
+            ask("ws-real", "beta", "alice", "usr-alice"),
+            400,
+            "invalid_workspace",
+        ),
+        (
+            "another owner",
+            ask("ws-real", "alpha", "mallory", "usr-mallory"),
+            400,
+            "invalid_workspace",
+        ),
+        (
+            "another owner id",
+            ask("ws-real", "alpha", "alice", "usr-mallory"),
+            400,
+            "invalid_workspace",
+        ),
+    ];
+    for (what, body, status, code) in rows {
+        let (got, answer) = call(
+            http.post(format!("{}/v1/credentials", broker.url))
+                .bearer_auth(A_KEY)
+                .json(&body),
+        )
+        .await;
+        assert_eq!(
+            (got, error_of(&answer).as_str()),
+            (status, code),
+            "{what}: {answer}"
+        );
+        assert!(litellm.live_keys().is_empty(), "{what}: nothing minted");
+    }
+    // The same through the provisioner route.
+    let (got, answer) = call(
+        http.post(format!("{}/api/v1/keys/workspace", broker.url))
+            .header("X-Provisioner-Secret", SECRET)
+            .json(&ask("ws-none", "alpha", "alice", "usr-alice")["workspace"]),
+    )
+    .await;
+    assert_eq!(
+        (got, error_of(&answer).as_str()),
+        (400, "invalid workspace"),
+        "{answer}"
+    );
+    assert!(litellm.live_keys().is_empty());
+    // The workspace as Coder has it.
+    let (got, answer) = call(
+        http.post(format!("{}/v1/credentials", broker.url))
+            .bearer_auth(A_KEY)
+            .json(&ask("ws-real", "alpha", "alice", "usr-alice")),
+    )
+    .await;
+    assert_eq!(got, 200, "{answer}");
+    assert_eq!(litellm.live_keys().len(), 1);
+}

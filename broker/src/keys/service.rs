@@ -323,6 +323,7 @@ impl KeyService {
         rejected: Option<String>,
         preamble: Vec<AuditEvent>,
     ) -> Result<IssuedLitellmKey, ApiError> {
+        self.confirm_workspace(&info).await?;
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let records = self.records()?;
@@ -384,6 +385,31 @@ impl KeyService {
             reason: None,
         })
         .await
+    }
+
+    /// With a Coder token configured, the workspace must exist in Coder with this name and
+    /// owner; the request's word alone names no workspace.
+    async fn confirm_workspace(&self, info: &WorkspaceInfo) -> Result<(), ApiError> {
+        let Some(coder) = self.coder.as_ref().filter(|c| c.confirms_workspaces()) else {
+            return Ok(());
+        };
+        let refuse = |why: String| Err(ApiError::new(ErrorCode::InvalidWorkspace, why));
+        let id: String = info.workspace_id.chars().take(128).collect();
+        match coder.workspace(&info.workspace_id).await? {
+            None => refuse(format!("Coder knows no workspace {id:?}")),
+            Some(w) if w.name != info.workspace_name => refuse(format!(
+                "Coder's workspace {id:?} is not named {:?}",
+                info.workspace_name.chars().take(128).collect::<String>()
+            )),
+            Some(w) if w.owner_name != info.coder_user || w.owner_id != info.coder_user_id => {
+                refuse(format!(
+                    "Coder's workspace {id:?} is not owned by {:?} ({:?})",
+                    info.coder_user.chars().take(128).collect::<String>(),
+                    info.coder_user_id.chars().take(128).collect::<String>()
+                ))
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     async fn issue_locked(&self, ask: KeyAsk) -> Result<IssuedLitellmKey, ApiError> {
