@@ -67,10 +67,20 @@ impl KeyRecord {
     /// The key's holder: `bot:<name>`, `node:<stable id>`, `provisioner`, `coder:<user id>`,
     /// `user:<login>` or (older records) the caller as described then.
     pub fn owner_id(&self) -> String {
-        match (&self.owner, &self.bot) {
-            (Some(o), _) => o.clone(),
-            (None, Some(b)) => format!("bot:{b}"),
-            (None, None) => self.caller.clone(),
+        if let Some(o) = &self.owner {
+            return o.clone();
+        }
+        // Records written before holders were stored: the holder the same request makes now.
+        if let Some(b) = &self.bot {
+            return format!("bot:{b}");
+        }
+        match (self.scope.as_str(), &self.coder_user_id, &self.coder_user) {
+            ("user", Some(id), _) => format!("coder:{id}"),
+            ("user", None, Some(login)) => format!("user:{login}"),
+            ("workspace", _, _) if self.created_by == super::service::KEY_PROVISIONER => {
+                "provisioner".to_string()
+            }
+            _ => self.caller.clone(),
         }
     }
 

@@ -881,3 +881,43 @@ async fn keys_of_other_holders_are_never_handed_out_rotated_or_replaced() {
         );
     }
 }
+
+/// Records written before holders were stored still belong to the holder the same request
+/// names now: a user asking again after an upgrade rotates their own key.
+#[tokio::test]
+async fn records_without_a_stored_holder_keep_their_holder() {
+    let w = World::new();
+    let user = Origin {
+        created_by: "dev".into(),
+        caller: "coder:dev".into(),
+        owner: "coder:usr-dev".into(),
+        coder_user: Some("dev".into()),
+        coder_user_id: Some("usr-dev".into()),
+        ..Default::default()
+    };
+    let first = w
+        .keys
+        .issue(KeyAsk {
+            origin: user.clone(),
+            ..ask("user", "dev-cli", OnExisting::Rotate)
+        })
+        .await
+        .unwrap();
+    // As an older broker wrote it: no `owner`.
+    let id = first.record.credential_id.clone();
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&w.store.get_doc(NAMESPACE, &id).unwrap().unwrap()).unwrap();
+    doc.as_object_mut().unwrap().remove("owner");
+    w.store
+        .put_doc(NAMESPACE, &id, &serde_json::to_vec(&doc).unwrap())
+        .unwrap();
+    let again = w
+        .keys
+        .issue(KeyAsk {
+            origin: user,
+            ..ask("user", "dev-cli", OnExisting::Rotate)
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.replaced.as_deref(), Some(id.as_str()));
+}
