@@ -1063,6 +1063,7 @@ bots:
   rb-{tag}:
     identity: {{ type: api_key }}
     auto_approve: [{{ litellm_scope: "agent:review" }}, {{ litellm_scope: workspace }}]
+    requires_approval: [{{ litellm_scope: ci }}]
   ob-{tag}:
     identity: {{ type: api_key }}
     auto_approve: [{{ litellm_scope: workspace }}]
@@ -1287,8 +1288,86 @@ async fn key_lifecycle_on_every_litellm_backend() {
             "{b}"
         );
 
+        // A key that needs a human: approved with `botcreds approve`, then answered to the bot.
+        let (status, pending) = call(
+            http.post(url("/v1/credentials"))
+                .bearer_auth(REVIEW_KEY)
+                .json(&json!({"kind": "litellm_key", "scope": "ci"})),
+        )
+        .await;
+        assert_eq!(status, 202, "{b}: {pending}");
+        let id = pending["request_id"].as_str().unwrap().to_string();
+        let cli = |args: Vec<String>| {
+            let broker_url = broker.url.clone();
+            async move {
+                let out = tokio::process::Command::new(binary("botcreds"))
+                    .args(&args)
+                    .env("BOTCREDS_BROKER", broker_url)
+                    .env("BOTCREDS_API_KEY", OPS_KEY)
+                    .stdin(Stdio::null())
+                    .output()
+                    .await
+                    .expect("running botcreds");
+                (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                )
+            }
+        };
+        let (code, out) = cli(vec!["approve".into(), id.clone()]).await;
+        assert_eq!(code, 0, "{b}: {out}");
+        let (status, approved) = call(
+            http.get(url(&format!("/v1/requests/{id}")))
+                .bearer_auth(REVIEW_KEY),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {approved}");
+        let ci_key = approved["key"].as_str().unwrap().to_string();
+        assert_eq!(
+            backend.models_of(&ci_key).await,
+            (200, vec![HAIKU.to_string()]),
+            "{b}"
+        );
+
+        // `botcreds keys`: create, rotate, revoke, each reaching LiteLLM.
+        let cli_name = format!("cli-{tag}");
+        let (code, out) = cli([
+            "keys", "create", "ci", "--name", &cli_name, "--budget", "3", "--json",
+        ]
+        .map(String::from)
+        .to_vec())
+        .await;
+        assert_eq!(code, 0, "{b}: {out}");
+        let created: Value = serde_json::from_str(&out).unwrap();
+        let first = created["key"].as_str().unwrap().to_string();
+        assert_eq!(backend.models_of(&first).await.0, 200, "{b}");
+        let row = backend
+            .key_by_alias(&cli_name)
+            .await
+            .expect("cli key in LiteLLM");
+        assert_eq!(row["max_budget"], 3.0, "{b}: {row}");
+        let (code, out) = cli(["keys", "rotate", "--name", &cli_name, "--json"]
+            .map(String::from)
+            .to_vec())
+        .await;
+        assert_eq!(code, 0, "{b}: {out}");
+        let second: Value = serde_json::from_str(&out).unwrap();
+        let second = second["key"].as_str().unwrap().to_string();
+        assert_eq!(backend.models_of(&first).await.0, 401, "{b}");
+        assert_eq!(backend.models_of(&second).await.0, 200, "{b}");
+        let (code, out) = cli(["keys", "revoke", "--name", &cli_name]
+            .map(String::from)
+            .to_vec())
+        .await;
+        assert_eq!(code, 0, "{b}: {out}");
+        assert_eq!(backend.models_of(&second).await.0, 401, "{b}");
+
         // Clean up what lives on, so a real proxy shared by later runs holds nothing of ours.
-        for name in [ws_name.clone(), format!("{user}-cli")] {
+        for name in [
+            ws_name.clone(),
+            format!("{user}-cli"),
+            format!("rb-{tag}.ci"),
+        ] {
             let (status, body) = call(
                 http.delete(url(&format!("/v1/keys/{name}")))
                     .bearer_auth(OPS_KEY),
