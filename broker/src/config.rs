@@ -532,7 +532,8 @@ impl Config {
         };
         let coder = match &raw.coder {
             Some(c) => Some(
-                crate::keys::config::CoderConfig::from_raw(c).map_err(|(k, m)| invalid(&k, m))?,
+                crate::keys::config::CoderConfig::from_raw(c, base)
+                    .map_err(|(k, m)| invalid(&k, m))?,
             ),
             None => None,
         };

@@ -1,4 +1,4 @@
-//! A faithful double of the LiteLLM proxy's virtual-key management API (litellm 1.109.1, per
+//! A faithful double of the LiteLLM proxy's virtual-key management API (litellm 1.106.2, per
 //! `../shared/reference/litellm-keys.md` and `tests/fixtures/litellm/`), with a chat completion
 //! endpoint that only live virtual keys may call, and a tiny stand-in for Coder's
 //! `GET /api/v2/users/me` so the broker's session-token check can be exercised.
@@ -13,13 +13,25 @@
 //! | `GET /key/list` (`page`, `size`, `key_alias`, `return_full_object`) | master key | 200 `{"keys", "total_count", "current_page", "total_pages"}` |
 //! | `POST /key/regenerate`, `POST /key/{key}/regenerate` | master key | 200 with the new key when [`FakeLitellmConfig::enterprise`]; else 500 "Enterprise feature" |
 //! | `POST /v1/chat/completions`, `POST /chat/completions` | a live virtual key (or the master key) | 200; 401/403/422/429 per reference §10 |
+//! | `GET /v1/models`, `GET /models` | a live virtual key (or the master key) | 200 `{"data": [{"id", ...}], "object": "list"}`: the key's models |
 //! | `GET /api/v2/users/me` (fake Coder) | `Coder-Session-Token` | 200 `{"id", "username", ...}`; 401 |
+//! | `GET /api/v2/workspaces/{id}` (fake Coder) | `Coder-Session-Token` | 200 `{"id", "name", "owner_id", "owner_name", ...}`; 404; 401 |
 //!
 //! Authentication follows reference §1: the first of `x-litellm-api-key`, `Authorization`
 //! (`Bearer `/`bearer `/`Basic ` prefix, else 401 malformed), `API-Key`, `x-api-key`,
-//! `x-goog-api-key`, `Ocp-Apim-Subscription-Key`. A virtual key (`llm_api`) on a management
-//! route gets 403 `error-403-route-not-allowed.json`. Keys are stored by SHA-256 hash; a value
-//! starting with `sk-` is hashed, anything else is taken as a hash. All successes are 200.
+//! `x-goog-api-key`, `Ocp-Apim-Subscription-Key`. Route checks follow LiteLLM 1.106.2's
+//! `route_checks.py`: `key_type` (`llm_api`, `management`, `read_only`, `default`; anything
+//! else 422) sets the key's `allowed_routes`; an `llm_api` key on a management route gets 403
+//! `error-403-route-not-allowed.json` (FastAPI's `{"detail"}` form), and any other virtual key
+//! may only read `/key/info` of keys of its own user (other management routes: 401 "Only proxy
+//! admin can be used ..."). Keys are
+//! stored by SHA-256 hash; a value starting with `sk-` is hashed, anything else is taken as a
+//! hash. All successes are 200.
+//!
+//! Before authentication every proxy route refuses a body carrying one of LiteLLM's banned
+//! client-side parameters (`fixtures/litellm/banned-request-body-params.json`, e.g.
+//! `workspace_id`, `api_base`) anywhere in it, with the real proxy's 401 "Rejected Request:
+//! <param> is not allowed in request body".
 //!
 //! Every request is recorded ([`FakeLitellm::calls`]) with the kind of credential it carried,
 //! never the credential itself.
@@ -108,6 +120,8 @@ pub struct KeyRow {
     pub tpm_limit: Option<u64>,
     pub max_parallel_requests: Option<u64>,
     pub key_type: String,
+    /// What `key_type` allows (LiteLLM's `allowed_routes`): `["llm_api_routes"]` for `llm_api`.
+    pub allowed_routes: Vec<String>,
     pub team_id: Option<String>,
     pub user_id: Option<String>,
     pub metadata: Value,
@@ -128,6 +142,8 @@ struct Ledger {
     /// (hash, minute) → requests in that minute.
     minute_counts: HashMap<(String, i64), u64>,
     coder_sessions: HashMap<String, (String, String)>,
+    /// Fake Coder workspaces by id: (name, owner id, owner name).
+    coder_workspaces: HashMap<String, (String, String, String)>,
 }
 
 struct Shared {
@@ -256,6 +272,7 @@ impl FakeLitellm {
                 skew_secs: 0,
                 minute_counts: HashMap::new(),
                 coder_sessions: HashMap::new(),
+                coder_workspaces: HashMap::new(),
             }),
         });
         let bound = SwitchableServer::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -269,9 +286,12 @@ impl FakeLitellm {
             .route("/key/list", get(list))
             .route("/key/regenerate", post(regenerate_body))
             .route("/key/{*rest}", post(regenerate_path))
+            .route("/v1/models", get(models))
+            .route("/models", get(models))
             .route("/v1/chat/completions", post(chat))
             .route("/chat/completions", post(chat))
             .route("/api/v2/users/me", get(coder_me))
+            .route("/api/v2/workspaces/{id}", get(coder_workspace))
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
         let server = bound.serve(router);
@@ -364,7 +384,7 @@ impl FakeLitellm {
     }
 
     /// Answers the next `n` requests (any path, before authentication) with `status` and a
-    /// proxy error body.
+    /// proxy error body (for 401/403 the real proxy's refusal of the credential).
     pub fn fail_next(&self, n: u32, status: u16) {
         let mut l = self.inner.shared.lock();
         l.fail_next = n;
@@ -392,6 +412,19 @@ impl FakeLitellm {
             .lock()
             .coder_sessions
             .insert(token.to_string(), (id.to_string(), username.to_string()));
+    }
+
+    /// Fake Coder: a workspace `GET /api/v2/workspaces/{id}` answers (to any session token
+    /// added with [`FakeLitellm::add_coder_session`]).
+    pub fn add_coder_workspace(&self, id: &str, name: &str, owner_id: &str, owner_name: &str) {
+        self.inner.shared.lock().coder_workspaces.insert(
+            id.to_string(),
+            (
+                name.to_string(),
+                owner_id.to_string(),
+                owner_name.to_string(),
+            ),
+        );
     }
 
     /// Takes the fake down (connections refused) or brings it back on the same port.
@@ -467,7 +500,19 @@ async fn record(
         }
     };
     if let Some(status) = failing {
-        return proxy_error(status, "injected failure", "internal_server_error", None);
+        // A 401/403 is LiteLLM refusing the credential, as the real proxy words it.
+        return match status {
+            401 => fixture_response(401, "error-401-invalid-key.json"),
+            403 => fixture_response(403, "error-403-route-not-allowed.json"),
+            _ => proxy_error(status, "injected failure", "internal_server_error", None),
+        };
+    }
+    // Every proxy route checks the body before authenticating; the fake Coder does not.
+    if !parts.uri.path().starts_with("/api/v2/")
+        && let Ok(body) = serde_json::from_slice::<Value>(&bytes)
+        && let Some(param) = banned_param_in(&body)
+    {
+        return banned_param_refusal(&param);
     }
     next.run(axum::extract::Request::from_parts(
         parts,
@@ -551,19 +596,140 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Caller, Response
     Ok(Caller::Virtual(hash))
 }
 
-fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<(), Response> {
-    match authenticate(shared, headers)? {
-        Caller::Master => Ok(()),
-        Caller::Virtual(_) => Err(proxy_error(
-            403,
-            &format!(
-                "Virtual key is not allowed to call this route. Only allowed to call routes: \
-                 ['llm_api_routes']. Tried to call route: {route}"
-            ),
-            "auth_error",
-            None,
-        )),
+/// The routes a key of this `key_type` may call (LiteLLM's `handle_key_type`); `Err` for a
+/// value that is not one of LiteLLM's `LiteLLMKeyType`s (a 422 there).
+fn allowed_routes_for(key_type: Option<&Value>) -> Result<Vec<String>, Response> {
+    let routes = |r: &str| Ok(vec![r.to_string()]);
+    match key_type {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(t)) => match t.as_str() {
+            "llm_api" => routes("llm_api_routes"),
+            "management" => routes("management_routes"),
+            "read_only" => routes("info_routes"),
+            "default" => Ok(Vec::new()),
+            _ => Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(
+                    json!({"detail": [{"type": "enum", "loc": ["body", "key_type"],
+                    "msg": "Input should be 'llm_api', 'management', 'read_only' or 'default'"}]}),
+                ),
+            )
+                .into_response()),
+        },
+        Some(_) => Err(validation_error("key_type: Input should be a valid string")),
     }
+}
+
+/// Python's `repr` of a list of strings, as LiteLLM's messages show `allowed_routes`.
+fn py_list(items: &[String]) -> String {
+    let inner: Vec<String> = items.iter().map(|i| format!("'{i}'")).collect();
+    format!("[{}]", inner.join(", "))
+}
+
+/// LiteLLM's route checks for a management route (`route_checks.py`): the master key passes.
+/// A virtual key must first be allowed the route by its `allowed_routes` (from `key_type`:
+/// an `llm_api` key gets 403 "Virtual key is not allowed to call this route"); then, having no
+/// proxy-admin role, it may only read info routes (`/key/info`, for its own key — checked by
+/// the handler), and anything else is LiteLLM's 401 "Only proxy admin can be used ...".
+fn management(shared: &Shared, headers: &HeaderMap, route: &str) -> Result<Caller, Response> {
+    let caller = authenticate(shared, headers)?;
+    let Caller::Virtual(hash) = &caller else {
+        return Ok(caller);
+    };
+    let allowed = shared
+        .lock()
+        .keys
+        .get(hash)
+        .map(|k| k.allowed_routes.clone())
+        .unwrap_or_default();
+    let info_route = route == "/key/info";
+    if !allowed.is_empty() {
+        let ok = allowed
+            .iter()
+            .any(|a| a == route || a == "management_routes" || (a == "info_routes" && info_route));
+        if !ok {
+            // A bare FastAPI HTTPException here: `{"detail": "..."}`, not the error envelope.
+            return Err((
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"detail": format!(
+                    "Virtual key is not allowed to call this route. Only allowed to call routes: \
+                     {}. Tried to call route: {route}",
+                    py_list(&allowed)
+                )})),
+            )
+                .into_response());
+        }
+    }
+    if info_route {
+        return Ok(caller);
+    }
+    Err(proxy_error(
+        401,
+        &format!(
+            "Authentication Error, Only proxy admin can be used to generate, delete, update info \
+             for new keys/users/teams. Route={route}. Your role=unknown. Your user_id=*******"
+        ),
+        "auth_error",
+        Some("None"),
+    ))
+}
+
+/// LiteLLM's client-side parameters that no request body may carry
+/// (`tests/fixtures/litellm/banned-request-body-params.json`, read from the real proxy's
+/// `auth_utils.py`).
+fn banned_params() -> &'static std::collections::HashSet<String> {
+    static BANNED: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    BANNED.get_or_init(|| {
+        let v = fixtures::json("litellm/banned-request-body-params.json");
+        v["params"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The first banned parameter anywhere in `v`, at any depth. The real proxy looks at the root,
+/// `metadata`, `litellm_metadata`, `extra_body`, `litellm_embedding_config`, fallbacks and
+/// `litellm_params.metadata` (also JSON text in those places); the double refuses a banned name
+/// wherever it is, which is stricter and so catches every body the real one refuses.
+fn banned_param_in(v: &Value) -> Option<String> {
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, v)| {
+            if banned_params().contains(k) {
+                Some(k.clone())
+            } else {
+                banned_param_in(v)
+            }
+        }),
+        Value::Array(a) => a.iter().find_map(banned_param_in),
+        Value::String(s) if s.trim_start().starts_with('{') => serde_json::from_str::<Value>(s)
+            .ok()
+            .and_then(|inner| banned_param_in(&inner)),
+        _ => None,
+    }
+}
+
+/// LiteLLM's answer to a banned parameter: `is_request_body_safe` raises a `ValueError` before
+/// any authentication, which the auth handler turns into a 401 `auth_error`.
+fn banned_param_refusal(param: &str) -> Response {
+    proxy_error(
+        401,
+        &format!(
+            "Authentication Error, Rejected Request: {param} is not allowed in request body. \
+             Clientside passthrough requires explicit admin opt-in via either \
+             `general_settings.allow_client_side_credentials = true` (proxy-wide) or \
+             `configurable_clientside_auth_params` on the deployment in your proxy config.yaml. \
+             Relevant Issue: https://huntr.com/bounties/4001e1a2-7b7a-4776-a3ae-e6692ec3d997"
+        ),
+        "auth_error",
+        Some("None"),
+    )
 }
 
 fn json_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Response> {
@@ -603,14 +769,7 @@ fn row_json(k: &KeyRow) -> serde_json::Map<String, Value> {
     m.insert("rpm_limit".into(), json!(k.rpm_limit));
     m.insert("max_budget".into(), json!(k.max_budget));
     m.insert("budget_duration".into(), json!(k.budget_duration));
-    m.insert(
-        "allowed_routes".into(),
-        json!(if k.key_type == "llm_api" {
-            vec!["llm_api_routes"]
-        } else {
-            vec![]
-        }),
-    );
+    m.insert("allowed_routes".into(), json!(k.allowed_routes));
     m.insert("key_type".into(), json!(k.key_type));
     m.insert("created_at".into(), json!(iso(k.created_at)));
     m.insert("created_by".into(), json!("default_user_id"));
@@ -643,6 +802,10 @@ async fn generate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
     }
     let b = match json_object(&body) {
         Ok(b) => b,
+        Err(r) => return r,
+    };
+    let allowed_routes = match allowed_routes_for(b.get("key_type")) {
+        Ok(r) => r,
         Err(r) => return r,
     };
     let tags_set = b
@@ -746,6 +909,7 @@ async fn generate(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             .and_then(Value::as_str)
             .unwrap_or("default")
             .to_string(),
+        allowed_routes,
         team_id: b.get("team_id").and_then(Value::as_str).map(str::to_string),
         user_id: b.get("user_id").and_then(Value::as_str).map(str::to_string),
         metadata: b
@@ -895,14 +1059,31 @@ async fn info(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = management(&shared, &headers, "/key/info") {
-        return r;
-    }
-    let Some(sent) = q.get("key").cloned() else {
-        return validation_error("key is required when calling /key/info with the master key");
+    let caller = match management(&shared, &headers, "/key/info") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let sent = match (q.get("key").cloned(), &caller) {
+        (Some(k), _) => k,
+        (None, Caller::Virtual(own)) => own.clone(),
+        (None, Caller::Master) => {
+            return validation_error("key is required when calling /key/info with the master key");
+        }
     };
     let l = shared.lock();
     let hash = hash_token(&sent);
+    // A virtual key reads the info of keys of its own user (keys without a user share None).
+    if let Caller::Virtual(own) = &caller
+        && let Some(target) = l.keys.get(&hash)
+        && l.keys.get(own).map(|k| &k.user_id) != Some(&target.user_id)
+    {
+        return proxy_error(
+            403,
+            "You are not allowed to access this key's info. Your role=unknown",
+            "auth_error",
+            None,
+        );
+    }
     let now = now_of(&l);
     let (row, status) = match (l.keys.get(&hash), l.deleted.get(&hash)) {
         (Some(k), _) if k.blocked => (k, "revoked"),
@@ -1133,6 +1314,66 @@ async fn chat(
     .into_response()
 }
 
+/// `GET /v1/models`: the models the calling key may use (the master key: every model some key
+/// names), in OpenAI's list shape, as the real proxy answers a virtual key.
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let caller = match authenticate(&shared, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let l = shared.lock();
+    let mut names: Vec<String> = match caller {
+        Caller::Virtual(hash) => l
+            .keys
+            .get(&hash)
+            .map(|k| k.models.clone())
+            .unwrap_or_default(),
+        Caller::Master => l.keys.values().flat_map(|k| k.models.clone()).collect(),
+    };
+    names.sort();
+    names.dedup();
+    let data: Vec<Value> = names
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 1677610602, "owned_by": "openai"}))
+        .collect();
+    axum::Json(json!({"data": data, "object": "list"})).into_response()
+}
+
+/// Fake Coder: `GET /api/v2/workspaces/{id}` with `Coder-Session-Token` (codersdk's
+/// `Workspace`, the fields a broker reads); 404 for an unknown id, 401 without a session.
+async fn coder_workspace(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get("coder-session-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let l = shared.lock();
+    if !l.coder_sessions.contains_key(token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"message": "You must be logged in to use this resource."})),
+        )
+            .into_response();
+    }
+    match l.coder_workspaces.get(&id) {
+        Some((name, owner_id, owner_name)) => axum::Json(json!({
+            "id": id, "name": name, "owner_id": owner_id, "owner_name": owner_name,
+            "template_name": "docker", "outdated": false
+        }))
+        .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(
+                json!({"message": "Resource not found or you do not have access to this resource"}),
+            ),
+        )
+            .into_response(),
+    }
+}
+
 /// Fake Coder: `GET /api/v2/users/me` with `Coder-Session-Token`.
 async fn coder_me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let token = headers
@@ -1158,4 +1399,128 @@ async fn coder_me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
         )
             .into_response(),
     }
+}
+
+/// Which LiteLLM proxy a suite runs against: always this double, and the REAL proxy as well
+/// when `BOTCREDS_REAL_LITELLM_URL` (and `BOTCREDS_REAL_LITELLM_MASTER_KEY`) name one, as
+/// `tests/litellm-real/litellm_real.py start` prints. Checks that must hold on both go through
+/// LiteLLM's own API (`/key/list`, `/v1/models`); fault injection needs [`LitellmBackend::fake`].
+#[derive(Clone)]
+pub struct LitellmBackend {
+    /// `fake` or `real <version>`, for assertion messages.
+    pub label: String,
+    pub url: String,
+    pub master_key: String,
+    fake: Option<FakeLitellm>,
+}
+
+/// The environment variables naming a running real proxy.
+pub const REAL_URL_ENV: &str = "BOTCREDS_REAL_LITELLM_URL";
+pub const REAL_MASTER_KEY_ENV: &str = "BOTCREDS_REAL_LITELLM_MASTER_KEY";
+
+impl LitellmBackend {
+    pub fn of_fake(fake: &FakeLitellm) -> LitellmBackend {
+        LitellmBackend {
+            label: "fake".into(),
+            url: fake.base_url(),
+            master_key: fake.master_key().to_string(),
+            fake: Some(fake.clone()),
+        }
+    }
+
+    /// The real proxy named by the environment, if any. A URL without a master key is a broken
+    /// setup and panics with what to set.
+    pub fn real_from_env() -> Option<LitellmBackend> {
+        let url = std::env::var(REAL_URL_ENV).ok().filter(|u| !u.is_empty())?;
+        let master_key = std::env::var(REAL_MASTER_KEY_ENV)
+            .unwrap_or_else(|_| panic!("{REAL_URL_ENV} is set but {REAL_MASTER_KEY_ENV} is not"));
+        let version = std::env::var("BOTCREDS_REAL_LITELLM_VERSION").unwrap_or_default();
+        Some(LitellmBackend {
+            label: format!("real {version}").trim().to_string(),
+            url: url.trim_end_matches('/').to_string(),
+            master_key,
+            fake: None,
+        })
+    }
+
+    /// A fresh double, and the real proxy when the environment names one.
+    pub async fn all() -> Vec<LitellmBackend> {
+        let fake = FakeLitellm::start(FakeLitellmConfig::default()).await;
+        let mut out = vec![LitellmBackend::of_fake(&fake)];
+        out.extend(LitellmBackend::real_from_env());
+        out
+    }
+
+    /// The double, when this is it (for fault injection and call records).
+    pub fn fake(&self) -> Option<&FakeLitellm> {
+        self.fake.as_ref()
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.fake.is_none()
+    }
+
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("HTTP client")
+    }
+
+    /// `GET /v1/models` with `key`: the status and the model ids it may use. A deleted or
+    /// unknown key is 401 on both.
+    pub async fn models_of(&self, key: &str) -> (u16, Vec<String>) {
+        let r = Self::http()
+            .get(format!("{}/v1/models", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} LiteLLM unreachable: {e}", self.label));
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let mut ids: Vec<String> = body["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        (status, ids)
+    }
+
+    /// The stored key with this alias, as `/key/list?return_full_object=true` shows it
+    /// (`metadata`, `max_budget`, `budget_duration`, `key_type`, ...).
+    pub async fn key_by_alias(&self, alias: &str) -> Option<Value> {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/key/list", self.url),
+            &[
+                ("key_alias", alias),
+                ("return_full_object", "true"),
+                ("size", "100"),
+            ],
+        )
+        .expect("key list URL");
+        let r = Self::http()
+            .get(url)
+            .bearer_auth(&self.master_key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} LiteLLM unreachable: {e}", self.label));
+        assert_eq!(r.status().as_u16(), 200, "{}: /key/list", self.label);
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        body["keys"].as_array().and_then(|keys| {
+            keys.iter()
+                .find(|k| k["key_alias"].as_str() == Some(alias))
+                .cloned()
+        })
+    }
+}
+
+/// A short random tag for names in suites that may share one real proxy with other runs: its
+/// key aliases are unique across the proxy's keys.
+pub fn run_tag() -> String {
+    let n: u32 = rand::rng().random();
+    format!("{n:08x}")
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use botcreds_tests::agent::{AgentBuilder, AgentHome, AgentProcess};
 use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary, client_from};
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
-use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig};
+use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig, LitellmBackend, run_tag};
 use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
 use serde_json::{Value, json};
 
@@ -37,20 +37,25 @@ const WAIT: Duration = Duration::from_secs(60);
 /// For waits that include a key reaching its refresh time (30 s after issue here).
 const REFRESH_WAIT: Duration = Duration::from_secs(180);
 
-const WORKSPACE: &str = r#"
+/// The agent's workspace section; `tag` keeps names apart on a real proxy shared by runs.
+fn workspace(tag: &str) -> String {
+    format!(
+        r#"
 [litellm.workspace]
-workspace_id = "ws-abc123"
-workspace_name = "contractor-alice"
+workspace_id = "ws-{tag}"
+workspace_name = "contractor-{tag}"
 coder_user = "alice"
 coder_user_id = "usr-def456"
-"#;
+"#
+    )
+}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 struct World {
-    litellm: FakeLitellm,
+    backend: LitellmBackend,
     /// The broker refuses to start without a GitHub App; no token is asked for here.
     _github: FakeGithub,
     _tailscaled: FakeTailscaled,
@@ -59,8 +64,13 @@ struct World {
 
 impl World {
     async fn new() -> World {
+        let fake = FakeLitellm::start(FakeLitellmConfig::default()).await;
+        World::on(LitellmBackend::of_fake(&fake)).await
+    }
+
+    /// A world whose broker uses `backend` as its LiteLLM proxy.
+    async fn on(backend: LitellmBackend) -> World {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let litellm = FakeLitellm::start(FakeLitellmConfig::default()).await;
         let github = FakeGithub::start(FakeGithubConfig::default()).await;
         let tailscaled = FakeTailscaled::start().await;
         tailscaled.add_node(
@@ -74,21 +84,27 @@ impl World {
         let broker = BrokerBuilder::new(POLICY)
             .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
             .tailscaled(tailscaled.socket_path())
-            .litellm(
-                &litellm.base_url(),
-                litellm.master_key(),
-                "sweep_interval = \"1s\"",
-            )
+            .litellm(&backend.url, &backend.master_key, "sweep_interval = \"1s\"")
             // Short-lived ci keys, so that a refresh comes within the test.
             .toml("[litellm.scopes.ci]\nlifetime = \"150s\"\n\n[admin]\ntags = [\"tag:admin\"]\n")
             .start()
             .await;
         World {
-            litellm,
+            backend,
             _github: github,
             _tailscaled: tailscaled,
             broker: Some(broker),
         }
+    }
+
+    /// The double, in cases that need its knobs or records (fake-only cases).
+    fn litellm(&self) -> &FakeLitellm {
+        self.backend.fake().expect("a fake-only case")
+    }
+
+    /// Whether LiteLLM accepts `key` (`/v1/models`): 200, or 401 for a deleted key.
+    async fn key_status(&self, key: &str) -> u16 {
+        self.backend.models_of(key).await.0
     }
 
     fn broker(&self) -> &BrokerProcess {
@@ -213,7 +229,16 @@ const ON_CHANGE_OK: &str = "on_change ran";
 
 #[tokio::test]
 async fn workspace_key_in_every_file_follows_rotation_and_revocation_and_is_released_on_stop() {
-    let world = World::new().await;
+    // On the fake, and on the real proxy when BOTCREDS_REAL_LITELLM_URL names one.
+    for backend in LitellmBackend::all().await {
+        workspace_key_lifecycle(World::on(backend).await).await;
+    }
+}
+
+async fn workspace_key_lifecycle(world: World) {
+    let b = world.backend.label.clone();
+    let tag = run_tag();
+    let ws = workspace(&tag);
     let home = world
         .agent()
         .toml("broker_timeout = \"5s\"")
@@ -226,7 +251,7 @@ opencode = "{{home}}/home/.config/opencode/config.json"
 mode = "0640"
 check_interval = "1s"
 on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_SCOPE $BOTCREDS_LITELLM_KEY_NAME\" >> {{home}}/changes"]
-{WORKSPACE}"#
+{ws}"#
         ))
         .build();
     let dir = home.dir().to_path_buf();
@@ -249,9 +274,9 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
 
     // The key file holds a key the proxy accepts, for the workspace's models.
     let key1 = key_in(&key_file);
-    assert_eq!(world.litellm.chat(&key1, "claude-sonnet-4-5").await.0, 200);
+    assert_eq!(world.key_status(&key1).await, 200, "{b}");
     assert_eq!(mode(&key_file), 0o640);
-    let base_url = format!("{}/v1", world.litellm.base_url());
+    let base_url = format!("{}/v1", world.backend.url);
     assert_eq!(
         read(&env_file),
         format!(
@@ -300,12 +325,15 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
         ["litellm.env", "litellm.key"],
         "no temp files"
     );
-    assert_eq!(read(&changes), "updated workspace contractor-alice\n");
+    assert_eq!(
+        read(&changes),
+        format!("updated workspace contractor-{tag}\n")
+    );
 
     // Status lists the key, its files and the on_change result; never the key.
     let st = litellm_status(&home).await;
     assert_eq!(st["scope"], "workspace");
-    assert_eq!(st["workspace_id"], "ws-abc123");
+    assert_eq!(st["workspace_id"], format!("ws-{tag}").as_str());
     assert_eq!(st["state"], "fresh");
     assert_eq!(st["release_on_stop"], true);
     let name = st["name"].as_str().expect("key name").to_string();
@@ -317,7 +345,7 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
     assert!(table.success, "{}", table.stderr);
     for want in [
         "LITELLM SCOPE",
-        "workspace (ws-abc123)",
+        &format!("workspace (ws-{tag})"),
         &name,
         "key_file",
         "on_change",
@@ -367,12 +395,8 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
     wait_log(&mut agent, ON_CHANGE_OK, 2, WAIT).await;
     let key2 = key_in(&key_file);
     assert_ne!(key2, key1);
-    assert_eq!(
-        world.litellm.chat(&key1, "claude-sonnet-4-5").await.0,
-        401,
-        "old key revoked"
-    );
-    assert_eq!(world.litellm.chat(&key2, "claude-sonnet-4-5").await.0, 200);
+    assert_eq!(world.key_status(&key1).await, 401, "{b}: old key revoked");
+    assert_eq!(world.key_status(&key2).await, 200, "{b}");
     assert!(read(&env_file).contains(&format!("LITELLM_API_KEY='{key2}'\n")));
     assert_eq!(
         read_json(&roo)["apiConfigs"]["LiteLLM"]["openAiApiKey"],
@@ -395,20 +419,25 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT $BOTCREDS_LITELLM_
     wait_log(&mut agent, FILES_CHANGED, 3, WAIT).await;
     let key3 = key_in(&key_file);
     assert!(key3 != key2 && key3 != key1);
-    assert_eq!(world.litellm.chat(&key2, "claude-sonnet-4-5").await.0, 401);
-    assert_eq!(world.litellm.chat(&key3, "claude-sonnet-4-5").await.0, 200);
+    assert_eq!(world.key_status(&key2).await, 401, "{b}");
+    assert_eq!(world.key_status(&key3).await, 200, "{b}");
 
     // SIGTERM releases the workspace key: LiteLLM deletes it, the files lose it.
-    let deletes_before = world.litellm.calls_to("/key/delete").len();
+    let deletes_before = world
+        .backend
+        .fake()
+        .map(|f| f.calls_to("/key/delete").len());
     let (exit, logs) = agent.stop().await;
     assert!(exit.success(), "{logs}");
     assert!(
         logs.contains("released the LiteLLM key at the broker"),
         "{logs}"
     );
-    assert!(world.litellm.was_deleted(&key3), "LiteLLM saw the delete");
-    assert!(world.litellm.calls_to("/key/delete").len() > deletes_before);
-    assert_eq!(world.litellm.chat(&key3, "claude-sonnet-4-5").await.0, 401);
+    if let (Some(f), Some(before)) = (world.backend.fake(), deletes_before) {
+        assert!(f.was_deleted(&key3), "LiteLLM saw the delete");
+        assert!(f.calls_to("/key/delete").len() > before);
+    }
+    assert_eq!(world.key_status(&key3).await, 401, "{b}: released");
     assert!(
         !key_file.exists() && !env_file.exists(),
         "key and env files removed"
@@ -445,7 +474,7 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT\" >> {home}/change
     let mut agent = home.start().await;
     wait_log(&mut agent, FILES_CHANGED, 1, WAIT).await;
     let key1 = key_in(&key_file);
-    assert_eq!(world.litellm.chat(&key1, "claude-haiku-3-5").await.0, 200);
+    assert_eq!(world.litellm().chat(&key1, "claude-haiku-3-5").await.0, 200);
     let st = litellm_status(&home).await;
     assert_eq!(
         st["release_on_stop"], false,
@@ -486,7 +515,7 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT\" >> {home}/change
     )
     .await;
     assert_eq!(key_in(&key_file), key1);
-    assert_eq!(world.litellm.chat(&key1, "claude-haiku-3-5").await.0, 200);
+    assert_eq!(world.litellm().chat(&key1, "claude-haiku-3-5").await.0, 200);
     assert_eq!(
         read(&home.dir().join("changes")),
         "updated\n",
@@ -499,7 +528,7 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT\" >> {home}/change
     wait_log(&mut agent, FILES_CHANGED, 1, WAIT).await;
     let key2 = key_in(&key_file);
     assert_ne!(key2, key1);
-    assert_eq!(world.litellm.chat(&key2, "claude-haiku-3-5").await.0, 200);
+    assert_eq!(world.litellm().chat(&key2, "claude-haiku-3-5").await.0, 200);
     let st = litellm_status(&home).await;
     assert_eq!(st["failures"], 0, "{st}");
 
@@ -508,13 +537,13 @@ on_change = ["/bin/sh", "-c", "echo \"$BOTCREDS_LITELLM_EVENT\" >> {home}/change
     wait_log(&mut agent, FILES_CHANGED, 2, REFRESH_WAIT).await;
     let key3 = key_in(&key_file);
     assert_ne!(key3, key2);
-    assert_eq!(world.litellm.chat(&key3, "claude-haiku-3-5").await.0, 200);
-    assert_eq!(world.litellm.chat(&key2, "claude-haiku-3-5").await.0, 401);
+    assert_eq!(world.litellm().chat(&key3, "claude-haiku-3-5").await.0, 200);
+    assert_eq!(world.litellm().chat(&key2, "claude-haiku-3-5").await.0, 401);
     // "In time", from the fake LiteLLM's records: the old key was deleted while it still lived
     // (a rotation, not a clean-up after expiry), and the new key reached the file before the
     // old one expired, without the file ever losing its key in between.
     let old = world
-        .litellm
+        .litellm()
         .deleted_key(&key2)
         .expect("the old key was deleted at LiteLLM");
     let old_expires = old.expires.expect("the old key had an expiry");
@@ -636,9 +665,9 @@ async fn bad_litellm_entries_stop_the_agent_with_the_key_named() {
 
 /// Whether `key` is one the fake LiteLLM minted (live or deleted since): a partial key is not.
 fn minted(world: &World, key: &str) -> bool {
-    world.litellm.deleted_key(key).is_some()
+    world.litellm().deleted_key(key).is_some()
         || world
-            .litellm
+            .litellm()
             .live_keys()
             .iter()
             .any(|k| k.token == botcreds_tests::fake_litellm::hash_token(key))

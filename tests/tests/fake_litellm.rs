@@ -419,3 +419,129 @@ async fn the_brokers_client_speaks_the_fakes_api() {
     let e = c.generate(&ask).await.unwrap_err();
     assert!(matches!(e, LitellmError::Unavailable { .. }), "{e:?}");
 }
+
+/// The real proxy (1.106.2, `auth_utils.py`) refuses a body carrying one of its banned
+/// client-side parameters before it even looks at the credential; LiteLLM's own metadata walk
+/// covers `metadata` and friends, the double every depth.
+#[tokio::test]
+async fn banned_request_body_params_are_refused_anywhere_in_the_body() {
+    let fake = FakeLitellm::start(FakeLitellmConfig::default()).await;
+    let c = client();
+    let url = fake.url("/key/generate");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("root", json!({"workspace_id": "w1"}), "workspace_id"),
+        (
+            "metadata, even null",
+            json!({"metadata": {"scope": "ci", "workspace_id": null}}),
+            "workspace_id",
+        ),
+        (
+            "deep",
+            json!({"metadata": {"a": [{"b": {"api_base": "http://evil"}}]}}),
+            "api_base",
+        ),
+        (
+            "metadata as JSON text",
+            json!({"litellm_metadata": "{\"langfuse_host\": \"x\"}"}),
+            "langfuse_host",
+        ),
+    ];
+    for (what, body, param) in cases {
+        for auth in [Some(fake.master_key().to_string()), None] {
+            let mut r = c.post(&url).json(&body);
+            if let Some(a) = &auth {
+                r = r.bearer_auth(a);
+            }
+            let (status, answer) = send(r).await;
+            assert_eq!(status, 401, "{what}: {answer}");
+            let message = answer["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.starts_with(&format!(
+                    "Authentication Error, Rejected Request: {param} is not allowed in request body."
+                )),
+                "{what}: {message}"
+            );
+            assert_eq!(answer["error"]["type"], "auth_error", "{what}");
+        }
+    }
+    assert!(fake.live_keys().is_empty());
+    // Names LiteLLM does not ban pass.
+    let ok = json!({"key_alias": "fine", "duration": "1h",
+                    "metadata": {"coder_workspace_id": "w1", "workspace_name": "dev"}});
+    assert_eq!(
+        send(c.post(&url).bearer_auth(fake.master_key()).json(&ok))
+            .await
+            .0,
+        200
+    );
+}
+
+/// `key_type` decides what a virtual key may call on the management routes, as in LiteLLM's
+/// `route_checks.py`; an unknown type is a validation error.
+#[tokio::test]
+async fn key_type_decides_the_management_routes_a_virtual_key_reaches() {
+    let fake = FakeLitellm::start(FakeLitellmConfig::default()).await;
+    let c = client();
+    let mint = |key_type: Value, alias: &str| {
+        c.post(fake.url("/key/generate"))
+            .bearer_auth(fake.master_key())
+            .json(&json!({"key_alias": alias, "key_type": key_type}))
+    };
+    let (status, _) = send(mint(json!("superuser"), "bad")).await;
+    assert_eq!(status, 422);
+    let mut keys = Vec::new();
+    for (t, alias) in [
+        (json!("llm_api"), "a"),
+        (json!("read_only"), "b"),
+        (json!("default"), "c"),
+        (Value::Null, "d"),
+        (json!("management"), "e"),
+    ] {
+        let (status, body) = send(mint(t.clone(), alias)).await;
+        assert_eq!(status, 200, "{t}: {body}");
+        keys.push((t, body["key"].as_str().expect("key").to_string()));
+    }
+    for (t, key) in &keys {
+        let (status, body) = send(
+            c.post(fake.url("/key/generate"))
+                .bearer_auth(key)
+                .json(&json!({})),
+        )
+        .await;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        if t == "llm_api" {
+            assert_eq!(
+                (status, body.clone()),
+                (403, fixture("error-403-route-not-allowed.json"))
+            );
+        } else if t == "read_only" {
+            assert_eq!(status, 403, "{t}: {body}");
+            let detail = body["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains("['info_routes']"), "{body}");
+        } else {
+            assert_eq!(status, 401, "{t}: {body}");
+            assert!(
+                message.contains("Only proxy admin can be used"),
+                "{t}: {message}"
+            );
+        }
+        // Info: everything but an llm_api key, for any key of the same (no) user.
+        let own = send(
+            c.get(fake.url(&format!("/key/info?key={key}")))
+                .bearer_auth(key),
+        )
+        .await
+        .0;
+        assert_eq!(own, if t == "llm_api" { 403 } else { 200 }, "{t}");
+        let other = &keys.iter().find(|(_, k)| k != key).expect("another").1;
+        let theirs = send(
+            c.get(fake.url(&format!("/key/info?key={other}")))
+                .bearer_auth(key),
+        )
+        .await
+        .0;
+        assert_eq!(theirs, own, "{t}");
+    }
+    let row = fake.key_by_alias("a").expect("a");
+    assert_eq!(row.allowed_routes, vec!["llm_api_routes".to_string()]);
+}

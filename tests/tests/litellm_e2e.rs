@@ -9,7 +9,7 @@ use std::time::Duration;
 use botcreds_proto::{ErrorBody, ErrorCode};
 use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
-use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig};
+use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig, LitellmBackend, run_tag};
 use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
 use serde_json::{Value, json};
 
@@ -221,7 +221,7 @@ async fn bots_ask_through_the_policy_and_release_their_keys() {
         "key_type",
         "created_by",
         "created_at",
-        "workspace_id",
+        "coder_workspace_id",
         "workspace_name",
         "coder_user",
         "coder_user_id",
@@ -532,7 +532,7 @@ async fn provisioner_api_answers_the_designs_bodies_and_keeps_keys_off_disk() {
         .expect("key in LiteLLM");
     assert_eq!(row.budget_duration.as_deref(), Some("1d"));
     assert_eq!(row.metadata["created_by"], "key-provisioner");
-    assert_eq!(row.metadata["workspace_id"], "ws-abc123");
+    assert_eq!(row.metadata["coder_workspace_id"], "ws-abc123");
 
     // Idempotent: the live key comes back, nothing new is minted.
     let (status, again) = w
@@ -1038,4 +1038,360 @@ async fn user_keys_for_tailnet_users_and_metrics() {
     )
     .await;
     assert_eq!((status, body["name"].clone()), (200, json!("service")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The key lifecycle on every LiteLLM backend: the fake, and the REAL proxy when
+// BOTCREDS_REAL_LITELLM_URL names one (tests/litellm-real/litellm_real.py). Names carry a run tag,
+// since a real proxy outlives one test run.
+
+/// A broker on `backend`, with bots and names tagged `tag`; Coder is always a double.
+async fn world_on(
+    backend: &LitellmBackend,
+    tag: &str,
+    master_key: &str,
+) -> (BrokerProcess, FakeLitellm, FakeGithub, reqwest::Client) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let coder = match backend.fake() {
+        Some(f) => f.clone(),
+        None => FakeLitellm::start(FakeLitellmConfig::default()).await,
+    };
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let policy = format!(
+        r#"
+bots:
+  rb-{tag}:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: "agent:review" }}, {{ litellm_scope: workspace }}]
+    requires_approval: [{{ litellm_scope: ci }}]
+  ob-{tag}:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: workspace }}]
+  ops:
+    identity: {{ type: api_key }}
+"#
+    );
+    let broker = BrokerBuilder::new(&policy)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key(&format!("rb-{tag}"), REVIEW_KEY)
+        .api_key(&format!("ob-{tag}"), OTHER_KEY)
+        .api_key("ops", OPS_KEY)
+        .litellm(&backend.url, master_key, "")
+        .toml(&format!(
+            "[coder]\nurl = \"{}\"\n\n[admin]\napi_key_bots = [\"ops\"]\n",
+            coder.base_url()
+        ))
+        .env("BOTCREDS_PROVISIONER_SECRET", SECRET)
+        .start()
+        .await;
+    (
+        broker,
+        coder,
+        github,
+        reqwest::Client::builder().no_proxy().build().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_lifecycle_on_every_litellm_backend() {
+    for backend in LitellmBackend::all().await {
+        let b = backend.label.as_str();
+        let tag = run_tag();
+        let (broker, coder, _github, http) = world_on(&backend, &tag, &backend.master_key).await;
+        let url = |p: &str| format!("{}{p}", broker.url);
+        let review = json!({"kind": "litellm_key", "scope": "agent:review"});
+
+        // A bot's key: minted with metadata LiteLLM accepts, for its models only.
+        let (status, cred) = call(
+            http.post(url("/v1/credentials"))
+                .bearer_auth(REVIEW_KEY)
+                .json(&review),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {cred}");
+        let key = cred["key"].as_str().unwrap().to_string();
+        let name = format!("rb-{tag}.agent-review");
+        assert_eq!(cred["name"], name.as_str(), "{b}");
+        assert_eq!(
+            backend.models_of(&key).await,
+            (200, vec![HAIKU.to_string()]),
+            "{b}"
+        );
+        let row = backend
+            .key_by_alias(&name)
+            .await
+            .unwrap_or_else(|| panic!("{b}: no key {name}"));
+        assert_eq!(row["max_budget"], 2.0, "{b}: {row}");
+        assert_eq!(row["key_type"], "llm_api", "{b}");
+        assert_eq!(
+            row["metadata"]["botcreds_bot"],
+            format!("rb-{tag}").as_str(),
+            "{b}"
+        );
+        assert!(row["metadata"].get("workspace_id").is_none(), "{b}: {row}");
+        // Asking again answers the same key; releasing deletes it in LiteLLM.
+        let (_, again) = call(
+            http.post(url("/v1/credentials"))
+                .bearer_auth(REVIEW_KEY)
+                .json(&review),
+        )
+        .await;
+        assert_eq!(again["key"], cred["key"], "{b}");
+        let (status, rel) = call(
+            http.post(url("/v1/credentials/release"))
+                .bearer_auth(REVIEW_KEY)
+                .json(&json!({"credential_id": cred["credential_id"]})),
+        )
+        .await;
+        assert_eq!(
+            (status, &rel["deleted_upstream"]),
+            (200, &json!(true)),
+            "{b}: {rel}"
+        );
+        assert_eq!(
+            backend.models_of(&key).await.0,
+            401,
+            "{b}: a released key is dead"
+        );
+
+        // The startup script's workspace key: the workspace id is kept as coder_workspace_id.
+        let ws_name = format!("ws-{tag}");
+        let ws = json!({"workspace_id": format!("wsid-{tag}"), "workspace_name": ws_name, "coder_user": "alice", "coder_user_id": "usr-alice"});
+        let (status, wk) = call(
+            http.post(url("/api/v1/keys/workspace"))
+                .header("X-Provisioner-Secret", SECRET)
+                .json(&ws),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {wk}");
+        assert_eq!(
+            wk["metadata"], ws,
+            "{b}: the provisioner API keeps the design's names"
+        );
+        let ws_key = wk["key"].as_str().unwrap().to_string();
+        assert_eq!(
+            backend.models_of(&ws_key).await,
+            (200, vec![HAIKU.to_string(), SONNET.to_string()]),
+            "{b}"
+        );
+        let row = backend
+            .key_by_alias(&ws_name)
+            .await
+            .unwrap_or_else(|| panic!("{b}: no key {ws_name}"));
+        assert_eq!(
+            row["metadata"]["coder_workspace_id"],
+            format!("wsid-{tag}").as_str(),
+            "{b}: {row}"
+        );
+        assert_eq!(row["budget_duration"], "1d", "{b}");
+        let (_, again) = call(
+            http.post(url("/api/v1/keys/workspace"))
+                .header("X-Provisioner-Secret", SECRET)
+                .json(&ws),
+        )
+        .await;
+        assert_eq!(
+            again["key"], wk["key"],
+            "{b}: a live workspace key comes back"
+        );
+        // Another bot naming that workspace gets nothing, and the key lives on.
+        let theft = json!({"kind": "litellm_key", "scope": "workspace", "workspace": ws});
+        let (status, body) = call(
+            http.post(url("/v1/credentials"))
+                .bearer_auth(OTHER_KEY)
+                .json(&theft),
+        )
+        .await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (403, ErrorCode::Forbidden),
+            "{b}: {body}"
+        );
+        assert_eq!(backend.models_of(&ws_key).await.0, 200, "{b}");
+
+        // A service key: a second one of the name is refused; rotation and revocation reach LiteLLM.
+        let svc = format!("svc-{tag}");
+        let (status, sk) = call(
+            http.post(url("/api/v1/keys/service"))
+                .header("X-Provisioner-Secret", SECRET)
+                .json(&json!({"scope": "ci", "name": svc})),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {sk}");
+        let (status, body) = call(
+            http.post(url("/api/v1/keys/service"))
+                .header("X-Provisioner-Secret", SECRET)
+                .json(&json!({"scope": "ci", "name": svc})),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].clone()),
+            (409, json!("key exists")),
+            "{b}"
+        );
+        let (status, rotated) = call(
+            http.post(url(&format!("/v1/keys/{svc}/rotate")))
+                .bearer_auth(OPS_KEY),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {rotated}");
+        assert_eq!(
+            backend.models_of(sk["key"].as_str().unwrap()).await.0,
+            401,
+            "{b}: the old key is deleted"
+        );
+        let new_key = rotated["key"].as_str().unwrap().to_string();
+        assert_eq!(backend.models_of(&new_key).await.0, 200, "{b}");
+        let (status, body) = call(
+            http.delete(url(&format!("/api/v1/keys/{svc}")))
+                .header("X-Provisioner-Secret", SECRET),
+        )
+        .await;
+        assert_eq!(
+            (status, &body["revoked"]),
+            (200, &json!(true)),
+            "{b}: {body}"
+        );
+        assert_eq!(
+            backend.models_of(&new_key).await.0,
+            401,
+            "{b}: a revoked key is dead"
+        );
+
+        // A Coder user's key; asking again replaces it.
+        let user = format!("u{tag}");
+        coder.add_coder_session(
+            &format!("session-{tag}-0123456789"),
+            &format!("id-{tag}"),
+            &user,
+        );
+        let (status, uk) = call(
+            http.post(url("/api/v1/keys/user"))
+                .bearer_auth(format!("session-{tag}-0123456789")),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {uk}");
+        let (_, uk2) = call(
+            http.post(url("/api/v1/keys/user"))
+                .bearer_auth(format!("session-{tag}-0123456789")),
+        )
+        .await;
+        assert_ne!(uk2["key"], uk["key"], "{b}");
+        assert_eq!(
+            backend.models_of(uk["key"].as_str().unwrap()).await.0,
+            401,
+            "{b}"
+        );
+        assert_eq!(
+            backend.models_of(uk2["key"].as_str().unwrap()).await.0,
+            200,
+            "{b}"
+        );
+
+        // A key that needs a human: approved with `botcreds approve`, then answered to the bot.
+        let (status, pending) = call(
+            http.post(url("/v1/credentials"))
+                .bearer_auth(REVIEW_KEY)
+                .json(&json!({"kind": "litellm_key", "scope": "ci"})),
+        )
+        .await;
+        assert_eq!(status, 202, "{b}: {pending}");
+        let id = pending["request_id"].as_str().unwrap().to_string();
+        let cli = |args: Vec<String>| {
+            let broker_url = broker.url.clone();
+            async move {
+                let out = tokio::process::Command::new(binary("botcreds"))
+                    .args(&args)
+                    .env("BOTCREDS_BROKER", broker_url)
+                    .env("BOTCREDS_API_KEY", OPS_KEY)
+                    .stdin(Stdio::null())
+                    .output()
+                    .await
+                    .expect("running botcreds");
+                (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                )
+            }
+        };
+        let (code, out) = cli(vec!["approve".into(), id.clone()]).await;
+        assert_eq!(code, 0, "{b}: {out}");
+        let (status, approved) = call(
+            http.get(url(&format!("/v1/requests/{id}")))
+                .bearer_auth(REVIEW_KEY),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {approved}");
+        let ci_key = approved["key"].as_str().unwrap().to_string();
+        assert_eq!(
+            backend.models_of(&ci_key).await,
+            (200, vec![HAIKU.to_string()]),
+            "{b}"
+        );
+
+        // `botcreds keys`: create, rotate, revoke, each reaching LiteLLM.
+        let cli_name = format!("cli-{tag}");
+        let (code, out) = cli([
+            "keys", "create", "ci", "--name", &cli_name, "--budget", "3", "--json",
+        ]
+        .map(String::from)
+        .to_vec())
+        .await;
+        assert_eq!(code, 0, "{b}: {out}");
+        let created: Value = serde_json::from_str(&out).unwrap();
+        let first = created["key"].as_str().unwrap().to_string();
+        assert_eq!(backend.models_of(&first).await.0, 200, "{b}");
+        let row = backend
+            .key_by_alias(&cli_name)
+            .await
+            .expect("cli key in LiteLLM");
+        assert_eq!(row["max_budget"], 3.0, "{b}: {row}");
+        let (code, out) = cli(["keys", "rotate", "--name", &cli_name, "--json"]
+            .map(String::from)
+            .to_vec())
+        .await;
+        assert_eq!(code, 0, "{b}: {out}");
+        let second: Value = serde_json::from_str(&out).unwrap();
+        let second = second["key"].as_str().unwrap().to_string();
+        assert_eq!(backend.models_of(&first).await.0, 401, "{b}");
+        assert_eq!(backend.models_of(&second).await.0, 200, "{b}");
+        let (code, out) = cli(["keys", "revoke", "--name", &cli_name]
+            .map(String::from)
+            .to_vec())
+        .await;
+        assert_eq!(code, 0, "{b}: {out}");
+        assert_eq!(backend.models_of(&second).await.0, 401, "{b}");
+
+        // Clean up what lives on, so a real proxy shared by later runs holds nothing of ours.
+        for name in [
+            ws_name.clone(),
+            format!("{user}-cli"),
+            format!("rb-{tag}.ci"),
+        ] {
+            let (status, body) = call(
+                http.delete(url(&format!("/v1/keys/{name}")))
+                    .bearer_auth(OPS_KEY),
+            )
+            .await;
+            assert_eq!(status, 200, "{b}: revoking {name}: {body}");
+        }
+        assert_eq!(backend.models_of(&ws_key).await.0, 401, "{b}");
+        drop(broker);
+
+        // A broker holding the wrong master key: LiteLLM's refusal of the credential is
+        // litellm_auth_failed, told apart from a refused request.
+        let (wrong, _, _github, http) =
+            world_on(&backend, &tag, "sk-not-the-master-key-0000").await;
+        let (status, body) = call(
+            http.post(format!("{}/api/v1/keys/service", wrong.url))
+                .header("X-Provisioner-Secret", SECRET)
+                .json(&json!({"scope": "ci", "name": format!("never-{tag}")})),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].clone()),
+            (502, json!("litellm auth failed")),
+            "{b}: {body}"
+        );
+    }
 }

@@ -70,12 +70,33 @@ async fn authenticate(
                 )
             })?;
         return match state.api_keys.verify(key) {
-            Some(bot) => Ok(Caller {
-                address,
-                via: CallerVia::ApiKey {
-                    bot: bot.to_string(),
-                },
-            }),
+            Some(bot) => {
+                let caller = Caller {
+                    address,
+                    via: CallerVia::ApiKey {
+                        bot: bot.to_string(),
+                    },
+                };
+                // An `[[api_keys]]` entry speaks for a policy bot only when that bot is
+                // `type: api_key`; a key naming a bot recognised otherwise (a tag, a host) would
+                // otherwise act under that bot's name, next to it.
+                let policy = state.policy.current();
+                if policy.has_bot(bot) && policy.bot_for(&caller).is_none() {
+                    tracing::warn!(
+                        bot,
+                        "API key for a bot whose policy identity is not api_key"
+                    );
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidApiKey,
+                        format!(
+                            "this API key names bot {bot:?}, whose policy identity is {}, not \
+                             `type: api_key`",
+                            policy.identity_of(bot).unwrap_or_default()
+                        ),
+                    ));
+                }
+                Ok(caller)
+            }
             None => Err(ApiError::new(ErrorCode::InvalidApiKey, "unknown API key")),
         };
     }

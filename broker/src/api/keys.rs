@@ -24,7 +24,7 @@ use super::extract::{AdminCaller, Authenticated, json_body};
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
-use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration};
+use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration, scope_part};
 use crate::keys::{IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin};
 use crate::policy::{Outcome, Request, Resource};
 use crate::secret::Secret;
@@ -240,6 +240,8 @@ async fn workspace_key(
             created_by,
             caller: actor.clone(),
             client_ip: ip.clone(),
+            // The secret's holder and the admins are one gatekeeper of the provisioner API.
+            owner: "provisioner".into(),
             ..Default::default()
         };
         keys.issue_workspace(
@@ -319,6 +321,15 @@ async fn user_key(
                         "the Authorization header must be `Bearer <Coder session token>`",
                     )
                 })?;
+            // A credential of ours is never sent to a third party, not even to ask whose it is.
+            if is_our_credential(&state, keys, &token) {
+                tracing::warn!("a botcreds credential was sent as a Coder session token; not forwarded");
+                return Err(ApiError::new(
+                    ErrorCode::InvalidSessionToken,
+                    "this is a botcreds credential (an API key, the provisioner secret or a LiteLLM \
+                     key), not a Coder session token; it was not sent to Coder",
+                ));
+            }
             let Some(coder) = keys.coder() else {
                 return Err(ApiError::new(
                     ErrorCode::InvalidSessionToken,
@@ -328,15 +339,19 @@ async fn user_key(
             let user = coder.current_user(&token).await?;
             return Ok((
                 user.username.clone(),
-                Some(user.id),
+                Some(user.id.clone()),
                 format!("coder:{}", user.username),
+                format!("coder:{}", user.id),
             ));
         }
         match &caller {
             Ok(c) => match &c.via {
-                CallerVia::Tailnet(t) if !t.is_tagged() => {
-                    Ok((t.login.clone(), None, c.describe()))
-                }
+                CallerVia::Tailnet(t) if !t.is_tagged() => Ok((
+                    t.login.clone(),
+                    None,
+                    c.describe(),
+                    format!("user:{}", t.login),
+                )),
                 _ => Err(ApiError::new(
                     ErrorCode::Unauthenticated,
                     "a user key needs a Coder session token or a tailnet user's own device",
@@ -346,7 +361,7 @@ async fn user_key(
         }
     }
     .await;
-    let (user, user_id, describe) = match who {
+    let (user, user_id, describe, owner) = match who {
         Ok(w) => w,
         Err(e) => {
             let e = SeedError::from(e);
@@ -378,9 +393,11 @@ async fn user_key(
                 coder_user_id: user_id.clone(),
                 caller: describe.clone(),
                 client_ip: ip.clone(),
+                owner: owner.clone(),
                 ..Default::default()
             },
-            // Asking again replaces the user's key: the old one is deleted.
+            // Asking again replaces the user's own key (not another holder's key of that
+            // name: that is `key_exists`): the old one is deleted.
             on_existing: OnExisting::Rotate,
             preamble: Vec::new(),
             reason: None,
@@ -834,6 +851,33 @@ pub async fn issue_for_bot(
     Ok(Json(answer).into_response())
 }
 
+/// Who holds a bot-path key: the key-name part and the holder id. A policy bot is itself; a
+/// caller no bot matches is named by what cannot be renamed (a tailnet node's stable id), so a
+/// node renamed like a bot never lands on that bot's key name.
+fn key_holder(caller: &Caller, bot: Option<&str>) -> (String, String) {
+    if let Some(b) = bot {
+        return (b.to_string(), format!("bot:{b}"));
+    }
+    match &caller.via {
+        CallerVia::Tailnet(t) => (
+            format!("node-{}", t.stable_id),
+            format!("node:{}", t.stable_id),
+        ),
+        CallerVia::ApiKey { bot } => (format!("api_key-{bot}"), format!("api_key:{bot}")),
+        CallerVia::Mtls { bot, .. } => (format!("mtls-{bot}"), format!("mtls:{bot}")),
+    }
+}
+
+/// Whether a presented bearer value is one of the broker's own credentials: an API key of ours
+/// (by format or by hash), the provisioner secret, or a LiteLLM key (`sk-...`).
+fn is_our_credential(state: &AppState, keys: &KeyService, token: &Secret) -> bool {
+    let t = token.expose();
+    t.starts_with("bck_")
+        || t.starts_with("sk-")
+        || state.api_keys.verify(t).is_some()
+        || keys.provisioner_secret_matches(t.as_bytes())
+}
+
 fn not_served() -> ApiError {
     ApiError::new(
         ErrorCode::InvalidKind,
@@ -867,12 +911,10 @@ pub(crate) async fn hand_out(
         )
         .await);
     };
-    let owner = bot.clone().unwrap_or_else(|| match &caller.via {
-        CallerVia::Tailnet(t) => t.computed_name.clone(),
-        CallerVia::ApiKey { bot } | CallerVia::Mtls { bot, .. } => bot.clone(),
-    });
+    let (owner, owner_id) = key_holder(caller, bot.as_deref());
     let origin = Origin {
         created_by: owner.clone(),
+        owner: owner_id,
         bot: bot.clone(),
         caller: caller.describe(),
         client_ip: Some(caller.address.ip().to_string()),
@@ -888,7 +930,7 @@ pub(crate) async fn hand_out(
         None => {
             keys.issue(KeyAsk {
                 scope: ask.scope.clone(),
-                name: format!("{}.{}", name_part(&owner), name_part(&ask.scope)),
+                name: format!("{}.{}", name_part(&owner), scope_part(&ask.scope)),
                 budget_usd: None,
                 lifetime: None,
                 origin,

@@ -1,5 +1,7 @@
-//! Checking a Coder session token: `GET {coder}/api/v2/users/me` with the token in
-//! `Coder-Session-Token`. The only code that speaks to Coder; the token is never logged.
+//! Speaking to Coder: checking a session token (`GET {coder}/api/v2/users/me` with the token in
+//! `Coder-Session-Token`) and, with the broker's own token, confirming a workspace
+//! (`GET {coder}/api/v2/workspaces/{id}`). The only code that speaks to Coder; tokens are never
+//! logged.
 
 use std::time::Duration;
 
@@ -17,10 +19,21 @@ pub struct CoderUser {
     pub username: String,
 }
 
+/// A workspace as Coder has it (codersdk `Workspace`, the fields the broker reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoderWorkspace {
+    pub id: String,
+    pub name: String,
+    pub owner_id: String,
+    pub owner_name: String,
+}
+
 /// A Coder API client for one deployment.
 pub struct CoderClient {
     http: reqwest::Client,
     base: String,
+    /// The broker's own token, for workspace lookups.
+    token: Option<Secret>,
 }
 
 impl std::fmt::Debug for CoderClient {
@@ -41,7 +54,88 @@ impl CoderClient {
         Ok(CoderClient {
             http,
             base: config.url.clone(),
+            token: config.token.clone(),
         })
+    }
+
+    /// Whether workspaces can be confirmed (`[coder] token_file` is set).
+    pub fn confirms_workspaces(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// The workspace `id` as Coder has it; `None` when Coder knows none (404) or no token is
+    /// configured. Coder refusing the broker's token is an upstream error.
+    pub async fn workspace(&self, id: &str) -> Result<Option<CoderWorkspace>, ApiError> {
+        let Some(token) = &self.token else {
+            return Ok(None);
+        };
+        // A workspace id is a UUID in Coder; anything else cannot name one (and must not reach
+        // the URL path).
+        if id.is_empty()
+            || id.len() > 128
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Ok(None);
+        }
+        let response = self
+            .http
+            .get(format!("{}/api/v2/workspaces/{id}", self.base))
+            .header("Coder-Session-Token", token.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                tracing::warn!(coder = %self.base, timeout = e.is_timeout(), "Coder unreachable");
+                ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    format!(
+                        "Coder at {} could not be reached to confirm the workspace",
+                        self.base
+                    ),
+                )
+            })?;
+        let status = response.status().as_u16();
+        match status {
+            200..=299 => {}
+            404 => return Ok(None),
+            401 | 403 => {
+                return Err(ApiError::new(
+                    ErrorCode::UpstreamError,
+                    "Coder refused the broker's token ([coder] token_file) when reading a workspace",
+                ));
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::UpstreamError,
+                    format!("Coder answered {status} when reading a workspace"),
+                ));
+            }
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer broke off"))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer is not JSON"))?;
+        let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        match (
+            field("id"),
+            field("name"),
+            field("owner_id"),
+            field("owner_name"),
+        ) {
+            (Some(id), Some(name), Some(owner_id), Some(owner_name)) => Ok(Some(CoderWorkspace {
+                id,
+                name,
+                owner_id,
+                owner_name,
+            })),
+            _ => Err(ApiError::new(
+                ErrorCode::UpstreamError,
+                "Coder's workspace has no id, name or owner",
+            )),
+        }
     }
 
     /// The user the token belongs to; `invalid_session_token` when Coder refuses it.

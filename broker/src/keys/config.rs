@@ -38,6 +38,9 @@ pub struct RawCoder {
     url: String,
     #[serde(default = "default_timeout")]
     request_timeout: Ttl,
+    /// A Coder token the broker reads workspaces with (to confirm workspace keys).
+    #[serde(default)]
+    token_file: Option<std::path::PathBuf>,
 }
 
 fn default_sweep() -> Ttl {
@@ -66,6 +69,9 @@ pub struct CoderConfig {
     /// Coder's URL; session tokens are checked at `{url}/api/v2/users/me`.
     pub url: String,
     pub request_timeout: Duration,
+    /// The broker's own Coder token: with it, a workspace key is made only for a workspace
+    /// `GET {url}/api/v2/workspaces/{id}` confirms (name and owner).
+    pub token: Option<Secret>,
 }
 
 fn http_url(url: &str) -> Option<String> {
@@ -160,7 +166,8 @@ impl LitellmConfig {
 }
 
 impl CoderConfig {
-    pub fn from_raw(raw: &RawCoder) -> Result<CoderConfig, (String, String)> {
+    /// Validate `[coder]`; a relative `token_file` is relative to `base` (the config's folder).
+    pub fn from_raw(raw: &RawCoder, base: &Path) -> Result<CoderConfig, (String, String)> {
         let url = http_url(&raw.url).ok_or_else(|| {
             (
                 "coder.url".to_string(),
@@ -174,9 +181,27 @@ impl CoderConfig {
                 "must be at most 120s".into(),
             ));
         }
+        let token = match &raw.token_file {
+            Some(file) => {
+                let path = if file.is_absolute() {
+                    file.clone()
+                } else {
+                    base.join(file)
+                };
+                let t = crate::config::read_secret_file(&path)
+                    .map_err(|m| ("coder.token_file".to_string(), m))?;
+                let t = Secret::new(t.expose().trim());
+                if t.is_empty() {
+                    return Err(("coder.token_file".into(), "the token is empty".into()));
+                }
+                Some(t)
+            }
+            None => None,
+        };
         Ok(CoderConfig {
             url,
             request_timeout: timeout,
+            token,
         })
     }
 }
@@ -282,10 +307,13 @@ mod tests {
     fn coder_url_is_checked() {
         let raw: RawCoder = toml::from_str("url = \"https://coder.example.com/\"\n").unwrap();
         assert_eq!(
-            CoderConfig::from_raw(&raw).unwrap().url,
+            CoderConfig::from_raw(&raw, Path::new("/")).unwrap().url,
             "https://coder.example.com"
         );
         let raw: RawCoder = toml::from_str("url = \"coder\"\n").unwrap();
-        assert_eq!(CoderConfig::from_raw(&raw).unwrap_err().0, "coder.url");
+        assert_eq!(
+            CoderConfig::from_raw(&raw, Path::new("/")).unwrap_err().0,
+            "coder.url"
+        );
     }
 }

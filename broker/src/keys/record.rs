@@ -52,12 +52,36 @@ pub struct KeyRecord {
     /// For a rotated key: the credential id of its successor.
     #[serde(default)]
     pub replaced_by: Option<String>,
+    /// Who holds the key ([`super::Origin::owner_id`]): only they get it again, rotate it or
+    /// replace it. Records written before this field derive it ([`KeyRecord::owner_id`]).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl KeyRecord {
     /// Active and not past its expiry.
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
         self.status == KeyStatus::Active && self.expires_unix > now.unix_timestamp()
+    }
+
+    /// The key's holder: `bot:<name>`, `node:<stable id>`, `provisioner`, `coder:<user id>`,
+    /// `user:<login>` or (older records) the caller as described then.
+    pub fn owner_id(&self) -> String {
+        if let Some(o) = &self.owner {
+            return o.clone();
+        }
+        // Records written before holders were stored: the holder the same request makes now.
+        if let Some(b) = &self.bot {
+            return format!("bot:{b}");
+        }
+        match (self.scope.as_str(), &self.coder_user_id, &self.coder_user) {
+            ("user", Some(id), _) => format!("coder:{id}"),
+            ("user", None, Some(login)) => format!("user:{login}"),
+            ("workspace", _, _) if self.created_by == super::service::KEY_PROVISIONER => {
+                "provisioner".to_string()
+            }
+            _ => self.caller.clone(),
+        }
     }
 
     /// Seconds of life left (0 when past expiry).

@@ -279,9 +279,16 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Turn an arbitrary identity (a bot name, a scope, a login) into name characters.
+/// Longest identity part of a key name kept as it is.
+const MAX_PART: usize = 64;
+
+/// Turn an arbitrary identity (a bot name, a login, a workspace name) into name characters,
+/// without ever mapping two identities to one part: an identity that is already 1–64 name
+/// characters is kept; any other (characters replaced, or cut) keeps 48 characters and gets
+/// `-` and 8 hex digits of its SHA-256, so `a/b` and `a:b`, or two long names sharing their
+/// first 60 characters, stay apart.
 pub fn name_part(raw: &str) -> String {
-    let s: String = raw
+    let clean: String = raw
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | '+') {
@@ -291,9 +298,24 @@ pub fn name_part(raw: &str) -> String {
             }
         })
         .collect();
-    let s = s.replace("..", ".");
-    let s: String = s.chars().take(60).collect();
-    if s.is_empty() { "x".to_string() } else { s }
+    let mut clean = clean;
+    while clean.contains("..") {
+        clean = clean.replace("..", ".");
+    }
+    if !raw.is_empty() && clean == raw && clean.len() <= MAX_PART {
+        return clean;
+    }
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(raw.as_bytes()));
+    let head: String = clean.chars().take(48).collect();
+    let head = head.trim_end_matches('.');
+    format!("{head}-{}", &digest[..8])
+}
+
+/// A scope in a key name: `agent:review` is written `agent-review` (scopes are one fixed table,
+/// so this cannot collide).
+pub fn scope_part(scope: &str) -> String {
+    scope.replace(':', "-")
 }
 
 #[cfg(test)]
@@ -442,7 +464,14 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(name_part("agent:write"), "agent-write");
+        assert_eq!(scope_part("agent:write"), "agent-write");
+        assert_eq!(name_part("review-bot"), "review-bot");
+        assert_eq!(name_part("alice@example.com"), "alice@example.com");
+        assert_ne!(name_part("a/b"), name_part("a:b"));
+        let long = "x".repeat(70);
+        assert_ne!(name_part(&long), name_part(&format!("{long}y")));
+        assert!(name_part(&long).len() <= 57);
         assert!(check_name(&name_part("weird name/..//")).is_ok());
+        assert!(check_name(&name_part(".....")).is_ok());
     }
 }

@@ -51,9 +51,24 @@ pub struct Origin {
     pub approval: Option<String>,
     /// The approval request the key is issued under, if any.
     pub request_id: Option<String>,
+    /// The stable holder of the key (see [`Origin::owner_id`]); empty: derived from `bot` or
+    /// `caller`.
+    pub owner: String,
 }
 
 impl Origin {
+    /// Who holds the key: the explicit `owner`, else `bot:<bot>`, else the caller. A live key
+    /// is answered again, rotated or replaced only for the same holder.
+    pub fn owner_id(&self) -> String {
+        if !self.owner.is_empty() {
+            self.owner.clone()
+        } else if let Some(b) = &self.bot {
+            format!("bot:{b}")
+        } else {
+            self.caller.clone()
+        }
+    }
+
     /// Mark an issue event with how it was decided.
     fn stamp(&self, ev: &mut AuditEvent) {
         ev.approval = Some(self.approval.clone().unwrap_or_else(|| "auto".into()));
@@ -308,6 +323,7 @@ impl KeyService {
         rejected: Option<String>,
         preamble: Vec<AuditEvent>,
     ) -> Result<IssuedLitellmKey, ApiError> {
+        self.confirm_workspace(&info).await?;
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let records = self.records()?;
@@ -319,6 +335,20 @@ impl KeyService {
                     .as_ref()
                     .is_some_and(|w| w.workspace_id == info.workspace_id)
         });
+        // A workspace's key belongs to whoever had it made (the provisioner, or one bot):
+        // naming the workspace is not enough to get, rotate or replace it.
+        if let Some(r) = mine
+            && r.owner_id() != origin.owner_id()
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "workspace {:?} has a live key issued to another holder; it is not handed \
+                     out, rotated or replaced for you",
+                    info.workspace_id.chars().take(128).collect::<String>()
+                ),
+            ));
+        }
         let name = match mine {
             Some(r) => r.name.clone(),
             None => {
@@ -357,6 +387,31 @@ impl KeyService {
         .await
     }
 
+    /// With a Coder token configured, the workspace must exist in Coder with this name and
+    /// owner; the request's word alone names no workspace.
+    async fn confirm_workspace(&self, info: &WorkspaceInfo) -> Result<(), ApiError> {
+        let Some(coder) = self.coder.as_ref().filter(|c| c.confirms_workspaces()) else {
+            return Ok(());
+        };
+        let refuse = |why: String| Err(ApiError::new(ErrorCode::InvalidWorkspace, why));
+        let id: String = info.workspace_id.chars().take(128).collect();
+        match coder.workspace(&info.workspace_id).await? {
+            None => refuse(format!("Coder knows no workspace {id:?}")),
+            Some(w) if w.name != info.workspace_name => refuse(format!(
+                "Coder's workspace {id:?} is not named {:?}",
+                info.workspace_name.chars().take(128).collect::<String>()
+            )),
+            Some(w) if w.owner_name != info.coder_user || w.owner_id != info.coder_user_id => {
+                refuse(format!(
+                    "Coder's workspace {id:?} is not owned by {:?} ({:?})",
+                    info.coder_user.chars().take(128).collect::<String>(),
+                    info.coder_user_id.chars().take(128).collect::<String>()
+                ))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
     async fn issue_locked(&self, ask: KeyAsk) -> Result<IssuedLitellmKey, ApiError> {
         let spec = self.scopes.lookup(&ask.scope)?.clone();
         check_name(&ask.name)?;
@@ -368,6 +423,21 @@ impl KeyService {
             .cloned();
         let mut replaced: Option<KeyRecord> = None;
         if let Some(old) = existing {
+            // Reuse and rotation act on the asker's own key of that scope only; a live key of
+            // the name held by anyone else (or of another scope) is a collision, never handed
+            // out or deleted.
+            if ask.on_existing != OnExisting::Conflict
+                && (old.owner_id() != ask.origin.owner_id() || old.scope != ask.scope)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::KeyExists,
+                    format!(
+                        "a live key named {:?} (scope {}) belongs to another holder; revoke it \
+                         or ask under another name",
+                        old.name, old.scope
+                    ),
+                ));
+            }
             match &ask.on_existing {
                 OnExisting::Conflict => {
                     return Err(ApiError::new(
@@ -479,12 +549,15 @@ impl KeyService {
             now + time::Duration::seconds(i64::try_from(lifetime_secs).unwrap_or(i64::MAX / 4));
         let o = &ask.origin;
         let w = o.workspace.as_ref();
+        // LiteLLM refuses any body naming one of its client-side parameters anywhere, metadata
+        // included (`auth_utils.py`: `workspace_id` is one), so the workspace id travels as
+        // `coder_workspace_id`; docs/litellm.md has the mapping.
         let metadata = json!({
             "scope": spec.name,
             "key_type": "virtual",
             "created_by": o.created_by,
             "created_at": rfc3339(now),
-            "workspace_id": w.map(|w| w.workspace_id.clone()),
+            "coder_workspace_id": w.map(|w| w.workspace_id.clone()),
             "workspace_name": w.map(|w| w.workspace_name.clone()),
             "coder_user": o.coder_user,
             "coder_user_id": o.coder_user_id,
@@ -540,6 +613,7 @@ impl KeyService {
             workspace: o.workspace.clone(),
             upstream_deleted: false,
             replaced_by: None,
+            owner: Some(o.owner_id()),
         };
         if let Err(e) = self.put(&record) {
             self.roll_back(&generated).await;
@@ -723,6 +797,7 @@ impl KeyService {
             workspace: old.workspace.clone(),
             bot: old.bot.clone(),
             caller: actor.to_string(),
+            owner: old.owner_id(),
             ..Default::default()
         };
         self.issue_locked(KeyAsk {

@@ -23,6 +23,8 @@ use crate::store::{AuditFilter, ChainReport, CredentialRecord, MemoryStore, Stor
 struct Switchable {
     inner: SimulatedLitellm,
     down: AtomicBool,
+    /// Every `/key/generate` request, as the real client would send it.
+    sent: std::sync::Mutex<Vec<GenerateKey>>,
 }
 
 impl Switchable {
@@ -40,6 +42,7 @@ impl Switchable {
 #[async_trait::async_trait]
 impl LitellmApi for Switchable {
     async fn generate(&self, r: &GenerateKey) -> Result<GeneratedKey, LitellmError> {
+        self.sent.lock().unwrap().push(r.clone());
         self.check()?;
         self.inner.generate(r).await
     }
@@ -134,6 +137,7 @@ impl World {
         let api = Arc::new(Switchable {
             inner: SimulatedLitellm::new(shared.clone()),
             down: AtomicBool::new(false),
+            sent: Default::default(),
         });
         let store = Arc::new(FlakyStore::default());
         let audit = AuditLog::start(store.clone());
@@ -696,4 +700,224 @@ async fn issue_events_say_how_the_key_was_decided_and_live_record_finds_it() {
     w.keys.revoke_by_credential_id(&id, "admin").await.unwrap();
     assert!(w.keys.live_record(&id).unwrap().is_none());
     assert!(w.keys.live_record("lk_unknown").unwrap().is_none());
+}
+
+/// LiteLLM's banned client-side parameters (read from the real proxy's `auth_utils.py`; the
+/// same file the fake LiteLLM refuses by).
+fn litellm_banned_params() -> std::collections::BTreeSet<String> {
+    let v: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tests/fixtures/litellm/banned-request-body-params.json"
+    ))
+    .unwrap();
+    v["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn object_keys(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                out.push(k.clone());
+                object_keys(v, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| object_keys(v, out)),
+        _ => {}
+    }
+}
+
+/// Real LiteLLM answered every `/key/generate` with 401 "Rejected Request: workspace_id is not
+/// allowed in request body": the metadata carried `workspace_id` (even as null).
+#[tokio::test]
+async fn generate_bodies_carry_no_litellm_banned_param() {
+    let w = World::new();
+    let banned = litellm_banned_params();
+    assert!(banned.contains("workspace_id") && banned.contains("api_base"));
+    w.keys
+        .issue(ask("ci", "github-actions-main", OnExisting::Conflict))
+        .await
+        .unwrap();
+    w.keys
+        .issue_workspace(
+            workspace("ws-1", "dev", "alice"),
+            Origin {
+                created_by: KEY_PROVISIONER.into(),
+                caller: "provisioner".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(60),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let sent = w.api.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    for r in &sent {
+        let body = crate::providers::litellm::generate_body(r);
+        let mut names = Vec::new();
+        object_keys(&body, &mut names);
+        let hits: Vec<&String> = names.iter().filter(|n| banned.contains(*n)).collect();
+        assert!(hits.is_empty(), "banned params {hits:?} in {body}");
+    }
+    // The workspace is still named in the metadata, under a name LiteLLM allows.
+    let meta = &sent[1].metadata;
+    assert_eq!(meta["coder_workspace_id"], "ws-1");
+    assert_eq!(meta["workspace_name"], "dev");
+}
+
+/// Service-level negative table: a live key asked for by someone who does not hold it is never
+/// answered, rotated or replaced, and nothing stored or minted changes.
+#[tokio::test]
+async fn keys_of_other_holders_are_never_handed_out_rotated_or_replaced() {
+    struct Row {
+        name: &'static str,
+        victim: KeyAsk,
+        victim_workspace: Option<WorkspaceInfo>,
+        attack_workspace: Option<(WorkspaceInfo, Origin)>,
+        attack: Option<KeyAsk>,
+        code: ErrorCode,
+    }
+    let user_dev = Origin {
+        created_by: "dev".into(),
+        caller: "coder:dev".into(),
+        owner: "coder:usr-dev".into(),
+        coder_user: Some("dev".into()),
+        ..Default::default()
+    };
+    let rows = vec![
+        Row {
+            name: "workspace key of bot a asked for by bot b (with replaces)",
+            victim: ask("workspace", "unused", OnExisting::Conflict),
+            victim_workspace: Some(workspace("ws-1", "alpha", "alice")),
+            attack_workspace: Some((workspace("ws-1", "alpha", "alice"), origin("bot-b"))),
+            attack: None,
+            code: ErrorCode::Forbidden,
+        },
+        Row {
+            name: "a user key rotating a workspace key named like it",
+            victim: ask("workspace", "unused", OnExisting::Conflict),
+            victim_workspace: Some(workspace("ws-2", "dev-cli", "carol")),
+            attack_workspace: None,
+            attack: Some(KeyAsk {
+                origin: user_dev.clone(),
+                ..ask("user", "dev-cli", OnExisting::Rotate)
+            }),
+            code: ErrorCode::KeyExists,
+        },
+        Row {
+            name: "reuse by name of another bot's key",
+            victim: KeyAsk {
+                origin: origin("bot-a"),
+                ..ask("agent:review", "shared.agent-review", OnExisting::Conflict)
+            },
+            victim_workspace: None,
+            attack_workspace: None,
+            attack: Some(KeyAsk {
+                origin: origin("bot-b"),
+                ..ask(
+                    "agent:review",
+                    "shared.agent-review",
+                    OnExisting::Reuse {
+                        min_remaining: Duration::from_secs(60),
+                        rejected: None,
+                    },
+                )
+            }),
+            code: ErrorCode::KeyExists,
+        },
+    ];
+    for row in rows {
+        let w = World::new();
+        let victim = match &row.victim_workspace {
+            Some(info) => {
+                w.keys
+                    .issue_workspace(
+                        info.clone(),
+                        origin("bot-a"),
+                        Duration::from_secs(60),
+                        None,
+                        Vec::new(),
+                    )
+                    .await
+            }
+            None => w.keys.issue(row.victim.clone()).await,
+        }
+        .unwrap_or_else(|e| panic!("{}: victim: {e:?}", row.name));
+        let before = w.keys.list().unwrap();
+        let minted = w.api.sent.lock().unwrap().len();
+        let result = match (row.attack_workspace, row.attack) {
+            (Some((info, o)), _) => {
+                w.keys
+                    .issue_workspace(
+                        info,
+                        o,
+                        Duration::from_secs(60),
+                        Some(victim.record.credential_id.clone()),
+                        Vec::new(),
+                    )
+                    .await
+            }
+            (None, Some(a)) => w.keys.issue(a).await,
+            (None, None) => unreachable!("a row attacks"),
+        };
+        let e = result
+            .map(|k| k.record.name)
+            .expect_err(&format!("{}: the attack got a key", row.name));
+        assert_eq!(e.code, row.code, "{}: {}", row.name, e.message);
+        assert_eq!(w.keys.list().unwrap(), before, "{}", row.name);
+        assert_eq!(w.api.sent.lock().unwrap().len(), minted, "{}", row.name);
+        assert!(
+            w.keys
+                .live_record(&victim.record.credential_id)
+                .unwrap()
+                .is_some(),
+            "{}",
+            row.name
+        );
+    }
+}
+
+/// Records written before holders were stored still belong to the holder the same request
+/// names now: a user asking again after an upgrade rotates their own key.
+#[tokio::test]
+async fn records_without_a_stored_holder_keep_their_holder() {
+    let w = World::new();
+    let user = Origin {
+        created_by: "dev".into(),
+        caller: "coder:dev".into(),
+        owner: "coder:usr-dev".into(),
+        coder_user: Some("dev".into()),
+        coder_user_id: Some("usr-dev".into()),
+        ..Default::default()
+    };
+    let first = w
+        .keys
+        .issue(KeyAsk {
+            origin: user.clone(),
+            ..ask("user", "dev-cli", OnExisting::Rotate)
+        })
+        .await
+        .unwrap();
+    // As an older broker wrote it: no `owner`.
+    let id = first.record.credential_id.clone();
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&w.store.get_doc(NAMESPACE, &id).unwrap().unwrap()).unwrap();
+    doc.as_object_mut().unwrap().remove("owner");
+    w.store
+        .put_doc(NAMESPACE, &id, &serde_json::to_vec(&doc).unwrap())
+        .unwrap();
+    let again = w
+        .keys
+        .issue(KeyAsk {
+            origin: user,
+            ..ask("user", "dev-cli", OnExisting::Rotate)
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.replaced.as_deref(), Some(id.as_str()));
 }

@@ -1,5 +1,6 @@
 //! The real LiteLLM client: key management calls with the master key as bearer, bounded in
-//! time and size, mapped onto [`LitellmError`] (401/403 → auth failed, other statuses →
+//! time and size, mapped onto [`LitellmError`] (401/403 refusing the credential → auth failed;
+//! 401/403 refusing the request, and other statuses →
 //! LiteLLM error, transport failures → unavailable).
 
 use std::time::Duration;
@@ -153,10 +154,13 @@ impl LitellmClient {
         LitellmError::Unavailable { message }
     }
 
+    /// LiteLLM answers 401/403 both for a credential it refuses and for a request it refuses
+    /// (a banned body parameter, an Enterprise-only field). Only the first is the master key's
+    /// fault; the body's message tells them apart.
     fn error_for(reply: &Reply) -> LitellmError {
         let message = upstream_message(&reply.body, reply.status);
         match reply.status {
-            401 | 403 => LitellmError::AuthFailed {
+            401 | 403 if credential_refused(&reply.body) => LitellmError::AuthFailed {
                 status: reply.status,
                 message,
             },
@@ -179,6 +183,35 @@ fn upstream_message(body: &[u8], status: u16) -> String {
         Some(t) => scrub(&t),
         None => format!("status {status} without a LiteLLM error body"),
     }
+}
+
+/// What LiteLLM (1.106.2, `user_api_key_auth.py`, `route_checks.py`) says when it refuses the
+/// credential itself: none, malformed, unknown, expired or blocked, or a key that is not the
+/// proxy admin's (a virtual key configured as the master key).
+const CREDENTIAL_REFUSALS: &[&str] = &[
+    "no api key passed in",
+    "malformed api key",
+    "invalid api key",
+    "invalid proxy server token",
+    "expired key",
+    "key is blocked",
+    "virtual key is not allowed to call this route",
+    "only proxy admin can be used",
+];
+
+/// Whether a 401/403 body says the credential was refused. A body without LiteLLM's error text
+/// (a gateway in front of it, say) counts as a refused credential: nothing names the request.
+fn credential_refused(body: &[u8]) -> bool {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let Some(text) = parsed.as_ref().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("detail"))
+            .and_then(Value::as_str)
+    }) else {
+        return true;
+    };
+    let text = text.to_ascii_lowercase();
+    CREDENTIAL_REFUSALS.iter().any(|m| text.contains(m))
 }
 
 fn parse_time(v: Option<&Value>) -> Option<OffsetDateTime> {
@@ -321,6 +354,7 @@ impl LitellmApi for LitellmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use botcreds_proto::ErrorCode;
 
     #[test]
     fn generate_body_matches_the_reference_fields() {
@@ -352,6 +386,98 @@ mod tests {
         let v = br#"{"detail":[{"type":"value_error","loc":["body"],"msg":"Value error"}]}"#;
         assert_eq!(upstream_message(v, 422), "Value error");
         assert!(upstream_message(b"<html>", 502).contains("502"));
+    }
+
+    /// Real LiteLLM answers 401 for a banned request parameter too; that is not the master key's
+    /// fault and must not send the admin to `master_key_file`.
+    #[test]
+    fn refused_requests_are_told_from_a_refused_master_key() {
+        let fixture = |name: &str| -> Vec<u8> {
+            std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/fixtures/litellm")
+                    .join(name),
+            )
+            .unwrap()
+        };
+        let long_reason = format!(
+            "Authentication Error, Rejected Request: workspace_id is not allowed in request body. {}",
+            "Clientside passthrough requires explicit admin opt-in. ".repeat(20)
+        );
+        let rejected = serde_json::to_vec(&json!({"error": {"message": long_reason,
+            "type": "auth_error", "param": "None", "code": "401"}}))
+        .unwrap();
+        let admin_only = br#"{"error":{"message":"Authentication Error, Only proxy admin can be used to generate, delete, update info for new keys/users/teams. Route=/key/generate. Your role=unknown. Your user_id=***","type":"auth_error","param":"None","code":"401"}}"#.to_vec();
+        // As the real 1.106.2 proxy words a wrong master key.
+        let wrong_master = br#"{"error":{"message":"Authentication Error, Invalid proxy server token passed. Received API Key = sk-..., Key Hash (Token) =2ab06c. Unable to find token in cache or `LiteLLM_VerificationTokenTable`","type":"token_not_found_in_db","param":"key","code":"401"}}"#.to_vec();
+        let cases: Vec<(&str, u16, Vec<u8>, ErrorCode)> = vec![
+            (
+                "wrong master key",
+                401,
+                wrong_master,
+                ErrorCode::LitellmAuthFailed,
+            ),
+            (
+                "invalid key",
+                401,
+                fixture("error-401-invalid-key.json"),
+                ErrorCode::LitellmAuthFailed,
+            ),
+            (
+                "no key",
+                401,
+                fixture("error-401-no-key.json"),
+                ErrorCode::LitellmAuthFailed,
+            ),
+            (
+                "expired",
+                401,
+                fixture("error-401-expired-key.json"),
+                ErrorCode::LitellmAuthFailed,
+            ),
+            (
+                "blocked",
+                401,
+                fixture("error-401-blocked-key.json"),
+                ErrorCode::LitellmAuthFailed,
+            ),
+            (
+                "a virtual key, not the master",
+                403,
+                fixture("error-403-route-not-allowed.json"),
+                ErrorCode::LitellmAuthFailed,
+            ),
+            (
+                "a non-admin key",
+                401,
+                admin_only,
+                ErrorCode::LitellmAuthFailed,
+            ),
+            ("no body", 401, b"".to_vec(), ErrorCode::LitellmAuthFailed),
+            ("banned param", 401, rejected, ErrorCode::LitellmError),
+            (
+                "enterprise field",
+                403,
+                fixture("error-403-enterprise-field.json"),
+                ErrorCode::LitellmError,
+            ),
+        ];
+        for (what, status, body, code) in cases {
+            let e = LitellmClient::error_for(&Reply {
+                status,
+                body: Zeroizing::new(body),
+            });
+            assert_eq!(e.code(), code, "{what}: {e}");
+            let text = e.to_string();
+            assert!(text.len() <= 400, "{what}: unbounded: {text}");
+            if code == ErrorCode::LitellmError && what == "banned param" {
+                assert!(
+                    text.contains("workspace_id is not allowed in request body"),
+                    "{what}: {text}"
+                );
+                assert!(!text.contains("master_key_file"), "{what}: {text}");
+            }
+        }
     }
 
     #[test]

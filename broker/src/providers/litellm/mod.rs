@@ -17,6 +17,8 @@ use time::OffsetDateTime;
 
 use crate::secret::Secret;
 
+#[cfg(test)]
+pub(crate) use client::generate_body;
 pub use client::{LitellmClient, LitellmClientConfig};
 pub use simulated::SimulatedLitellm;
 
