@@ -586,6 +586,27 @@ mod tests {
         );
     }
 
+    /// Regression: `live_tokens` counted the scopes whose slot held a token, so a token a
+    /// re-mint superseded — handed out and live at GitHub — was missing from the gauge.
+    #[tokio::test]
+    async fn live_tokens_counts_superseded_tokens() {
+        let clock = OffsetClock::default();
+        let shared: SharedClock = Arc::new(clock.clone());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let first = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        assert_eq!(issuer.live_tokens(), 1);
+        clock.advance(55 * 60);
+        issuer.issue(&s, ten, None, "ci").await.unwrap();
+        assert!(github.is_live(&first.token));
+        assert_eq!(issuer.live_tokens(), 2, "the superseded token is live too");
+        // Past the first one's expiry only the second counts.
+        clock.advance(6 * 60);
+        assert_eq!(issuer.live_tokens(), 1);
+    }
+
     #[test]
     fn credential_ids_hide_the_token() {
         let t = Secret::new("ghs_abcdefghijklmnopqrstuvwxyz0123456789");

@@ -373,7 +373,28 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         );
     }
 
-    // The policy now denies ci-bot acme-corp/api: the reload ends the grant, audited.
+    // ci-bot collects what the approval covers, and asks for more on acme-corp/api.
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "GET",
+        &format!("/v1/requests/{ci_request}"),
+        None,
+    )
+    .await;
+    let ci_api = credential(s, b);
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(json!({"kind": "github_token", "repositories": ["acme-corp/api"], "permissions": ["issues:write"]})),
+    )
+    .await;
+    let ci_pending = pending_view(s, b).request_id;
+
+    // The policy now denies ci-bot acme-corp/api: the reload ends the grant, revokes the
+    // token and denies the pending request, each audited.
     let loads = w.broker.log_count("policy reloaded");
     std::fs::write(&w.broker.policy_path, POLICY_WITH_DENY).unwrap();
     w.broker.signal("HUP");
@@ -398,6 +419,27 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
     assert_eq!(ended.len(), 1);
     assert_eq!(ended[0].request_id.as_deref(), Some(ci_request.as_str()));
     assert_eq!(ended[0].caller.as_deref(), Some("policy"));
+    let info = w.github.token_info(&ci_api.token).expect("minted by the fake");
+    assert!(!info.is_active(), "the reload revoked the denied token at GitHub");
+    let log = audit(&w).await;
+    let revoked = log
+        .iter()
+        .find(|e| {
+            e.event == AuditEventKind::CredentialRevoked
+                && e.token_id.as_deref() == Some(ci_api.credential_id.as_str())
+        })
+        .expect("the revocation is audited");
+    assert_eq!(revoked.caller.as_deref(), Some("policy"));
+    let info = w.github.token_info(&current.token).expect("minted by the fake");
+    assert!(info.is_active(), "a token the policy still allows stays live");
+    let denied = log
+        .iter()
+        .find(|e| {
+            e.event == AuditEventKind::ApprovalDenied
+                && e.request_id.as_deref() == Some(ci_pending.as_str())
+        })
+        .expect("the denial of the pending request is audited");
+    assert_eq!(denied.caller.as_deref(), Some("policy"));
 
     let replace_body = {
         let mut b = read_request("acme-corp/web");
@@ -427,6 +469,43 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
                 method: "POST",
                 path: "/v1/credentials".into(),
                 body: Some(write_request("acme-corp/api")),
+            },
+            code: ErrorCode::PolicyDenied,
+            events: requested_denied.clone(),
+        },
+        Case {
+            name: "approve a pending request the reload denied",
+            try_: Try::Http {
+                who: As::Node(ADMIN),
+                method: "POST",
+                path: format!("/v1/admin/approvals/{ci_pending}/approve"),
+                body: Some(json!({})),
+            },
+            code: ErrorCode::AlreadyDecided,
+            events: vec![],
+        },
+        Case {
+            name: "poll a pending request the reload denied",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "GET",
+                path: format!("/v1/requests/{ci_pending}"),
+                body: None,
+            },
+            code: ErrorCode::ApprovalDenied,
+            events: vec![],
+        },
+        Case {
+            name: "ask to replace the token the reload revoked",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "POST",
+                path: "/v1/credentials".into(),
+                body: Some({
+                    let mut b = write_request("acme-corp/api");
+                    b["replaces"] = json!(ci_api.credential_id);
+                    b
+                }),
             },
             code: ErrorCode::PolicyDenied,
             events: requested_denied.clone(),
@@ -540,7 +619,7 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         let events = audit(&w).await;
         let added: Vec<AuditEventKind> = events[audit_len..].iter().map(|e| e.event).collect();
         assert_eq!(added, case.events, "{}: audit events", case.name);
-        if let Some(last) = events.last() {
+        if let (false, Some(last)) = (added.is_empty(), events.last()) {
             assert_eq!(
                 last.code.as_deref(),
                 Some(case.code.as_str()),
@@ -589,6 +668,93 @@ async fn concurrent_identical_requests_mint_once_end_to_end() {
     }
     assert_eq!(w.github.mint_count(), 1);
     assert_eq!(ids.len(), 1);
+}
+
+/// A `botcreds_policy_decisions_total` count from the broker's metrics.
+async fn decisions(w: &World, outcome: &str) -> u64 {
+    let text = w
+        .broker
+        .client_from(ip(ADMIN))
+        .get(format!("{}/metrics", w.broker.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let prefix = format!("botcreds_policy_decisions_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// Regression: a request decided before a reload and answered after it (waiting on its own
+/// mint, or on another request's mint of the same token through single flight) was answered
+/// under the old policy. GitHub holds the mint here until the reload that denies the scope
+/// is in force; both requests, decided `allow` before it, are refused with `policy_denied`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_an_in_flight_mint_wins() {
+    let mut w = world().await;
+    w.github.hold_mints();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let client = w.broker.client_from(ip(CI));
+        let url = format!("{}/v1/credentials", w.broker.url);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .json(&read_request("acme-corp/web"))
+                .send()
+                .await
+                .expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        }));
+    }
+    // Both are decided (`allow`) and wait: one on GitHub, one on that mint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while decisions(&w, "allow").await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "requests not decided");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loads = w.broker.log_count("policy reloaded");
+    std::fs::write(
+        &w.broker.policy_path,
+        POLICY_WITH_DENY.replace("- repo: \"acme-corp/api\"", "- repo: \"acme-corp/web\""),
+    )
+    .unwrap();
+    w.broker.signal("HUP");
+    assert!(
+        w.broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    w.github.release_mints();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(
+            (status, code_of(&body)),
+            (403, ErrorCode::PolicyDenied),
+            "{body}"
+        );
+    }
+    assert!(
+        !audit(&w)
+            .await
+            .iter()
+            .any(|e| e.event == AuditEventKind::CredentialIssued),
+        "nothing was handed out"
+    );
+    // Asked again, it is refused before any mint.
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(read_request("acme-corp/web")),
+    )
+    .await;
+    assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
 }
 
 const LITELLM_POLICY: &str = r#"
