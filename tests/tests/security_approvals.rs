@@ -43,13 +43,15 @@ defaults:
   approval_timeout: 24h
 "#;
 
-/// [`POLICY`] with a deny for ci-bot on acme-corp/api, added after an approval of it.
+/// [`POLICY`] with a deny for ci-bot on acme-corp/api and acme-corp/infra, added after
+/// approvals of them.
 const POLICY_WITH_DENY: &str = r#"
 bots:
   ci-bot:
     identity: { tag: "tag:ci" }
     deny:
       - repo: "acme-corp/api"
+      - repo: "acme-corp/infra"
     auto_approve:
       - repo: "acme-corp/web"
         permissions: [contents:read]
@@ -373,16 +375,35 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         );
     }
 
-    // ci-bot collects what the approval covers, and asks for more on acme-corp/api.
+    // ci-bot has write on acme-corp/infra approved and collects the token, and asks for
+    // more on acme-corp/api.
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(write_request("acme-corp/infra")),
+    )
+    .await;
+    let infra_request = pending_view(s, b).request_id;
+    let (s, b) = send(
+        &w,
+        As::Node(ADMIN),
+        "POST",
+        &format!("/v1/admin/approvals/{infra_request}/approve"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
     let (s, b) = send(
         &w,
         As::Node(CI),
         "GET",
-        &format!("/v1/requests/{ci_request}"),
+        &format!("/v1/requests/{infra_request}"),
         None,
     )
     .await;
-    let ci_api = credential(s, b);
+    let ci_infra = credential(s, b);
     let (s, b) = send(
         &w,
         As::Node(CI),
@@ -416,22 +437,40 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         .iter()
         .filter(|e| e.event == AuditEventKind::GrantRevoked)
         .collect();
-    assert_eq!(ended.len(), 1);
-    assert_eq!(ended[0].request_id.as_deref(), Some(ci_request.as_str()));
-    assert_eq!(ended[0].caller.as_deref(), Some("policy"));
-    let info = w.github.token_info(&ci_api.token).expect("minted by the fake");
-    assert!(!info.is_active(), "the reload revoked the denied token at GitHub");
+    let mut ended_requests: Vec<&str> = ended
+        .iter()
+        .filter_map(|e| e.request_id.as_deref())
+        .collect();
+    ended_requests.sort_unstable();
+    let mut want = vec![ci_request.as_str(), infra_request.as_str()];
+    want.sort_unstable();
+    assert_eq!(ended_requests, want);
+    assert!(ended.iter().all(|e| e.caller.as_deref() == Some("policy")));
+    let info = w
+        .github
+        .token_info(&ci_infra.token)
+        .expect("minted by the fake");
+    assert!(
+        !info.is_active(),
+        "the reload revoked the denied token at GitHub"
+    );
     let log = audit(&w).await;
     let revoked = log
         .iter()
         .find(|e| {
             e.event == AuditEventKind::CredentialRevoked
-                && e.token_id.as_deref() == Some(ci_api.credential_id.as_str())
+                && e.token_id.as_deref() == Some(ci_infra.credential_id.as_str())
         })
         .expect("the revocation is audited");
     assert_eq!(revoked.caller.as_deref(), Some("policy"));
-    let info = w.github.token_info(&current.token).expect("minted by the fake");
-    assert!(info.is_active(), "a token the policy still allows stays live");
+    let info = w
+        .github
+        .token_info(&current.token)
+        .expect("minted by the fake");
+    assert!(
+        info.is_active(),
+        "a token the policy still allows stays live"
+    );
     let denied = log
         .iter()
         .find(|e| {
@@ -502,8 +541,8 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
                 method: "POST",
                 path: "/v1/credentials".into(),
                 body: Some({
-                    let mut b = write_request("acme-corp/api");
-                    b["replaces"] = json!(ci_api.credential_id);
+                    let mut b = write_request("acme-corp/infra");
+                    b["replaces"] = json!(ci_infra.credential_id);
                     b
                 }),
             },
@@ -714,7 +753,10 @@ async fn a_reload_during_an_in_flight_mint_wins() {
     // Both are decided (`allow`) and wait: one on GitHub, one on that mint.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while decisions(&w, "allow").await < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "requests not decided");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests not decided"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let loads = w.broker.log_count("policy reloaded");

@@ -991,13 +991,27 @@ async fn a_reloaded_policy_revokes_the_live_tokens_it_denies() {
     let api = scope_of(&["acme/api"], &["contents:read"]);
     // ci and deploy share the acme/web token through the reuse cache.
     let shared = w.issuer.issue(&web, ten, None, "ci").await.unwrap().token;
-    assert!(w.issuer.issue(&web, ten, None, "deploy").await.unwrap().reused);
+    assert!(
+        w.issuer
+            .issue(&web, ten, None, "deploy")
+            .await
+            .unwrap()
+            .reused
+    );
     let ci_api = w.issuer.issue(&api, ten, None, "ci").await.unwrap().token;
     let docs = scope_of(&["acme/docs"], &["contents:write"]);
-    let deploy_docs = w.issuer.issue(&docs, ten, None, "deploy").await.unwrap().token;
+    let deploy_docs = w
+        .issuer
+        .issue(&docs, ten, None, "deploy")
+        .await
+        .unwrap()
+        .token;
 
     w.approvals.end_denied_grants(&policy(ALLOW_ALL)).await;
-    assert!(w.github.is_live(&shared.token), "nothing denied, nothing revoked");
+    assert!(
+        w.github.is_live(&shared.token),
+        "nothing denied, nothing revoked"
+    );
     assert_eq!(events(&w, AuditEventKind::CredentialRevoked), 0);
 
     w.approvals.end_denied_grants(&policy(DENY_WEB)).await;
@@ -1015,10 +1029,16 @@ async fn a_reloaded_policy_revokes_the_live_tokens_it_denies() {
         })
         .unwrap();
     assert_eq!(revoked.len(), 1);
-    assert_eq!(revoked[0].token_id.as_deref(), Some(shared.credential_id.as_str()));
+    assert_eq!(
+        revoked[0].token_id.as_deref(),
+        Some(shared.credential_id.as_str())
+    );
     assert_eq!(revoked[0].caller.as_deref(), Some("policy"));
     assert!(
-        revoked[0].detail.as_deref().is_some_and(|d| d.contains("policy")),
+        revoked[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("policy")),
         "{:?}",
         revoked[0].detail
     );
@@ -1057,7 +1077,9 @@ async fn a_reloaded_policy_denies_the_pending_requests_it_denies() {
     assert_eq!(view.state, ApprovalState::Denied);
     assert_eq!(view.decided_by.as_deref(), Some("policy"));
     assert!(
-        view.deny_reason.as_deref().is_some_and(|r| r.contains("policy")),
+        view.deny_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("policy")),
         "{:?}",
         view.deny_reason
     );
