@@ -524,7 +524,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
     let scope = TokenScope::new(&repos, &perms).unwrap();
     let issued = w
         .issuer
-        .issue(&scope, Duration::from_secs(600), None, "ci")
+        .issue_unchecked(&scope, Duration::from_secs(600), None, "ci")
         .await
         .unwrap();
     // Record the holder as the credentials handler does.
@@ -562,7 +562,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
     // Out of the reuse cache: the next request mints afresh.
     let again = w
         .issuer
-        .issue(&scope, Duration::from_secs(600), None, "ci")
+        .issue_unchecked(&scope, Duration::from_secs(600), None, "ci")
         .await
         .unwrap();
     assert!(!again.reused);
@@ -774,7 +774,7 @@ async fn revoking_a_bot_reaches_every_token_it_was_handed() {
         let issued = if i % 2 == 1 {
             let last: &crate::grants::IssuedToken = tokens.last().unwrap();
             w.issuer
-                .issue(
+                .issue_unchecked(
                     &scope,
                     Duration::from_secs(55 * 60),
                     Some(&last.credential_id),
@@ -784,7 +784,7 @@ async fn revoking_a_bot_reaches_every_token_it_was_handed() {
                 .unwrap()
         } else {
             w.issuer
-                .issue(&scope, Duration::from_secs(55 * 60), None, "ci")
+                .issue_unchecked(&scope, Duration::from_secs(55 * 60), None, "ci")
                 .await
                 .unwrap()
         };
@@ -933,13 +933,19 @@ async fn a_reloaded_policy_ends_the_grants_it_denies() {
         "bots:\n  ci:\n    identity: { type: api_key }\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n",
     )
     .unwrap();
-    assert!(w.approvals.end_denied_grants(&allow).await.is_empty());
+    assert!(
+        w.approvals
+            .enforce_policy(&allow, None)
+            .await
+            .grants_ended
+            .is_empty()
+    );
     let deny = crate::policy::Policy::parse(
         "p.yaml",
         "bots:\n  ci:\n    identity: { type: api_key }\n    deny:\n      - repo: \"acme/web\"\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n",
     )
     .unwrap();
-    let ended = w.approvals.end_denied_grants(&deny).await;
+    let ended = w.approvals.enforce_policy(&deny, None).await.grants_ended;
     assert_eq!(ended.len(), 1);
     let live = w.approvals.grants(false);
     assert_eq!(live.len(), 1);
@@ -990,31 +996,41 @@ async fn a_reloaded_policy_revokes_the_live_tokens_it_denies() {
     let web = scope_of(&["acme/web"], &["contents:read"]);
     let api = scope_of(&["acme/api"], &["contents:read"]);
     // ci and deploy share the acme/web token through the reuse cache.
-    let shared = w.issuer.issue(&web, ten, None, "ci").await.unwrap().token;
+    let shared = w
+        .issuer
+        .issue_unchecked(&web, ten, None, "ci")
+        .await
+        .unwrap()
+        .token;
     assert!(
         w.issuer
-            .issue(&web, ten, None, "deploy")
+            .issue_unchecked(&web, ten, None, "deploy")
             .await
             .unwrap()
             .reused
     );
-    let ci_api = w.issuer.issue(&api, ten, None, "ci").await.unwrap().token;
+    let ci_api = w
+        .issuer
+        .issue_unchecked(&api, ten, None, "ci")
+        .await
+        .unwrap()
+        .token;
     let docs = scope_of(&["acme/docs"], &["contents:write"]);
     let deploy_docs = w
         .issuer
-        .issue(&docs, ten, None, "deploy")
+        .issue_unchecked(&docs, ten, None, "deploy")
         .await
         .unwrap()
         .token;
 
-    w.approvals.end_denied_grants(&policy(ALLOW_ALL)).await;
+    w.approvals.enforce_policy(&policy(ALLOW_ALL), None).await;
     assert!(
         w.github.is_live(&shared.token),
         "nothing denied, nothing revoked"
     );
     assert_eq!(events(&w, AuditEventKind::CredentialRevoked), 0);
 
-    w.approvals.end_denied_grants(&policy(DENY_WEB)).await;
+    w.approvals.enforce_policy(&policy(DENY_WEB), None).await;
     assert!(
         w.github.is_revoked(&shared.token),
         "a denied holder's token is revoked at GitHub"
@@ -1043,7 +1059,11 @@ async fn a_reloaded_policy_revokes_the_live_tokens_it_denies() {
         revoked[0].detail
     );
     // Out of the reuse cache: deploy, still allowed, gets a fresh token.
-    let again = w.issuer.issue(&web, ten, None, "deploy").await.unwrap();
+    let again = w
+        .issuer
+        .issue_unchecked(&web, ten, None, "deploy")
+        .await
+        .unwrap();
     assert!(!again.reused);
     assert_ne!(again.token.credential_id, shared.credential_id);
 }
@@ -1069,10 +1089,10 @@ async fn a_reloaded_policy_denies_the_pending_requests_it_denies() {
         .unwrap()
         .view
         .request_id;
-    w.approvals.end_denied_grants(&policy(ALLOW_ALL)).await;
+    w.approvals.enforce_policy(&policy(ALLOW_ALL), None).await;
     assert_eq!(w.approvals.pending().unwrap().len(), 2);
 
-    w.approvals.end_denied_grants(&policy(DENY_WEB)).await;
+    w.approvals.enforce_policy(&policy(DENY_WEB), None).await;
     let view = w.approvals.get(&web).unwrap();
     assert_eq!(view.state, ApprovalState::Denied);
     assert_eq!(view.decided_by.as_deref(), Some("policy"));
