@@ -815,7 +815,8 @@ defaults:
 const REVIEW_KEY: &str = "bck_secReviewBotKey0123456789abcdefg";
 
 /// Regression (LiteLLM side of the deny-after-approval finding): an approved LiteLLM key
-/// request whose scope the policy now denies hands out nothing, and the reload ends its grant.
+/// request whose scope the policy now denies hands out nothing, and the reload ends its grant
+/// and deletes the key already handed out (before, it stayed live until its expiry).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deny_added_after_a_litellm_approval_wins() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -868,6 +869,11 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
     )
     .await;
     assert_eq!(s, 200, "{b}");
+    // review-bot collects the approved key.
+    let (s, b) = call(REVIEW_KEY, "GET", format!("/v1/requests/{id}"), None).await;
+    assert_eq!(s, 200, "{b}");
+    let key = b["key"].as_str().expect("a key").to_string();
+    let key_id = b["credential_id"].as_str().expect("an id").to_string();
 
     let loads = broker.log_count("policy reloaded");
     std::fs::write(
@@ -887,13 +893,35 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
     let (s, b) = call(OPS_KEY, "GET", "/v1/admin/grants".into(), None).await;
     assert_eq!(s, 200);
     assert_eq!(b["grants"], json!([]), "the denied grant ended");
+    assert!(
+        litellm.was_deleted(&key),
+        "the reload deleted the denied key in LiteLLM"
+    );
+    let (s, b) = call(
+        OPS_KEY,
+        "GET",
+        "/v1/admin/audit?event=credential_revoked".into(),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let log: AuditList = serde_json::from_value(b).unwrap();
+    assert!(
+        log.events
+            .iter()
+            .any(|e| e.token_id.as_deref() == Some(key_id.as_str())
+                && e.caller.as_deref() == Some("policy")),
+        "the key's revocation is audited: {:?}",
+        log.events
+    );
 
     let (s, b) = call(REVIEW_KEY, "GET", format!("/v1/requests/{id}"), None).await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
     let (s, b) = call(REVIEW_KEY, "POST", "/v1/credentials".into(), Some(ask)).await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
-    assert!(
-        litellm.calls_to("/key/generate").is_empty(),
-        "no key was minted"
+    assert_eq!(
+        litellm.calls_to("/key/generate").len(),
+        1,
+        "no key was minted after the reload"
     );
 }
