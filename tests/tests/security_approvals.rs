@@ -925,3 +925,87 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
         "no key was minted after the reload"
     );
 }
+
+/// Regression (LiteLLM side of the in-flight finding): an approved LiteLLM key request whose
+/// key was being minted when a reload denied the scope was answered with the new key. Now it
+/// is refused with `policy_denied` and the key minted for it is deleted in LiteLLM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_an_in_flight_litellm_mint_wins() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let litellm = botcreds_tests::fake_litellm::FakeLitellm::start(
+        botcreds_tests::fake_litellm::FakeLitellmConfig::default(),
+    )
+    .await;
+    let mut broker = BrokerBuilder::new(LITELLM_POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("review-bot", REVIEW_KEY)
+        .api_key("ops", OPS_KEY)
+        .litellm(&litellm.base_url(), litellm.master_key(), "")
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
+        .start()
+        .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = |path: &str| format!("{}{path}", broker.url);
+    let resp = http
+        .post(url("/v1/credentials"))
+        .bearer_auth(REVIEW_KEY)
+        .json(&json!({"kind": "litellm_key", "scope": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let id = pending_view(status, resp.json().await.unwrap()).request_id;
+    let resp = http
+        .post(url(&format!("/v1/admin/approvals/{id}/approve")))
+        .bearer_auth(OPS_KEY)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+
+    litellm.hold_generates();
+    let poll = {
+        let req = http
+            .get(url(&format!("/v1/requests/{id}")))
+            .bearer_auth(REVIEW_KEY);
+        tokio::spawn(async move {
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        })
+    };
+    // The key's mint has reached LiteLLM (recorded on arrival, then held).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while litellm.calls_to("/key/generate").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no mint arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loads = broker.log_count("policy reloaded");
+    std::fs::write(
+        &broker.policy_path,
+        LITELLM_POLICY.replace(
+            "    requires_approval:\n      - litellm_scope: ci\n",
+            "    deny:\n      - litellm_scope: ci\n",
+        ),
+    )
+    .unwrap();
+    broker.signal("HUP");
+    assert!(
+        broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    litellm.release_generates();
+    let (status, body) = poll.await.unwrap();
+    assert_eq!(
+        (status, code_of(&body)),
+        (403, ErrorCode::PolicyDenied),
+        "{body}"
+    );
+    assert!(
+        litellm.live_keys().is_empty(),
+        "the key minted for the refused request is deleted"
+    );
+}
