@@ -397,13 +397,13 @@ async fn issue_approved(
             let ask = LitellmAsk {
                 scope: scope.clone(),
                 min_remaining: a.min_ttl,
-                workspace: a.workspace,
+                workspace: a.workspace.clone(),
                 reason: None,
             };
             let answer = crate::api::keys::hand_out(
                 state,
                 caller,
-                a.bot,
+                a.bot.clone(),
                 ask,
                 replaces.map(str::to_string),
                 a.rule,
@@ -411,6 +411,21 @@ async fn issue_approved(
                 before,
             )
             .await?;
+            // Decided again now the key exists (the issue may have waited on LiteLLM or on
+            // another issue): a reload that denied it meanwhile may have missed the key, so
+            // it is revoked here and nothing is answered.
+            if let Some(e) = denied_now(state, caller, a.resource) {
+                tracing::info!(bot = a.bot.as_deref().unwrap_or("-"), request_id = %a.request_id, credential_id = %answer.credential_id, "approved key refused: the policy now denies it");
+                if let Some(keys) = &state.keys
+                    && let Err(err) = keys
+                        .revoke_by_credential_id(&answer.credential_id, "policy")
+                        .await
+                {
+                    tracing::error!(credential_id = %answer.credential_id, code = %err.code, error = %err.message, "could not revoke a key the policy now denies");
+                }
+                refuse_approved(state, caller, &a, Vec::new(), &e).await;
+                return Err(e);
+            }
             let id = answer.credential_id.clone();
             Ok((Json(answer).into_response(), id))
         }
