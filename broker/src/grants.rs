@@ -123,7 +123,7 @@ pub struct HandedOut {
 /// The answer of [`TokenIssuer::issue`]: a token, or the recheck's refusal.
 #[derive(Debug)]
 pub enum Checked<R> {
-    Issued(Issued),
+    Issued(Box<Issued>),
     /// The recheck refused right before the answer (the policy changed meanwhile); the
     /// caller was handed nothing.
     Refused(R),
@@ -298,11 +298,11 @@ impl TokenIssuer {
                         }
                         return Ok(Checked::Refused(refusal));
                     }
-                    return Ok(Checked::Issued(Issued {
+                    return Ok(Checked::Issued(Box::new(Issued {
                         token: t,
                         reused: true,
                         replaced: None,
-                    }));
+                    })));
                 }
             }
         }
@@ -365,11 +365,11 @@ impl TokenIssuer {
                 })
             }
         };
-        Ok(Checked::Issued(Issued {
+        Ok(Checked::Issued(Box::new(Issued {
             token,
             reused: false,
             replaced,
-        }))
+        })))
     }
 
     /// [`TokenIssuer::issue`] without a recheck, for tests of the cache itself.
@@ -387,7 +387,7 @@ impl TokenIssuer {
             })
             .await?
         {
-            Checked::Issued(i) => Ok(i),
+            Checked::Issued(i) => Ok(*i),
             Checked::Refused(never) => match never {},
         }
     }

@@ -175,7 +175,7 @@ pub async fn create(
         )
         .await
     {
-        Ok(Checked::Issued(i)) => i,
+        Ok(Checked::Issued(i)) => *i,
         Ok(Checked::Refused(now)) => {
             tracing::info!(bot = decision.bot.as_deref().unwrap_or("-"), rule = %now.rule, "the policy changed before the answer; decided again");
             if now.outcome == Outcome::Deny {

@@ -485,7 +485,7 @@ pub async fn issue_github(
         .issue(&scope, min_ttl, replaces, &who, recheck)
         .await
     {
-        Ok(Checked::Issued(i)) => i,
+        Ok(Checked::Issued(i)) => *i,
         Ok(Checked::Refused(e)) => {
             tracing::info!(
                 bot = bot.as_deref().unwrap_or("-"),
