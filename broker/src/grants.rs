@@ -695,6 +695,57 @@ mod tests {
         assert_eq!(issuer.live_tokens(), 1);
     }
 
+    /// The recheck decides before every answer: a refusal hands nothing out, from the cache
+    /// or from a fresh mint, and records no holder; a request it allows still gets the token.
+    #[tokio::test]
+    async fn the_recheck_refuses_cached_and_minted_tokens_alike() {
+        let shared: SharedClock = Arc::new(OffsetClock::default());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared);
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let holders = |issuer: &TokenIssuer| -> Vec<Vec<String>> {
+            issuer
+                .handed_out
+                .lock()
+                .unwrap()
+                .values()
+                .map(|h| h.holders.iter().cloned().collect())
+                .collect()
+        };
+        // A fresh mint the recheck refuses: tracked, held by nobody.
+        let refused = issuer
+            .issue(&s, ten, None, "ci", || Some("denied"))
+            .await
+            .unwrap();
+        assert!(matches!(refused, Checked::Refused("denied")));
+        assert_eq!(github.stats().mints, 1);
+        assert_eq!(holders(&issuer), vec![Vec::<String>::new()]);
+        // The cached token, refused again: still nobody's.
+        let refused = issuer
+            .issue(&s, ten, None, "ci", || Some("denied"))
+            .await
+            .unwrap();
+        assert!(matches!(refused, Checked::Refused("denied")));
+        assert_eq!(holders(&issuer), vec![Vec::<String>::new()]);
+        // Allowed: the cached token, now held by deploy.
+        let ok = issuer
+            .issue_unchecked(&s, ten, None, "deploy")
+            .await
+            .unwrap();
+        assert!(ok.reused);
+        assert_eq!(github.stats().mints, 1);
+        assert_eq!(holders(&issuer), vec![vec!["deploy".to_string()]]);
+        // Taken (revoked): never answered from the slot again.
+        assert_eq!(issuer.take_where(|_| true).len(), 1);
+        let fresh = issuer
+            .issue_unchecked(&s, ten, None, "deploy")
+            .await
+            .unwrap();
+        assert!(!fresh.reused);
+        assert_ne!(fresh.token.credential_id, ok.token.credential_id);
+    }
+
     #[test]
     fn credential_ids_hide_the_token() {
         let t = Secret::new("ghs_abcdefghijklmnopqrstuvwxyz0123456789");
