@@ -1,6 +1,7 @@
 //! Negative security tests of approvals and grants through the real `botcreds` binary: a deny
-//! added after an approval, self-approval on every decision path, replacement flooding, and
-//! concurrent identical requests. Each refusal is a table row: what is tried, the stable code
+//! added after an approval (what the reload ends: tokens, LiteLLM keys, grants, pending
+//! requests; and requests in flight across it), self-approval on every decision path,
+//! replacement flooding, and concurrent identical requests. Each refusal is a table row: what is tried, the stable code
 //! it must be refused with, and the audit events it may add — pending requests, grants,
 //! remembered rules and GitHub's mint count must not change.
 
