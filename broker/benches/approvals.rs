@@ -117,12 +117,15 @@ fn approve_to_waiting_bot(bencher: Bencher) {
                 let repos: Vec<RepoName> = vec!["acme/web".parse().expect("repo")];
                 let perms: Vec<Permission> = vec!["contents:write".parse().expect("permission")];
                 let scope = TokenScope::new(&repos, &perms).expect("scope");
-                issuer
-                    .issue(&scope, Duration::from_secs(600), None, "ci")
+                let no_recheck = || None::<std::convert::Infallible>;
+                match issuer
+                    .issue(&scope, Duration::from_secs(600), None, "ci", no_recheck)
                     .await
                     .expect("token")
-                    .token
-                    .credential_id
+                {
+                    botcreds_broker::grants::Checked::Issued(i) => i.token.credential_id,
+                    botcreds_broker::grants::Checked::Refused(never) => match never {},
+                }
             });
             (id, waiter)
         })

@@ -4,10 +4,16 @@
 //!
 //! Concurrent identical requests wait on one mint (single flight), so a burst costs one
 //! upstream call. Every token handed out is tracked until it expires, superseded ones too,
-//! so revocation reaches all of them; a replaced token is revoked when its replacement is
+//! with the scope it was minted for and who it was handed to, so revocation (and a policy
+//! reload) reaches all of them; a replaced token is revoked when its replacement is
 //! minted, and replacements are rate limited per caller and scope.
+//!
+//! Deny wins on the answer too: the caller's `recheck` (the policy in force) runs after the
+//! wait and the mint, under the same lock that records the holder, right before a token is
+//! answered — from the cache or freshly minted. A reload that swaps the policy either comes
+//! before that check (which then refuses) or finds the holder recorded (and revokes).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,6 +108,27 @@ pub struct Replaced {
     pub error: Option<String>,
 }
 
+/// A live token handed out: what it was minted for and to whom.
+#[derive(Clone, Debug)]
+pub struct HandedOut {
+    pub token: IssuedToken,
+    /// The scope asked for (the reuse key), which a policy decides on.
+    pub scope: TokenScope,
+    /// Who it was answered to: policy bots, or for callers matching none their description
+    /// (the `who` of [`TokenIssuer::issue`]). Empty for a token minted for a request the
+    /// recheck then refused.
+    pub holders: BTreeSet<String>,
+}
+
+/// The answer of [`TokenIssuer::issue`]: a token, or the recheck's refusal.
+#[derive(Debug)]
+pub enum Checked<R> {
+    Issued(Box<Issued>),
+    /// The recheck refused right before the answer (the policy changed meanwhile); the
+    /// caller was handed nothing.
+    Refused(R),
+}
+
 /// Why [`TokenIssuer::issue`] handed out nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -151,8 +178,9 @@ pub struct TokenIssuer {
     clock: SharedClock,
     slots: Mutex<HashMap<TokenScope, Slot>>,
     /// Every token handed out, by credential id, until it expires — the one a scope's slot
-    /// holds and those it superseded — so revocation reaches all of them.
-    handed_out: Mutex<HashMap<String, IssuedToken>>,
+    /// holds and those it superseded — so revocation reaches all of them. A slot's token
+    /// that is not here (revoked) is never answered again.
+    handed_out: Mutex<HashMap<String, HandedOut>>,
     replace_limit: ReplaceLimit,
     buckets: Mutex<HashMap<(String, TokenScope), Bucket>>,
 }
@@ -225,37 +253,57 @@ impl TokenIssuer {
         })
     }
 
-    /// A token for `scope` that stays valid for at least `min_ttl`: the live one if it
-    /// qualifies, else a freshly minted one (which then replaces it). A live token whose id
-    /// is `rejected` (a client saw GitHub refuse it) never qualifies: it is replaced —
-    /// at most as often as the replacement limit lets `who` (the bot) — and revoked.
-    pub async fn issue(
+    /// A token for `scope` that stays valid for at least `min_ttl`, for `who` (the bot): the
+    /// live one if it qualifies, else a freshly minted one (which then replaces it). A live
+    /// token whose id is `rejected` (a client saw GitHub refuse it) never qualifies: it is
+    /// replaced — at most as often as the replacement limit lets `who` — and revoked.
+    ///
+    /// `recheck` runs right before the answer, after any wait on another request's mint and
+    /// after this one's: `Some(refusal)` (the policy in force no longer allows it) answers
+    /// [`Checked::Refused`] and hands nothing out. A token minted for a refused request stays
+    /// tracked (held by nobody) and cached for requests the policy allows.
+    pub async fn issue<R>(
         &self,
         scope: &TokenScope,
         min_ttl: Duration,
         rejected: Option<&str>,
         who: &str,
-    ) -> Result<Issued, IssueError> {
+        recheck: impl Fn() -> Option<R>,
+    ) -> Result<Checked<R>, IssueError> {
         let slot = self.slot(scope);
         let mut held = slot.lock().await;
         let now = self.clock.now();
         let mut replacing = None;
-        if let Some(t) = held.as_ref()
+        if let Some(t) = held.clone()
             && t.expires_at > now
         {
             let enough_life = t.expires_at - now >= min_ttl;
-            if rejected == Some(t.credential_id.as_str()) {
-                // Only a replacement the ttl does not force anyway counts against the limit.
-                if enough_life {
-                    self.take_replacement(who, scope)?;
+            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+            // A token no longer tracked was revoked: neither answered nor replaced again.
+            if let Some(entry) = handed_out.get_mut(&t.credential_id) {
+                if rejected == Some(t.credential_id.as_str()) {
+                    drop(handed_out);
+                    // Only a replacement the ttl does not force anyway counts against the limit.
+                    if enough_life {
+                        self.take_replacement(who, scope)?;
+                    }
+                    replacing = Some(t);
+                } else if enough_life {
+                    // Record the holder and re-decide under one lock: a reload's sweep either
+                    // sees this holder or this check sees the reloaded policy.
+                    let added = entry.holders.insert(who.to_string());
+                    if let Some(refusal) = recheck() {
+                        if added {
+                            entry.holders.remove(who);
+                        }
+                        return Ok(Checked::Refused(refusal));
+                    }
+                    return Ok(Checked::Issued(Box::new(Issued {
+                        token: t,
+                        reused: true,
+                        replaced: None,
+                    })));
                 }
-                replacing = Some(t.clone());
-            } else if enough_life {
-                return Ok(Issued {
-                    token: t.clone(),
-                    reused: true,
-                    replaced: None,
-                });
             }
         }
         let minted = self
@@ -270,16 +318,35 @@ impl TokenIssuer {
                 "GitHub issued a token that lives less than the requested ttl"
             );
         }
-        {
+        let refused = {
             let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
-            handed_out.retain(|_, t| t.expires_at > now);
-            if let Some(old) = &replacing {
+            handed_out.retain(|_, h| h.token.expires_at > now);
+            let refused = recheck();
+            let holders = match refused {
+                Some(_) => BTreeSet::new(),
+                None => BTreeSet::from([who.to_string()]),
+            };
+            handed_out.insert(
+                token.credential_id.clone(),
+                HandedOut {
+                    token: token.clone(),
+                    scope: scope.clone(),
+                    holders,
+                },
+            );
+            if refused.is_none()
+                && let Some(old) = &replacing
+            {
                 handed_out.remove(&old.credential_id);
             }
-            handed_out.insert(token.credential_id.clone(), token.clone());
-        }
+            refused
+        };
         *held = Some(token.clone());
         drop(held);
+        if let Some(refusal) = refused {
+            // The rejected token stays tracked (and revocable); nothing was handed out.
+            return Ok(Checked::Refused(refusal));
+        }
         let replaced = match replacing {
             None => None,
             Some(old) => {
@@ -298,57 +365,56 @@ impl TokenIssuer {
                 })
             }
         };
-        Ok(Issued {
+        Ok(Checked::Issued(Box::new(Issued {
             token,
             reused: false,
             replaced,
-        })
+        })))
     }
 
-    /// Remove every live token that `pick` selects — the ones the reuse cache holds and the
-    /// superseded ones still alive — and return them so the caller can revoke them
-    /// upstream. Later requests for those scopes mint afresh.
-    pub async fn take_where(&self, pick: impl Fn(&IssuedToken) -> bool) -> Vec<IssuedToken> {
+    /// [`TokenIssuer::issue`] without a recheck, for tests of the cache itself.
+    #[cfg(test)]
+    pub async fn issue_unchecked(
+        &self,
+        scope: &TokenScope,
+        min_ttl: Duration,
+        rejected: Option<&str>,
+        who: &str,
+    ) -> Result<Issued, IssueError> {
+        match self
+            .issue(scope, min_ttl, rejected, who, || {
+                None::<std::convert::Infallible>
+            })
+            .await?
+        {
+            Checked::Issued(i) => Ok(*i),
+            Checked::Refused(never) => match never {},
+        }
+    }
+
+    /// Remove every live token that `pick` selects — the one a scope's slot holds and the
+    /// superseded ones still alive — and return them so the caller can revoke them upstream.
+    /// A slot's token that is taken is never answered again: later requests mint afresh.
+    pub fn take_where(&self, pick: impl Fn(&HandedOut) -> bool) -> Vec<HandedOut> {
         let now = self.clock.now();
-        let taken: Vec<IssuedToken> = {
-            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
-            handed_out.retain(|_, t| t.expires_at > now);
-            let ids: Vec<String> = handed_out
-                .values()
-                .filter(|t| pick(t))
-                .map(|t| t.credential_id.clone())
-                .collect();
-            ids.iter().filter_map(|id| handed_out.remove(id)).collect()
-        };
-        if taken.is_empty() {
-            return taken;
-        }
-        let slots: Vec<Slot> = {
-            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            slots.values().cloned().collect()
-        };
-        for slot in slots {
-            let mut held = slot.lock().await;
-            if held
-                .as_ref()
-                .is_some_and(|t| taken.iter().any(|x| x.credential_id == t.credential_id))
-            {
-                *held = None;
-            }
-        }
-        taken
+        let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+        handed_out.retain(|_, h| h.token.expires_at > now);
+        let ids: Vec<String> = handed_out
+            .values()
+            .filter(|h| pick(h))
+            .map(|h| h.token.credential_id.clone())
+            .collect();
+        ids.iter().filter_map(|id| handed_out.remove(id)).collect()
     }
 
-    /// How many scopes currently hold a live token (for metrics).
+    /// How many tokens handed out are still live — superseded ones too (for metrics).
     pub fn live_tokens(&self) -> usize {
         let now = self.clock.now();
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots
+        self.handed_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|s| {
-                s.try_lock()
-                    .is_ok_and(|g| g.as_ref().is_some_and(|t| t.expires_at > now))
-            })
+            .filter(|h| h.token.expires_at > now)
             .count()
     }
 }
@@ -389,16 +455,16 @@ mod tests {
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
 
-        let first = issuer.issue(&s, ten, None, "ci").await.unwrap();
+        let first = issuer.issue_unchecked(&s, ten, None, "ci").await.unwrap();
         assert!(!first.reused);
-        let second = issuer.issue(&s, ten, None, "ci").await.unwrap();
+        let second = issuer.issue_unchecked(&s, ten, None, "ci").await.unwrap();
         assert!(second.reused);
         assert_eq!(first.token.credential_id, second.token.credential_id);
         assert_eq!(github.stats().mints, 1);
 
         // 55 minutes later less than 10 minutes remain: a new token.
         clock.advance(55 * 60);
-        let third = issuer.issue(&s, ten, None, "ci").await.unwrap();
+        let third = issuer.issue_unchecked(&s, ten, None, "ci").await.unwrap();
         assert!(!third.reused);
         assert_ne!(third.token.credential_id, first.token.credential_id);
         assert_eq!(github.stats().mints, 2);
@@ -406,10 +472,16 @@ mod tests {
 
         // A client reports the live token rejected: a fresh one, once.
         let id = third.token.credential_id.clone();
-        let fourth = issuer.issue(&s, ten, Some(&id), "ci").await.unwrap();
+        let fourth = issuer
+            .issue_unchecked(&s, ten, Some(&id), "ci")
+            .await
+            .unwrap();
         assert!(!fourth.reused);
         assert_ne!(fourth.token.credential_id, id);
-        let fifth = issuer.issue(&s, ten, Some(&id), "ci").await.unwrap();
+        let fifth = issuer
+            .issue_unchecked(&s, ten, Some(&id), "ci")
+            .await
+            .unwrap();
         assert!(fifth.reused, "a stale report does not mint again");
         assert_eq!(github.stats().mints, 3);
     }
@@ -470,7 +542,8 @@ mod tests {
         for _ in 0..32 {
             let (issuer, s, parked) = (issuer.clone(), s.clone(), parked.clone());
             tasks.push(tokio::spawn(async move {
-                let mut fut = std::pin::pin!(issuer.issue(&s, Duration::from_secs(60), None, "ci"));
+                let mut fut =
+                    std::pin::pin!(issuer.issue_unchecked(&s, Duration::from_secs(60), None, "ci"));
                 let mut counted = false;
                 std::future::poll_fn(|cx| {
                     let r = fut.as_mut().poll(cx);
@@ -506,10 +579,14 @@ mod tests {
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
 
-        let first = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        let first = issuer
+            .issue_unchecked(&s, ten, None, "ci")
+            .await
+            .unwrap()
+            .token;
         // The client reports the first rejected: the replacement revokes it at GitHub.
         let second = issuer
-            .issue(&s, ten, Some(&first.credential_id), "ci")
+            .issue_unchecked(&s, ten, Some(&first.credential_id), "ci")
             .await
             .unwrap()
             .token;
@@ -521,21 +598,24 @@ mod tests {
         // 55 minutes on, a request needing 10 minutes gets a third token; the second is
         // superseded but still live and still the broker's to revoke.
         clock.advance(55 * 60);
-        let third = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        let third = issuer
+            .issue_unchecked(&s, ten, None, "ci")
+            .await
+            .unwrap()
+            .token;
         assert_ne!(third.credential_id, second.credential_id);
         assert!(github.is_live(&second.token));
 
         let mut taken: Vec<String> = issuer
             .take_where(|_| true)
-            .await
             .into_iter()
-            .map(|t| t.credential_id)
+            .map(|h| h.token.credential_id)
             .collect();
         taken.sort();
         let mut want = vec![second.credential_id.clone(), third.credential_id.clone()];
         want.sort();
         assert_eq!(taken, want, "every live token, superseded ones too");
-        assert!(issuer.take_where(|_| true).await.is_empty());
+        assert!(issuer.take_where(|_| true).is_empty());
     }
 
     /// Regression: `replaces` with the newest token's id minted on every request, so one bot
@@ -548,11 +628,15 @@ mod tests {
         let issuer = TokenIssuer::new(github.clone(), shared.clone());
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
-        let mut current = issuer.issue(&s, ten, None, "ci").await.unwrap().token;
+        let mut current = issuer
+            .issue_unchecked(&s, ten, None, "ci")
+            .await
+            .unwrap()
+            .token;
         let mut refused = 0;
         for _ in 0..20 {
             match issuer
-                .issue(&s, ten, Some(&current.credential_id), "ci")
+                .issue_unchecked(&s, ten, Some(&current.credential_id), "ci")
                 .await
             {
                 Ok(i) => current = i.token,
@@ -564,12 +648,12 @@ mod tests {
         assert_eq!(refused, 20 - limit.burst as usize);
         // Another bot has its own bucket; time refills this one.
         let other = issuer
-            .issue(&s, ten, Some(&current.credential_id), "deploy")
+            .issue_unchecked(&s, ten, Some(&current.credential_id), "deploy")
             .await;
         assert!(other.is_ok());
         current = other.unwrap().token;
         match issuer
-            .issue(&s, ten, Some(&current.credential_id), "ci")
+            .issue_unchecked(&s, ten, Some(&current.credential_id), "ci")
             .await
         {
             Err(IssueError::ReplaceLimited { retry_after_secs }) => {
@@ -580,10 +664,86 @@ mod tests {
         clock.advance(60);
         assert!(
             issuer
-                .issue(&s, ten, Some(&current.credential_id), "ci")
+                .issue_unchecked(&s, ten, Some(&current.credential_id), "ci")
                 .await
                 .is_ok()
         );
+    }
+
+    /// Regression: `live_tokens` counted the scopes whose slot held a token, so a token a
+    /// re-mint superseded — handed out and live at GitHub — was missing from the gauge.
+    #[tokio::test]
+    async fn live_tokens_counts_superseded_tokens() {
+        let clock = OffsetClock::default();
+        let shared: SharedClock = Arc::new(clock.clone());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let first = issuer
+            .issue_unchecked(&s, ten, None, "ci")
+            .await
+            .unwrap()
+            .token;
+        assert_eq!(issuer.live_tokens(), 1);
+        clock.advance(55 * 60);
+        issuer.issue_unchecked(&s, ten, None, "ci").await.unwrap();
+        assert!(github.is_live(&first.token));
+        assert_eq!(issuer.live_tokens(), 2, "the superseded token is live too");
+        // Past the first one's expiry only the second counts.
+        clock.advance(6 * 60);
+        assert_eq!(issuer.live_tokens(), 1);
+    }
+
+    /// The recheck decides before every answer: a refusal hands nothing out, from the cache
+    /// or from a fresh mint, and records no holder; a request it allows still gets the token.
+    #[tokio::test]
+    async fn the_recheck_refuses_cached_and_minted_tokens_alike() {
+        let shared: SharedClock = Arc::new(OffsetClock::default());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared);
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let holders = |issuer: &TokenIssuer| -> Vec<Vec<String>> {
+            issuer
+                .handed_out
+                .lock()
+                .unwrap()
+                .values()
+                .map(|h| h.holders.iter().cloned().collect())
+                .collect()
+        };
+        // A fresh mint the recheck refuses: tracked, held by nobody.
+        let refused = issuer
+            .issue(&s, ten, None, "ci", || Some("denied"))
+            .await
+            .unwrap();
+        assert!(matches!(refused, Checked::Refused("denied")));
+        assert_eq!(github.stats().mints, 1);
+        assert_eq!(holders(&issuer), vec![Vec::<String>::new()]);
+        // The cached token, refused again: still nobody's.
+        let refused = issuer
+            .issue(&s, ten, None, "ci", || Some("denied"))
+            .await
+            .unwrap();
+        assert!(matches!(refused, Checked::Refused("denied")));
+        assert_eq!(holders(&issuer), vec![Vec::<String>::new()]);
+        // Allowed: the cached token, now held by deploy.
+        let ok = issuer
+            .issue_unchecked(&s, ten, None, "deploy")
+            .await
+            .unwrap();
+        assert!(ok.reused);
+        assert_eq!(github.stats().mints, 1);
+        assert_eq!(holders(&issuer), vec![vec!["deploy".to_string()]]);
+        // Taken (revoked): never answered from the slot again.
+        assert_eq!(issuer.take_where(|_| true).len(), 1);
+        let fresh = issuer
+            .issue_unchecked(&s, ten, None, "deploy")
+            .await
+            .unwrap();
+        assert!(!fresh.reused);
+        assert_ne!(fresh.token.credential_id, ok.token.credential_id);
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl Collector for UpstreamCollector {
         let live = ConstGauge::new(self.issuer.live_tokens() as i64);
         live.encode(encoder.encode_descriptor(
             "botcreds_live_tokens",
-            "Installation tokens held for reuse and not yet expired",
+            "Installation tokens handed out and not yet expired (superseded ones too)",
             None,
             live.metric_type(),
         )?)?;

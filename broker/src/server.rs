@@ -140,8 +140,10 @@ pub async fn run(
         )
         .map_err(|e| ServeError::Config(format!("loading approval requests: {}", e.message)))?,
     );
-    // Grants persisted under an earlier policy end if the policy in force denies them.
-    approvals.end_denied_grants(&policy.current()).await;
+    // Keys, grants and pending requests from before end if the policy in force denies them.
+    approvals
+        .enforce_policy(&policy.current(), keys.as_deref())
+        .await;
     let mtls = match &config.tls {
         Some(tls) => Some(
             crate::tls::Mtls::open(
@@ -363,12 +365,12 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         let event = match result {
             Ok(Reload::Unchanged) => continue,
             Ok(Reload::Loaded { bots }) => {
-                // Deny wins over earlier approvals: end the grants the new policy denies.
+                // Deny wins over earlier allows and approvals: end what the new policy denies.
                 let ended = state
                     .approvals
-                    .end_denied_grants(&state.policy.current())
+                    .enforce_policy(&state.policy.current(), state.keys.as_deref())
                     .await;
-                tracing::info!(bots, grants_ended = ended.len(), path = %state.policy.path().display(), "policy reloaded");
+                tracing::info!(bots, credentials_revoked = ended.credentials_revoked.len(), grants_ended = ended.grants_ended.len(), requests_denied = ended.requests_denied.len(), path = %state.policy.path().display(), "policy reloaded");
                 state.metrics.policy_reload(true);
                 let mut e = AuditEvent::new(AuditEventKind::PolicyLoaded, now);
                 e.detail = Some(format!("{bots} bots"));

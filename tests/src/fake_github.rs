@@ -535,6 +535,7 @@ impl FakeGithub {
             rate_limit: config.rate_limit,
             bodies: Bodies::load(),
             ledger: Mutex::new(ledger),
+            mints_open: tokio::sync::watch::channel(true).0,
         });
         let server = bound.serve(build_router(shared.clone(), prefix));
         FakeGithub {
@@ -593,6 +594,17 @@ impl FakeGithub {
     /// Delays every answer by `delay` (zero turns it off), to exercise client timeouts.
     pub fn set_delay(&self, delay: Duration) {
         self.inner.shared.lock().delay = delay;
+    }
+
+    /// Holds every token mint (`POST .../access_tokens`) at the door until
+    /// [`FakeGithub::release_mints`], so a test can act while a mint is in flight.
+    pub fn hold_mints(&self) {
+        self.inner.shared.mints_open.send_replace(false);
+    }
+
+    /// Lets held and later mints through.
+    pub fn release_mints(&self) {
+        self.inner.shared.mints_open.send_replace(true);
     }
 
     /// Makes every credential over its limit: each request gets `403` with the rate-limited fixture
@@ -718,6 +730,8 @@ struct Shared {
     rate_limit: u32,
     bodies: Bodies,
     ledger: Mutex<Ledger>,
+    /// `false` while [`FakeGithub::hold_mints`] holds token mints at the door.
+    mints_open: tokio::sync::watch::Sender<bool>,
 }
 
 struct Ledger {
@@ -1483,6 +1497,10 @@ async fn front(State(sh): State<Arc<Shared>>, req: Request, next: Next) -> Respo
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    if method == "POST" && path.ends_with("/access_tokens") {
+        let mut open = sh.mints_open.subscribe();
+        let _ = open.wait_for(|o| *o).await;
     }
     let user_agent_ok = req
         .headers()

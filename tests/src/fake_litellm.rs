@@ -150,6 +150,8 @@ struct Shared {
     config: FakeLitellmConfig,
     master_hash: String,
     ledger: Mutex<Ledger>,
+    /// `false` while [`FakeLitellm::hold_generates`] holds `/key/generate` after recording it.
+    generates_open: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -274,6 +276,7 @@ impl FakeLitellm {
                 coder_sessions: HashMap::new(),
                 coder_workspaces: HashMap::new(),
             }),
+            generates_open: tokio::sync::watch::channel(true).0,
         });
         let bound = SwitchableServer::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
             .unwrap_or_else(|e| panic!("fake LiteLLM cannot bind 127.0.0.1: {e}"));
@@ -316,6 +319,17 @@ impl FakeLitellm {
 
     pub fn master_key(&self) -> &str {
         &self.inner.shared.config.master_key
+    }
+
+    /// Holds every `/key/generate` (recorded in [`FakeLitellm::calls`] on arrival) until
+    /// [`FakeLitellm::release_generates`], so a test can act while a mint is in flight.
+    pub fn hold_generates(&self) {
+        self.inner.shared.generates_open.send_replace(false);
+    }
+
+    /// Lets held and later `/key/generate` calls through.
+    pub fn release_generates(&self) {
+        self.inner.shared.generates_open.send_replace(true);
     }
 
     /// Every request so far, in order.
@@ -513,6 +527,10 @@ async fn record(
         && let Some(param) = banned_param_in(&body)
     {
         return banned_param_refusal(&param);
+    }
+    if parts.uri.path() == "/key/generate" {
+        let mut open = shared.generates_open.subscribe();
+        let _ = open.wait_for(|o| *o).await;
     }
     next.run(axum::extract::Request::from_parts(
         parts,

@@ -1,6 +1,7 @@
 //! Negative security tests of approvals and grants through the real `botcreds` binary: a deny
-//! added after an approval, self-approval on every decision path, replacement flooding, and
-//! concurrent identical requests. Each refusal is a table row: what is tried, the stable code
+//! added after an approval (what the reload ends: tokens, LiteLLM keys, grants, pending
+//! requests; and requests in flight across it), self-approval on every decision path,
+//! replacement flooding, and concurrent identical requests. Each refusal is a table row: what is tried, the stable code
 //! it must be refused with, and the audit events it may add — pending requests, grants,
 //! remembered rules and GitHub's mint count must not change.
 
@@ -43,13 +44,15 @@ defaults:
   approval_timeout: 24h
 "#;
 
-/// [`POLICY`] with a deny for ci-bot on acme-corp/api, added after an approval of it.
+/// [`POLICY`] with a deny for ci-bot on acme-corp/api and acme-corp/infra, added after
+/// approvals of them.
 const POLICY_WITH_DENY: &str = r#"
 bots:
   ci-bot:
     identity: { tag: "tag:ci" }
     deny:
       - repo: "acme-corp/api"
+      - repo: "acme-corp/infra"
     auto_approve:
       - repo: "acme-corp/web"
         permissions: [contents:read]
@@ -373,7 +376,47 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         );
     }
 
-    // The policy now denies ci-bot acme-corp/api: the reload ends the grant, audited.
+    // ci-bot has write on acme-corp/infra approved and collects the token, and asks for
+    // more on acme-corp/api.
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(write_request("acme-corp/infra")),
+    )
+    .await;
+    let infra_request = pending_view(s, b).request_id;
+    let (s, b) = send(
+        &w,
+        As::Node(ADMIN),
+        "POST",
+        &format!("/v1/admin/approvals/{infra_request}/approve"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "GET",
+        &format!("/v1/requests/{infra_request}"),
+        None,
+    )
+    .await;
+    let ci_infra = credential(s, b);
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(json!({"kind": "github_token", "repositories": ["acme-corp/api"], "permissions": ["issues:write"]})),
+    )
+    .await;
+    let ci_pending = pending_view(s, b).request_id;
+
+    // The policy now denies ci-bot acme-corp/api: the reload ends the grant, revokes the
+    // token and denies the pending request, each audited.
     let loads = w.broker.log_count("policy reloaded");
     std::fs::write(&w.broker.policy_path, POLICY_WITH_DENY).unwrap();
     w.broker.signal("HUP");
@@ -395,9 +438,48 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         .iter()
         .filter(|e| e.event == AuditEventKind::GrantRevoked)
         .collect();
-    assert_eq!(ended.len(), 1);
-    assert_eq!(ended[0].request_id.as_deref(), Some(ci_request.as_str()));
-    assert_eq!(ended[0].caller.as_deref(), Some("policy"));
+    let mut ended_requests: Vec<&str> = ended
+        .iter()
+        .filter_map(|e| e.request_id.as_deref())
+        .collect();
+    ended_requests.sort_unstable();
+    let mut want = vec![ci_request.as_str(), infra_request.as_str()];
+    want.sort_unstable();
+    assert_eq!(ended_requests, want);
+    assert!(ended.iter().all(|e| e.caller.as_deref() == Some("policy")));
+    let info = w
+        .github
+        .token_info(&ci_infra.token)
+        .expect("minted by the fake");
+    assert!(
+        !info.is_active(),
+        "the reload revoked the denied token at GitHub"
+    );
+    let log = audit(&w).await;
+    let revoked = log
+        .iter()
+        .find(|e| {
+            e.event == AuditEventKind::CredentialRevoked
+                && e.token_id.as_deref() == Some(ci_infra.credential_id.as_str())
+        })
+        .expect("the revocation is audited");
+    assert_eq!(revoked.caller.as_deref(), Some("policy"));
+    let info = w
+        .github
+        .token_info(&current.token)
+        .expect("minted by the fake");
+    assert!(
+        info.is_active(),
+        "a token the policy still allows stays live"
+    );
+    let denied = log
+        .iter()
+        .find(|e| {
+            e.event == AuditEventKind::ApprovalDenied
+                && e.request_id.as_deref() == Some(ci_pending.as_str())
+        })
+        .expect("the denial of the pending request is audited");
+    assert_eq!(denied.caller.as_deref(), Some("policy"));
 
     let replace_body = {
         let mut b = read_request("acme-corp/web");
@@ -427,6 +509,43 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
                 method: "POST",
                 path: "/v1/credentials".into(),
                 body: Some(write_request("acme-corp/api")),
+            },
+            code: ErrorCode::PolicyDenied,
+            events: requested_denied.clone(),
+        },
+        Case {
+            name: "approve a pending request the reload denied",
+            try_: Try::Http {
+                who: As::Node(ADMIN),
+                method: "POST",
+                path: format!("/v1/admin/approvals/{ci_pending}/approve"),
+                body: Some(json!({})),
+            },
+            code: ErrorCode::AlreadyDecided,
+            events: vec![],
+        },
+        Case {
+            name: "poll a pending request the reload denied",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "GET",
+                path: format!("/v1/requests/{ci_pending}"),
+                body: None,
+            },
+            code: ErrorCode::ApprovalDenied,
+            events: vec![],
+        },
+        Case {
+            name: "ask to replace the token the reload revoked",
+            try_: Try::Http {
+                who: As::Node(CI),
+                method: "POST",
+                path: "/v1/credentials".into(),
+                body: Some({
+                    let mut b = write_request("acme-corp/infra");
+                    b["replaces"] = json!(ci_infra.credential_id);
+                    b
+                }),
             },
             code: ErrorCode::PolicyDenied,
             events: requested_denied.clone(),
@@ -540,7 +659,7 @@ async fn approval_refusals_change_nothing_but_the_audit_log() {
         let events = audit(&w).await;
         let added: Vec<AuditEventKind> = events[audit_len..].iter().map(|e| e.event).collect();
         assert_eq!(added, case.events, "{}: audit events", case.name);
-        if let Some(last) = events.last() {
+        if let (false, Some(last)) = (added.is_empty(), events.last()) {
             assert_eq!(
                 last.code.as_deref(),
                 Some(case.code.as_str()),
@@ -591,6 +710,96 @@ async fn concurrent_identical_requests_mint_once_end_to_end() {
     assert_eq!(ids.len(), 1);
 }
 
+/// A `botcreds_policy_decisions_total` count from the broker's metrics.
+async fn decisions(w: &World, outcome: &str) -> u64 {
+    let text = w
+        .broker
+        .client_from(ip(ADMIN))
+        .get(format!("{}/metrics", w.broker.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let prefix = format!("botcreds_policy_decisions_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// Regression: a request decided before a reload and answered after it (waiting on its own
+/// mint, or on another request's mint of the same token through single flight) was answered
+/// under the old policy. GitHub holds the mint here until the reload that denies the scope
+/// is in force; both requests, decided `allow` before it, are refused with `policy_denied`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_an_in_flight_mint_wins() {
+    let mut w = world().await;
+    w.github.hold_mints();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let client = w.broker.client_from(ip(CI));
+        let url = format!("{}/v1/credentials", w.broker.url);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .json(&read_request("acme-corp/web"))
+                .send()
+                .await
+                .expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        }));
+    }
+    // Both are decided (`allow`) and wait: one on GitHub, one on that mint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while decisions(&w, "allow").await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests not decided"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loads = w.broker.log_count("policy reloaded");
+    std::fs::write(
+        &w.broker.policy_path,
+        POLICY_WITH_DENY.replace("- repo: \"acme-corp/api\"", "- repo: \"acme-corp/web\""),
+    )
+    .unwrap();
+    w.broker.signal("HUP");
+    assert!(
+        w.broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    w.github.release_mints();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(
+            (status, code_of(&body)),
+            (403, ErrorCode::PolicyDenied),
+            "{body}"
+        );
+    }
+    assert!(
+        !audit(&w)
+            .await
+            .iter()
+            .any(|e| e.event == AuditEventKind::CredentialIssued),
+        "nothing was handed out"
+    );
+    // Asked again, it is refused before any mint.
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(read_request("acme-corp/web")),
+    )
+    .await;
+    assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
+}
+
 const LITELLM_POLICY: &str = r#"
 bots:
   review-bot:
@@ -607,7 +816,8 @@ defaults:
 const REVIEW_KEY: &str = "bck_secReviewBotKey0123456789abcdefg";
 
 /// Regression (LiteLLM side of the deny-after-approval finding): an approved LiteLLM key
-/// request whose scope the policy now denies hands out nothing, and the reload ends its grant.
+/// request whose scope the policy now denies hands out nothing, and the reload ends its grant
+/// and deletes the key already handed out (before, it stayed live until its expiry).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deny_added_after_a_litellm_approval_wins() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -660,6 +870,11 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
     )
     .await;
     assert_eq!(s, 200, "{b}");
+    // review-bot collects the approved key.
+    let (s, b) = call(REVIEW_KEY, "GET", format!("/v1/requests/{id}"), None).await;
+    assert_eq!(s, 200, "{b}");
+    let key = b["key"].as_str().expect("a key").to_string();
+    let key_id = b["credential_id"].as_str().expect("an id").to_string();
 
     let loads = broker.log_count("policy reloaded");
     std::fs::write(
@@ -679,13 +894,119 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
     let (s, b) = call(OPS_KEY, "GET", "/v1/admin/grants".into(), None).await;
     assert_eq!(s, 200);
     assert_eq!(b["grants"], json!([]), "the denied grant ended");
+    assert!(
+        litellm.was_deleted(&key),
+        "the reload deleted the denied key in LiteLLM"
+    );
+    let (s, b) = call(
+        OPS_KEY,
+        "GET",
+        "/v1/admin/audit?event=credential_revoked".into(),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let log: AuditList = serde_json::from_value(b).unwrap();
+    assert!(
+        log.events
+            .iter()
+            .any(|e| e.token_id.as_deref() == Some(key_id.as_str())
+                && e.caller.as_deref() == Some("policy")),
+        "the key's revocation is audited: {:?}",
+        log.events
+    );
 
     let (s, b) = call(REVIEW_KEY, "GET", format!("/v1/requests/{id}"), None).await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
     let (s, b) = call(REVIEW_KEY, "POST", "/v1/credentials".into(), Some(ask)).await;
     assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
+    assert_eq!(
+        litellm.calls_to("/key/generate").len(),
+        1,
+        "no key was minted after the reload"
+    );
+}
+
+/// Regression (LiteLLM side of the in-flight finding): an approved LiteLLM key request whose
+/// key was being minted when a reload denied the scope was answered with the new key. Now it
+/// is refused with `policy_denied` and the key minted for it is deleted in LiteLLM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_an_in_flight_litellm_mint_wins() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let litellm = botcreds_tests::fake_litellm::FakeLitellm::start(
+        botcreds_tests::fake_litellm::FakeLitellmConfig::default(),
+    )
+    .await;
+    let mut broker = BrokerBuilder::new(LITELLM_POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .api_key("review-bot", REVIEW_KEY)
+        .api_key("ops", OPS_KEY)
+        .litellm(&litellm.base_url(), litellm.master_key(), "")
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
+        .start()
+        .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = |path: &str| format!("{}{path}", broker.url);
+    let resp = http
+        .post(url("/v1/credentials"))
+        .bearer_auth(REVIEW_KEY)
+        .json(&json!({"kind": "litellm_key", "scope": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let id = pending_view(status, resp.json().await.unwrap()).request_id;
+    let resp = http
+        .post(url(&format!("/v1/admin/approvals/{id}/approve")))
+        .bearer_auth(OPS_KEY)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+
+    litellm.hold_generates();
+    let poll = {
+        let req = http
+            .get(url(&format!("/v1/requests/{id}")))
+            .bearer_auth(REVIEW_KEY);
+        tokio::spawn(async move {
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        })
+    };
+    // The key's mint has reached LiteLLM (recorded on arrival, then held).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while litellm.calls_to("/key/generate").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no mint arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loads = broker.log_count("policy reloaded");
+    std::fs::write(
+        &broker.policy_path,
+        LITELLM_POLICY.replace(
+            "    requires_approval:\n      - litellm_scope: ci\n",
+            "    deny:\n      - litellm_scope: ci\n",
+        ),
+    )
+    .unwrap();
+    broker.signal("HUP");
     assert!(
-        litellm.calls_to("/key/generate").is_empty(),
-        "no key was minted"
+        broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    litellm.release_generates();
+    let (status, body) = poll.await.unwrap();
+    assert_eq!(
+        (status, code_of(&body)),
+        (403, ErrorCode::PolicyDenied),
+        "{body}"
+    );
+    assert!(
+        litellm.live_keys().is_empty(),
+        "the key minted for the refused request is deleted"
     );
 }

@@ -21,7 +21,7 @@ use super::AppState;
 use super::extract::{Authenticated, json_body};
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
-use crate::grants::TokenScope;
+use crate::grants::{Checked, TokenScope};
 use crate::identity::{Caller, CallerVia};
 use crate::policy::{Decision, Outcome, Request};
 
@@ -150,12 +150,56 @@ pub async fn create(
         return Err(ApiError::internal("validated request has no repository"));
     };
     let who = crate::approvals::api::owner_of(decision.bot.as_deref(), &caller);
+    // Decided again right before the answer (after any wait on another request's mint of
+    // this token, and after this one's): a reload meanwhile must win.
+    let request_now = Request::Github {
+        repositories: &ask.repositories,
+        permissions: &ask.permissions,
+    };
+    let recheck = || {
+        let now = state.policy.current().decide_with(
+            &caller,
+            &request_now,
+            &state.approvals.remembered(),
+        );
+        (now.outcome != Outcome::Allow).then_some(now)
+    };
     let issued = match state
         .issuer
-        .issue(&scope, ask.min_ttl, request.replaces.as_deref(), &who)
+        .issue(
+            &scope,
+            ask.min_ttl,
+            request.replaces.as_deref(),
+            &who,
+            recheck,
+        )
         .await
     {
-        Ok(i) => i,
+        Ok(Checked::Issued(i)) => *i,
+        Ok(Checked::Refused(now)) => {
+            tracing::info!(bot = decision.bot.as_deref().unwrap_or("-"), rule = %now.rule, "the policy changed before the answer; decided again");
+            if now.outcome == Outcome::Deny {
+                let e = ApiError::new(ErrorCode::PolicyDenied, denial_message(&now))
+                    .with_rule(now.rule.clone());
+                return Err(record_denial(&state, requested, &now, e).await);
+            }
+            let ask = crate::approvals::api::ApprovalAsk {
+                resource: crate::policy::Resource::github(&ask.repositories, &ask.permissions),
+                min_ttl: ask.min_ttl,
+                reason: ask.reason.clone(),
+                workspace: None,
+            };
+            return crate::approvals::api::require_approval(
+                &state,
+                &caller,
+                &now,
+                requested,
+                ask,
+                request.wait.as_deref(),
+                request.replaces.as_deref(),
+            )
+            .await;
+        }
         Err(failure) => {
             let e = issue_error(&failure);
             tracing::warn!(bot = decision.bot.as_deref().unwrap_or("-"), code = %e.code, error = %failure, "no token issued");

@@ -25,7 +25,7 @@ use crate::api::extract::Authenticated;
 use crate::api::keys::LitellmAsk;
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
-use crate::grants::TokenScope;
+use crate::grants::{Checked, TokenScope};
 use crate::identity::Caller;
 use crate::policy::remembered::Resource;
 use crate::policy::{Decision, Outcome};
@@ -397,13 +397,13 @@ async fn issue_approved(
             let ask = LitellmAsk {
                 scope: scope.clone(),
                 min_remaining: a.min_ttl,
-                workspace: a.workspace,
+                workspace: a.workspace.clone(),
                 reason: None,
             };
             let answer = crate::api::keys::hand_out(
                 state,
                 caller,
-                a.bot,
+                a.bot.clone(),
                 ask,
                 replaces.map(str::to_string),
                 a.rule,
@@ -411,6 +411,21 @@ async fn issue_approved(
                 before,
             )
             .await?;
+            // Decided again now the key exists (the issue may have waited on LiteLLM or on
+            // another issue): a reload that denied it meanwhile may have missed the key, so
+            // it is revoked here and nothing is answered.
+            if let Some(e) = denied_now(state, caller, a.resource) {
+                tracing::info!(bot = a.bot.as_deref().unwrap_or("-"), request_id = %a.request_id, credential_id = %answer.credential_id, "approved key refused: the policy now denies it");
+                if let Some(keys) = &state.keys
+                    && let Err(err) = keys
+                        .revoke_by_credential_id(&answer.credential_id, "policy")
+                        .await
+                {
+                    tracing::error!(credential_id = %answer.credential_id, code = %err.code, error = %err.message, "could not revoke a key the policy now denies");
+                }
+                refuse_approved(state, caller, &a, Vec::new(), &e).await;
+                return Err(e);
+            }
             let id = answer.credential_id.clone();
             Ok((Json(answer).into_response(), id))
         }
@@ -462,8 +477,33 @@ pub async fn issue_github(
     done.request_id = request_id.map(str::to_string);
 
     let who = owner_of(bot.as_deref(), caller);
-    let issued = match state.issuer.issue(&scope, min_ttl, replaces, &who).await {
-        Ok(i) => i,
+    // Decided again right before the answer, after any wait on the mint: a deny a reload
+    // added meanwhile wins.
+    let recheck = || denied_now(state, caller, resource);
+    let issued = match state
+        .issuer
+        .issue(&scope, min_ttl, replaces, &who, recheck)
+        .await
+    {
+        Ok(Checked::Issued(i)) => *i,
+        Ok(Checked::Refused(e)) => {
+            tracing::info!(
+                bot = bot.as_deref().unwrap_or("-"),
+                request_id = request_id.unwrap_or("-"),
+                "approved request refused: the policy now denies it"
+            );
+            let mut denied = done.clone();
+            denied.event = AuditEventKind::CredentialDenied;
+            denied.code = Some(e.code.as_str().to_string());
+            denied.rule = e.rule.clone();
+            denied.detail = Some(e.message.chars().take(300).collect());
+            before.push(denied);
+            if let Err(err) = state.audit.record(before).await {
+                tracing::error!(error = %err, "audit log write failed for a refusal");
+            }
+            state.metrics.request(bot.as_deref(), e.code.as_str());
+            return Err(e);
+        }
         Err(failure) => {
             let e = crate::api::credentials::issue_error(&failure);
             let mut denied = done.clone();

@@ -40,7 +40,7 @@ use crate::policy::remembered::{RememberedRule, RememberedRules, Resource};
 use crate::store::Store;
 
 use records::{GrantRecord, RequestRecord, parse_time};
-pub use revoke::RevokeTarget;
+pub use revoke::{PolicyEnforced, RevokeTarget};
 
 const NS_REQUESTS: &str = "approvals";
 const NS_GRANTS: &str = "grants";
@@ -761,6 +761,72 @@ impl Approvals {
             grant: None,
             remembered: None,
         })
+    }
+
+    /// Decide `DENIED` every pending request for which `reason_for` gives a reason, as
+    /// `actor`: persisted before memory changes, then audited and published like an admin's
+    /// denial (so notifications go out and waiting bots hear it). Answers the denied views.
+    fn deny_where(
+        &self,
+        actor: &str,
+        reason_for: impl Fn(&RequestRecord) -> Option<String>,
+    ) -> Vec<ApprovalRequestView> {
+        let now = self.clock.now();
+        let mut book = self.book();
+        let chosen: Vec<(String, String)> = book
+            .pending_by_key
+            .values()
+            .filter_map(|id| book.requests.get(id))
+            .filter(|e| e.expires > now)
+            .filter_map(|e| Some((e.record.view.request_id.clone(), reason_for(&e.record)?)))
+            .collect();
+        let mut denied = Vec::with_capacity(chosen.len());
+        for (id, reason) in chosen {
+            let Some(entry) = book.requests.get(&id) else {
+                continue;
+            };
+            let mut record = entry.record.clone();
+            record.view.state = ApprovalState::Denied;
+            record.view.decided_by = Some(actor.to_string());
+            record.view.decided_at = Some(rfc3339(now));
+            record.view.deny_reason =
+                Some(reason.chars().take(MAX_DENY_REASON_BYTES / 4).collect());
+            if let Err(e) = self.persist_request(&record) {
+                // Still pending, and approving it is refused at the mint (policy_denied).
+                tracing::error!(request_id = %id, code = %e.code, "could not persist a denial");
+                continue;
+            }
+            book.pending_by_key.remove(&record.dedupe_key());
+            let view = record.view.clone();
+            if let Some(e) = book.requests.get_mut(&id) {
+                e.record = record;
+                e.state.send_replace(ApprovalState::Denied);
+            }
+            denied.push(view);
+        }
+        denied
+    }
+
+    /// Audit and publish denials [`Approvals::deny_where`] made.
+    async fn announce_denials(&self, actor: &str, denied: &[ApprovalRequestView]) {
+        if denied.is_empty() {
+            return;
+        }
+        let events = denied
+            .iter()
+            .map(|v| {
+                let mut e = self.event(AuditEventKind::ApprovalDenied, v, Some(actor));
+                e.detail = v.deny_reason.clone();
+                e
+            })
+            .collect();
+        if let Err(err) = self.audit.record(events).await {
+            tracing::error!(error = %err, "audit log write failed for denials");
+        }
+        for v in denied {
+            tracing::info!(request_id = %v.request_id, actor = %actor, "approval denied");
+            self.publish(AuditEventKind::ApprovalDenied, v, Some(actor));
+        }
     }
 
     /// Audit a refused decision (`approval_refused`, with the refusal's code) about one

@@ -1,6 +1,7 @@
 //! Revocation: kill live GitHub tokens at GitHub, drop them from the reuse cache, and end the
 //! grants that would refresh them (or those of a revoked LiteLLM key), so nothing comes back
-//! without a new approval.
+//! without a new approval. A (re)loaded policy is enforced here too: whatever it denies that
+//! earlier decisions left live — tokens, LiteLLM keys, grants, pending requests — ends.
 //!
 //! Who holds a token is read from the audit log (`credential_issued` events of the last two
 //! hours; installation tokens live one hour), because the reuse cache shares one token among
@@ -10,19 +11,68 @@ use std::collections::{BTreeSet, HashMap};
 
 use botcreds_proto::approval::{GrantView, RevokeAnswer, RevokedCredential};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use botcreds_proto::litellm::KeyStatus;
 use botcreds_proto::{ErrorCode, RepoName};
 
 use super::records::GrantRecord;
 use super::{Approvals, NS_GRANTS};
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
-use crate::grants::IssuedToken;
+use crate::grants::{HandedOut, IssuedToken};
 use crate::policy::remembered::Resource;
-use crate::policy::{Outcome, Policy};
+use crate::policy::{Outcome, Policy, Request};
 
-/// Who ends the grants a reloaded policy denies, as `revoked_by` and the audit's caller.
-const POLICY_ACTOR: &str = "policy";
 use crate::store::AuditFilter;
+
+/// Who ends what a reloaded policy denies, as `revoked_by`, `decided_by` and the audit's caller.
+const POLICY_ACTOR: &str = "policy";
+
+/// What enforcing a (re)loaded policy ended because the policy now denies it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEnforced {
+    /// GitHub tokens (`tok_...`) and LiteLLM keys (`lk_...`) revoked.
+    pub credentials_revoked: Vec<String>,
+    pub grants_ended: Vec<String>,
+    /// Pending approval requests decided `DENIED`.
+    pub requests_denied: Vec<String>,
+}
+
+/// Revoke every live LiteLLM key whose bot `policy` denies the key's scope, through the key
+/// service's revocation (deleted in LiteLLM, audited). Answers their ids.
+async fn revoke_denied_keys(policy: &Policy, keys: &crate::keys::KeyService) -> Vec<String> {
+    let listed = match keys.list() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(code = %e.code, error = %e.message, "could not list LiteLLM keys to enforce the policy");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for k in listed.iter().filter(|k| k.status == KeyStatus::Active) {
+        let Some(bot) = k.bot.as_deref() else {
+            continue;
+        };
+        let request = Request::Litellm { scope: &k.scope };
+        if policy.decide_for_bot(Some(bot), &request).outcome != Outcome::Deny {
+            continue;
+        }
+        match keys
+            .revoke_by_credential_id(&k.credential_id, POLICY_ACTOR)
+            .await
+        {
+            Ok(Some(_)) => {
+                tracing::info!(credential_id = %k.credential_id, bot, "LiteLLM key revoked: the policy now denies it");
+                out.push(k.credential_id.clone());
+            }
+            // Ended meanwhile.
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(credential_id = %k.credential_id, code = %e.code, error = %e.message, "could not revoke a LiteLLM key the policy now denies");
+            }
+        }
+    }
+    out
+}
 
 /// What to revoke.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,27 +94,35 @@ impl Approvals {
         target: &RevokeTarget,
     ) -> Result<RevokeAnswer, ApiError> {
         let now = self.clock.now();
-        let holders = self.holders(now)?;
-        let picked: Vec<IssuedToken> = match target {
+        let mut holders = self.holders(now)?;
+        let picked: Vec<HandedOut> = match target {
             RevokeTarget::Credential(id) => {
-                self.issuer.take_where(|t| t.credential_id == *id).await
+                self.issuer.take_where(|h| h.token.credential_id == *id)
             }
-            RevokeTarget::Bot(bot) => {
-                self.issuer
-                    .take_where(|t| {
-                        holders
-                            .get(&t.credential_id)
-                            .is_some_and(|h| h.contains(bot))
-                    })
-                    .await
-            }
+            RevokeTarget::Bot(bot) => self.issuer.take_where(|h| {
+                h.holders.contains(bot)
+                    || holders
+                        .get(&h.token.credential_id)
+                        .is_some_and(|a| a.contains(bot))
+            }),
             RevokeTarget::Repo(repo) => {
                 let name = repo.to_string();
-                self.issuer
-                    .take_where(|t| t.repositories.iter().any(|r| r.eq_ignore_ascii_case(&name)))
-                    .await
+                self.issuer.take_where(|h| {
+                    h.token
+                        .repositories
+                        .iter()
+                        .any(|r| r.eq_ignore_ascii_case(&name))
+                })
             }
         };
+        // Who holds each: the issuer's record, and the audit log's.
+        for h in &picked {
+            holders
+                .entry(h.token.credential_id.clone())
+                .or_default()
+                .extend(h.holders.iter().cloned());
+        }
+        let picked: Vec<IssuedToken> = picked.into_iter().map(|h| h.token).collect();
         if let RevokeTarget::Credential(id) = target
             && picked.is_empty()
         {
@@ -155,9 +213,108 @@ impl Approvals {
         })
     }
 
-    /// End every live grant that `policy` (just loaded) denies: deny wins over an earlier
-    /// approval. Answers the ended grants' ids; each gets a `grant_revoked` event.
-    pub async fn end_denied_grants(&self, policy: &Policy) -> Vec<String> {
+    /// Enforce `policy` (just loaded, at a reload or at startup) on what earlier decisions
+    /// left behind — deny wins over earlier allows and approvals: revoke every live GitHub
+    /// token one of whose holders it denies (at GitHub, dropped from the reuse cache), and
+    /// with `keys` every live LiteLLM key whose bot it denies the scope; end the grants it
+    /// denies; decide `DENIED` the pending requests it denies. Each change is audited with
+    /// `caller: policy`.
+    pub async fn enforce_policy(
+        &self,
+        policy: &Policy,
+        keys: Option<&crate::keys::KeyService>,
+    ) -> PolicyEnforced {
+        let mut credentials_revoked = self.revoke_denied_tokens(policy).await;
+        if let Some(keys) = keys {
+            credentials_revoked.extend(revoke_denied_keys(policy, keys).await);
+        }
+        let grants_ended = self.end_denied_grants(policy).await;
+        let denied = self.deny_where(POLICY_ACTOR, |r| {
+            let resource = r.resource()?;
+            let d = policy.decide_for_bot(r.view.bot.as_deref(), &resource.as_request());
+            (d.outcome == Outcome::Deny)
+                .then(|| format!("the policy now denies it: {}", d.explanation))
+        });
+        self.announce_denials(POLICY_ACTOR, &denied).await;
+        PolicyEnforced {
+            credentials_revoked,
+            grants_ended,
+            requests_denied: denied.into_iter().map(|v| v.request_id).collect(),
+        }
+    }
+
+    /// Revoke every live token handed out to someone `policy` denies its scope: taken from
+    /// the issuer (so never answered again), revoked at GitHub, audited. Answers their ids.
+    async fn revoke_denied_tokens(&self, policy: &Policy) -> Vec<String> {
+        let denied_to = |h: &HandedOut| -> Vec<String> {
+            let request = Request::Github {
+                repositories: &h.scope.repositories,
+                permissions: &h.scope.permissions,
+            };
+            h.holders
+                .iter()
+                .filter(|who| policy.decide_for_bot(Some(who), &request).outcome == Outcome::Deny)
+                .cloned()
+                .collect()
+        };
+        let taken = self.issuer.take_where(|h| !denied_to(h).is_empty());
+        let mut events = Vec::with_capacity(taken.len());
+        let mut ids = Vec::with_capacity(taken.len());
+        for h in &taken {
+            let denied = denied_to(h);
+            let t = &h.token;
+            let error = self
+                .issuer
+                .github()
+                .revoke_installation_token(&t.token)
+                .await
+                .err();
+            let holders: Vec<&str> = h.holders.iter().map(String::as_str).collect();
+            let mut e = AuditEvent::new(
+                AuditEventKind::CredentialRevoked,
+                rfc3339_millis(self.clock.now()),
+            );
+            e.caller = Some(POLICY_ACTOR.to_string());
+            e.bot = denied.first().cloned();
+            e.token_id = Some(t.credential_id.clone());
+            e.repositories = t.repositories.clone();
+            e.permissions = h
+                .scope
+                .permissions
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            e.expires_at = Some(rfc3339(t.expires_at));
+            e.reason = Some("the policy now denies it".into());
+            e.detail = Some(match &error {
+                None => format!(
+                    "revoked at GitHub: the policy now denies it to {}; holders: {}",
+                    denied.join(","),
+                    holders.join(",")
+                ),
+                Some(err) => format!(
+                    "dropped (the policy now denies it to {}), but GitHub did not confirm the revocation: {err}",
+                    denied.join(",")
+                ),
+            });
+            if let Some(err) = &error {
+                tracing::warn!(credential_id = %t.credential_id, error = %err, "GitHub did not confirm a revocation");
+            }
+            tracing::info!(credential_id = %t.credential_id, denied = %denied.join(","), "token revoked: the policy now denies it");
+            events.push(e);
+            ids.push(t.credential_id.clone());
+        }
+        if !events.is_empty()
+            && let Err(err) = self.audit.record(events).await
+        {
+            tracing::error!(error = %err, "audit log write failed for tokens the policy revoked");
+        }
+        ids
+    }
+
+    /// End every live grant that `policy` denies. Answers the ended grants' ids; each gets a
+    /// `grant_revoked` event.
+    async fn end_denied_grants(&self, policy: &Policy) -> Vec<String> {
         let now = self.clock.now();
         let denied = |g: &GrantRecord| {
             g.resource().is_some_and(|r| {

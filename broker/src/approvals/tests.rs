@@ -524,7 +524,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
     let scope = TokenScope::new(&repos, &perms).unwrap();
     let issued = w
         .issuer
-        .issue(&scope, Duration::from_secs(600), None, "ci")
+        .issue_unchecked(&scope, Duration::from_secs(600), None, "ci")
         .await
         .unwrap();
     // Record the holder as the credentials handler does.
@@ -562,7 +562,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
     // Out of the reuse cache: the next request mints afresh.
     let again = w
         .issuer
-        .issue(&scope, Duration::from_secs(600), None, "ci")
+        .issue_unchecked(&scope, Duration::from_secs(600), None, "ci")
         .await
         .unwrap();
     assert!(!again.reused);
@@ -774,7 +774,7 @@ async fn revoking_a_bot_reaches_every_token_it_was_handed() {
         let issued = if i % 2 == 1 {
             let last: &crate::grants::IssuedToken = tokens.last().unwrap();
             w.issuer
-                .issue(
+                .issue_unchecked(
                     &scope,
                     Duration::from_secs(55 * 60),
                     Some(&last.credential_id),
@@ -784,7 +784,7 @@ async fn revoking_a_bot_reaches_every_token_it_was_handed() {
                 .unwrap()
         } else {
             w.issuer
-                .issue(&scope, Duration::from_secs(55 * 60), None, "ci")
+                .issue_unchecked(&scope, Duration::from_secs(55 * 60), None, "ci")
                 .await
                 .unwrap()
         };
@@ -933,13 +933,19 @@ async fn a_reloaded_policy_ends_the_grants_it_denies() {
         "bots:\n  ci:\n    identity: { type: api_key }\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n",
     )
     .unwrap();
-    assert!(w.approvals.end_denied_grants(&allow).await.is_empty());
+    assert!(
+        w.approvals
+            .enforce_policy(&allow, None)
+            .await
+            .grants_ended
+            .is_empty()
+    );
     let deny = crate::policy::Policy::parse(
         "p.yaml",
         "bots:\n  ci:\n    identity: { type: api_key }\n    deny:\n      - repo: \"acme/web\"\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n",
     )
     .unwrap();
-    let ended = w.approvals.end_denied_grants(&deny).await;
+    let ended = w.approvals.enforce_policy(&deny, None).await.grants_ended;
     assert_eq!(ended.len(), 1);
     let live = w.approvals.grants(false);
     assert_eq!(live.len(), 1);
@@ -963,4 +969,168 @@ async fn a_reloaded_policy_ends_the_grants_it_denies() {
     )
     .unwrap();
     assert_eq!(again.grants(false).len(), 1);
+}
+
+fn scope_of(repos: &[&str], perms: &[&str]) -> TokenScope {
+    let r: Vec<RepoName> = repos.iter().map(|r| r.parse().unwrap()).collect();
+    let p: Vec<Permission> = perms.iter().map(|p| p.parse().unwrap()).collect();
+    TokenScope::new(&r, &p).unwrap()
+}
+
+/// `ci` and `deploy` may have `acme/*`; the reloaded [`DENY_WEB`] denies `ci` `acme/web`.
+const ALLOW_ALL: &str = "bots:\n  ci:\n    identity: { type: api_key }\n    auto_approve:\n      - repo: \"acme/*\"\n        permissions: [contents:read]\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n  deploy:\n    identity: { type: api_key }\n    auto_approve:\n      - repo: \"acme/*\"\n        permissions: [contents:write, contents:read]\n";
+const DENY_WEB: &str = "bots:\n  ci:\n    identity: { type: api_key }\n    deny:\n      - repo: \"acme/web\"\n    auto_approve:\n      - repo: \"acme/*\"\n        permissions: [contents:read]\n    requires_approval:\n      - repo: \"acme/*\"\n        permissions: [contents:write]\n  deploy:\n    identity: { type: api_key }\n    auto_approve:\n      - repo: \"acme/*\"\n        permissions: [contents:write, contents:read]\n";
+
+fn policy(text: &str) -> crate::policy::Policy {
+    crate::policy::Policy::parse("p.yaml", text).unwrap()
+}
+
+/// Regression: a reload that denies a bot a scope left the tokens already handed out to it
+/// live at GitHub (up to an hour) and in the reuse cache. Now every live token one of whose
+/// holders the new policy denies is revoked (audited, `caller: policy`) and dropped from the
+/// cache; tokens nobody denied holds stay.
+#[tokio::test]
+async fn a_reloaded_policy_revokes_the_live_tokens_it_denies() {
+    let w = world();
+    let ten = Duration::from_secs(600);
+    let web = scope_of(&["acme/web"], &["contents:read"]);
+    let api = scope_of(&["acme/api"], &["contents:read"]);
+    // ci and deploy share the acme/web token through the reuse cache.
+    let shared = w
+        .issuer
+        .issue_unchecked(&web, ten, None, "ci")
+        .await
+        .unwrap()
+        .token;
+    assert!(
+        w.issuer
+            .issue_unchecked(&web, ten, None, "deploy")
+            .await
+            .unwrap()
+            .reused
+    );
+    let ci_api = w
+        .issuer
+        .issue_unchecked(&api, ten, None, "ci")
+        .await
+        .unwrap()
+        .token;
+    let docs = scope_of(&["acme/docs"], &["contents:write"]);
+    let deploy_docs = w
+        .issuer
+        .issue_unchecked(&docs, ten, None, "deploy")
+        .await
+        .unwrap()
+        .token;
+
+    w.approvals.enforce_policy(&policy(ALLOW_ALL), None).await;
+    assert!(
+        w.github.is_live(&shared.token),
+        "nothing denied, nothing revoked"
+    );
+    assert_eq!(events(&w, AuditEventKind::CredentialRevoked), 0);
+
+    w.approvals.enforce_policy(&policy(DENY_WEB), None).await;
+    assert!(
+        w.github.is_revoked(&shared.token),
+        "a denied holder's token is revoked at GitHub"
+    );
+    assert!(w.github.is_live(&ci_api.token));
+    assert!(w.github.is_live(&deploy_docs.token));
+    let revoked = w
+        .audit
+        .read(&AuditFilter {
+            event: Some(AuditEventKind::CredentialRevoked),
+            ..AuditFilter::default()
+        })
+        .unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        revoked[0].token_id.as_deref(),
+        Some(shared.credential_id.as_str())
+    );
+    assert_eq!(revoked[0].caller.as_deref(), Some("policy"));
+    assert!(
+        revoked[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("policy")),
+        "{:?}",
+        revoked[0].detail
+    );
+    // Out of the reuse cache: deploy, still allowed, gets a fresh token.
+    let again = w
+        .issuer
+        .issue_unchecked(&web, ten, None, "deploy")
+        .await
+        .unwrap();
+    assert!(!again.reused);
+    assert_ne!(again.token.credential_id, shared.credential_id);
+}
+
+/// Regression: a reload that denies what a pending request asks for left it pending, and
+/// approving it made a grant that could never mint. Now the reload decides it `DENIED`
+/// (`decided_by: policy`, audited and published like any denial); others stay pending.
+#[tokio::test]
+async fn a_reloaded_policy_denies_the_pending_requests_it_denies() {
+    let w = world();
+    let mut heard = w.approvals.subscribe();
+    let web = w
+        .approvals
+        .request(ask("ci", &["acme/web"], &["contents:write"]))
+        .await
+        .unwrap()
+        .view
+        .request_id;
+    let api = w
+        .approvals
+        .request(ask("ci", &["acme/api"], &["contents:write"]))
+        .await
+        .unwrap()
+        .view
+        .request_id;
+    w.approvals.enforce_policy(&policy(ALLOW_ALL), None).await;
+    assert_eq!(w.approvals.pending().unwrap().len(), 2);
+
+    w.approvals.enforce_policy(&policy(DENY_WEB), None).await;
+    let view = w.approvals.get(&web).unwrap();
+    assert_eq!(view.state, ApprovalState::Denied);
+    assert_eq!(view.decided_by.as_deref(), Some("policy"));
+    assert!(
+        view.deny_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("policy")),
+        "{:?}",
+        view.deny_reason
+    );
+    assert_eq!(w.approvals.get(&api).unwrap().state, ApprovalState::Pending);
+    assert_eq!(events(&w, AuditEventKind::ApprovalDenied), 1);
+    let mut kinds = Vec::new();
+    while let Ok(e) = heard.try_recv() {
+        kinds.push((e.kind, e.actor));
+    }
+    assert_eq!(
+        kinds.last(),
+        Some(&(AuditEventKind::ApprovalDenied, Some("policy".to_string())))
+    );
+
+    // An admin can no longer approve it into a grant that never mints.
+    let e = w
+        .approvals
+        .approve(&admin("ops"), &web, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::AlreadyDecided);
+    assert!(w.approvals.grants(true).is_empty());
+    // Persisted: a restart does not bring it back.
+    let again = Approvals::load(
+        w.store.clone(),
+        w.audit.clone(),
+        Arc::new(w.clock.clone()),
+        w.issuer.clone(),
+        ApprovalsConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(again.get(&web).unwrap().state, ApprovalState::Denied);
+    assert_eq!(again.pending().unwrap().len(), 1);
 }
