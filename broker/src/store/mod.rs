@@ -1,6 +1,7 @@
 //! The broker's persistent state behind one trait: the hash-chained audit log, credential metadata and
 //! small namespaced documents. `SledStore` is the embedded default; the trait is the seam for PostgreSQL.
 
+mod auditfile;
 mod memory;
 mod sled;
 
@@ -124,6 +125,12 @@ pub enum StoreError {
     },
     #[error("storage error: {0}")]
     Sled(#[from] ::sled::Error),
+    #[error("audit log {}: {source}", path.display())]
+    AuditFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("could not encode a record: {0}")]
@@ -260,14 +267,6 @@ impl ChainWalk {
                 self.expected += 1;
             }
             None => self.first_broken = Some(seq),
-        }
-    }
-
-    /// A stored entry whose key is not a seq at all: the chain breaks where the next event was expected.
-    fn unreadable(&mut self) {
-        self.events += 1;
-        if self.first_broken.is_none() {
-            self.first_broken = Some(self.expected);
         }
     }
 

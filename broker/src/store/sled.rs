@@ -1,55 +1,56 @@
-//! The embedded default `Store`: sled in the broker's data directory.
+//! The embedded default `Store`: sled in the broker's data directory for credentials and documents, and
+//! the audit log as append-only JSON-lines segments in `data_dir/audit/` (see `auditfile`).
 //!
-//! Trees: `audit` (big-endian seq → record), `audit_by_time` (timestamp, NUL, big-endian seq → empty; the
-//! index behind `--since`), `credentials` (id → JSON) and `docs` (namespace, NUL, key → bytes).
+//! Trees: `credentials` (id → JSON) and `docs` (namespace, NUL, key → bytes). Brokers before the file log
+//! kept the audit log in sled (`audit`: big-endian seq → record, `audit_by_time`: its time index); `open`
+//! moves such a log into the files and then empties those trees.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use ::sled::transaction::{ConflictableTransactionResult, TransactionError};
-use ::sled::{Db, Transactional, Tree};
+use ::sled::{Db, Tree};
 use botcreds_proto::audit::AuditEvent;
 
+use super::auditfile::{AuditFile, SEGMENT_BYTES};
 use super::{
     AuditFilter, ChainHead, ChainReport, ChainWalk, CredentialRecord, Store, StoreError,
-    check_namespace, decode_event, lock, normalize_since, seal, split_record,
+    check_namespace, decode_event, split_record,
 };
 
-/// sled's page cache. Its default is 1 GiB; the broker's whole RSS target under load is 64 MiB.
-const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
+/// sled's page cache. Its default is 1 GiB; sled now holds only credentials and documents.
+const CACHE_CAPACITY: u64 = 4 * 1024 * 1024;
 
+/// The audit log's directory inside the data directory.
+const AUDIT_DIR: &str = "audit";
+/// Trees of the audit log before it moved to files; emptied by the migration at open.
 const AUDIT_TREE: &str = "audit";
 const AUDIT_BY_TIME_TREE: &str = "audit_by_time";
 const CREDENTIALS_TREE: &str = "credentials";
 const DOCS_TREE: &str = "docs";
 
-#[derive(Clone, Copy)]
-enum AuditWrite {
-    Insert,
-    Withdraw,
-}
+/// How many bytes of old records the migration copies per durable batch.
+const MIGRATION_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct SledStore {
     dir: PathBuf,
     db: Db,
-    audit: Tree,
-    audit_by_time: Tree,
+    audit: AuditFile,
     credentials: Tree,
     docs: Tree,
-    /// The chain's last event. Held across a whole append so that seqs are assigned in commit order.
-    head: Mutex<ChainHead>,
+    /// A credential or document was written since sled was last flushed; the next audit append flushes it
+    /// (the trait's durability contract).
+    unflushed: AtomicBool,
 }
 
 impl fmt::Debug for SledStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SledStore")
             .field("dir", &self.dir)
-            .field("audit_seq", &lock(&self.head).seq)
+            .field("audit_seq", &self.audit.head().seq)
             .finish_non_exhaustive()
     }
 }
@@ -58,73 +59,130 @@ impl SledStore {
     /// Open (creating if missing, mode 0700) the data directory. Fails with [`StoreError::Locked`] while
     /// another process has it open.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        Self::open_with(dir, SEGMENT_BYTES)
+    }
+
+    fn open_with(dir: &Path, segment_bytes: u64) -> Result<SledStore, StoreError> {
         ensure_private_dir(dir)?;
+        // sled's lock on the directory also guards the audit files: open it first.
         let db = ::sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
             .open()
             .map_err(|e| open_error(dir, e))?;
-        let audit = db.open_tree(AUDIT_TREE)?;
-        let head = match audit.last()? {
-            None => ChainHead::genesis(),
-            Some((key, record)) => {
-                let seq = seq_from_key(&key)?;
-                let (hash, _) = split_record(seq, &record)?;
-                ChainHead {
-                    seq,
-                    hash: hash.to_owned(),
-                }
-            }
-        };
-        tracing::debug!(dir = %dir.display(), audit_seq = head.seq, "store opened");
+        let audit = AuditFile::open(&dir.join(AUDIT_DIR), segment_bytes)?;
+        migrate_sled_audit(&db, &audit)?;
+        tracing::debug!(dir = %dir.display(), audit_seq = audit.head().seq, "store opened");
         Ok(SledStore {
             dir: dir.to_owned(),
             audit,
-            audit_by_time: db.open_tree(AUDIT_BY_TIME_TREE)?,
             credentials: db.open_tree(CREDENTIALS_TREE)?,
             docs: db.open_tree(DOCS_TREE)?,
             db,
-            head: Mutex::new(head),
+            unflushed: AtomicBool::new(false),
         })
     }
 
-    /// Write records (seq, time index key, record) to both audit trees atomically, or take them out again.
-    fn write_audit(
-        &self,
-        records: &[(u64, Vec<u8>, Vec<u8>)],
-        write: AuditWrite,
-    ) -> Result<(), StoreError> {
-        (&self.audit, &self.audit_by_time)
-            .transaction(
-                |(audit, by_time)| -> ConflictableTransactionResult<(), Infallible> {
-                    for (seq, time_key, record) in records {
-                        let key = seq.to_be_bytes();
-                        match write {
-                            AuditWrite::Insert => {
-                                audit.insert(&key, record.as_slice())?;
-                                by_time.insert(time_key.as_slice(), &[][..])?;
-                            }
-                            AuditWrite::Withdraw => {
-                                audit.remove(&key)?;
-                                by_time.remove(time_key.as_slice())?;
-                            }
-                        }
-                    }
-                    Ok(())
-                },
-            )
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(never) => match never {},
-            })
+    fn flush_sled(&self) -> Result<(), StoreError> {
+        if self.unflushed.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.db.flush()
+        {
+            self.unflushed.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        Ok(())
     }
+}
 
-    fn read_record(&self, seq: u64) -> Result<Option<AuditEvent>, StoreError> {
-        self.audit
-            .get(seq.to_be_bytes())?
-            .map(|record| decode_event(seq, &record))
-            .transpose()
+/// Move an audit log kept in sled by an older broker into the file log: every event in seq order with its
+/// seq and hash, each link verified, flushed, and only then the sled trees emptied. An interrupted
+/// migration is finished by the next open: the file log then holds a prefix of the sled log.
+fn migrate_sled_audit(db: &Db, log: &AuditFile) -> Result<(), StoreError> {
+    let old = db.open_tree(AUDIT_TREE)?;
+    let by_time = db.open_tree(AUDIT_BY_TIME_TREE)?;
+    if old.is_empty() {
+        if !by_time.is_empty() {
+            // Interrupted between the two clears below.
+            by_time.clear()?;
+            db.flush()?;
+        }
+        return Ok(());
     }
+    let start = log.head();
+    let mismatch = |what: String| {
+        StoreError::Corrupt(format!(
+            "cannot move the audit log from sled to {}: {what}; the sled log is left as it was",
+            AUDIT_DIR
+        ))
+    };
+    let mut head = start.clone();
+    let mut found_start = start.seq == 0;
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut max_timestamp: Option<String> = None;
+    let mut moved = 0u64;
+    for entry in old.iter() {
+        let (key, record) = entry?;
+        let seq = seq_from_key(&key)?;
+        if seq < start.seq {
+            continue;
+        }
+        if seq == start.seq {
+            // Copied by an interrupted run: it must be the very event the file log ends with.
+            let (hash, _) = split_record(seq, &record)?;
+            if hash != start.hash {
+                return Err(mismatch(format!(
+                    "event {seq} differs between sled and the file log"
+                )));
+            }
+            found_start = true;
+            continue;
+        }
+        if !found_start {
+            return Err(mismatch(format!(
+                "the file log ends at seq {} which sled does not hold",
+                start.seq
+            )));
+        }
+        if seq != head.seq + 1 {
+            return Err(mismatch(format!("seq {} is missing", head.seq + 1)));
+        }
+        let hash = ChainWalk::link(seq, &head.hash, &record)
+            .ok_or_else(|| mismatch(format!("the chain is broken at seq {seq}")))?;
+        let event = decode_event(seq, &record)?;
+        if max_timestamp
+            .as_deref()
+            .is_none_or(|max| event.timestamp.as_str() > max)
+        {
+            max_timestamp = Some(event.timestamp);
+        }
+        head = ChainHead { seq, hash };
+        batch_bytes += record.len();
+        batch.push(record.to_vec());
+        moved += 1;
+        if batch_bytes >= MIGRATION_BATCH_BYTES {
+            log.append_records(&batch, head.clone(), max_timestamp.as_deref())?;
+            batch.clear();
+            batch_bytes = 0;
+            max_timestamp = None;
+        }
+    }
+    if !found_start {
+        return Err(mismatch(format!(
+            "the file log ends at seq {} which sled does not hold",
+            start.seq
+        )));
+    }
+    log.append_records(&batch, head.clone(), max_timestamp.as_deref())?;
+    old.clear()?;
+    by_time.clear()?;
+    db.flush()?;
+    tracing::info!(
+        events = moved,
+        audit_seq = head.seq,
+        "moved the audit log from sled into {AUDIT_DIR}/"
+    );
+    Ok(())
 }
 
 impl Store for SledStore {
@@ -132,88 +190,23 @@ impl Store for SledStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut head = lock(&self.head);
-        let mut next = head.clone();
-        let mut records = Vec::with_capacity(events.len());
-        for event in events.iter_mut() {
-            let record = seal(event, &mut next)?;
-            records.push((event.seq, time_key(&event.timestamp, event.seq), record));
-        }
-        self.write_audit(&records, AuditWrite::Insert)?;
-        if let Err(e) = self.db.flush() {
-            // Nobody will be told these events were recorded, so take them out again; the next batch reuses
-            // their seqs. If the removal itself cannot be written either, a crash may leave them on disk: the
-            // log may then hold events whose callers saw an error, but never lacks one whose caller saw success.
-            if let Err(undo) = self.write_audit(&records, AuditWrite::Withdraw) {
-                tracing::error!(error = %undo, "could not withdraw an unflushed audit batch");
-            }
-            return Err(e.into());
-        }
-        *head = next;
-        Ok(())
+        // Credentials and documents written before these events are durable before the events are.
+        self.flush_sled()?;
+        self.audit.append(events)
     }
 
     fn read_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let since = filter.since.as_deref().map(normalize_since).transpose()?;
-        let mut out = Vec::new();
-        if filter.limit == 0 {
-            return Ok(out);
-        }
-        match since.as_deref() {
-            Some(since) => {
-                // Timestamps come from the callers, so they are only roughly in seq order: take every seq
-                // the time index has from `since` on, then return those events in log order.
-                let mut seqs = Vec::new();
-                for entry in self.audit_by_time.range(since.as_bytes()..) {
-                    let (key, _) = entry?;
-                    seqs.push(seq_from_time_key(&key)?);
-                }
-                seqs.sort_unstable();
-                for seq in seqs {
-                    let Some(event) = self.read_record(seq)? else {
-                        continue;
-                    };
-                    if filter.matches(&event, Some(since)) {
-                        out.push(event);
-                        if out.len() >= filter.limit {
-                            break;
-                        }
-                    }
-                }
-            }
-            None => {
-                for entry in self.audit.iter() {
-                    let (key, record) = entry?;
-                    let event = decode_event(seq_from_key(&key)?, &record)?;
-                    if filter.matches(&event, None) {
-                        out.push(event);
-                        if out.len() >= filter.limit {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.audit.read(filter)
     }
 
     fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
-        // Verify up to the head as of now; appends may continue meanwhile without blocking on this walk.
-        let head = lock(&self.head).clone();
-        let mut walk = ChainWalk::new();
-        for entry in self.audit.range(..=head.seq.to_be_bytes()) {
-            let (key, record) = entry?;
-            match seq_from_key(&key) {
-                Ok(seq) => walk.step(seq, &record),
-                Err(_) => walk.unreadable(),
-            }
-        }
-        Ok(walk.finish(&head))
+        self.audit.verify()
     }
 
     fn put_credential(&self, record: &CredentialRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(record).map_err(StoreError::Encode)?;
         self.credentials.insert(record.id.as_bytes(), value)?;
+        self.unflushed.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -234,6 +227,7 @@ impl Store for SledStore {
 
     fn put_doc(&self, namespace: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.docs.insert(doc_key(namespace, key)?, value)?;
+        self.unflushed.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -243,6 +237,7 @@ impl Store for SledStore {
 
     fn delete_doc(&self, namespace: &str, key: &str) -> Result<(), StoreError> {
         self.docs.remove(doc_key(namespace, key)?)?;
+        self.unflushed.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -263,7 +258,12 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        // The audit log is flushed by every append; sled holds the rest.
+        self.unflushed.store(false, Ordering::SeqCst);
+        if let Err(e) = self.db.flush() {
+            self.unflushed.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
         Ok(())
     }
 }
@@ -321,22 +321,6 @@ fn seq_from_key(key: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("audit key of {} bytes is not a seq", key.len())))
 }
 
-fn time_key(timestamp: &str, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(timestamp.len() + 9);
-    key.extend_from_slice(timestamp.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-fn seq_from_time_key(key: &[u8]) -> Result<u64, StoreError> {
-    key.len()
-        .checked_sub(8)
-        .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::Corrupt("audit time index key is too short".to_owned()))
-}
-
 fn doc_key(namespace: &str, key: &str) -> Result<Vec<u8>, StoreError> {
     check_namespace(namespace)?;
     let mut out = Vec::with_capacity(namespace.len() + 1 + key.len());
@@ -354,6 +338,8 @@ fn decode_credential(value: &[u8]) -> Result<CredentialRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::auditfile::push_line;
+    use crate::store::seal;
     use crate::store::tests as conformance;
     use botcreds_proto::audit::AuditEventKind;
 
@@ -371,12 +357,33 @@ mod tests {
         )
     }
 
-    /// Overwrite the stored record of `seq` with `f` applied to it, straight in the sled tree.
+    /// The audit log's only segment in a test store.
+    fn segment(store: &SledStore) -> PathBuf {
+        let mut files: Vec<PathBuf> = fs::read_dir(store.dir.join(AUDIT_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files.pop().unwrap()
+    }
+
+    /// Edit the stored lines of the audit log in place, straight in its file.
+    fn edit_lines(store: &SledStore, f: impl FnOnce(&mut Vec<String>)) {
+        let path = segment(store);
+        let text = fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        f(&mut lines);
+        let mut text = lines.join("\n");
+        text.push('\n');
+        fs::write(&path, text).unwrap();
+    }
+
+    /// Overwrite the stored line of `seq` with `f` applied to it.
     fn rewrite(store: &SledStore, seq: u64, f: impl FnOnce(String) -> String) {
-        let key = seq.to_be_bytes();
-        let record = store.audit.get(key).unwrap().unwrap();
-        let record = f(String::from_utf8(record.to_vec()).unwrap());
-        store.audit.insert(key, record.as_bytes()).unwrap();
+        edit_lines(store, |lines| {
+            let i = usize::try_from(seq - 1).unwrap();
+            lines[i] = f(std::mem::take(&mut lines[i]));
+        });
     }
 
     #[test]
@@ -472,7 +479,10 @@ mod tests {
             hash: events[0].hash.clone(),
         };
         let record = seal(&mut forged, &mut head).unwrap();
-        store.audit.insert(2u64.to_be_bytes(), record).unwrap();
+        let mut line = Vec::new();
+        push_line(&mut line, &record);
+        let line = String::from_utf8(line).unwrap();
+        rewrite(&store, 2, |_| line.trim_end().to_owned());
         assert_eq!(store.verify_audit_chain().unwrap().first_broken, Some(3));
     }
 
@@ -481,7 +491,8 @@ mod tests {
         let (_dir, store) = open_temp();
         let mut events: Vec<AuditEvent> = (0..5).map(issued).collect();
         store.append_audit(&mut events).unwrap();
-        let second = store.audit.remove(2u64.to_be_bytes()).unwrap().unwrap();
+        let mut second = String::new();
+        edit_lines(&store, |lines| second = lines.remove(1));
         assert_eq!(
             store.verify_audit_chain().unwrap(),
             ChainReport {
@@ -489,10 +500,12 @@ mod tests {
                 first_broken: Some(2)
             }
         );
-        store.audit.insert(2u64.to_be_bytes(), second).unwrap();
+        edit_lines(&store, |lines| lines.insert(1, second));
         assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
         // A tail lost while the store is open is reported after the last stored event.
-        store.audit.remove(5u64.to_be_bytes()).unwrap();
+        edit_lines(&store, |lines| {
+            lines.pop();
+        });
         assert_eq!(
             store.verify_audit_chain().unwrap(),
             ChainReport {

@@ -1,0 +1,1 @@
+//! Tests of the file audit log beyond the `Store` conformance suite.
