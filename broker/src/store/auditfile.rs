@@ -399,11 +399,6 @@ impl AuditFile {
     pub(super) fn fail_next_sync(&self) {
         self.fail_next_sync.store(true, Ordering::SeqCst);
     }
-
-    #[cfg(test)]
-    pub(super) fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// The lines of one segment, numbered by seq.

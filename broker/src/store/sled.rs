@@ -83,6 +83,12 @@ impl SledStore {
         })
     }
 
+    /// A store whose audit segments rotate after `segment_bytes`, to test rotation with little data.
+    #[cfg(test)]
+    pub(crate) fn open_with_segment_bytes(dir: &Path, segment_bytes: u64) -> SledStore {
+        Self::open_with(dir, segment_bytes).unwrap()
+    }
+
     fn flush_sled(&self) -> Result<(), StoreError> {
         if self.unflushed.swap(false, Ordering::SeqCst)
             && let Err(e) = self.db.flush()
@@ -546,5 +552,107 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("locked by another process"), "{message}");
         assert!(message.contains(&path.display().to_string()), "{message}");
+    }
+
+    /// Write events the way brokers before the file log did: into sled's `audit` and `audit_by_time` trees.
+    fn write_old_sled_log(path: &Path, events: &mut [AuditEvent]) -> Vec<Vec<u8>> {
+        ensure_private_dir(path).unwrap();
+        let db = ::sled::Config::new().path(path).open().unwrap();
+        let audit = db.open_tree(AUDIT_TREE).unwrap();
+        let by_time = db.open_tree(AUDIT_BY_TIME_TREE).unwrap();
+        let mut head = ChainHead::genesis();
+        let mut records = Vec::new();
+        for event in events.iter_mut() {
+            let record = seal(event, &mut head).unwrap();
+            audit.insert(event.seq.to_be_bytes(), record.as_slice()).unwrap();
+            let mut time_key = event.timestamp.clone().into_bytes();
+            time_key.push(0);
+            time_key.extend_from_slice(&event.seq.to_be_bytes());
+            by_time.insert(time_key, &[][..]).unwrap();
+            records.push(record);
+        }
+        db.flush().unwrap();
+        records
+    }
+
+    fn old_trees_are_empty(store: &SledStore) -> bool {
+        store.db.open_tree(AUDIT_TREE).unwrap().is_empty()
+            && store.db.open_tree(AUDIT_BY_TIME_TREE).unwrap().is_empty()
+    }
+
+    #[test]
+    fn an_audit_log_in_sled_is_moved_to_the_file_log_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let mut events: Vec<AuditEvent> = (0..50).map(issued).collect();
+        write_old_sled_log(&path, &mut events);
+
+        let store = SledStore::open(&path).unwrap();
+        assert!(old_trees_are_empty(&store));
+        assert_eq!(store.read_audit(&AuditFilter::default()).unwrap(), events);
+        assert_eq!(
+            store.verify_audit_chain().unwrap(),
+            ChainReport {
+                events: 50,
+                first_broken: None
+            }
+        );
+        let mut next = vec![issued(50)];
+        store.append_audit(&mut next).unwrap();
+        assert_eq!(next[0].seq, 51);
+        drop(store);
+        // Opening again moves nothing twice.
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.read_audit(&AuditFilter::default()).unwrap().len(), 51);
+        assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
+    }
+
+    #[test]
+    fn an_interrupted_move_is_finished_by_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let mut events: Vec<AuditEvent> = (0..10).map(issued).collect();
+        let records = write_old_sled_log(&path, &mut events);
+        // The first run copied four events into the file log and stopped.
+        {
+            let log = AuditFile::open(&path.join(AUDIT_DIR), SEGMENT_BYTES).unwrap();
+            let head = ChainHead {
+                seq: 4,
+                hash: events[3].hash.clone(),
+            };
+            log.append_records(&records[..4], head, None).unwrap();
+        }
+        let store = SledStore::open(&path).unwrap();
+        assert!(old_trees_are_empty(&store));
+        assert_eq!(store.read_audit(&AuditFilter::default()).unwrap(), events);
+        assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
+    }
+
+    #[test]
+    fn a_move_that_does_not_match_the_file_log_is_refused_and_keeps_the_sled_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        // A file log that is not a prefix of the sled log (say, a broker downgraded after the move).
+        {
+            let store = SledStore::open(&path).unwrap();
+            let mut other: Vec<AuditEvent> = (100..103).map(issued).collect();
+            store.append_audit(&mut other).unwrap();
+        }
+        let mut events: Vec<AuditEvent> = (0..5).map(issued).collect();
+        write_old_sled_log(&path, &mut events);
+        let err = SledStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("left as it was"), "{err}");
+        let db = ::sled::Config::new().path(&path).open().unwrap();
+        assert_eq!(db.open_tree(AUDIT_TREE).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn documents_written_before_an_append_are_flushed_by_it() {
+        let (_dir, store) = open_temp();
+        store.put_doc("rules", "r1", b"v").unwrap();
+        assert!(store.unflushed.load(Ordering::SeqCst));
+        store.append_audit(&mut [issued(0)]).unwrap();
+        assert!(!store.unflushed.load(Ordering::SeqCst));
     }
 }
