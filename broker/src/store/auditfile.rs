@@ -332,7 +332,10 @@ impl AuditFile {
                 }
                 record_of_line(lines.line(), &mut record);
                 let event = decode_event(seq, &record)?;
-                if max_timestamp.as_deref().is_none_or(|max| event.timestamp.as_str() > max) {
+                if max_timestamp
+                    .as_deref()
+                    .is_none_or(|max| event.timestamp.as_str() > max)
+                {
                     max_timestamp = Some(event.timestamp.clone());
                 }
                 if filter.matches(&event, since.as_deref()) {

@@ -564,7 +564,9 @@ mod tests {
         let mut records = Vec::new();
         for event in events.iter_mut() {
             let record = seal(event, &mut head).unwrap();
-            audit.insert(event.seq.to_be_bytes(), record.as_slice()).unwrap();
+            audit
+                .insert(event.seq.to_be_bytes(), record.as_slice())
+                .unwrap();
             let mut time_key = event.timestamp.clone().into_bytes();
             time_key.push(0);
             time_key.extend_from_slice(&event.seq.to_be_bytes());

@@ -99,7 +99,10 @@ fn corrupted_middle_line_is_reported_by_verify_at_its_seq() {
         );
         // Never silently dropped: reading all of it says the record is corrupt.
         assert!(
-            matches!(log.read(&AuditFilter::default()), Err(StoreError::Corrupt(_))),
+            matches!(
+                log.read(&AuditFilter::default()),
+                Err(StoreError::Corrupt(_))
+            ),
             "{garbage:?}"
         );
     }
@@ -184,11 +187,17 @@ fn segments_rotate_and_since_reads_across_them() {
     // Twice: the first read learns the sealed segments' latest timestamps, the second skips by them.
     for _ in 0..2 {
         assert_eq!(
-            seqs(&log.read(&since("2026-02-17T14:00:15Z", usize::MAX)).unwrap()),
+            seqs(
+                &log.read(&since("2026-02-17T14:00:15Z", usize::MAX))
+                    .unwrap()
+            ),
             [16, 17, 18, 19, 20]
         );
         assert_eq!(
-            seqs(&log.read(&since("2026-02-17T14:00:05Z", usize::MAX)).unwrap()),
+            seqs(
+                &log.read(&since("2026-02-17T14:00:05Z", usize::MAX))
+                    .unwrap()
+            ),
             (6..=21).collect::<Vec<_>>()
         );
         assert_eq!(
