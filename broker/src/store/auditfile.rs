@@ -260,10 +260,10 @@ impl AuditFile {
         let mut index = lock(&self.index);
         index.active_len = writer.len;
         index.head = new_head;
-        if let (Some(last), Some(ts)) = (index.segments.last_mut(), max_timestamp) {
-            if last.max_timestamp.as_deref().is_none_or(|max| ts > max) {
-                last.max_timestamp = Some(ts.to_owned());
-            }
+        if let (Some(last), Some(ts)) = (index.segments.last_mut(), max_timestamp)
+            && last.max_timestamp.as_deref().is_none_or(|max| ts > max)
+        {
+            last.max_timestamp = Some(ts.to_owned());
         }
         Ok(())
     }
