@@ -102,6 +102,18 @@ struct RawLimits {
     max_concurrent_requests: usize,
     #[serde(default = "default_max_ttl")]
     max_github_ttl: Ttl,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_connections_per_peer")]
+    max_connections_per_peer: usize,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: Ttl,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: Ttl,
+    #[serde(default = "default_refusals_per_peer")]
+    audited_refusals_per_peer: usize,
+    #[serde(default = "default_refusal_window")]
+    refusal_window: Ttl,
 }
 
 impl Default for RawLimits {
@@ -110,6 +122,28 @@ impl Default for RawLimits {
             request_timeout: default_request_timeout(),
             max_concurrent_requests: default_concurrency(),
             max_github_ttl: default_max_ttl(),
+            max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
+            idle_timeout: default_idle_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            audited_refusals_per_peer: default_refusals_per_peer(),
+            refusal_window: default_refusal_window(),
+        }
+    }
+}
+
+impl RawLimits {
+    fn limits(&self) -> Limits {
+        Limits {
+            request_timeout: self.request_timeout.as_duration(),
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_github_ttl: self.max_github_ttl.as_duration(),
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            idle_timeout: self.idle_timeout.as_duration(),
+            header_read_timeout: self.header_read_timeout.as_duration(),
+            audited_refusals_per_peer: self.audited_refusals_per_peer,
+            refusal_window: self.refusal_window.as_duration(),
         }
     }
 }
@@ -174,6 +208,24 @@ fn default_concurrency() -> usize {
 fn default_max_ttl() -> Ttl {
     Ttl::from_secs(3000)
 }
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_peer() -> usize {
+    128
+}
+fn default_idle_timeout() -> Ttl {
+    Ttl::from_secs(60)
+}
+fn default_header_read_timeout() -> Ttl {
+    Ttl::from_secs(10)
+}
+fn default_refusals_per_peer() -> usize {
+    10
+}
+fn default_refusal_window() -> Ttl {
+    Ttl::from_secs(60)
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -233,16 +285,24 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// The longest `ttl` a GitHub token request may ask for (tokens live one hour).
     pub max_github_ttl: Duration,
+    /// Open connections over all listeners; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Open connections from one peer IP; more are closed as soon as they are accepted.
+    pub max_connections_per_peer: usize,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    pub idle_timeout: Duration,
+    /// An HTTP/1 request head must arrive within this time.
+    pub header_read_timeout: Duration,
+    /// Unauthenticated refusals audited one by one per peer IP and window; the rest of the
+    /// window is counted and audited as one summary event.
+    pub audited_refusals_per_peer: usize,
+    /// The window of `audited_refusals_per_peer`.
+    pub refusal_window: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        let raw = RawLimits::default();
-        Limits {
-            request_timeout: raw.request_timeout.as_duration(),
-            max_concurrent_requests: raw.max_concurrent_requests,
-            max_github_ttl: raw.max_github_ttl.as_duration(),
-        }
+        RawLimits::default().limits()
     }
 }
 
@@ -472,6 +532,23 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        for (key, value) in [
+            ("limits.max_connections", raw.limits.max_connections),
+            (
+                "limits.max_connections_per_peer",
+                raw.limits.max_connections_per_peer,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if raw.limits.max_connections_per_peer > raw.limits.max_connections {
+            return Err(invalid(
+                "limits.max_connections_per_peer",
+                "must not exceed limits.max_connections".into(),
+            ));
+        }
         if raw.limits.max_github_ttl.as_duration() > Duration::from_secs(3600) {
             return Err(invalid(
                 "limits.max_github_ttl",
@@ -519,11 +596,7 @@ impl Config {
             github,
             api_keys,
             admin: raw.admin,
-            limits: Limits {
-                request_timeout: raw.limits.request_timeout.as_duration(),
-                max_concurrent_requests: raw.limits.max_concurrent_requests,
-                max_github_ttl: raw.limits.max_github_ttl.as_duration(),
-            },
+            limits: raw.limits.limits(),
             approvals: raw.approvals.clone(),
             log_format: raw.log.format,
             log_level: raw.log.level,

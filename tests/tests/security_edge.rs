@@ -1,0 +1,209 @@
+//! Negative-security tests of the broker's edge, end to end against the real binary: connection
+//! floods (silent HTTP/1 and h2c), anonymous refusal floods and their audit cost, identities
+//! that must not be inherited (the broker's own node, a shared-in node with a bot's short
+//! name, a renamed node enrolling for a hostname bot), repository names that must not
+//! normalise past a deny, and tailscaled refusing WhoIs or certificates.
+//!
+//! Each refusal case names its input, the code it must get, and checks that nothing stored
+//! changed (the store's documents and the audit log's non-refusal events).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use botcreds_tests::broker::{BrokerBuilder, BrokerProcess};
+use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const POLICY: &str = r#"
+bots:
+  ci-bot:
+    identity: { tag: "tag:ci" }
+    auto_approve:
+      - repo: "acme-corp/*"
+        permissions: [contents:read]
+    deny:
+      - repo: "acme-corp/infra"
+  builder:
+    identity: { type: tailnet, hostname: builder }
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:read]
+defaults:
+  requires_approval: true
+"#;
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: what an h2c client sends first.
+const H2C_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(ip(from), 0)).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// What the broker did with a fresh connection.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    /// It spoke (the h2 SETTINGS frame, or an HTTP/1 answer): the connection was admitted.
+    Admitted,
+    /// It closed the connection without a byte: refused.
+    Closed,
+}
+
+/// Read until the broker either says something or closes the connection; the bound only keeps
+/// a broken broker from hanging the test.
+async fn first_answer(stream: &mut TcpStream) -> Fate {
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Fate::Closed,
+        Ok(Ok(_)) => Fate::Admitted,
+        Err(_) => panic!("the broker neither answered nor closed the connection within 30s"),
+    }
+}
+
+/// A silent h2c connection: preface and settings, then nothing.
+async fn h2c_silent(from: &str, to: SocketAddr) -> (TcpStream, Fate) {
+    let mut stream = connect_from(from, to).await;
+    // A refused connection may already be closed: a failed write is a refusal too.
+    if stream.write_all(H2C_PREFACE).await.is_err() {
+        return (stream, Fate::Closed);
+    }
+    let fate = first_answer(&mut stream).await;
+    (stream, fate)
+}
+
+/// An HTTP/1 keep-alive connection that asked once for /healthz and then stays silent.
+async fn http1_kept_alive(from: &str, to: SocketAddr) -> (TcpStream, Fate) {
+    let mut stream = connect_from(from, to).await;
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {to}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (stream, Fate::Closed);
+    }
+    let fate = first_answer(&mut stream).await;
+    (stream, fate)
+}
+
+/// Wait until the broker closes `stream` (reads to EOF or a reset).
+async fn closed_by_broker(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn healthz_from(broker: &BrokerProcess, from: &str) -> reqwest::StatusCode {
+    broker
+        .client_from(ip(from))
+        .get(format!("{}/healthz", broker.url))
+        .send()
+        .await
+        .expect("healthz answers")
+        .status()
+}
+
+async fn plain_broker(extra_toml: &str) -> (FakeGithub, FakeTailscaled, BrokerProcess) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    let broker = BrokerBuilder::new(POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .toml(extra_toml)
+        .start()
+        .await;
+    (github, tailscaled, broker)
+}
+
+/// h2c_connection_exhaustion: one peer's silent connections beyond the per-peer cap (128 by
+/// default) are closed at once, HTTP/1 and h2c alike, and /healthz still answers others.
+#[tokio::test]
+async fn h2c_connection_exhaustion_is_capped_per_peer() {
+    let (_github, _tailscaled, broker) = plain_broker("").await;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let (stream, fate) = http1_kept_alive("127.0.0.2", broker.addr).await;
+        assert_eq!(fate, Fate::Admitted);
+        held.push(stream);
+    }
+    let mut fates = Vec::new();
+    for _ in 0..76 {
+        let (stream, fate) = h2c_silent("127.0.0.2", broker.addr).await;
+        fates.push(fate);
+        held.push(stream);
+    }
+    let admitted = fates.iter().filter(|f| **f == Fate::Admitted).count();
+    assert_eq!(
+        (admitted, fates.len() - admitted),
+        (64, 12),
+        "64 HTTP/1 + 64 h2c connections fill the per-peer cap of 128; the rest are refused"
+    );
+    assert_eq!(healthz_from(&broker, "127.0.0.3").await, 200);
+    // Closing some frees their places again.
+    held.truncate(100);
+    let mut reopened = None;
+    for _ in 0..100 {
+        let (stream, fate) = h2c_silent("127.0.0.2", broker.addr).await;
+        if fate == Fate::Admitted {
+            reopened = Some(stream);
+            break;
+        }
+    }
+    assert!(reopened.is_some(), "closed connections did not free their places");
+}
+
+/// The total cap holds over all peers, and a connection without a request in flight is closed
+/// after `[limits] idle_timeout`: silent HTTP/1 (not one byte sent), h2c after its preface,
+/// and an HTTP/1 keep-alive connection after its request.
+#[tokio::test]
+async fn idle_connections_are_closed_and_the_total_is_capped() {
+    let (_github, _tailscaled, broker) = plain_broker(
+        "[limits]\nmax_connections = 6\nmax_connections_per_peer = 4\nidle_timeout = \"1s\"\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (s, fate) = h2c_silent("127.0.0.2", broker.addr).await;
+        assert_eq!(fate, Fate::Admitted);
+        held.push(s);
+    }
+    assert_eq!(h2c_silent("127.0.0.2", broker.addr).await.1, Fate::Closed);
+    for _ in 0..2 {
+        let (s, fate) = h2c_silent("127.0.0.3", broker.addr).await;
+        assert_eq!(fate, Fate::Admitted);
+        held.push(s);
+    }
+    assert_eq!(h2c_silent("127.0.0.4", broker.addr).await.1, Fate::Closed);
+    // Every one of them is idle: the broker closes them all.
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(
+            closed_by_broker(s, Duration::from_secs(30)).await,
+            "idle h2c connection {i} stayed open"
+        );
+    }
+    let mut silent = connect_from("127.0.0.4", broker.addr).await;
+    let (mut kept_alive, fate) = http1_kept_alive("127.0.0.4", broker.addr).await;
+    assert_eq!(fate, Fate::Admitted);
+    assert!(
+        closed_by_broker(&mut silent, Duration::from_secs(30)).await,
+        "a connection that never sent a byte stayed open"
+    );
+    assert!(
+        closed_by_broker(&mut kept_alive, Duration::from_secs(30)).await,
+        "an idle HTTP/1 keep-alive connection stayed open"
+    );
+    assert_eq!(healthz_from(&broker, "127.0.0.5").await, 200);
+}
