@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::api::{AppState, StateInner, router};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, RefusalLimits};
 use crate::clock::{SharedClock, SystemClock, rfc3339_millis};
 use crate::config::{Config, Limits};
 use crate::connections::{Activity, Connections, RESERVED_FILES, raise_file_limit};
@@ -122,7 +122,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
-    let audit = AuditLog::start(store.clone());
+    let audit = AuditLog::start_with(
+        store.clone(),
+        RefusalLimits {
+            per_peer: config.limits.audited_refusals_per_peer,
+            window: config.limits.refusal_window,
+        },
+    );
     let policy = Arc::new(PolicyHandle::load(&config.policy)?);
     let issuer = Arc::new(TokenIssuer::new(edges.github.clone(), edges.clock.clone()));
     let keys = crate::keys::service_for(&config, &edges, store.clone(), audit.clone())?;
@@ -197,6 +203,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let watcher = tokio::spawn(watch_policy(state.clone(), stop_rx.clone()));
+    let summaries = tokio::spawn(write_refusal_summaries(audit.clone(), stop_rx.clone()));
     let sweeper = tokio::spawn(approvals.clone().run_sweeper(stop_rx.clone()));
     let key_sweeper = keys
         .clone()
@@ -255,6 +262,7 @@ pub async fn run(
         );
     }
     let _ = watcher.await;
+    let _ = summaries.await;
     let _ = sweeper.await;
     if let Some(t) = key_sweeper {
         let _ = t.await;
@@ -436,6 +444,22 @@ where
 {
     fn shut_down(self: std::pin::Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+/// Write the summaries of ended anonymous-refusal windows once a second (the rest are written
+/// at shutdown by the audit log itself).
+async fn write_refusal_summaries(audit: AuditLog, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = audit.flush_refusal_summaries().await {
+            tracing::error!(error = %e, "audit log write failed for refusal summaries");
+        }
     }
 }
 

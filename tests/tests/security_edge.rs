@@ -207,3 +207,43 @@ async fn idle_connections_are_closed_and_the_total_is_capped() {
     );
     assert_eq!(healthz_from(&broker, "127.0.0.5").await, 200);
 }
+
+/// unauthenticated_refusal_flood_writes_every_event: every anonymous refusal cost one fsync'd
+/// audit event. Now per peer and window the first `audited_refusals_per_peer` (10 by default)
+/// are written one by one and the rest become one `refusals_summarized` event.
+#[tokio::test]
+async fn anonymous_refusal_flood_is_summarised_in_the_audit_log() {
+    use botcreds_broker::store::{AuditFilter, SledStore, Store};
+    use botcreds_proto::audit::AuditEventKind;
+
+    let (_github, _tailscaled, mut broker) = plain_broker("").await;
+    let client = broker.client_from(ip("127.0.0.9"));
+    let body = serde_json::json!({"repositories": ["acme-corp/web"], "permissions": ["contents:read"]});
+    for i in 0..50 {
+        let mut req = client
+            .post(format!("{}/v1/credentials", broker.url))
+            .json(&body);
+        if i % 5 == 0 {
+            req = req.bearer_auth("bck_wrongwrongwrongwrongwrongwrongwr");
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    assert!(broker.stop().await.success());
+    let store = SledStore::open(&broker.data_dir()).unwrap();
+    let events = store.read_audit(&AuditFilter::default()).unwrap();
+    let denied = events
+        .iter()
+        .filter(|e| e.event == AuditEventKind::CredentialDenied)
+        .count();
+    assert_eq!(denied, 10, "only the first ten refusals are written one by one");
+    let summaries: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == AuditEventKind::RefusalsSummarized)
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!(summaries[0].client_ip.as_deref(), Some("127.0.0.9"));
+    let detail = summaries[0].detail.as_deref().unwrap();
+    assert!(detail.starts_with("40 more"), "{detail}");
+    assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
+}

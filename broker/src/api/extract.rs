@@ -108,6 +108,23 @@ async fn authenticate(
     }
 }
 
+/// Audit the refusal of a request whose caller could not be identified, coming from `peer`:
+/// per peer only the first few are written one by one (`[limits] audited_refusals_per_peer`),
+/// the rest are counted into a summary; the request metrics count every one.
+pub async fn audit_unauthenticated(state: &AppState, peer: SocketAddr, error: &ApiError) {
+    let mut e = botcreds_proto::audit::AuditEvent::new(
+        botcreds_proto::audit::AuditEventKind::CredentialDenied,
+        crate::clock::rfc3339_millis(state.clock.now()),
+    );
+    e.client_ip = Some(peer.ip().to_string());
+    e.code = Some(error.code.as_str().to_string());
+    e.detail = Some(error.message.chars().take(300).collect());
+    state.metrics.request(None, error.code.as_str());
+    if let Err(err) = state.audit.record_refusal(peer.ip(), e).await {
+        tracing::error!(error = %err, "audit log write failed for a refusal");
+    }
+}
+
 /// An authenticated caller who is an admin (`[admin]` in broker.toml); others get 403, and
 /// callers who cannot be identified 401.
 pub struct AdminCaller(pub Caller);

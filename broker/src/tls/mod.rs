@@ -384,7 +384,7 @@ impl Mtls {
         bot: Option<&str>,
         err: ApiError,
     ) -> ApiError {
-        self.refuse(bot, &format!("anonymous ({})", address.ip()), address, err)
+        self.refuse_unauthenticated(bot, &format!("anonymous ({})", address.ip()), address, err)
             .await
     }
 
@@ -620,7 +620,7 @@ impl Mtls {
         if let Some(message) = problem {
             tracing::warn!(peer = %address, serial = %cert.serial, "{message}");
             return Err(self
-                .refuse(
+                .refuse_unauthenticated(
                     Some(&cert.bot),
                     &who,
                     address,
@@ -729,7 +729,8 @@ impl Mtls {
         e.client_ip = Some(address.ip().to_string());
         e.code = Some("tls_handshake".into());
         e.detail = Some(format!("TLS handshake refused: {reason}"));
-        if let Err(err) = self.audit.record(vec![e]).await {
+        // Anyone can open connections: per peer, only the first few are written one by one.
+        if let Err(err) = self.audit.record_refusal(address.ip(), e).await {
             tracing::error!(error = %err, "audit log write failed for a refused handshake");
         }
     }
@@ -750,6 +751,25 @@ impl Mtls {
         match self.record(e).await {
             Ok(()) => err,
             Err(audit_err) => audit_err,
+        }
+    }
+
+    /// [`Mtls::refuse`] for a caller who could not be identified (or whose certificate is no
+    /// longer good): audited one by one only up to `[limits] audited_refusals_per_peer`.
+    async fn refuse_unauthenticated(
+        &self,
+        bot: Option<&str>,
+        who: &str,
+        address: SocketAddr,
+        err: ApiError,
+    ) -> ApiError {
+        let mut e = self.event(AuditEventKind::CertRefused, bot, None);
+        e.caller = Some(who.to_string());
+        e.code = Some(err.code.as_str().to_string());
+        e.detail = Some(err.message.clone());
+        match self.audit.record_refusal(address.ip(), e).await {
+            Ok(()) => err,
+            Err(audit_err) => ApiError::internal(format!("audit log write failed: {audit_err}")),
         }
     }
 
