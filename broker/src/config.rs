@@ -57,6 +57,8 @@ struct RawTailscale {
     socket: Option<PathBuf>,
     #[serde(default = "default_whois_cache")]
     whois_cache_ttl: Ttl,
+    #[serde(default)]
+    trust_own_node: bool,
 }
 
 impl Default for RawTailscale {
@@ -65,6 +67,7 @@ impl Default for RawTailscale {
             enabled: true,
             socket: None,
             whois_cache_ttl: default_whois_cache(),
+            trust_own_node: false,
         }
     }
 }
@@ -258,6 +261,8 @@ pub struct Config {
 pub struct TailscaleConfig {
     pub socket: PathBuf,
     pub whois_cache_ttl: Duration,
+    /// Whether callers on the broker's own node carry the node's identity (never an admin's).
+    pub trust_own_node: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -411,6 +416,7 @@ impl Config {
             Some(TailscaleConfig {
                 socket,
                 whois_cache_ttl: ttl,
+                trust_own_node: raw.tailscale.trust_own_node,
             })
         } else {
             None

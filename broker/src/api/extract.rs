@@ -86,6 +86,16 @@ async fn authenticate(
         ));
     };
     match whois.whois(address).await {
+        Ok(Some(identity)) if identity.own_node && !state.trust_own_node => {
+            // Any local user of the broker's host connects from the node's own address; the
+            // node's identity (its tags, its owner) is not theirs.
+            tracing::warn!(peer = %address, "a caller on the broker's own node");
+            Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "calls from the broker's own node do not carry the node's tailnet identity; \
+                 use an API key or a client certificate ([tailscale] trust_own_node)",
+            ))
+        }
         Ok(Some(identity)) => Ok(Caller {
             address,
             via: CallerVia::Tailnet(identity),

@@ -389,10 +389,13 @@ impl Mtls {
     }
 
     /// Enrollment of a tailnet caller the policy maps to `bot` (`[tls] tailnet_enrollment`).
+    /// `identity_assigned`: whether the policy identifies that bot by something the node cannot
+    /// choose for itself (a tag, a capability, its owner's login; not its hostname).
     pub async fn enroll_tailnet(
         &self,
         caller: &Caller,
         policy_bot: Option<&str>,
+        identity_assigned: bool,
         bot: Option<&str>,
         csr_pem: &str,
     ) -> Result<EnrolledCertificate, ApiError> {
@@ -422,6 +425,18 @@ impl Mtls {
             return Err(refused(ApiError::new(
                 ErrorCode::Forbidden,
                 format!("the policy does not map this caller to the bot {bot:?}; use a join token"),
+            ))
+            .await);
+        }
+        if !identity_assigned {
+            // A node renamed like a hostname-identified bot would otherwise get a certificate
+            // for it that outlives the rename and renews itself.
+            return Err(refused(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the bot {bot:?} is identified by hostname, which a node chooses itself; \
+                     enroll it with a join token (botcreds enroll create --bot {bot})"
+                ),
             ))
             .await);
         }
