@@ -316,7 +316,9 @@ impl RefusalWindows {
             }
             w.counted += 1;
             w.last_at = event.timestamp;
-            let code = event.code.unwrap_or_else(|| event.event.as_str().to_string());
+            let code = event
+                .code
+                .unwrap_or_else(|| event.event.as_str().to_string());
             *w.codes.entry(code).or_insert(0) += 1;
         }
         out
@@ -707,18 +709,35 @@ mod tests {
             window: Duration::from_secs(60),
         };
         let mut windows = RefusalWindows::new(limits);
-        let (a, b): (IpAddr, IpAddr) = ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let (a, b): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
         let t0 = Instant::now();
         let mut written = Vec::new();
         for i in 0..25 {
-            let code = if i % 2 == 0 { "unauthenticated" } else { "invalid_api_key" };
+            let code = if i % 2 == 0 {
+                "unauthenticated"
+            } else {
+                "invalid_api_key"
+            };
             written.extend(windows.note(a, refusal(code), t0));
         }
-        assert_eq!(written.len(), 3, "only the first three are written one by one");
-        assert!(written.iter().all(|e| e.client_ip.as_deref() == Some("100.64.0.1")));
+        assert_eq!(
+            written.len(),
+            3,
+            "only the first three are written one by one"
+        );
+        assert!(
+            written
+                .iter()
+                .all(|e| e.client_ip.as_deref() == Some("100.64.0.1"))
+        );
         // Another peer has its own window.
         assert_eq!(windows.note(b, refusal("unauthenticated"), t0).len(), 1);
-        assert!(windows.ended(t0 + Duration::from_secs(59), false).is_empty());
+        assert!(
+            windows
+                .ended(t0 + Duration::from_secs(59), false)
+                .is_empty()
+        );
         let summaries = windows.ended(t0 + Duration::from_secs(60), false);
         assert_eq!(summaries.len(), 1, "{summaries:?}");
         let s = &summaries[0];
@@ -735,7 +754,10 @@ mod tests {
         let kinds: Vec<_> = next.iter().map(|e| e.event).collect();
         assert_eq!(
             kinds,
-            [AuditEventKind::RefusalsSummarized, AuditEventKind::CredentialDenied]
+            [
+                AuditEventKind::RefusalsSummarized,
+                AuditEventKind::CredentialDenied
+            ]
         );
         assert_eq!(next[0].code.as_deref(), Some("unauthenticated"));
         // At shutdown every counted refusal is summarised (b: a new window, 3 written, 4 counted).
@@ -760,7 +782,9 @@ mod tests {
         );
         let peer: IpAddr = "100.64.0.1".parse().unwrap();
         for _ in 0..4 {
-            log.record_refusal(peer, refusal("unauthenticated")).await.unwrap();
+            log.record_refusal(peer, refusal("unauthenticated"))
+                .await
+                .unwrap();
         }
         log.shutdown();
         let kinds: Vec<_> = store
@@ -771,8 +795,10 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [AuditEventKind::CredentialDenied, AuditEventKind::RefusalsSummarized]
+            [
+                AuditEventKind::CredentialDenied,
+                AuditEventKind::RefusalsSummarized
+            ]
         );
     }
-
 }

@@ -148,7 +148,11 @@ impl Activity {
     pub async fn idle(&self, timeout: Duration) {
         loop {
             let busy = self.in_flight.load(Ordering::SeqCst) > 0;
-            let deadline = *self.last_done.lock().unwrap_or_else(PoisonError::into_inner) + timeout;
+            let deadline = *self
+                .last_done
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                + timeout;
             let now = Instant::now();
             if !busy && now >= deadline {
                 return;
@@ -164,7 +168,11 @@ pub struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last_done.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        *self
+            .0
+            .last_done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

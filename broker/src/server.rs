@@ -167,10 +167,7 @@ pub async fn run(
         issuer,
         audit: audit.clone(),
         whois: edges.whois.clone(),
-        trust_own_node: config
-            .tailscale
-            .as_ref()
-            .is_some_and(|t| t.trust_own_node),
+        trust_own_node: config.tailscale.as_ref().is_some_and(|t| t.trust_own_node),
         api_keys: ApiKeys::new(config.api_keys.clone()),
         admin: config.admin.clone(),
         metrics: metrics.clone(),

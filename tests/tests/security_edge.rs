@@ -162,7 +162,10 @@ async fn h2c_connection_exhaustion_is_capped_per_peer() {
             break;
         }
     }
-    assert!(reopened.is_some(), "closed connections did not free their places");
+    assert!(
+        reopened.is_some(),
+        "closed connections did not free their places"
+    );
 }
 
 /// The total cap holds over all peers, and a connection without a request in flight is closed
@@ -218,7 +221,8 @@ async fn anonymous_refusal_flood_is_summarised_in_the_audit_log() {
 
     let (_github, _tailscaled, mut broker) = plain_broker("").await;
     let client = broker.client_from(ip("127.0.0.9"));
-    let body = serde_json::json!({"repositories": ["acme-corp/web"], "permissions": ["contents:read"]});
+    let body =
+        serde_json::json!({"repositories": ["acme-corp/web"], "permissions": ["contents:read"]});
     for i in 0..50 {
         let mut req = client
             .post(format!("{}/v1/credentials", broker.url))
@@ -236,7 +240,10 @@ async fn anonymous_refusal_flood_is_summarised_in_the_audit_log() {
         .iter()
         .filter(|e| e.event == AuditEventKind::CredentialDenied)
         .count();
-    assert_eq!(denied, 10, "only the first ten refusals are written one by one");
+    assert_eq!(
+        denied, 10,
+        "only the first ten refusals are written one by one"
+    );
     let summaries: Vec<_> = events
         .iter()
         .filter(|e| e.event == AuditEventKind::RefusalsSummarized)
@@ -246,4 +253,278 @@ async fn anonymous_refusal_flood_is_summarised_in_the_audit_log() {
     let detail = summaries[0].detail.as_deref().unwrap();
     assert!(detail.starts_with("40 more"), "{detail}");
     assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals that must change nothing
+
+/// The tagged CI node of our tailnet.
+const CI: &str = "127.0.0.2";
+/// A node of our tailnet renamed `builder`, like the hostname-identified bot.
+const RENAMED: &str = "127.0.0.3";
+/// A node shared in from another tailnet whose short name is `builder`.
+const SHARED_IN: &str = "127.0.0.6";
+/// A node of another tailnet's domain named `builder` (no `Sharer` field).
+const OTHER_TAILNET: &str = "127.0.0.7";
+/// The broker's own node: its tailnet address, owned by an admin.
+const OWN_NODE: &str = "127.0.0.8";
+
+const TABLE_POLICY: &str = r#"
+bots:
+  ci-bot:
+    identity: { tag: "tag:ci" }
+    auto_approve:
+      - repo: "acme-corp/*"
+        permissions: [contents:read]
+    deny:
+      - repo: "acme-corp/infra"
+  builder:
+    identity: { type: tailnet, hostname: builder }
+    auto_approve:
+      - repo: "acme-corp/web"
+        permissions: [contents:read]
+defaults:
+  requires_approval: false
+"#;
+
+const TABLE_TOML: &str = "[admin]\nusers = [\"alice@example.com\"]\n\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+    server_names = [\"localhost\"]\nclient_cert_ttl = \"1h\"\ntailnet_enrollment = true\n";
+
+struct Case {
+    what: &'static str,
+    from: &'static str,
+    method: &'static str,
+    path: &'static str,
+    body: serde_json::Value,
+    status: u16,
+    code: &'static str,
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn token_request(repos: &[&str]) -> serde_json::Value {
+    serde_json::json!({"kind": "github_token", "repositories": repos, "permissions": ["contents:read"]})
+}
+
+#[tokio::test]
+async fn edge_refusals_have_stable_codes_and_change_nothing() {
+    use botcreds_broker::store::{AuditFilter, SledStore, Store};
+    use botcreds_proto::audit::AuditEventKind;
+    use botcreds_tests::fake_tailscaled::{DEFAULT_TAILNET, SelfNode};
+    use serde_json::json;
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    let mut own = SelfNode::new("bot-broker", DEFAULT_TAILNET);
+    own.tailscale_ips = vec![ip(OWN_NODE)];
+    tailscaled.set_self(own);
+    tailscaled.add_node(
+        ip(CI),
+        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
+    );
+    tailscaled.add_node(
+        ip(RENAMED),
+        NodeBuilder::new("builder")
+            .login("mallory@example.com")
+            .build(),
+    );
+    tailscaled.add_node(
+        ip(SHARED_IN),
+        NodeBuilder::new("builder")
+            .tailnet("other-tailnet.ts.net")
+            .shared_in_by(4242)
+            .login("eve@other.example")
+            .build(),
+    );
+    tailscaled.add_node(
+        ip(OTHER_TAILNET),
+        NodeBuilder::new("builder")
+            .tailnet("other-tailnet.ts.net")
+            .login("eve@other.example")
+            .build(),
+    );
+    tailscaled.add_node(
+        ip(OWN_NODE),
+        NodeBuilder::new("bot-broker")
+            .login("alice@example.com")
+            .build(),
+    );
+    let mut broker = BrokerBuilder::new(TABLE_POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .toml(TABLE_TOML)
+        .start()
+        .await;
+
+    // Controls: the identities the refusals below rely on do work where they should.
+    let whoami = |from: &'static str| {
+        let client = broker.client_from(ip(from));
+        let url = format!("{}/v1/whoami", broker.url);
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    assert_eq!(whoami(CI).await.1["bot"], "ci-bot");
+    assert_eq!(whoami(RENAMED).await.1["bot"], "builder");
+    // hostname_matches_shared_in_node: another tailnet's `builder` is nobody here.
+    assert_eq!(whoami(SHARED_IN).await.1["bot"], serde_json::Value::Null);
+    assert_eq!(
+        whoami(OTHER_TAILNET).await.1["bot"],
+        serde_json::Value::Null
+    );
+
+    let cases = vec![
+        Case {
+            what: "infra_git_git_normalises_past_deny",
+            from: CI,
+            method: "POST",
+            path: "/v1/credentials",
+            body: token_request(&["acme-corp/infra.git.git"]),
+            status: 400,
+            code: "invalid_repository",
+        },
+        Case {
+            what: "upper-case .GIT still meets the deny",
+            from: CI,
+            method: "POST",
+            path: "/v1/credentials",
+            body: token_request(&["Acme-Corp/INFRA.GIT"]),
+            status: 403,
+            code: "policy_denied",
+        },
+        Case {
+            what: "hostname_enrollment_for_renamed_node",
+            from: RENAMED,
+            method: "POST",
+            path: "/v1/enroll",
+            body: json!({"csr": csr()}),
+            status: 403,
+            code: "forbidden",
+        },
+        Case {
+            what: "renamed node naming the bot explicitly",
+            from: RENAMED,
+            method: "POST",
+            path: "/v1/enroll",
+            body: json!({"bot": "builder", "csr": csr()}),
+            status: 403,
+            code: "forbidden",
+        },
+        Case {
+            what: "shared-in node with a bot's short name asks for its token",
+            from: SHARED_IN,
+            method: "POST",
+            path: "/v1/credentials",
+            body: token_request(&["acme-corp/web"]),
+            status: 403,
+            code: "policy_denied",
+        },
+        Case {
+            what: "other tailnet's node with a bot's short name asks for its token",
+            from: OTHER_TAILNET,
+            method: "POST",
+            path: "/v1/credentials",
+            body: token_request(&["acme-corp/web"]),
+            status: 403,
+            code: "policy_denied",
+        },
+        Case {
+            what: "shared-in node enrolls as the bot",
+            from: SHARED_IN,
+            method: "POST",
+            path: "/v1/enroll",
+            body: json!({"bot": "builder", "csr": csr()}),
+            status: 403,
+            code: "forbidden",
+        },
+        Case {
+            what: "own_node_inherits_admin: admin route from the broker's own node",
+            from: OWN_NODE,
+            method: "GET",
+            path: "/v1/certs",
+            body: serde_json::Value::Null,
+            status: 401,
+            code: "unauthenticated",
+        },
+        Case {
+            what: "own node creates a join token",
+            from: OWN_NODE,
+            method: "POST",
+            path: "/v1/enroll/tokens",
+            body: json!({"bot": "ci-bot"}),
+            status: 401,
+            code: "unauthenticated",
+        },
+        Case {
+            what: "own node asks for a token",
+            from: OWN_NODE,
+            method: "POST",
+            path: "/v1/credentials",
+            body: token_request(&["acme-corp/web"]),
+            status: 401,
+            code: "unauthenticated",
+        },
+        Case {
+            what: "own node asks who it is",
+            from: OWN_NODE,
+            method: "GET",
+            path: "/v1/whoami",
+            body: serde_json::Value::Null,
+            status: 401,
+            code: "unauthenticated",
+        },
+    ];
+    for case in &cases {
+        let client = broker.client_from(ip(case.from));
+        let url = format!("{}{}", broker.url, case.path);
+        let request = match case.method {
+            "GET" => client.get(url),
+            _ => client.post(url).json(&case.body),
+        };
+        let resp = request.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (case.status, Some(case.code)),
+            "{}: {body}",
+            case.what
+        );
+        assert!(
+            body["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}: no message",
+            case.what
+        );
+    }
+
+    assert_eq!(github.mint_count(), 0, "no refusal minted a token");
+    assert!(broker.stop().await.success());
+    let store = SledStore::open(&broker.data_dir()).unwrap();
+    assert!(store.list_credentials().unwrap().is_empty());
+    assert!(store.list_docs("tls.certs").unwrap().is_empty());
+    assert!(store.list_docs("tls.join_tokens").unwrap().is_empty());
+    let events = store.read_audit(&AuditFilter::default()).unwrap();
+    let allowed = [
+        AuditEventKind::BrokerStarted,
+        AuditEventKind::CredentialRequested,
+        AuditEventKind::CredentialDenied,
+        AuditEventKind::CertRefused,
+        AuditEventKind::RefusalsSummarized,
+    ];
+    for e in &events {
+        assert!(
+            allowed.contains(&e.event),
+            "a refusal changed something: {e:?}"
+        );
+    }
 }

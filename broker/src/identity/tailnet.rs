@@ -148,7 +148,11 @@ impl LocalApiWhoIs {
         if status != 200 {
             return Err(WhoIsError::Status {
                 status,
-                message: String::from_utf8_lossy(&body).trim().chars().take(200).collect(),
+                message: String::from_utf8_lossy(&body)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
         parse_own_node(&body)
@@ -223,7 +227,10 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Mark `identity` (the WhoIs answer for `peer`) as foreign when its MagicDNS name is outside
 /// our node's suffix, and as our own node when `peer` is one of our node's addresses.
 pub fn mark_against(identity: &mut TailnetIdentity, own: &OwnNode, peer: IpAddr) {
-    let suffix = own.magic_dns_suffix.trim_end_matches('.').to_ascii_lowercase();
+    let suffix = own
+        .magic_dns_suffix
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     if !suffix.is_empty() {
         let name = identity.node_name.to_ascii_lowercase();
         let in_ours = name

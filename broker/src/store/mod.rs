@@ -474,7 +474,13 @@ pub(crate) mod tests {
             ..bot.clone()
         };
         assert_eq!(read(all_three), [6]);
-        assert_eq!(read(AuditFilter { limit: 2, ..bot.clone() }), [1, 2]);
+        assert_eq!(
+            read(AuditFilter {
+                limit: 2,
+                ..bot.clone()
+            }),
+            [1, 2]
+        );
         assert_eq!(
             read(AuditFilter {
                 limit: 2,
@@ -497,7 +503,10 @@ pub(crate) mod tests {
         };
         assert_eq!(read(newest(2, AuditFilter::default())), [5, 6]);
         assert_eq!(read(newest(2, bot.clone())), [2, 6]);
-        assert_eq!(read(newest(10, since("2026-02-17T14:00:00.600Z"))), [4, 5, 6]);
+        assert_eq!(
+            read(newest(10, since("2026-02-17T14:00:00.600Z"))),
+            [4, 5, 6]
+        );
         assert_eq!(read(newest(0, AuditFilter::default())), Vec::<u64>::new());
     }
 
