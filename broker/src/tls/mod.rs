@@ -339,11 +339,12 @@ impl Mtls {
             Some(b) => b.to_string(),
             None => match self.token_bot(token) {
                 Ok(b) => b,
-                Err(e) => return Err(self.refuse(None, &who, address, e).await),
+                Err(e) => return Err(self.refuse_unauthenticated(None, &who, address, e).await),
             },
         };
         let bot = bot.as_str();
-        let refused = |e: ApiError| self.refuse(Some(bot), &who, address, e);
+        // Nothing is proven before the token is used up: audited like any unidentified caller.
+        let refused = |e: ApiError| self.refuse_unauthenticated(Some(bot), &who, address, e);
         if let Err(e) = check_bot_name(bot) {
             return Err(refused(e).await);
         }
