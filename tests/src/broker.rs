@@ -49,6 +49,7 @@ pub struct BrokerBuilder {
     github_api_url: Option<String>,
     app_id: u64,
     tailscaled_socket: Option<PathBuf>,
+    tailscale_toml: String,
     api_keys: Vec<(String, String)>,
     extra_toml: String,
     github_toml: String,
@@ -64,6 +65,7 @@ impl BrokerBuilder {
             github_api_url: None,
             app_id: 912_345,
             tailscaled_socket: None,
+            tailscale_toml: String::new(),
             api_keys: Vec::new(),
             extra_toml: String::new(),
             github_toml: String::new(),
@@ -91,6 +93,12 @@ impl BrokerBuilder {
     /// Identify callers with this (fake) tailscaled.
     pub fn tailscaled(mut self, socket: &Path) -> Self {
         self.tailscaled_socket = Some(socket.to_path_buf());
+        self
+    }
+
+    /// Extra keys for the `[tailscale]` table (e.g. `trust_own_node = true`).
+    pub fn tailscale_toml(mut self, toml: &str) -> Self {
+        self.tailscale_toml.push_str(toml);
         self
     }
 
@@ -132,8 +140,9 @@ impl BrokerBuilder {
         );
         match &self.tailscaled_socket {
             Some(s) => toml.push_str(&format!(
-                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n\n",
-                s.display()
+                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n{}\n",
+                s.display(),
+                self.tailscale_toml
             )),
             None => toml.push_str("[tailscale]\nenabled = false\n\n"),
         }

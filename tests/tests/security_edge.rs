@@ -528,3 +528,64 @@ async fn edge_refusals_have_stable_codes_and_change_nothing() {
         );
     }
 }
+
+/// own_node_inherits_admin with `[tailscale] trust_own_node = true`: a caller on the broker's
+/// own node is the node for bots (here its owner's user bot), but never an admin, though the
+/// node's owner is one.
+#[tokio::test]
+async fn trusted_own_node_is_a_bot_but_never_an_admin() {
+    use botcreds_tests::fake_tailscaled::{DEFAULT_TAILNET, SelfNode};
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    let mut own = SelfNode::new("bot-broker", DEFAULT_TAILNET);
+    own.tailscale_ips = vec![ip(OWN_NODE)];
+    tailscaled.set_self(own);
+    tailscaled.add_node(
+        ip(OWN_NODE),
+        NodeBuilder::new("bot-broker")
+            .login("alice@example.com")
+            .build(),
+    );
+    tailscaled.add_node(
+        ip("127.0.0.9"),
+        NodeBuilder::new("alice-laptop")
+            .login("alice@example.com")
+            .build(),
+    );
+    let policy = "bots:\n  alice-bot:\n    identity: { user: alice@example.com }\n";
+    let broker = BrokerBuilder::new(policy)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .tailscale_toml("trust_own_node = true\n")
+        .toml("[admin]\nusers = [\"alice@example.com\"]\n")
+        .start()
+        .await;
+    let get = |from: &'static str, path: &'static str| {
+        let client = broker.client_from(ip(from));
+        let url = format!("{}{path}", broker.url);
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, who) = get(OWN_NODE, "/v1/whoami").await;
+    assert_eq!(
+        (status, who["bot"].as_str()),
+        (200, Some("alice-bot")),
+        "{who}"
+    );
+    let (status, body) = get(OWN_NODE, "/v1/admin/audit").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    // Control: the same owner from her laptop is an admin.
+    let (status, body) = get("127.0.0.9", "/v1/admin/audit").await;
+    assert_eq!(status, 200, "{body}");
+}
