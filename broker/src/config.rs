@@ -749,6 +749,22 @@ mod tests {
                 "limits.max_github_ttl",
             ),
             (
+                format!("{MIN}[limits]\nmax_connections = 0\n"),
+                "limits.max_connections",
+            ),
+            (
+                format!("{MIN}[limits]\nmax_connections = 10\nmax_connections_per_peer = 11\n"),
+                "limits.max_connections_per_peer",
+            ),
+            (
+                format!("{MIN}[limits]\nidle_timeout = \"0s\"\n"),
+                "idle_timeout",
+            ),
+            (
+                format!("{MIN}[tailscale]\ntrust_own_node = \"yes\"\n"),
+                "trust_own_node",
+            ),
+            (
                 format!("{MIN}[admin]\napi_key_bots = [\"ops\"]\n"),
                 "admin.api_key_bots[0]",
             ),
