@@ -279,6 +279,7 @@ pub async fn run(
 /// to its hard limit first) so that accepting never fails for want of a descriptor.
 fn connection_caps(limits: &Limits) -> Arc<Connections> {
     let mut total = limits.max_connections;
+    let mut per_peer = limits.max_connections_per_peer;
     match raise_file_limit() {
         Some(files) => {
             let room = usize::try_from(files.saturating_sub(RESERVED_FILES))
@@ -291,17 +292,19 @@ fn connection_caps(limits: &Limits) -> Arc<Connections> {
                     "limits.max_connections is above what the open-file limit allows; using {room}"
                 );
                 total = room;
+                // One peer must not be able to take every place that is left.
+                per_peer = per_peer.min((total / 2).max(1));
             }
             tracing::info!(
                 open_file_limit = files,
                 max_connections = total,
-                max_connections_per_peer = limits.max_connections_per_peer,
+                max_connections_per_peer = per_peer,
                 "connection limits"
             );
         }
         None => tracing::warn!("cannot read the open-file limit"),
     }
-    Connections::new(total, limits.max_connections_per_peer.min(total))
+    Connections::new(total, per_peer.min(total))
 }
 
 async fn accept_loop(
