@@ -278,22 +278,16 @@ pub async fn run(
 /// The connection caps of `[limits]`, with the total kept below the open-file limit (raised
 /// to its hard limit first) so that accepting never fails for want of a descriptor.
 fn connection_caps(limits: &Limits) -> Arc<Connections> {
-    let mut total = limits.max_connections;
-    let mut per_peer = limits.max_connections_per_peer;
-    match raise_file_limit() {
+    let files = raise_file_limit();
+    let (total, per_peer) = caps_within(limits, files);
+    match files {
         Some(files) => {
-            let room = usize::try_from(files.saturating_sub(RESERVED_FILES))
-                .unwrap_or(usize::MAX)
-                .max(1);
-            if room < total {
+            if total < limits.max_connections {
                 tracing::warn!(
-                    max_connections = total,
+                    max_connections = limits.max_connections,
                     open_file_limit = files,
-                    "limits.max_connections is above what the open-file limit allows; using {room}"
+                    "limits.max_connections is above what the open-file limit allows; using {total}"
                 );
-                total = room;
-                // One peer must not be able to take every place that is left.
-                per_peer = per_peer.min((total / 2).max(1));
             }
             tracing::info!(
                 open_file_limit = files,
@@ -304,7 +298,25 @@ fn connection_caps(limits: &Limits) -> Arc<Connections> {
         }
         None => tracing::warn!("cannot read the open-file limit"),
     }
-    Connections::new(total, per_peer.min(total))
+    Connections::new(total, per_peer)
+}
+
+/// `(max_connections, max_connections_per_peer)` within `files` open files: the total leaves
+/// [`RESERVED_FILES`] free, and when that lowers it one peer gets at most half of it.
+fn caps_within(limits: &Limits, files: Option<u64>) -> (usize, usize) {
+    let mut total = limits.max_connections;
+    let mut per_peer = limits.max_connections_per_peer;
+    if let Some(files) = files {
+        let room = usize::try_from(files.saturating_sub(RESERVED_FILES))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if room < total {
+            total = room;
+            // One peer must not be able to take every place that is left.
+            per_peer = per_peer.min((total / 2).max(1));
+        }
+    }
+    (total, per_peer.min(total))
 }
 
 async fn accept_loop(
@@ -514,5 +526,27 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         if let Err(e) = state.audit.record(vec![event]).await {
             tracing::error!(error = %e, "audit log write failed for a policy reload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// h2c_connection_exhaustion: at a 256 open-file limit, 300 silent connections starved
+    /// everyone; now the caps stay below the limit and one peer gets at most half.
+    #[test]
+    fn connection_caps_fit_the_open_file_limit() {
+        let limits = Limits::default();
+        assert_eq!(caps_within(&limits, None), (4096, 128));
+        assert_eq!(caps_within(&limits, Some(1_048_576)), (4096, 128));
+        assert_eq!(caps_within(&limits, Some(256)), (128, 64));
+        assert_eq!(caps_within(&limits, Some(100)), (1, 1));
+        let one_peer = Limits {
+            max_connections: 50,
+            max_connections_per_peer: 50,
+            ..Limits::default()
+        };
+        assert_eq!(caps_within(&one_peer, Some(1024)), (50, 50));
     }
 }
