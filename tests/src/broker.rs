@@ -50,6 +50,7 @@ pub struct BrokerBuilder {
     app_id: u64,
     tailscaled_socket: Option<PathBuf>,
     tailscale_toml: String,
+    open_file_limit: Option<u64>,
     api_keys: Vec<(String, String)>,
     extra_toml: String,
     github_toml: String,
@@ -66,6 +67,7 @@ impl BrokerBuilder {
             app_id: 912_345,
             tailscaled_socket: None,
             tailscale_toml: String::new(),
+            open_file_limit: None,
             api_keys: Vec::new(),
             extra_toml: String::new(),
             github_toml: String::new(),
@@ -99,6 +101,13 @@ impl BrokerBuilder {
     /// Extra keys for the `[tailscale]` table (e.g. `trust_own_node = true`).
     pub fn tailscale_toml(mut self, toml: &str) -> Self {
         self.tailscale_toml.push_str(toml);
+        self
+    }
+
+    /// Start the broker with this open-file limit, soft and hard (through `sh -c 'ulimit -n'`),
+    /// so that it cannot raise it.
+    pub fn open_file_limit(mut self, files: u64) -> Self {
+        self.open_file_limit = Some(files);
         self
     }
 
@@ -170,7 +179,16 @@ impl BrokerBuilder {
         let config_path = dir.path().join("broker.toml");
         std::fs::write(&config_path, &toml).expect("write config");
 
-        let mut cmd = Command::new(binary("botcreds"));
+        let mut cmd = match self.open_file_limit {
+            None => Command::new(binary("botcreds")),
+            Some(files) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+                    .arg(binary("botcreds"));
+                sh
+            }
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)

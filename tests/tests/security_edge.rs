@@ -171,6 +171,43 @@ async fn h2c_connection_exhaustion_is_capped_per_peer() {
     );
 }
 
+/// h2c_connection_exhaustion as the review found it: a broker at a 256 open-file limit (soft
+/// and hard), 300 silent h2c connections from one peer. The broker keeps its connections below
+/// the limit (128 in all, 64 per peer), refuses the rest at once, and /healthz answers.
+#[tokio::test]
+async fn h2c_flood_at_a_low_open_file_limit_leaves_healthz_answering() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    let broker = BrokerBuilder::new(POLICY)
+        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+        .tailscaled(tailscaled.socket_path())
+        .open_file_limit(256)
+        .start()
+        .await;
+    let mut held = Vec::new();
+    let mut admitted = 0;
+    for _ in 0..300 {
+        let (stream, fate) = h2c_silent("127.0.0.2", broker.addr).await;
+        if fate == Fate::Admitted {
+            admitted += 1;
+        }
+        held.push(stream);
+    }
+    assert_eq!(
+        admitted, 64,
+        "one peer holds at most half of what the file limit leaves"
+    );
+    for from in ["127.0.0.3", "127.0.0.4"] {
+        assert_eq!(healthz_from(&broker, from).await, 200);
+    }
+    assert!(
+        broker.logs().contains("connection limits"),
+        "{}",
+        broker.logs()
+    );
+}
+
 /// The total cap holds over all peers, and a connection without a request in flight is closed
 /// after `[limits] idle_timeout`: silent HTTP/1 (not one byte sent), h2c after its preface,
 /// and an HTTP/1 keep-alive connection after its request.
