@@ -14,6 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::api::extract::LocalAddr;
 use crate::api::{AppState, StateInner, router};
 use crate::audit::{AuditLog, RefusalLimits};
 use crate::clock::{SharedClock, SystemClock, rfc3339_millis};
@@ -361,6 +362,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let (app, builder, stop) = (app.clone(), builder.clone(), stop.clone());
         let (tls, idle_timeout) = (tls.clone(), limits.idle_timeout);
         tokio::spawn(async move {
@@ -373,6 +375,9 @@ async fn accept_loop(
                 tower::service_fn(
                     move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        if let Some(local) = local {
+                            req.extensions_mut().insert(LocalAddr(local));
+                        }
                         if let Some(v) = &verified {
                             req.extensions_mut().insert(v.clone());
                         }
