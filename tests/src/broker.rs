@@ -49,6 +49,8 @@ pub struct BrokerBuilder {
     github_api_url: Option<String>,
     app_id: u64,
     tailscaled_socket: Option<PathBuf>,
+    tailscale_toml: String,
+    open_file_limit: Option<u64>,
     api_keys: Vec<(String, String)>,
     extra_toml: String,
     github_toml: String,
@@ -64,6 +66,8 @@ impl BrokerBuilder {
             github_api_url: None,
             app_id: 912_345,
             tailscaled_socket: None,
+            tailscale_toml: String::new(),
+            open_file_limit: None,
             api_keys: Vec::new(),
             extra_toml: String::new(),
             github_toml: String::new(),
@@ -91,6 +95,19 @@ impl BrokerBuilder {
     /// Identify callers with this (fake) tailscaled.
     pub fn tailscaled(mut self, socket: &Path) -> Self {
         self.tailscaled_socket = Some(socket.to_path_buf());
+        self
+    }
+
+    /// Extra keys for the `[tailscale]` table (e.g. `trust_own_node = true`).
+    pub fn tailscale_toml(mut self, toml: &str) -> Self {
+        self.tailscale_toml.push_str(toml);
+        self
+    }
+
+    /// Start the broker with this open-file limit, soft and hard (through `sh -c 'ulimit -n'`),
+    /// so that it cannot raise it.
+    pub fn open_file_limit(mut self, files: u64) -> Self {
+        self.open_file_limit = Some(files);
         self
     }
 
@@ -132,8 +149,9 @@ impl BrokerBuilder {
         );
         match &self.tailscaled_socket {
             Some(s) => toml.push_str(&format!(
-                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n\n",
-                s.display()
+                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n{}\n",
+                s.display(),
+                self.tailscale_toml
             )),
             None => toml.push_str("[tailscale]\nenabled = false\n\n"),
         }
@@ -161,7 +179,16 @@ impl BrokerBuilder {
         let config_path = dir.path().join("broker.toml");
         std::fs::write(&config_path, &toml).expect("write config");
 
-        let mut cmd = Command::new(binary("botcreds"));
+        let mut cmd = match self.open_file_limit {
+            None => Command::new(binary("botcreds")),
+            Some(files) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+                    .arg(binary("botcreds"));
+                sh
+            }
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)

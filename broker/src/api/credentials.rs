@@ -18,7 +18,7 @@ use botcreds_proto::{
 };
 
 use super::AppState;
-use super::extract::{Authenticated, json_body};
+use super::extract::{Authenticated, PeerAddr, json_body};
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::{Checked, TokenScope};
@@ -66,6 +66,7 @@ pub async fn whoami(
 
 pub async fn create(
     State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Body,
@@ -74,7 +75,7 @@ pub async fn create(
     let caller = match caller {
         Ok(c) => c,
         Err(e) => {
-            refuse(&state, None, None, None, &e).await;
+            super::extract::audit_unauthenticated(&state, peer, &e).await;
             return Err(e);
         }
     };

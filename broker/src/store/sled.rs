@@ -159,6 +159,13 @@ impl Store for SledStore {
         if filter.limit == 0 {
             return Ok(out);
         }
+        if filter.newest {
+            let events = self.audit.iter().rev().map(|entry| {
+                let (key, record) = entry?;
+                decode_event(seq_from_key(&key)?, &record)
+            });
+            return super::newest_matching(filter, since.as_deref(), events);
+        }
         match since.as_deref() {
             Some(since) => {
                 // Timestamps come from the callers, so they are only roughly in seq order: take every seq
