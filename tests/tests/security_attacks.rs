@@ -1317,9 +1317,9 @@ async fn connect_from(w: &World, from: &str) -> TcpStream {
 }
 
 /// Reads until the broker closes the connection (bounded); what it sent.
-async fn read_to_close(stream: &mut TcpStream) -> String {
+async fn read_to_close(stream: &mut TcpStream, what: &str) -> String {
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(90), async {
+    let closed = tokio::time::timeout(Duration::from_secs(45), async {
         let mut buf = [0u8; 4096];
         loop {
             match stream.read(&mut buf).await {
@@ -1329,7 +1329,11 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the broker kept a slow connection open");
+    assert!(
+        closed.is_ok(),
+        "{what}: the broker kept the connection open; it sent: {}",
+        String::from_utf8_lossy(&out)
+    );
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -1514,7 +1518,7 @@ async fn slow_clients_and_bad_bodies_are_cut_off() {
     )
     .await
     .unwrap();
-    let answer = read_to_close(&mut slow).await;
+    let answer = read_to_close(&mut slow, "a slow body").await;
     assert!(
         answer.starts_with("HTTP/1.1 408"),
         "a slow body gets 408: {answer}"
@@ -1529,7 +1533,24 @@ async fn slow_clients_and_bad_bodies_are_cut_off() {
         .write_all(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nX-Slow: ")
         .await
         .unwrap();
-    let _ = read_to_close(&mut loris).await;
+    let _ = read_to_close(&mut loris, "slowloris").await;
+    // DEFECT: a connection that sends nothing at all is never closed (seen open after 45 s;
+    // the header timeout is 10 s). `broker/src/server.rs` (the accept loop's
+    // `serve_connection`) relies on hyper's `header_read_timeout`, and hyper starts that timer
+    // only at the first byte of a request head; there is no idle or first-byte timeout and no
+    // cap on open connections, so silent sockets from any peer that may connect pile up
+    // until the broker runs out of descriptors. Expected: closed like the slowloris above.
+    // let mut idle = connect_from(&w, UNKNOWN).await;
+    // let _ = read_to_close(&mut idle, "a silent connection").await;
+
+    // A connection that goes quiet after a request (kept alive) is closed too, or idle
+    // sockets would eat the broker's descriptors.
+    let mut kept = connect_from(&w, UNKNOWN).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: broker\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut kept, "a quiet keep-alive connection").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let (s, text) = send(&w, &req(UNKNOWN, "GET", "/healthz")).await;
     assert_eq!(s, 200, "the broker still answers after a slowloris: {text}");
     assert_refusal_only(&w, "slowloris", &before, audit_len).await;
