@@ -1005,6 +1005,26 @@ async fn forged_approval_forms_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioner_and_coder_refusals_mint_no_key() {
     let w = world("").await;
+    // A key the provisioner holds, which nobody else may give back.
+    let (s, text) = send(
+        &w,
+        &req(UNKNOWN, "POST", "/api/v1/keys/service")
+            .header("x-provisioner-secret", SECRET)
+            .json(json!({"scope": "ci", "name": "held-by-provisioner"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    let held = ops_get(&w, "/v1/keys").await["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "held-by-provisioner")
+        .and_then(|k| k["credential_id"].as_str())
+        .expect("the provisioner's key is listed with its credential_id")
+        .to_string();
+    let release = |from: &'static str| {
+        req(from, "POST", "/v1/credentials/release").json(json!({"credential_id": held}))
+    };
     let service = json!({"scope": "ci", "name": "gha-main"});
     let with_secret = |secret: &str| {
         req(UNKNOWN, "POST", "/api/v1/keys/service")
@@ -1143,6 +1163,26 @@ async fn provisioner_and_coder_refusals_mint_no_key() {
             "a tagged node asking for a user key",
             req(CI, "POST", "/api/v1/keys/user"),
             Expect::Seed(Unauthenticated),
+        ),
+        row(
+            "a bot releases the provisioner's key",
+            release(UNKNOWN).header("authorization", format!("Bearer {REVIEW_KEY}")),
+            Expect::Api(UnknownCredential),
+        ),
+        row(
+            "a tagged node releases the provisioner's key",
+            release(CI),
+            Expect::Api(UnknownCredential),
+        ),
+        row(
+            "an unknown node releases the provisioner's key",
+            release(UNKNOWN),
+            Expect::Api(Unauthenticated),
+        ),
+        row(
+            "an admin user releases the provisioner's key through the holder's route",
+            release(ALICE),
+            Expect::Api(UnknownCredential),
         ),
         row(
             "a tailnet user asking for another user's key",
