@@ -1379,7 +1379,12 @@ async fn read_to_close(stream: &mut TcpStream, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_and_bad_bodies_are_cut_off() {
-    let w = world("[limits]\nrequest_timeout = \"5s\"\n").await;
+    let mut w = world("[limits]\nrequest_timeout = \"5s\"\n").await;
+    assert!(
+        w.broker
+            .wait_for_log("botcreds mTLS listening", Duration::from_secs(60))
+            .await
+    );
     let credentials = || req(CI, "POST", "/v1/credentials");
     use ErrorCode::*;
     let rows = vec![
@@ -1582,6 +1587,20 @@ async fn slow_clients_and_bad_bodies_are_cut_off() {
     // until the broker runs out of descriptors. Expected: closed like the slowloris above.
     // let mut idle = connect_from(&w, UNKNOWN).await;
     // let _ = read_to_close(&mut idle, "a silent connection").await;
+
+    // On the mTLS listener a silent connection is cut by the TLS handshake timeout.
+    let tls_addr: SocketAddr = w
+        .broker
+        .logs()
+        .lines()
+        .filter(|l| l.contains("botcreds mTLS listening"))
+        .find_map(|l| {
+            let start = l.find("addr=")? + 5;
+            l[start..].split_whitespace().next()?.parse().ok()
+        })
+        .expect("the mTLS listener's address in the log");
+    let mut silent_tls = TcpStream::connect(tls_addr).await.unwrap();
+    let _ = read_to_close(&mut silent_tls, "a silent connection to the mTLS listener").await;
 
     // A connection that goes quiet after a request (kept alive) is closed too, or idle
     // sockets would eat the broker's descriptors.
