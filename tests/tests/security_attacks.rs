@@ -626,6 +626,25 @@ async fn admin_routes_refuse_everyone_but_admins() {
             ));
         }
     }
+    // The approval pages: HTML refusals with the same codes.
+    for path in [
+        "/approvals".to_string(),
+        format!("/approvals/{id}"),
+        format!("/approvals/{id}?action=approve"),
+        "/audit".to_string(),
+    ] {
+        for (who, from, code) in [
+            ("a bot's node", CI, Forbidden),
+            ("a user with no role", CAROL, Forbidden),
+            ("an unknown node", UNKNOWN, Unauthenticated),
+        ] {
+            rows.push(row(
+                format!("GET {path} by {who}"),
+                req(from, "GET", path.clone()),
+                Expect::Page(code),
+            ));
+        }
+    }
     // Method confusion and unknown paths, by an admin and by nobody.
     let confusion: Vec<(&'static str, String, ErrorCode)> = vec![
         (
@@ -1106,6 +1125,17 @@ async fn provisioner_and_coder_refusals_mint_no_key() {
             Expect::Seed(InvalidProvisionerSecret),
         ),
         row(
+            "a bot's API key revoking the provisioner's key",
+            req(UNKNOWN, "DELETE", "/api/v1/keys/held-by-provisioner")
+                .header("authorization", format!("Bearer {REVIEW_KEY}")),
+            Expect::Seed(InvalidProvisionerSecret),
+        ),
+        row(
+            "a tagged node revoking the provisioner's key",
+            req(CI, "DELETE", "/api/v1/keys/held-by-provisioner"),
+            Expect::Seed(InvalidProvisionerSecret),
+        ),
+        row(
             "an oversized body with the right secret",
             req(UNKNOWN, "POST", "/api/v1/keys/service")
                 .header("x-provisioner-secret", SECRET)
@@ -1329,6 +1359,23 @@ async fn enrollment_attacks_issue_no_certificate() {
             "an unknown field (asking for admin)",
             enroll(json!({"token": live, "csr": own(), "admin": true})),
             Expect::Api(InvalidRequest),
+        ),
+        row(
+            "a tailnet bot without a token naming the certificate-only bot",
+            req(CI, "POST", "/v1/enroll").json(json!({"bot": "cert-bot",
+                "csr": own()})),
+            Expect::Api(InvalidJoinToken),
+        ),
+        row(
+            "a tailnet user the policy maps to no bot, without a token",
+            req(CAROL, "POST", "/v1/enroll").json(json!({"csr": own()})),
+            Expect::Api(Forbidden),
+        ),
+        row(
+            "an API-key bot without a token",
+            enroll(json!({"bot": "cert-bot", "csr": own()}))
+                .header("authorization", format!("Bearer {REVIEW_KEY}")),
+            Expect::Api(InvalidJoinToken),
         ),
         row(
             "renewal without a client certificate",
