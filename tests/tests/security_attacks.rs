@@ -980,6 +980,21 @@ async fn forged_approval_forms_change_nothing() {
             Expect::Page(Forbidden),
         ),
         row(
+            "a host name that only starts like the broker's address",
+            good(&alice_token).header("host", "127.0.0.1.evil.example"),
+            Expect::Page(Forbidden),
+        ),
+        row(
+            "a host name that only starts like localhost",
+            good(&alice_token).header("host", "localhost.evil.example"),
+            Expect::Page(Forbidden),
+        ),
+        row(
+            "a host name that only looks like a MagicDNS name",
+            good(&alice_token).header("host", "broker.ts.net.evil.example"),
+            Expect::Page(Forbidden),
+        ),
+        row(
             "a JSON body instead of a form",
             req(ALICE, "POST", format!("/approvals/{id}/approve"))
                 .header("origin", origin.clone())
