@@ -1675,7 +1675,7 @@ async fn slow_clients_and_bad_bodies_are_cut_off() {
     let (s, text) = send(&w, &req(UNKNOWN, "GET", "/healthz")).await;
     assert_eq!(s, 200, "the broker still answers after a slowloris: {text}");
     assert_refusal_only(&w, "slowloris", &before, audit_len).await;
-    eprintln!("slow clients and bad bodies: {} rows", n + 2);
+    eprintln!("slow clients and bad bodies: {} rows", n + 4);
 }
 
 // ---------------------------------------------------------------------------------------------
