@@ -721,19 +721,12 @@ async fn policy_tricks_neither_widen_nor_bypass_a_deny() {
             ask(&["acme-corp/infra.git"], &read),
             Expect::Api(PolicyDenied),
         ),
-        // DEFECT: `RepoName::from_str` (proto/src/repo.rs) strips a `.git` suffix before
-        // lower-casing and only in lower case, so `acme-corp/Infra.GIT` becomes the repository
-        // `acme-corp/infra.git`: the deny of `acme-corp/infra` does not match, `acme-corp/*`
-        // auto-approves it, and the broker asks GitHub to mint for `infra.git` (the fake answers
-        // 502 github_not_installed, which is also the audited code; no deny rule is named).
-        // Whether GitHub resolves `infra.git` to `infra` is GitHub's choice: the deny must not
-        // depend on it. Expected: 403 policy_denied, no call to GitHub. The agent's
-        // `repo_from_path` goes through the same parser (`path=acme-corp/Infra.GIT`).
-        // row(
-        //     "the denied repository with .GIT in other case",
-        //     ask(&["acme-corp/Infra.GIT"], &read),
-        //     Expect::Api(PolicyDenied),
-        // ),
+        // Regression: `.GIT` in another case is stripped before the deny is matched.
+        row(
+            "the denied repository with .GIT in other case",
+            ask(&["acme-corp/Infra.GIT"], &read),
+            Expect::Api(PolicyDenied),
+        ),
         row(
             "the denied repository behind an allowed one's ..",
             ask(&["acme-corp/web/../infra"], &read),
@@ -1441,7 +1434,10 @@ async fn read_to_close(stream: &mut TcpStream, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_and_bad_bodies_are_cut_off() {
-    let mut w = world("[limits]\nrequest_timeout = \"5s\"\n").await;
+    let mut w = world(
+        "[limits]\nrequest_timeout = \"5s\"\nidle_timeout = \"3s\"\nheader_read_timeout = \"3s\"\n",
+    )
+    .await;
     assert!(
         w.broker
             .wait_for_log("botcreds mTLS listening", Duration::from_secs(60))
@@ -1641,14 +1637,10 @@ async fn slow_clients_and_bad_bodies_are_cut_off() {
         .await
         .unwrap();
     let _ = read_to_close(&mut loris, "slowloris").await;
-    // DEFECT: a connection that sends nothing at all is never closed (seen open after 45 s;
-    // the header timeout is 10 s). `broker/src/server.rs` (the accept loop's
-    // `serve_connection`) relies on hyper's `header_read_timeout`, and hyper starts that timer
-    // only at the first byte of a request head; there is no idle or first-byte timeout and no
-    // cap on open connections, so silent sockets from any peer that may connect pile up
-    // until the broker runs out of descriptors. Expected: closed like the slowloris above.
-    // let mut idle = connect_from(&w, UNKNOWN).await;
-    // let _ = read_to_close(&mut idle, "a silent connection").await;
+    // Regression: a connection that never sends a byte is closed after `idle_timeout` (hyper's
+    // header timer only starts at a request's first byte).
+    let mut idle = connect_from(&w, UNKNOWN).await;
+    let _ = read_to_close(&mut idle, "a silent connection").await;
 
     // On the mTLS listener a silent connection is cut by the TLS handshake timeout.
     let tls_addr: SocketAddr = w
