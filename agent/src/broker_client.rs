@@ -2,7 +2,8 @@
 //! `GET /healthz`, authenticated by the host's tailnet identity or an API key.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -95,9 +96,35 @@ impl Auth {
 }
 
 fn read_key_file(path: &Path) -> Result<Secret, String> {
-    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    read_key_file_as(path, unsafe { libc::geteuid() })
+}
+
+/// Largest key file read.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// Reads the key file as the agent running as `agent_uid` may use it: one open that does not
+/// follow a symlink (nor block on a FIFO), and every check on what was opened (`fstat`), so
+/// the file cannot be swapped between check and read. The owner must be the agent's uid or
+/// root: a 0600 file of another user is that user's, and they could rewrite it.
+fn read_key_file_as(path: &Path, agent_uid: u32) -> Result<Secret, String> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => "is a symbolic link; refusing it (name the file itself)".into(),
+            _ => e.to_string(),
+        })?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
         return Err("is not a regular file".into());
+    }
+    if meta.uid() != agent_uid && meta.uid() != 0 {
+        return Err(format!(
+            "belongs to uid {}, not to the agent's uid {agent_uid} or root; refusing a key another user can change",
+            meta.uid()
+        ));
     }
     if meta.mode() & 0o077 != 0 {
         return Err(format!(
@@ -105,10 +132,14 @@ fn read_key_file(path: &Path) -> Result<Secret, String> {
             meta.mode() & 0o7777
         ));
     }
-    if meta.len() > 4096 {
-        return Err("is larger than 4096 bytes".into());
+    if meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(format!("is larger than {MAX_KEY_FILE_BYTES} bytes"));
     }
-    let text = Secret::new(fs::read_to_string(path).map_err(|e| e.to_string())?);
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    let text = Secret::new(text);
     validate_key(text.expose().trim())
 }
 
@@ -595,6 +626,57 @@ mod tests {
         );
         let missing = AuthConfig::ApiKeyFile(tmp.path().join("nope"));
         assert!(Auth::load(&missing, None).is_err());
+    }
+
+    /// The key file is opened once, without following a symlink, and what was opened is
+    /// checked: a regular file of the agent's uid (or root) with no group/other bits.
+    #[test]
+    fn api_key_file_toctou_and_foreign_owner_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = tmp.path().join("key");
+        fs::write(&good, "bck_abc123\n").unwrap();
+        fs::set_permissions(&good, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let fifo = tmp.path().join("fifo");
+        let cpath = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        // A 0600 key of another user: as root, a file chowned away; otherwise our own file
+        // seen by an agent running as another (non-root) uid.
+        let foreign = tmp.path().join("foreign");
+        fs::copy(&good, &foreign).unwrap();
+        let (foreign_owner, agent_uid) = if me == 0 {
+            let c = std::ffi::CString::new(foreign.to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string.
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
+            (4242, 0)
+        } else {
+            (me, me + 1)
+        };
+        let cases: [(&Path, u32, Option<&str>); 5] = [
+            (&good, me, None),
+            (&link, me, Some("symbolic link")),
+            (&fifo, me, Some("not a regular file")),
+            (
+                &foreign,
+                agent_uid,
+                Some(&*format!("belongs to uid {foreign_owner}")),
+            ),
+            (&tmp.path().join("missing"), me, Some("No such file")),
+        ];
+        for (path, agent_uid, want) in cases {
+            let got = read_key_file_as(path, agent_uid);
+            match want {
+                None => assert_eq!(got.unwrap().expose(), "bck_abc123", "{path:?}"),
+                Some(want) => {
+                    let err = got.err().unwrap_or_else(|| panic!("{path:?} accepted"));
+                    assert!(err.contains(want), "{path:?}: {err}");
+                }
+            }
+        }
     }
 
     #[test]
