@@ -749,7 +749,10 @@ mod tests {
             )
             .as_bytes(),
         );
-        assert!(matches!(approval, BrokerError::AwaitingApproval { .. }), "{approval:?}");
+        assert!(
+            matches!(approval, BrokerError::AwaitingApproval { .. }),
+            "{approval:?}"
+        );
         for e in [refused, approval] {
             let shown = e.to_string();
             assert!(
