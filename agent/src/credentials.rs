@@ -46,6 +46,21 @@ pub enum GitAnswer {
     },
 }
 
+/// A new per-repository credential would exceed `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotLimit {
+    #[error(
+        "uid {uid} already has {limit} per-repository credentials, the most one user may \
+         (limits.repository_credentials_per_user in agent.toml); they are forgotten after idle_timeout"
+    )]
+    PerUser { uid: u32, limit: usize },
+    #[error(
+        "the agent already tracks {limit} per-repository credentials, its limit \
+         (limits.repository_credentials in agent.toml); they are forgotten after idle_timeout"
+    )]
+    Total { limit: usize },
+}
+
 /// The agent's credentials: a cheap handle to shared state.
 #[derive(Clone)]
 pub struct Credentials {
@@ -67,6 +82,8 @@ struct Slot {
     file_name: String,
     entry: GithubEntry,
     source: CredentialSource,
+    /// The uid whose request created this per-repository slot (`[limits]`).
+    owner: Option<u32>,
     state: Mutex<SlotState>,
     fetch_lock: tokio::sync::Mutex<()>,
     disk_lock: tokio::sync::Mutex<()>,
@@ -125,7 +142,8 @@ impl Credentials {
         inner.load_disk_cache();
         for entry in &inner.config.github {
             if let Some(scope) = entry.literal_scope() {
-                inner.slot(scope, entry, CredentialSource::Config, None);
+                // Configured credentials are not limited: `limits` bound what requests add.
+                let _ = inner.slot(scope, entry, CredentialSource::Config, None, None);
             }
         }
         Credentials { inner }
@@ -145,8 +163,9 @@ impl Credentials {
         self.inner.record_contact(at);
     }
 
-    /// Answers git's `get`.
-    pub async fn git_get(&self, d: &Description) -> GitAnswer {
+    /// Answers git's `get` for the local user `uid` (whose per-repository credentials count
+    /// against `[limits]`).
+    pub async fn git_get(&self, d: &Description, uid: u32) -> GitAnswer {
         let (protocol, host) = match required(d) {
             Ok(v) => v,
             Err(message) => {
@@ -203,7 +222,13 @@ impl Credentials {
             CredentialSource::Config
         };
         let now = SystemTime::now();
-        let slot = self.inner.slot(scope, entry, source, Some(now));
+        let slot = match self.inner.slot(scope, entry, source, Some(now), Some(uid)) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                tracing::warn!(uid, %limit, "refused a new per-repository credential");
+                return refused(429, format!("botcreds: {limit}"));
+            }
+        };
         if let Some(held) = slot.servable(now) {
             return GitAnswer::Credential {
                 token: held.token,
@@ -401,7 +426,14 @@ impl Inner {
                 expires_at = %rfc3339(expires_at),
                 "loaded cached credential"
             );
-            let slot = self.slot(scope, entry, source, None);
+            let slot = match self.slot(scope, entry, source, None, None) {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    tracing::info!(file = %l.file_name, %limit, "not loading this cached credential; removing it");
+                    let _ = self.disk.remove(&l.file_name);
+                    continue;
+                }
+            };
             let mut st = lock(&slot.state);
             st.last_refresh = Some(held.fetched_at);
             st.last_used = record.last_used.map(unix_to_time);
@@ -412,15 +444,43 @@ impl Inner {
     }
 
     /// The slot for `scope`, created (with its task) if new; `used` marks git's use of it.
+    /// A new per-repository slot counts against `[limits]`, for `owner` (the uid whose request
+    /// creates it; `None` for one loaded from the cache) and in total.
     fn slot(
         self: &Arc<Self>,
         scope: Scope,
         entry: &GithubEntry,
         source: CredentialSource,
         used: Option<SystemTime>,
-    ) -> Arc<Slot> {
+        owner: Option<u32>,
+    ) -> Result<Arc<Slot>, SlotLimit> {
         let file_name = scope.cache_file_name();
         let mut slots = lock(&self.slots);
+        if source == CredentialSource::Path && !slots.contains_key(&file_name) {
+            let limits = self.config.limits;
+            let per_repository = slots
+                .values()
+                .filter(|s| s.source == CredentialSource::Path);
+            let (total, mine) = per_repository.fold((0, 0), |(total, mine), s| {
+                (
+                    total + 1,
+                    mine + usize::from(owner.is_some() && s.owner == owner),
+                )
+            });
+            if let Some(uid) = owner
+                && mine >= limits.repository_credentials_per_user
+            {
+                return Err(SlotLimit::PerUser {
+                    uid,
+                    limit: limits.repository_credentials_per_user,
+                });
+            }
+            if total >= limits.repository_credentials {
+                return Err(SlotLimit::Total {
+                    limit: limits.repository_credentials,
+                });
+            }
+        }
         let slot = slots
             .entry(file_name.clone())
             .or_insert_with(|| {
@@ -429,6 +489,7 @@ impl Inner {
                     file_name,
                     entry: entry.clone(),
                     source,
+                    owner,
                     state: Mutex::new(SlotState::default()),
                     fetch_lock: tokio::sync::Mutex::new(()),
                     disk_lock: tokio::sync::Mutex::new(()),
@@ -446,7 +507,7 @@ impl Inner {
             // Being used can turn an idle credential back into one that is kept fresh.
             slot.wake.notify_one();
         }
-        slot
+        Ok(slot)
     }
 
     async fn store_file(&self, slot: &Slot, held: &Held, last_used: Option<SystemTime>) {
@@ -918,7 +979,7 @@ mod tests {
     }
 
     async fn token(creds: &Credentials, repo: &str) -> String {
-        match creds.git_get(&request(repo, None)).await {
+        match creds.git_get(&request(repo, None), 0).await {
             GitAnswer::Credential { token, .. } => token.expose().to_string(),
             other => panic!("no credential for {repo}: {other:?}"),
         }
@@ -957,6 +1018,56 @@ mod tests {
         let next = token(&creds, "acme/web").await;
         assert_ne!(next, held);
         assert_eq!(lock(&fake).minted, 2);
+        creds.shutdown();
+    }
+
+    /// One local user asking for thousands of repositories must not make thousands of
+    /// credentials (slots, broker calls, cache files): capped per uid and in total, with a
+    /// clear refusal to git.
+    #[tokio::test]
+    async fn unbounded_per_repository_slots_are_capped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (creds, fake) = start(
+            tmp.path(),
+            "[limits]\nrepository_credentials = 5\nrepository_credentials_per_user = 3\n",
+        )
+        .await;
+        // (uid, repository, served?)
+        let cases = [
+            (1000, "acme/r1", true),
+            (1000, "acme/r2", true),
+            (1000, "acme/r3", true),
+            (1000, "acme/r4", false),
+            // Already tracked: serving it creates nothing.
+            (1000, "acme/r1", true),
+            (1001, "acme/r1", true),
+            (1001, "acme/r5", true),
+            (1001, "acme/r6", true),
+            (1001, "acme/r7", false),
+            (1002, "acme/r8", false),
+        ];
+        for (uid, repo, served) in cases {
+            match creds.git_get(&request(repo, None), uid).await {
+                GitAnswer::Credential { .. } => assert!(served, "uid {uid} {repo}: served"),
+                GitAnswer::Refused {
+                    status, message, ..
+                } => {
+                    assert!(!served, "uid {uid} {repo}: refused: {message}");
+                    assert_eq!(status, 429, "{message}");
+                    assert!(
+                        message.contains("limits.repository_credentials"),
+                        "{message}"
+                    );
+                }
+                other => panic!("uid {uid} {repo}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            lock(&fake).minted,
+            5,
+            "one broker call per tracked repository"
+        );
+        assert_eq!(creds.status().len(), 5);
         creds.shutdown();
     }
 

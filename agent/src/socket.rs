@@ -164,12 +164,20 @@ fn parse_description(body: &[u8]) -> Result<Description, String> {
     git_credential::parse(body).map_err(|e| format!("botcreds: garbled credential request: {e}"))
 }
 
-async fn git_get(State(state): State<AppState>, body: Bytes) -> Response {
+async fn git_get(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Bytes,
+) -> Response {
     let request = match parse_description(&body) {
         Ok(d) => d,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
-    match state.credentials.git_get(&request).await {
+    // check_peer let only known peers through.
+    let Some((uid, _)) = peer.ids else {
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    match state.credentials.git_get(&request, uid).await {
         GitAnswer::Credential { token, expires_at } => {
             let answer = Description {
                 username: Some("x-access-token".into()),
