@@ -85,6 +85,25 @@ impl Auth {
         }
     }
 
+    /// Which identity the agent has towards the broker, for binding the disk cache to it
+    /// ([`crate::cache::CacheBinding`]): never the key itself, a SHA-256 of it; for mTLS the
+    /// bot and the broker's CA bundle (not the certificate, which every renewal replaces).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        match self {
+            Auth::Tailnet => "tailnet".into(),
+            Auth::ApiKey { key, .. } => format!(
+                "api_key:sha256:{}",
+                hex::encode(Sha256::digest(key.expose().as_bytes()))
+            ),
+            Auth::Mtls(identity) => format!(
+                "mtls:bot={}:ca-sha256:{}",
+                identity.info.bot,
+                identity.ca_fingerprint()
+            ),
+        }
+    }
+
     /// For status output and logs: the method, never the key.
     pub fn describe(&self) -> String {
         match self {
@@ -677,6 +696,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn identity_fingerprints_tell_identities_apart_and_hide_keys() {
+        let key = |k: &str| Auth::ApiKey {
+            key: Secret::new(k.into()),
+            origin: "env".into(),
+        };
+        let one = key("bck_one").fingerprint();
+        assert_eq!(one, key("bck_one").fingerprint(), "stable");
+        assert!(!one.contains("bck_one"), "{one}");
+        assert_ne!(one, key("bck_two").fingerprint());
+        assert_ne!(one, Auth::Tailnet.fingerprint());
     }
 
     #[test]

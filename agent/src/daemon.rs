@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::broker_client::{Auth, BrokerClient};
-use crate::cache::{CacheError, DiskCache};
+use crate::cache::{CacheBinding, CacheError, DiskCache};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::litellm::{self, Litellm};
@@ -44,7 +44,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
-    let disk = DiskCache::open(&config.cache_dir)?;
+    // Bound to this broker and identity: a cache from another one is dropped, not served.
+    let disk = DiskCache::open(&config.cache_dir)?.bound_to(CacheBinding {
+        broker: config.broker.clone(),
+        identity: auth.fingerprint(),
+    });
     let auth_text = auth.describe();
     let mtls_identity = match &auth {
         Auth::Mtls(identity) => Some(identity.clone()),

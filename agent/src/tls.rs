@@ -139,6 +139,8 @@ pub struct MtlsIdentity {
     pub info: CertInfo,
     identity: reqwest::Identity,
     roots: Vec<reqwest::Certificate>,
+    /// SHA-256 (hex) of `ca.pem`: the broker this identity belongs to.
+    ca_sha256: String,
     server_trust: ServerTrust,
 }
 
@@ -198,6 +200,10 @@ impl MtlsIdentity {
             info,
             identity,
             roots,
+            ca_sha256: {
+                use sha2::{Digest, Sha256};
+                hex::encode(Sha256::digest(ca))
+            },
             server_trust: ServerTrust::default(),
         })
     }
@@ -206,6 +212,11 @@ impl MtlsIdentity {
     pub fn with_server_trust(mut self, trust: ServerTrust) -> MtlsIdentity {
         self.server_trust = trust;
         self
+    }
+
+    /// SHA-256 (hex) of the broker's CA bundle this identity was enrolled with.
+    pub fn ca_fingerprint(&self) -> &str {
+        &self.ca_sha256
     }
 
     /// The extra roots this identity's clients trust.
