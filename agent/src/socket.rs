@@ -2,8 +2,8 @@
 //! (SO_PEERCRED) checked against the allow-list before any handler runs.
 
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -50,15 +50,101 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
-/// Binds the socket: creates its directory if needed, replaces a stale socket file (but not a
-/// live agent's, nor a file that is not a socket), mode 0660, group `group` if given.
-pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
+/// Checks that only the agent's user (`uid`) or root can change `dir`, the socket's directory,
+/// and each directory above it: otherwise another user could swap the socket file (for a
+/// symlink while it is set up, or for their own socket while it is served). The socket's own
+/// directory must be a real directory owned by `uid` or root and not writable by group or
+/// others; an ancestor may be writable by others only with the sticky bit (`/tmp`), which
+/// stops them from renaming what they do not own.
+pub fn check_socket_dir(dir: &Path, uid: u32) -> io::Result<()> {
+    let refuse = |what: &Path, why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: {why}; refusing to serve the socket there (another user could replace it)",
+                what.display()
+            ),
+        )
+    };
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(dir, "is a symbolic link".into()));
     }
+    if !meta.is_dir() {
+        return Err(refuse(dir, "is not a directory".into()));
+    }
+    let owner_ok = |owner: u32| owner == uid || owner == 0;
+    if !owner_ok(meta.uid()) {
+        return Err(refuse(
+            dir,
+            format!(
+                "belongs to uid {}, not to the agent's uid {uid} or root",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(
+            dir,
+            format!(
+                "has mode {:o}, writable by group or others",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)?;
+        if !owner_ok(meta.uid()) {
+            return Err(refuse(
+                ancestor,
+                format!(
+                    "belongs to uid {}, not to the agent's uid {uid} or root",
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(refuse(
+                ancestor,
+                format!(
+                    "has mode {:o}, writable by group or others without the sticky bit",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Binds the socket: creates its directory if needed (0755) and checks it
+/// ([`check_socket_dir`]), replaces a stale socket file (but not a live agent's, nor a file
+/// that is not a socket), mode 0660, group `group` if given.
+///
+/// The socket is bound, chmod-ed and chown-ed inside a fresh private (0700) directory and only
+/// then renamed into place, so the mode and group are never set through a path someone else
+/// could have swapped (`fchmod`/`fchown` on a unix socket's fd do not change the file).
+pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the socket path has no directory",
+            )
+        })?;
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path has no file name",
+        )
+    })?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    check_socket_dir(dir, unsafe { libc::geteuid() })?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -80,24 +166,53 @@ pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    let private = PrivateDir::new(dir, name)?;
+    let staged = private.path.join(name);
     // Bind with a umask that already gives 0660, so there is no moment at which the socket is
     // open to everyone; chmod afterwards in case the umask was stricter.
     // SAFETY: umask has no preconditions; this runs before the agent starts other threads
     // that create files.
     let old = unsafe { libc::umask(0o117) };
-    let listener = UnixListener::bind(path);
+    let listener = UnixListener::bind(&staged);
     unsafe { libc::umask(old) };
     let listener = listener?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    // Inside our own 0700 directory: nobody else can have swapped `staged`.
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = group {
-        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path contains NUL"))?;
-        // SAFETY: cpath is a valid C string; uid -1 leaves the owner unchanged.
-        if unsafe { libc::chown(cpath.as_ptr(), u32::MAX, gid) } != 0 {
+        std::os::unix::fs::lchown(&staged, None, Some(gid))?;
+    }
+    std::fs::rename(&staged, path)?;
+    Ok(listener)
+}
+
+/// A fresh 0700 directory next to the socket, removed (with what is left in it) on drop.
+struct PrivateDir {
+    path: std::path::PathBuf,
+}
+
+impl PrivateDir {
+    fn new(dir: &Path, name: &std::ffi::OsStr) -> io::Result<PrivateDir> {
+        let mut template = dir
+            .join(format!(".{}-XXXXXX", name.to_string_lossy()))
+            .into_os_string()
+            .into_vec();
+        template.push(0);
+        // SAFETY: template is a NUL-terminated buffer mkdtemp rewrites in place.
+        let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+        if made.is_null() {
             return Err(io::Error::last_os_error());
         }
+        template.pop();
+        Ok(PrivateDir {
+            path: std::ffi::OsString::from_vec(template).into(),
+        })
     }
-    Ok(listener)
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// What the handlers share.
@@ -273,5 +388,83 @@ mod tests {
             io::ErrorKind::AlreadyExists
         );
         assert_eq!(std::fs::read_to_string(&plain).unwrap(), "x");
+    }
+}
+
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Another user who can write the socket's directory can swap the socket (for a symlink
+    /// while the agent sets it up, or for their own socket while it serves): the agent refuses
+    /// to bind there, and leaves nothing behind.
+    #[tokio::test]
+    async fn socket_directory_writable_by_others_is_refused() {
+        let cases: [(&str, u32, u32, bool); 6] = [
+            // (what, socket dir mode, parent mode, accepted)
+            ("private directory", 0o755, 0o700, true),
+            ("parent sticky and world-writable", 0o755, 0o1777, true),
+            ("world-writable", 0o777, 0o700, false),
+            ("group-writable", 0o775, 0o700, false),
+            ("sticky world-writable", 0o1777, 0o700, false),
+            ("parent world-writable", 0o755, 0o777, false),
+        ];
+        for (what, mode, parent_mode, accepted) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let parent = tmp.path().join("p");
+            let dir = parent.join("run");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(parent_mode))
+                .unwrap();
+            let path = dir.join("agent.sock");
+            let got = bind(&path, None);
+            if accepted {
+                got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                assert!(meta.file_type().is_socket(), "{what}");
+                assert_eq!(meta.mode() & 0o777, 0o660, "{what}");
+            } else {
+                let err = got.err().unwrap_or_else(|| panic!("{what}: accepted"));
+                assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{what}: {err}");
+                assert!(
+                    err.to_string().contains("writable by group or others"),
+                    "{what}: {err}"
+                );
+                assert!(!path.exists(), "{what}: a socket was made");
+            }
+            let names: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "agent.sock")
+                .collect();
+            assert!(names.is_empty(), "{what}: left behind {names:?}");
+        }
+        // A directory (or an ancestor) of another user, who could rename things in it.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let stranger = if me == 0 { 4242 } else { me + 1 };
+        if me == 0 {
+            std::os::unix::fs::chown(&dir, Some(stranger), None).unwrap();
+            let err = check_socket_dir(&dir, me).unwrap_err().to_string();
+            assert!(err.contains(&format!("belongs to uid {stranger}")), "{err}");
+        }
+        // Seen from an agent running as another (non-root) user, our directory is foreign.
+        let agent = if me == 0 { 4243 } else { stranger };
+        let owner = std::fs::metadata(&dir).unwrap().uid();
+        let err = check_socket_dir(&dir, agent).unwrap_err().to_string();
+        assert!(err.contains(&format!("belongs to uid {owner}")), "{err}");
+        // A symlinked socket directory is not followed.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("real"), tmp.path().join("link")).unwrap();
+        let err = bind(&tmp.path().join("link/agent.sock"), None)
+            .err()
+            .expect("symlinked dir accepted");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
     }
 }
