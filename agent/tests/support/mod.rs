@@ -238,6 +238,12 @@ impl World {
 
     /// `extra` is appended to the `other/readonly` entry (the one fetched at startup).
     pub async fn with_readonly_extra(extra: &str) -> World {
+        World::with_toml("", extra, "").await
+    }
+
+    /// `top` holds more top-level keys, `extra` is appended to the `other/readonly` entry and
+    /// `tail` (tables such as `[limits]`) to the end of agent.toml.
+    pub async fn with_toml(top: &str, extra: &str, tail: &str) -> World {
         let issued: Shared = Arc::default();
         let check_state = issued.clone();
         let git = GitServer::start(Arc::new(move |token: &str, repo: &str, write: bool| {
@@ -264,6 +270,7 @@ api_key_file = "{dir}/agent.key"
 socket = "{dir}/run/agent.sock"
 cache_dir = "{dir}/cache"
 helper_timeout = "5s"
+{top}
 
 [[github]]
 protocol = "http"
@@ -278,6 +285,8 @@ host = "{host}"
 repositories = ["other/readonly"]
 permissions = ["contents:read"]
 {extra}
+
+{tail}
 "#,
             broker = broker.url,
             dir = dir.path().display(),
@@ -301,7 +310,14 @@ permissions = ["contents:read"]
     }
 
     pub async fn start_agent(&mut self) {
-        let mut child = Command::new(AGENT)
+        self.start_agent_with(|_| {}).await
+    }
+
+    /// Starts the agent after `setup` adjusted its command (limits, environment).
+    pub async fn start_agent_with(&mut self, setup: impl FnOnce(&mut Command)) {
+        let mut cmd = Command::new(AGENT);
+        setup(&mut cmd);
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(self.dir.path().join("agent.toml"))
             .env("RUST_LOG", "info")
