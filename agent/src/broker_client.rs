@@ -769,16 +769,14 @@ mod tests {
                 error: evil.into(),
                 code: ErrorCode::PolicyDenied,
                 retry_after: None,
-                rule: Some(format!("bots.x\x1b]0;title\x07.deny[0]")),
+                rule: Some("bots.x\x1b]0;title\x07.deny[0]".into()),
             },
         };
         let approval = awaiting_approval(
-            format!(
-                r#"{{"request_id":"apr_\u001b[31m1","state":"PENDING","bot":"ci","caller":"api_key:ci",
-                "resource":{{"kind":"github_token","repositories":["acme/secret"],"permissions":["contents:read"]}},
+                r#"{"request_id":"apr_\u001b[31m1","state":"PENDING","bot":"ci","caller":"api_key:ci",
+                "resource":{"kind":"github_token","repositories":["acme/secret"],"permissions":["contents:read"]},
                 "rule":"defaults","created_at":"2026-11-23T10:00:00Z","expires_at":"2026-11-24\n\u0007",
-                "poll_url":"/v1/requests/apr_1"}}"#
-            )
+                "poll_url":"/v1/requests/apr_1"}"#
             .as_bytes(),
         );
         assert!(

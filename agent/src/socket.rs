@@ -1,33 +1,39 @@
-//! The agent's local API: HTTP/1.1 on a unix socket of mode 0660, with each connection's peer
-//! (SO_PEERCRED) checked against the allow-list before any handler runs.
+//! The agent's local API: HTTP/1.1 on a unix socket of mode 0660 in a directory only the
+//! agent's user or root can change, with each connection's peer (SO_PEERCRED) checked against
+//! the allow-list the moment it is accepted ([`serve`]: refused peers are answered and closed
+//! at once, connections are capped per uid and in total, and time-limited), and again by a
+//! middleware before any handler runs.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use botcreds_proto::MAX_BODY_BYTES;
 use botcreds_proto::agent::{
     AgentStatus, CredentialState, GIT_ERASE_PATH, GIT_GET_PATH, QUIT_HEADER, STATUS_PATH,
 };
 use botcreds_proto::git_credential::{self, Description};
+use hyper::body::Incoming;
 use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::credentials::{Credentials, GitAnswer, rfc3339, unix_seconds};
 use crate::peer::AllowList;
 
-/// The user and group of the process at the other end of a connection.
+/// The user and group of the process at the other end of a connection, given to handlers as
+/// `ConnectInfo<Peer>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
     /// `(uid, gid)`; `None` if the kernel would not say (then the peer is refused).
@@ -35,9 +41,10 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Peer {
-        match stream.io().peer_cred() {
+impl Peer {
+    /// The peer of an accepted connection (`SO_PEERCRED`).
+    fn of(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(cred) => Peer {
                 ids: Some((cred.uid(), cred.gid())),
                 pid: cred.pid(),
@@ -215,6 +222,189 @@ impl Drop for PrivateDir {
     }
 }
 
+/// Bound on reading a request's header once a connection is accepted.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection's whole life beyond the time a git request may wait for the broker
+/// (`helper_timeout`): enough for a body and the answer, not for holding a descriptor.
+pub const CONNECTION_GRACE: Duration = Duration::from_secs(20);
+/// Pause after `accept` fails (out of descriptors), so that a full table is not a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per refused uid in this long.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How the accept loop treats connections: who may connect, how many at once, how long.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    pub allow: AllowList,
+    /// Open connections of all users (root and the agent's own user are not counted).
+    pub connections: usize,
+    /// Open connections of one uid.
+    pub connections_per_user: usize,
+    /// The longest a connection may stay open.
+    pub lifetime: Duration,
+}
+
+/// Open connections per uid; a [`ConnectionSlot`] gives its place back when dropped.
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+struct ConnectionSlot {
+    counts: Arc<Mutex<Counts>>,
+    uid: u32,
+    counted_in_total: bool,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if self.counted_in_total {
+            c.total -= 1;
+        }
+        if let Some(n) = c.per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` resolves, then waits for open connections.
+///
+/// Each connection's peer is checked (`SO_PEERCRED`) the moment it is accepted: a user not in
+/// the allow-list, or one over its share of connections, gets a one-line answer and the
+/// connection is closed at once — a socket-group member must not be able to hold descriptors.
+/// Allowed connections get [`HEADER_READ_TIMEOUT`], no keep-alive (the helper sends one
+/// request per connection) and at most `limits.lifetime`.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    limits: ServeLimits,
+    stop: impl Future<Output = ()>,
+) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let mut refusals_logged: HashMap<u32, Instant> = HashMap::new();
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let (stream, _) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection on the socket");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let peer = Peer::of(&stream);
+        let Some((uid, _)) = peer.ids.filter(|(u, g)| limits.allow.allows(*u, *g)) else {
+            let message = match peer.ids {
+                Some((uid, gid)) => {
+                    let now = Instant::now();
+                    let log = refusals_logged
+                        .get(&uid)
+                        .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_INTERVAL);
+                    if log {
+                        refusals_logged.insert(uid, now);
+                        tracing::warn!(uid, gid, pid = ?peer.pid, "refused a local user not in the allow-list");
+                    }
+                    refused_message(uid, gid)
+                }
+                None => {
+                    "botcreds: the agent could not tell which user is connecting; refused".into()
+                }
+            };
+            answer_and_close(stream, StatusCode::FORBIDDEN, &message);
+            continue;
+        };
+        let trusted = uid == 0 || uid == own_uid;
+        let slot = {
+            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = c.per_uid.get(&uid).copied().unwrap_or(0);
+            if mine >= limits.connections_per_user || (!trusted && c.total >= limits.connections) {
+                None
+            } else {
+                *c.per_uid.entry(uid).or_default() += 1;
+                if !trusted {
+                    c.total += 1;
+                }
+                Some(ConnectionSlot {
+                    counts: counts.clone(),
+                    uid,
+                    counted_in_total: !trusted,
+                })
+            }
+        };
+        let Some(slot) = slot else {
+            answer_and_close(
+                stream,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "botcreds: too many open connections to the agent (uid {uid}; limits.connections_per_user \
+                     and limits.connections in agent.toml); try again"
+                ),
+            );
+            continue;
+        };
+        let app = app.clone();
+        let lifetime = limits.lifetime;
+        connections.spawn(async move {
+            let _slot = slot;
+            let service = hyper_util::service::TowerToHyperService::new(
+                tower::ServiceExt::map_request(app, move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request
+                }),
+            );
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(lifetime, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(uid, error = %e, "connection ended with an error"),
+                Err(_) => tracing::debug!(uid, "connection open too long; closed"),
+            }
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+fn refused_message(uid: u32, gid: u32) -> String {
+    format!(
+        "botcreds: uid {uid} (gid {gid}) may not use this agent; add the user to allow_users, \
+         allow_uids or allow_groups in agent.toml"
+    )
+}
+
+/// Writes a whole HTTP answer if the socket takes it at once (a fresh connection's buffer
+/// always does), reads what the client already sent (so that closing does not reset the
+/// connection under its reader), and closes. Never waits.
+fn answer_and_close(stream: tokio::net::UnixStream, status: StatusCode, message: &str) {
+    let body = format!("{message}\n");
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = stream.try_write(format!("{head}{body}").as_bytes());
+    let mut sink = [0u8; 4096];
+    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -248,13 +438,7 @@ pub(crate) async fn check_peer(
         Some((uid, gid)) if allow.allows(uid, gid) => next.run(request).await,
         Some((uid, gid)) => {
             tracing::warn!(uid, gid, pid = ?peer.pid, path = %request.uri().path(), "refused a local user not in the allow-list");
-            text(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "botcreds: uid {uid} (gid {gid}) may not use this agent; add the user to allow_users, \
-                     allow_uids or allow_groups in agent.toml"
-                ),
-            )
+            text(StatusCode::FORBIDDEN, refused_message(uid, gid))
         }
         None => text(
             StatusCode::FORBIDDEN,
@@ -462,9 +646,8 @@ mod dir_tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir(tmp.path().join("real")).unwrap();
         std::os::unix::fs::symlink(tmp.path().join("real"), tmp.path().join("link")).unwrap();
-        let err = bind(&tmp.path().join("link/agent.sock"), None)
-            .err()
-            .expect("symlinked dir accepted");
+        let err =
+            bind(&tmp.path().join("link/agent.sock"), None).expect_err("symlinked dir accepted");
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
     }
 }

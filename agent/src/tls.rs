@@ -557,13 +557,14 @@ mod tests {
     #[test]
     fn enrollment_accepts_only_a_current_certificate_for_the_bot_asked_for() {
         let h = time::Duration::hours;
-        let cases: [(
-            &str,
-            Option<&str>,
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
             time::Duration,
             time::Duration,
-            Option<&str>,
-        ); 6] = [
+            Option<&'a str>,
+        );
+        let cases: [Case<'_>; 6] = [
             ("build-host", Some("build-host"), h(0), h(24), None),
             ("build-host", None, h(0), h(24), None),
             (
