@@ -20,7 +20,7 @@ const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("the broker at {url} is unreachable: {message}")]
+    #[error("the broker at {url} is unreachable: {}", crate::text::clean(.message))]
     Unreachable { url: String, message: String },
     #[error("the broker refused: {} ({})", crate::text::clean(&.0.error), .0.code)]
     Refused(ErrorBody),
