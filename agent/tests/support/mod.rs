@@ -117,7 +117,10 @@ async fn issue(State(issued): State<Shared>, headers: HeaderMap, body: Bytes) ->
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if bearer != Some(API_KEY) {
-        let violation = format!("a credential request without the agent's API key ({bearer:?})");
+        let violation = match bearer {
+            None => "a credential request without an API key".to_string(),
+            Some(_) => "a credential request with another API key than the agent's".to_string(),
+        };
         world.violations.push(violation.clone());
         return refuse(
             StatusCode::UNAUTHORIZED,
