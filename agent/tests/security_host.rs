@@ -485,11 +485,18 @@ async fn the_agent_refuses_a_socket_directory_others_can_write() {
     let run = world.dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = Command::new(AGENT)
+    let child = Command::new(AGENT)
         .args(["run", "--config"])
         .arg(world.dir.path().join("agent.toml"))
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // An agent that starts serves until stopped: a bound turns that into a failure.
+    let out = tokio::time::timeout(CHILD_WAIT, child.wait_with_output())
         .await
+        .expect("the agent started serving from a directory others can write")
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the agent started: {err}");
