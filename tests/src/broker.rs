@@ -24,21 +24,24 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a workspace binary, building the workspace's binaries once if it is missing
-/// (`tests/run` builds them first; a bare `cargo test` may not have).
+/// Path of a workspace binary, after building the workspace's binaries once per test process:
+/// always, not only when one is missing, so that a bare `cargo test` never runs a stale binary
+/// left from an older build (cargo does not rebuild binaries for another package's tests).
+/// Up to date, the build is a quick no-op.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let path = target_dir().join(name);
-    if !path.exists() {
-        BUILT.get_or_init(|| {
-            let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "--workspace", "--bins"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .status()
-                .expect("running cargo build");
-            assert!(status.success(), "cargo build --workspace --bins failed");
-        });
-    }
+    let dir = target_dir();
+    BUILT.get_or_init(|| {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "--workspace", "--bins"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    let path = dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
