@@ -824,7 +824,10 @@ async fn a_token_minted_for_a_refused_request_is_revoked() {
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while decisions(&w, "allow").await < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "request not decided");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request not decided"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let reload = |w: &mut World, policy: String| {
@@ -844,7 +847,11 @@ async fn a_token_minted_for_a_refused_request_is_revoked() {
     );
     w.github.release_mints();
     let (status, body) = pending.await.unwrap();
-    assert_eq!((status, code_of(&body)), (403, ErrorCode::PolicyDenied), "{body}");
+    assert_eq!(
+        (status, code_of(&body)),
+        (403, ErrorCode::PolicyDenied),
+        "{body}"
+    );
     let minted = w.github.issued_tokens();
     assert_eq!(minted.len(), 1, "one mint");
     assert!(
@@ -857,7 +864,12 @@ async fn a_token_minted_for_a_refused_request_is_revoked() {
         .filter(|e| e.event == AuditEventKind::CredentialRevoked)
         .collect();
     assert_eq!(revoked.len(), 1, "the revocation is audited: {revoked:?}");
-    assert!(revoked[0].token_id.as_deref().is_some_and(|t| t.starts_with("tok_")));
+    assert!(
+        revoked[0]
+            .token_id
+            .as_deref()
+            .is_some_and(|t| t.starts_with("tok_"))
+    );
 
     // Allowed again, the request gets a fresh, working token, not the revoked one.
     let loads = reload(&mut w, POLICY.to_string());

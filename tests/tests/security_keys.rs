@@ -547,7 +547,11 @@ async fn a_reload_during_an_auto_litellm_mint_wins() {
     reload_denying_ws_a(&mut w).await;
     w.litellm.release_generates();
     let (status, body) = pending.await.unwrap();
-    assert_eq!((status, error_of(&body).as_str()), (403, "policy_denied"), "{body}");
+    assert_eq!(
+        (status, error_of(&body).as_str()),
+        (403, "policy_denied"),
+        "{body}"
+    );
     assert!(
         w.litellm.live_keys().is_empty(),
         "the key minted for the refused request is deleted in LiteLLM"
@@ -588,7 +592,10 @@ async fn keys_a_reload_revokes_are_audited_as_the_policys() {
     assert_eq!(status, 200, "{key}");
     let id = key["credential_id"].as_str().unwrap().to_string();
     reload_denying_ws_a(&mut w).await;
-    assert!(w.litellm.live_keys().is_empty(), "the reload deleted the key");
+    assert!(
+        w.litellm.live_keys().is_empty(),
+        "the reload deleted the key"
+    );
     let events = audit_events(&w).await;
     let revoked: Vec<_> = events
         .iter()

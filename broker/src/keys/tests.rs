@@ -451,7 +451,10 @@ async fn revoke_by_bot_and_id_and_lenient_retry_by_the_sweeper() {
         .unwrap();
     let got = w
         .keys
-        .revoke_by_credential_id(&a.record.credential_id, "admin")
+        .revoke_by_credential_id(
+            &a.record.credential_id,
+            crate::keys::Revoker::Admin("admin"),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -459,7 +462,10 @@ async fn revoke_by_bot_and_id_and_lenient_retry_by_the_sweeper() {
     assert_eq!(got.holders, ["ops"]);
     assert!(
         w.keys
-            .revoke_by_credential_id(&a.record.credential_id, "admin")
+            .revoke_by_credential_id(
+                &a.record.credential_id,
+                crate::keys::Revoker::Admin("admin")
+            )
             .await
             .unwrap()
             .is_none()
@@ -697,7 +703,10 @@ async fn issue_events_say_how_the_key_was_decided_and_live_record_finds_it() {
         (found.scope.as_str(), found.bot.as_deref()),
         ("agent:write", Some("ops"))
     );
-    w.keys.revoke_by_credential_id(&id, "admin").await.unwrap();
+    w.keys
+        .revoke_by_credential_id(&id, crate::keys::Revoker::Admin("admin"))
+        .await
+        .unwrap();
     assert!(w.keys.live_record(&id).unwrap().is_none());
     assert!(w.keys.live_record("lk_unknown").unwrap().is_none());
 }
