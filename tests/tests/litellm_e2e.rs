@@ -1,6 +1,8 @@
-//! End-to-end: the real `botcreds` binary serving LiteLLM virtual keys through the fake
-//! LiteLLM: bot requests under the policy, the key-provisioner API exactly as its design
-//! shows, the keys CLI, the sweeper, a dead LiteLLM, and no plaintext key on disk or in the log.
+//! End-to-end: the real `botcreds` binary serving LiteLLM virtual keys: bot requests under the
+//! policy, the key-provisioner API exactly as its design shows, the keys CLI and no plaintext key
+//! on disk or in the log on every LiteLLM backend (the fake, and the real proxy when
+//! `BOTCREDS_REAL_LITELLM_URL` names one); the approval flow's waits, the sweeper, a dead LiteLLM
+//! and tailnet users' keys through the fake alone.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -180,138 +182,6 @@ fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bots_ask_through_the_policy_and_release_their_keys() {
-    let w = world("").await;
-    let ask = |scope: &str| json!({"kind": "litellm_key", "scope": scope, "reason": "review PRs"});
-
-    let (status, cred) = w.credential(REVIEW_KEY, ask("agent:review")).await;
-    assert_eq!(status, 200, "{cred}");
-    assert_eq!(cred["kind"], "litellm_key");
-    assert_eq!(cred["scope"], "agent:review");
-    assert_eq!(cred["name"], "review-bot.agent-review");
-    assert_eq!(cred["budget_usd"], json!(2.0));
-    assert_eq!(cred["budget_period"], "run");
-    assert_eq!(cred["rpm_limit"], 60);
-    assert_eq!(cred["models"], json!([HAIKU]));
-    assert_eq!(cred["bot"], "review-bot");
-    assert_eq!(
-        cred["base_url"],
-        json!(format!("{}/v1", w.litellm.base_url()))
-    );
-    let key = cred["key"].as_str().unwrap().to_string();
-    assert!(cred["credential_id"].as_str().unwrap().starts_with("lk_"));
-
-    // What the broker asked LiteLLM for: the reference's fields and the design's metadata.
-    let generated = w.litellm.calls_to("/key/generate");
-    assert_eq!(generated.len(), 1);
-    let body = &generated[0].body;
-    assert_eq!(body["key_alias"], "review-bot.agent-review");
-    assert_eq!(body["duration"], "3600s");
-    assert_eq!(body["max_budget"], json!(2.0));
-    assert_eq!(body["rpm_limit"], 60);
-    assert_eq!(body["key_type"], "llm_api");
-    assert!(
-        body.get("budget_duration").is_none(),
-        "per-run budgets never reset"
-    );
-    let meta = &body["metadata"];
-    for field in [
-        "scope",
-        "key_type",
-        "created_by",
-        "created_at",
-        "coder_workspace_id",
-        "workspace_name",
-        "coder_user",
-        "coder_user_id",
-        "expires_at",
-        "budget_usd",
-        "rpm_limit",
-        "models",
-    ] {
-        assert!(meta.get(field).is_some(), "metadata lacks {field}: {meta}");
-    }
-    assert_eq!(meta["key_type"], "virtual");
-    assert_eq!(meta["botcreds_bot"], "review-bot");
-    assert_eq!(generated[0].changed_by.as_deref(), Some("botcreds"));
-
-    // The key works at the proxy for its model only.
-    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 200);
-    assert_eq!(w.litellm.chat(&key, SONNET).await.0, 403);
-
-    // Asking again answers the same live key.
-    let (status, again) = w.credential(REVIEW_KEY, ask("agent:review")).await;
-    assert_eq!(status, 200);
-    assert_eq!(again["key"], cred["key"]);
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
-
-    // Deny, approval and bad input mint nothing.
-    let (status, body) = w.credential(REVIEW_KEY, ask("agent:write")).await;
-    assert_eq!((status, code_of(&body)), (403, ErrorCode::PolicyDenied));
-    assert!(body["rule"].as_str().unwrap().contains("deny"));
-    let (status, body) = w.credential(REVIEW_KEY, ask("ci")).await;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(body["state"], "PENDING");
-    assert_eq!(
-        body["resource"],
-        json!({"kind": "litellm_key", "scope": "ci"})
-    );
-    let (status, body) = w.credential(REVIEW_KEY, ask("gpu")).await;
-    assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidScope));
-    let (status, body) = w
-        .credential(
-            REVIEW_KEY,
-            json!({"kind": "litellm_key", "scope": "workspace"}),
-        )
-        .await;
-    assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidWorkspace));
-    let (status, body) = w
-        .credential(
-            REVIEW_KEY,
-            json!({"kind": "litellm_key", "scope": "agent:review", "ttl": "5h"}),
-        )
-        .await;
-    assert_eq!((status, code_of(&body)), (400, ErrorCode::TtlTooLong));
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
-
-    // A workspace key through the policy, for the agent.
-    let ws = json!({"workspace_id": "ws-1", "workspace_name": "dev", "coder_user": "alice", "coder_user_id": "usr-1"});
-    let (status, wk) = w
-        .credential(
-            REVIEW_KEY,
-            json!({"kind": "litellm_key", "scope": "workspace", "workspace": ws}),
-        )
-        .await;
-    assert_eq!(status, 200, "{wk}");
-    assert_eq!(
-        (wk["name"].clone(), wk["budget_period"].clone()),
-        (json!("dev"), json!("day"))
-    );
-
-    // Release: only by its holder; then the key is dead at the proxy.
-    let id = cred["credential_id"].as_str().unwrap();
-    let release = |who: &'static str| {
-        let body = json!({"credential_id": id});
-        let r = w
-            .http
-            .post(w.url("/v1/credentials/release"))
-            .bearer_auth(who)
-            .json(&body);
-        call(r)
-    };
-    let (status, body) = release(OTHER_KEY).await;
-    assert_eq!(
-        (status, code_of(&body)),
-        (404, ErrorCode::UnknownCredential)
-    );
-    let (status, body) = release(REVIEW_KEY).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["released"], true);
-    assert_eq!(body["deleted_upstream"], true);
-    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 401);
-}
-
 /// The approval flow for LiteLLM keys: wait, approve with the CLI, grant, remember, deny,
 /// and revocation by bot and by credential id.
 #[tokio::test(flavor = "multi_thread")]
@@ -477,371 +347,6 @@ async fn litellm_keys_that_need_a_human_go_through_the_approval_flow() {
             .0,
         200
     );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn provisioner_api_answers_the_designs_bodies_and_keeps_keys_off_disk() {
-    let mut w = world("").await;
-    let mut handed_out: Vec<String> = Vec::new();
-    let workspace = json!({
-        "workspace_id": "ws-abc123",
-        "workspace_name": "contractor-alice",
-        "coder_user": "alice",
-        "coder_user_id": "usr-def456"
-    });
-
-    // Wrong or missing secret: exactly the design's 401 body.
-    for secret in [Some("wrong"), None] {
-        let (status, body) = w
-            .provisioner("/api/v1/keys/workspace", secret, workspace.clone())
-            .await;
-        assert_eq!(
-            (status, body),
-            (401, json!({"error": "invalid provisioner secret"}))
-        );
-    }
-
-    // The startup script's call.
-    let (status, ws) = w
-        .provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone())
-        .await;
-    assert_eq!(status, 200, "{ws}");
-    assert_eq!(
-        keys_of(&ws),
-        set(&[
-            "key",
-            "scope",
-            "budget_usd",
-            "rpm_limit",
-            "models",
-            "expires_at",
-            "metadata"
-        ])
-    );
-    assert_eq!(ws["scope"], "workspace");
-    assert_eq!(ws["budget_usd"], json!(5.0));
-    assert_eq!(ws["rpm_limit"], 30);
-    assert_eq!(ws["models"], json!([SONNET, HAIKU]));
-    assert_eq!(ws["metadata"], workspace);
-    let ws_key = ws["key"].as_str().unwrap().to_string();
-    handed_out.push(ws_key.clone());
-    assert_eq!(w.litellm.chat(&ws_key, SONNET).await.0, 200);
-    let row = w
-        .litellm
-        .key_by_alias("contractor-alice")
-        .expect("key in LiteLLM");
-    assert_eq!(row.budget_duration.as_deref(), Some("1d"));
-    assert_eq!(row.metadata["created_by"], "key-provisioner");
-    assert_eq!(row.metadata["coder_workspace_id"], "ws-abc123");
-
-    // Idempotent: the live key comes back, nothing new is minted.
-    let (status, again) = w
-        .provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone())
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(again["key"], ws["key"]);
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
-
-    // Missing fields.
-    let (status, body) = w
-        .provisioner(
-            "/api/v1/keys/workspace",
-            Some(SECRET),
-            json!({"workspace_id": "x"}),
-        )
-        .await;
-    assert_eq!(status, 400);
-    assert_eq!(body["error"], "invalid workspace");
-
-    // A service key, as manage-service-keys.sh asks.
-    let service =
-        json!({"scope": "ci", "name": "github-actions-main", "budget_usd": 10, "duration": "1h"});
-    let (status, sk) = w
-        .provisioner("/api/v1/keys/service", Some(SECRET), service.clone())
-        .await;
-    assert_eq!(status, 200, "{sk}");
-    assert_eq!(
-        keys_of(&sk),
-        set(&[
-            "key",
-            "scope",
-            "name",
-            "budget_usd",
-            "rpm_limit",
-            "models",
-            "expires_at"
-        ])
-    );
-    assert_eq!(
-        (
-            sk["scope"].clone(),
-            sk["name"].clone(),
-            sk["budget_usd"].clone(),
-            sk["rpm_limit"].clone(),
-            sk["models"].clone()
-        ),
-        (
-            json!("ci"),
-            json!("github-actions-main"),
-            json!(10.0),
-            json!(120),
-            json!([HAIKU])
-        )
-    );
-    let sk_key = sk["key"].as_str().unwrap().to_string();
-    handed_out.push(sk_key.clone());
-    let (status, body) = w
-        .provisioner("/api/v1/keys/service", Some(SECRET), service)
-        .await;
-    assert_eq!((status, body["error"].clone()), (409, json!("key exists")));
-
-    // Bad input: clear errors, nothing minted.
-    let minted = w.litellm.calls_to("/key/generate").len();
-    let bad = [
-        (
-            json!({"scope": "ci", "name": "x", "budget_usd": "ten"}),
-            "invalid budget",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "budget_usd": -1}),
-            "invalid budget",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "budget_usd": 11}),
-            "invalid budget",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "duration": "soon"}),
-            "invalid duration",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "duration": "3h"}),
-            "invalid duration",
-        ),
-        (json!({"scope": "gpu", "name": "x"}), "invalid scope"),
-        (json!({"scope": "workspace", "name": "x"}), "invalid scope"),
-        (json!({"scope": "ci", "name": "a b"}), "invalid key name"),
-    ];
-    for (body, error) in bad {
-        let (status, answer) = w
-            .provisioner("/api/v1/keys/service", Some(SECRET), body.clone())
-            .await;
-        assert_eq!(
-            (status, answer["error"].clone()),
-            (400, json!(error)),
-            "{body}: {answer}"
-        );
-        assert!(answer["detail"].is_string());
-    }
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), minted);
-
-    // A user key with a Coder session token.
-    w.litellm
-        .add_coder_session("sess-alice", "usr-def456", "alice");
-    let user = |token: &'static str| {
-        let r = w
-            .http
-            .post(w.url("/api/v1/keys/user"))
-            .bearer_auth(token)
-            .json(&json!({"coder_user": "alice"}));
-        call(r)
-    };
-    let (status, uk) = user("sess-alice").await;
-    assert_eq!(status, 200, "{uk}");
-    assert_eq!(
-        keys_of(&uk),
-        set(&[
-            "key",
-            "scope",
-            "budget_usd",
-            "rpm_limit",
-            "models",
-            "expires_at"
-        ])
-    );
-    assert_eq!(
-        (
-            uk["scope"].clone(),
-            uk["budget_usd"].clone(),
-            uk["rpm_limit"].clone()
-        ),
-        (json!("user"), json!(20.0), json!(60))
-    );
-    handed_out.push(uk["key"].as_str().unwrap().to_string());
-    let (status, body) = user("sess-nobody").await;
-    assert_eq!(
-        (status, body["error"].clone()),
-        (401, json!("invalid session token"))
-    );
-
-    // Revocation by name: the design's bodies; the key is dead at the proxy at once.
-    let delete = |name: &str, secret: &str| {
-        let r = w
-            .http
-            .delete(w.url(&format!("/api/v1/keys/{name}")))
-            .header("X-Provisioner-Secret", secret.to_string());
-        call(r)
-    };
-    let (status, body) = delete("github-actions-main", "wrong").await;
-    assert_eq!(
-        (status, body),
-        (401, json!({"error": "invalid provisioner secret"}))
-    );
-    let (status, body) = delete("github-actions-main", SECRET).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(keys_of(&body), set(&["revoked", "name", "revoked_at"]));
-    assert_eq!(
-        (body["revoked"].clone(), body["name"].clone()),
-        (json!(true), json!("github-actions-main"))
-    );
-    assert!(w.litellm.was_deleted(&sk_key));
-    assert_eq!(w.litellm.chat(&sk_key, HAIKU).await.0, 401);
-    let (status, body) = delete("github-actions-main", SECRET).await;
-    assert_eq!(
-        (status, body),
-        (
-            404,
-            json!({"error": "key not found", "name": "github-actions-main"})
-        )
-    );
-
-    // No plaintext key (nor the master key) on the broker's disk or in its log.
-    w.broker.stop().await;
-    let files = files_under(&w.broker.data_dir());
-    // The scan reads what the broker stored: the key records (by name) are there.
-    assert!(
-        files
-            .iter()
-            .any(|(_, b)| contains(b, "github-actions-main"))
-    );
-    let logs = w.broker.logs();
-    for secret in handed_out
-        .iter()
-        .map(String::as_str)
-        .chain([w.litellm.master_key(), SECRET])
-    {
-        for (path, bytes) in &files {
-            assert!(
-                !contains(bytes, secret),
-                "a secret is in {}",
-                path.display()
-            );
-        }
-        assert!(!logs.contains(secret), "a secret is in the broker's log");
-    }
-    assert!(
-        logs.contains("LiteLLM key issued"),
-        "the log is the broker's"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn keys_cli_creates_lists_rotates_and_revokes() {
-    let w = world("").await;
-    let (code, out, err) = w
-        .cli(&[
-            "keys",
-            "create",
-            "ci",
-            "--name",
-            "github-actions-main",
-            "--budget",
-            "10",
-            "--duration",
-            "1h",
-        ])
-        .await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("✓ CI key created\nKey:     sk-"), "{out}");
-    assert!(out.contains("Budget:  $10/run"), "{out}");
-    let first = out
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim_start_matches("Key:")
-        .trim()
-        .to_string();
-    assert_eq!(w.litellm.chat(&first, HAIKU).await.0, 200);
-
-    let (code, out, _) = w.cli(&["keys", "list"]).await;
-    assert_eq!(code, 0);
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        ["SCOPE", "NAME", "BUDGET", "RPM", "EXPIRES", "STATUS"]
-    );
-    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        (row[0], row[1], row[2], row[3], row[5]),
-        ("ci", "github-actions-main", "$10/run", "120", "active")
-    );
-    assert!(!out.contains(&first), "list never shows keys");
-
-    let (code, out, _) = w
-        .cli(&["keys", "rotate", "--name", "github-actions-main"])
-        .await;
-    assert_eq!(code, 0);
-    assert!(
-        out.starts_with("✓ Key \"github-actions-main\" rotated\nOld key revoked\nNew key: sk-"),
-        "{out}"
-    );
-    let second = out
-        .lines()
-        .nth(2)
-        .unwrap()
-        .trim_start_matches("New key:")
-        .trim()
-        .to_string();
-    assert_ne!(first, second);
-    assert_eq!(w.litellm.chat(&first, HAIKU).await.0, 401);
-    assert_eq!(w.litellm.chat(&second, HAIKU).await.0, 200);
-    assert_eq!(
-        w.litellm
-            .key_by_alias("github-actions-main")
-            .map(|k| k.key_name),
-        Some(format!("sk-...{}", &second[second.len() - 4..]))
-    );
-
-    let (code, out, _) = w.cli(&["keys", "list", "--json"]).await;
-    assert_eq!(code, 0);
-    let list: Value = serde_json::from_str(&out).unwrap();
-    let statuses: BTreeSet<&str> = list["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(statuses, set(&["active", "revoked"]));
-
-    let (code, out, _) = w
-        .cli(&["keys", "revoke", "--name", "github-actions-main"])
-        .await;
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "✓ Key \"github-actions-main\" revoked\n")
-    );
-    assert_eq!(w.litellm.chat(&second, HAIKU).await.0, 401);
-
-    let (code, _, err) = w
-        .cli(&["keys", "revoke", "--name", "github-actions-main"])
-        .await;
-    assert_eq!(code, 6, "{err}");
-    assert!(err.contains("key_not_found"), "{err}");
-    let (code, _, err) = w
-        .cli(&["keys", "create", "ci", "--name", "x", "--budget", "lots"])
-        .await;
-    assert_eq!(code, 8, "{err}");
-    assert!(err.contains("invalid_budget"), "{err}");
-    // Not an admin: refused.
-    let out = tokio::process::Command::new(binary("botcreds"))
-        .args(["keys", "list"])
-        .env("BOTCREDS_BROKER", &w.broker.url)
-        .env("BOTCREDS_API_KEY", REVIEW_KEY)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(5));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1482,7 +987,14 @@ async fn bot_keys_refusals_release_and_reload_on_every_litellm_backend() {
             "key_type",
             "created_by",
             "created_at",
+            "coder_workspace_id",
+            "workspace_name",
+            "coder_user",
+            "coder_user_id",
             "expires_at",
+            "budget_usd",
+            "rpm_limit",
+            "models",
         ] {
             assert!(
                 meta.get(field).is_some(),
@@ -1494,6 +1006,24 @@ async fn bot_keys_refusals_release_and_reload_on_every_litellm_backend() {
             (json!("virtual"), json!("agent:review")),
             "{b}: {meta}"
         );
+
+        // What the broker asked the double for: the reference's fields, and who changed it.
+        if let Some(fake) = backend.fake() {
+            let generated = fake.calls_to("/key/generate");
+            assert_eq!(generated.len(), 1);
+            let body = &generated[0].body;
+            assert_eq!(body["key_alias"], name.as_str());
+            assert_eq!(body["duration"], "3600s");
+            assert_eq!(body["max_budget"], json!(2.0));
+            assert_eq!(body["rpm_limit"], 60);
+            assert_eq!(body["key_type"], "llm_api");
+            assert!(
+                body.get("budget_duration").is_none(),
+                "per-run budgets never reset"
+            );
+            assert_eq!(body["metadata"]["botcreds_bot"], bot.as_str());
+            assert_eq!(generated[0].changed_by.as_deref(), Some("botcreds"));
+        }
 
         // Asking again answers the same live key.
         let (status, again) = credential(REVIEW_KEY, ask("agent:review")).await;
@@ -1536,6 +1066,10 @@ async fn bot_keys_refusals_release_and_reload_on_every_litellm_backend() {
                 backend.key_by_alias(&alias).await.is_none(),
                 "{b}: {alias} was minted"
             );
+        }
+
+        if let Some(fake) = backend.fake() {
+            assert_eq!(fake.calls_to("/key/generate").len(), 1, "one mint so far");
         }
 
         // A workspace key through the policy, for the agent.
@@ -1717,7 +1251,11 @@ async fn provisioner_api_bodies_on_every_litellm_backend() {
             .unwrap_or_else(|| panic!("{b}: no key {ws_name}"));
         assert_eq!(row["budget_duration"], "1d", "{b}: {row}");
         assert_eq!(
-            row["metadata"]["created_by"], "key-provisioner",
+            (
+                row["metadata"]["created_by"].clone(),
+                row["metadata"]["coder_workspace_id"].clone()
+            ),
+            (json!("key-provisioner"), json!(format!("ws-{tag}"))),
             "{b}: {row}"
         );
         // Idempotent: the live key comes back.
@@ -1832,6 +1370,13 @@ async fn provisioner_api_bodies_on_every_litellm_backend() {
             backend.key_by_alias(&bad_name).await.is_none(),
             "{b}: minted"
         );
+        if let Some(fake) = backend.fake() {
+            assert_eq!(
+                fake.calls_to("/key/generate").len(),
+                2,
+                "the workspace key (once) and the service key"
+            );
+        }
 
         // A user key with a Coder session token (Coder is a double on every backend).
         let user = format!("u{tag}");
@@ -1901,6 +1446,9 @@ async fn provisioner_api_bodies_on_every_litellm_backend() {
             "{b}"
         );
         assert_eq!(backend.models_of(&sk_key).await.0, 401, "{b}");
+        if let Some(fake) = backend.fake() {
+            assert!(fake.was_deleted(&sk_key));
+        }
         let (status, body) = delete(&svc, SECRET).await;
         assert_eq!(
             (status, body),
@@ -1938,6 +1486,10 @@ async fn provisioner_api_bodies_on_every_litellm_backend() {
                 "{b}: a secret is in the broker's log"
             );
         }
+        assert!(
+            logs.contains("LiteLLM key issued"),
+            "{b}: the log is the broker's"
+        );
     }
 }
 
@@ -2019,7 +1571,14 @@ async fn keys_cli_output_on_every_litellm_backend() {
             .key_by_alias(&name)
             .await
             .unwrap_or_else(|| panic!("{b}: no key {name}"));
-        assert_eq!(row["max_budget"], 10.0, "{b}: {row}");
+        assert_eq!(
+            (row["max_budget"].clone(), row["key_name"].clone()),
+            (
+                json!(10.0),
+                json!(format!("sk-...{}", &second[second.len() - 4..]))
+            ),
+            "{b}: {row}"
+        );
 
         let (code, out, _) = cli_on(&broker, &["keys", "list", "--json"]).await;
         assert_eq!(code, 0, "{b}");
