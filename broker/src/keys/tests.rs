@@ -930,3 +930,51 @@ async fn records_without_a_stored_holder_keep_their_holder() {
         .unwrap();
     assert_eq!(again.replaced.as_deref(), Some(id.as_str()));
 }
+
+/// Regression: every revocation by credential id was audited as "revoked by an admin", also
+/// the policy's. The revoker decides `revoked_by`, the event's caller and its reason.
+#[tokio::test]
+async fn revocations_by_credential_id_say_who_revoked() {
+    let cases = [
+        (
+            crate::keys::Revoker::Admin("api_key:ops"),
+            "api_key:ops",
+            "revoked by an admin",
+        ),
+        (
+            crate::keys::Revoker::Policy,
+            "policy",
+            "the policy now denies it",
+        ),
+    ];
+    for (by, actor, reason) in cases {
+        let w = World::new();
+        let k = w
+            .keys
+            .issue(ask("ci", "k", OnExisting::Conflict))
+            .await
+            .unwrap();
+        let got = w
+            .keys
+            .revoke_by_credential_id(&k.record.credential_id, by)
+            .await
+            .unwrap()
+            .expect("a live key");
+        assert!(got.revoked_upstream, "{by:?}");
+        let revoked: Vec<(Option<String>, Option<String>)> = w
+            .audit
+            .read(&AuditFilter {
+                event: Some(AuditEventKind::CredentialRevoked),
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.caller, e.reason))
+            .collect();
+        assert_eq!(
+            revoked,
+            vec![(Some(actor.to_string()), Some(reason.to_string()))],
+            "{by:?}"
+        );
+    }
+}
