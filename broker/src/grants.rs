@@ -355,9 +355,12 @@ impl TokenIssuer {
             refused
         };
         if let Some(refusal) = refused {
-            // Nobody holds the new token: it is neither tracked nor cached (the slot keeps
-            // what it held), and it is revoked before the refusal is answered. The rejected
-            // token, if any, stays tracked and revocable.
+            // Nobody holds the new token: it is neither tracked nor cached, and it is revoked
+            // before the refusal is answered. A rejected token it was to replace stays tracked
+            // (and revocable) but leaves the slot: a client saw GitHub refuse it.
+            if replacing.is_some() {
+                *held = None;
+            }
             drop(held);
             let error = match self.github.revoke_installation_token(&token.token).await {
                 Ok(()) => None,
