@@ -814,6 +814,50 @@ mod tests {
         assert_ne!(fresh.token.credential_id, ok.token.credential_id);
     }
 
+    /// A replacement whose recheck refuses after its mint: the new token is revoked, and the
+    /// rejected one it was to replace leaves the slot (still tracked, so revocable) — the next
+    /// allowed request gets a fresh token, never the one a client saw GitHub refuse.
+    #[tokio::test]
+    async fn a_refused_replacement_answers_the_rejected_token_to_nobody() {
+        let shared: SharedClock = Arc::new(OffsetClock::default());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared);
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let first = issuer
+            .issue_unchecked(&s, ten, None, "ci")
+            .await
+            .unwrap()
+            .token;
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let refused = issuer
+            .issue(&s, ten, Some(&first.credential_id), "ci", || {
+                (calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0).then_some("denied")
+            })
+            .await
+            .unwrap();
+        assert!(matches!(
+            refused,
+            Checked::Refused {
+                revoked: Some(_),
+                ..
+            }
+        ));
+        let next = issuer
+            .issue_unchecked(&s, ten, None, "deploy")
+            .await
+            .unwrap();
+        assert!(!next.reused, "the rejected token was answered again");
+        assert_ne!(next.token.credential_id, first.credential_id);
+        assert_eq!(
+            issuer
+                .take_where(|h| h.token.credential_id == first.credential_id)
+                .len(),
+            1,
+            "the rejected token stays tracked"
+        );
+    }
+
     #[test]
     fn credential_ids_hide_the_token() {
         let t = Secret::new("ghs_abcdefghijklmnopqrstuvwxyz0123456789");
