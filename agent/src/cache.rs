@@ -83,11 +83,28 @@ pub struct Problem {
     pub reason: String,
 }
 
+/// Which broker, and which identity towards it, a cache was written for. Every file a bound
+/// cache writes starts with this as a JSON line; a file naming another broker or identity (or
+/// none: written before records were bound) is removed at load, never served — a restart with
+/// agent.toml pointed elsewhere must not hand out the old broker's tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheBinding {
+    /// The broker URL as configured (normalized).
+    pub broker: String,
+    /// A fingerprint of the agent's identity: `tailnet`, a hash of the API key, or the mTLS
+    /// bot and CA ([`crate::broker_client::Auth::fingerprint`]).
+    pub identity: String,
+}
+
 /// The cache directory.
 #[derive(Debug, Clone)]
 pub struct DiskCache {
     dir: PathBuf,
     uid: u32,
+    /// `None` only for a cache opened without an agent identity (tests, tools): files are then
+    /// written and read without a binding line.
+    binding: Option<CacheBinding>,
 }
 
 impl DiskCache {
@@ -128,7 +145,15 @@ impl DiskCache {
         Ok(DiskCache {
             dir: dir.to_path_buf(),
             uid,
+            binding: None,
         })
+    }
+
+    /// From now on, write every file bound to `binding` and refuse files bound to anything
+    /// else.
+    pub fn bound_to(mut self, binding: CacheBinding) -> DiskCache {
+        self.binding = Some(binding);
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -191,7 +216,7 @@ impl DiskCache {
     }
 
     fn read_record(&self, path: &Path) -> Result<CacheRecord, ReadError> {
-        let text = self.read_private_path(path)?;
+        let text = self.read_bound(path)?;
         let record: CacheRecord = serde_json::from_str(&text)
             .map_err(|e| ReadError::Corrupt(format!("is corrupt or truncated ({e})")))?;
         if record.format != CACHE_FORMAT {
@@ -207,7 +232,22 @@ impl DiskCache {
     /// ours (not a symlink, mode 0600 or stricter, at most 64 KiB). For other kinds of cached
     /// records (LiteLLM keys) that share the directory and its rules.
     pub fn read_private(&self, file_name: &str) -> Result<String, ReadError> {
-        self.read_private_path(&self.dir.join(file_name))
+        self.read_bound(&self.dir.join(file_name))
+    }
+
+    /// The file's record after its binding line, if that line names this cache's broker and
+    /// identity; a mismatch is [`ReadError::Corrupt`] (the caller removes it).
+    fn read_bound(&self, path: &Path) -> Result<String, ReadError> {
+        let text = self.read_private_path(path)?;
+        let Some(want) = &self.binding else {
+            return Ok(text);
+        };
+        let other = || ReadError::Corrupt("was written for another broker or identity".into());
+        let (line, record) = text.split_once('\n').ok_or_else(other)?;
+        match serde_json::from_str::<CacheBinding>(line) {
+            Ok(got) if got == *want => Ok(record.to_string()),
+            _ => Err(other()),
+        }
     }
 
     /// Names of the files in the cache directory that start with `prefix` (temp files excluded).
@@ -273,12 +313,18 @@ impl DiskCache {
 
     /// Writes `json` as `file_name` (mode 0600), replacing any previous file in one step.
     pub fn store_bytes(&self, file_name: &str, json: &[u8]) -> io::Result<()> {
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(json.len() + 256));
+        if let Some(binding) = &self.binding {
+            serde_json::to_writer(&mut *bytes, binding).map_err(io::Error::other)?;
+            bytes.push(b'\n');
+        }
+        bytes.extend_from_slice(json);
         crate::atomic::replace(
             &self.dir,
             &crate::atomic::temp_name(&format!("{TEMP_PREFIX}{file_name}-")),
             &self.dir.join(file_name),
             0o600,
-            json,
+            &bytes,
             |_| Ok(()),
         )
     }
@@ -501,6 +547,72 @@ mod tests {
         fs::write(tmp.path().join("README"), "hello").unwrap();
         let (loaded, problems) = cache.load().unwrap();
         assert!(loaded.is_empty() && problems.is_empty());
+    }
+
+    /// A cache written while talking to one broker with one identity is not served after the
+    /// agent is pointed at another broker or identity (GitHub and LiteLLM records alike).
+    #[test]
+    fn cache_from_another_broker_or_identity_is_not_served() {
+        let tmp = tempfile::tempdir().unwrap();
+        let binding = |broker: &str, identity: &str| CacheBinding {
+            broker: broker.into(),
+            identity: identity.into(),
+        };
+        let a = DiskCache::open(tmp.path())
+            .unwrap()
+            .bound_to(binding("https://a.example", "api_key:1"));
+        let (name, r) = record("acme/web", "ghs_a");
+        let litellm_name = "litellm-0123.json";
+        let cases = [
+            (
+                "same broker and identity",
+                binding("https://a.example", "api_key:1"),
+                true,
+            ),
+            (
+                "another broker",
+                binding("https://b.example", "api_key:1"),
+                false,
+            ),
+            (
+                "another identity",
+                binding("https://a.example", "api_key:2"),
+                false,
+            ),
+            (
+                "tailnet instead of a key",
+                binding("https://a.example", "tailnet"),
+                false,
+            ),
+        ];
+        for (what, other, served) in cases {
+            a.store(&name, &r).unwrap();
+            a.store_bytes(litellm_name, br#"{"key":"sk-a"}"#).unwrap();
+            let b = DiskCache::open(tmp.path()).unwrap().bound_to(other);
+            let (loaded, problems) = b.load().unwrap();
+            let litellm = b.read_private(litellm_name);
+            if served {
+                assert_eq!(loaded.len(), 1, "{what}: {problems:?}");
+                assert_eq!(loaded[0].record, r, "{what}");
+                assert_eq!(litellm.unwrap(), r#"{"key":"sk-a"}"#, "{what}");
+            } else {
+                assert!(loaded.is_empty(), "{what}: served");
+                assert!(
+                    problems[0].reason.contains("another broker or identity"),
+                    "{what}: {problems:?}"
+                );
+                assert!(!tmp.path().join(&name).exists(), "{what}: removed");
+                assert!(
+                    matches!(&litellm, Err(ReadError::Corrupt(m)) if m.contains("another broker or identity")),
+                    "{what}: {litellm:?}"
+                );
+            }
+        }
+        // A file from before records were bound names no broker: not trusted either.
+        fs::write(tmp.path().join(&name), serde_json::to_vec(&r).unwrap()).unwrap();
+        fs::set_permissions(tmp.path().join(&name), fs::Permissions::from_mode(0o600)).unwrap();
+        let (loaded, problems) = a.load().unwrap();
+        assert!(loaded.is_empty(), "{problems:?}");
     }
 
     #[test]

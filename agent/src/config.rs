@@ -53,6 +53,33 @@ pub struct Config {
     /// `[tls]`: what the broker's server certificate is verified against besides the
     /// enrolled CA bundle (`auth = "mtls"` only).
     pub server_trust: crate::tls::ServerTrustConfig,
+    /// `[limits]`: what one local user, and all of them together, may make the agent hold.
+    pub limits: Limits,
+}
+
+/// `[limits]` of agent.toml: bounds on what local users can make the agent hold, so that one
+/// allowed user cannot exhaust its memory, file descriptors, cache directory or broker quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Per-repository credentials (from `useHttpPath` requests) tracked at once, all users.
+    pub repository_credentials: usize,
+    /// Per-repository credentials one local uid may have created and still tracked.
+    pub repository_credentials_per_user: usize,
+    /// Open connections to the socket, all users.
+    pub connections: usize,
+    /// Open connections to the socket from one uid.
+    pub connections_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            repository_credentials: 1000,
+            repository_credentials_per_user: 100,
+            connections: 256,
+            connections_per_user: 32,
+        }
+    }
 }
 
 /// How the agent proves who it is to the broker.
@@ -162,6 +189,17 @@ struct RawConfig {
     #[serde(default)]
     litellm: Vec<crate::litellm_config::RawLitellm>,
     tls: Option<RawTls>,
+    limits: Option<RawLimits>,
+}
+
+/// `[limits]` of agent.toml; every key optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    repository_credentials: Option<usize>,
+    repository_credentials_per_user: Option<usize>,
+    connections: Option<usize>,
+    connections_per_user: Option<usize>,
 }
 
 /// `[tls]` of agent.toml: extra roots for the broker's server certificate.
@@ -389,6 +427,52 @@ impl Config {
         let litellm = crate::litellm_config::validate_entries(raw.litellm)
             .map_err(|(key, m)| invalid(&key, m))?;
 
+        let limits = match raw.limits {
+            None => Limits::default(),
+            Some(l) => {
+                let d = Limits::default();
+                let limits = Limits {
+                    repository_credentials: l
+                        .repository_credentials
+                        .unwrap_or(d.repository_credentials),
+                    repository_credentials_per_user: l
+                        .repository_credentials_per_user
+                        .unwrap_or(d.repository_credentials_per_user),
+                    connections: l.connections.unwrap_or(d.connections),
+                    connections_per_user: l.connections_per_user.unwrap_or(d.connections_per_user),
+                };
+                for (key, value) in [
+                    (
+                        "limits.repository_credentials",
+                        limits.repository_credentials,
+                    ),
+                    (
+                        "limits.repository_credentials_per_user",
+                        limits.repository_credentials_per_user,
+                    ),
+                    ("limits.connections", limits.connections),
+                    ("limits.connections_per_user", limits.connections_per_user),
+                ] {
+                    if value == 0 {
+                        return Err(invalid(key, "must be at least 1".into()));
+                    }
+                }
+                if limits.repository_credentials_per_user > limits.repository_credentials {
+                    return Err(invalid(
+                        "limits.repository_credentials_per_user",
+                        "must not exceed limits.repository_credentials".into(),
+                    ));
+                }
+                if limits.connections_per_user > limits.connections {
+                    return Err(invalid(
+                        "limits.connections_per_user",
+                        "must not exceed limits.connections".into(),
+                    ));
+                }
+                limits
+            }
+        };
+
         Ok(Config {
             broker,
             auth,
@@ -402,6 +486,7 @@ impl Config {
             github,
             litellm,
             server_trust,
+            limits,
         })
     }
 
@@ -861,6 +946,39 @@ min_ttl = "50m"
             (g.refresh_before.as_secs(), g.min_ttl.as_secs()),
             (1800, 3000)
         );
+    }
+
+    #[test]
+    fn limits_keys() {
+        assert_eq!(parse(MINIMAL).unwrap().limits, Limits::default());
+        let c = parse(&format!(
+            "{MINIMAL}\n[limits]\nrepository_credentials = 50\nrepository_credentials_per_user = 5\nconnections = 20\nconnections_per_user = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                repository_credentials: 50,
+                repository_credentials_per_user: 5,
+                connections: 20,
+                connections_per_user: 4
+            }
+        );
+        for (extra, want) in [
+            ("connections = 0", "limits.connections: must be at least 1"),
+            (
+                "repository_credentials = 2\nrepository_credentials_per_user = 3",
+                "limits.repository_credentials_per_user: must not exceed",
+            ),
+            (
+                "connections_per_user = 999",
+                "limits.connections_per_user: must not exceed",
+            ),
+            ("slots = 3", "unknown field `slots`"),
+        ] {
+            let err = parse(&format!("broker = \"http://b\"\n[limits]\n{extra}\n")).unwrap_err();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use botcreds_proto::agent::{CredentialSource, CredentialState, CredentialStatus};
 use botcreds_proto::git_credential::Description;
+use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
@@ -22,6 +23,11 @@ use crate::cache::{CACHE_FORMAT, CacheRecord, DiskCache};
 use crate::config::{Config, GithubEntry, Resolved, Scope};
 use crate::refresh::{self, Action, Retry, Timeline};
 use crate::secret::Secret;
+
+/// Replacements of one credential that git's `erase` may cause within [`REPLACEMENT_WINDOW`]:
+/// more rejections than that are a loop (or a local user minting tokens), not a revoked token.
+const MAX_REPLACEMENTS: usize = 2;
+const REPLACEMENT_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 /// How the agent answers git's `get`.
 #[derive(Debug)]
@@ -38,6 +44,21 @@ pub enum GitAnswer {
         message: String,
         quit: bool,
     },
+}
+
+/// A new per-repository credential would exceed `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotLimit {
+    #[error(
+        "uid {uid} already has {limit} per-repository credentials, the most one user may \
+         (limits.repository_credentials_per_user in agent.toml); they are forgotten after idle_timeout"
+    )]
+    PerUser { uid: u32, limit: usize },
+    #[error(
+        "the agent already tracks {limit} per-repository credentials, its limit \
+         (limits.repository_credentials in agent.toml); they are forgotten after idle_timeout"
+    )]
+    Total { limit: usize },
 }
 
 /// The agent's credentials: a cheap handle to shared state.
@@ -61,6 +82,8 @@ struct Slot {
     file_name: String,
     entry: GithubEntry,
     source: CredentialSource,
+    /// The uid whose request created this per-repository slot (`[limits]`).
+    owner: Option<u32>,
     state: Mutex<SlotState>,
     fetch_lock: tokio::sync::Mutex<()>,
     disk_lock: tokio::sync::Mutex<()>,
@@ -79,6 +102,8 @@ struct SlotState {
     failures: u32,
     retry_at: Option<SystemTime>,
     last_error: Option<(SystemTime, String)>,
+    /// When git's `erase` last made the agent drop this credential (within the window).
+    replacements: Vec<SystemTime>,
 }
 
 #[derive(Clone)]
@@ -117,7 +142,8 @@ impl Credentials {
         inner.load_disk_cache();
         for entry in &inner.config.github {
             if let Some(scope) = entry.literal_scope() {
-                inner.slot(scope, entry, CredentialSource::Config, None);
+                // Configured credentials are not limited: `limits` bound what requests add.
+                let _ = inner.slot(scope, entry, CredentialSource::Config, None, None);
             }
         }
         Credentials { inner }
@@ -137,8 +163,9 @@ impl Credentials {
         self.inner.record_contact(at);
     }
 
-    /// Answers git's `get`.
-    pub async fn git_get(&self, d: &Description) -> GitAnswer {
+    /// Answers git's `get` for the local user `uid` (whose per-repository credentials count
+    /// against `[limits]`).
+    pub async fn git_get(&self, d: &Description, uid: u32) -> GitAnswer {
         let (protocol, host) = match required(d) {
             Ok(v) => v,
             Err(message) => {
@@ -195,7 +222,13 @@ impl Credentials {
             CredentialSource::Config
         };
         let now = SystemTime::now();
-        let slot = self.inner.slot(scope, entry, source, Some(now));
+        let slot = match self.inner.slot(scope, entry, source, Some(now), Some(uid)) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                tracing::warn!(uid, %limit, "refused a new per-repository credential");
+                return refused(429, format!("botcreds: {limit}"));
+            }
+        };
         if let Some(held) = slot.servable(now) {
             return GitAnswer::Credential {
                 token: held.token,
@@ -233,8 +266,12 @@ impl Credentials {
         }
     }
 
-    /// Answers git's `erase`: drops the credential git says was rejected (if it is still the one
-    /// held), so the next `get` fetches a new one. `Err` carries a message for bad input.
+    /// Answers git's `erase`: drops the credential git says was rejected, so the next `get`
+    /// fetches a new one — only when git names the held token as its `password` (compared in
+    /// constant time), and at most [`MAX_REPLACEMENTS`] times per [`REPLACEMENT_WINDOW`]: an
+    /// erase without the token, or a loop of them, must not mint a token per call (the next
+    /// request `replaces` the dropped one, which bypasses the broker's reuse). `Err` carries a
+    /// message for bad input.
     pub async fn git_erase(&self, d: &Description) -> Result<(), String> {
         let (protocol, host) = required(d)?;
         let Resolved::Scope { scope, .. } =
@@ -248,18 +285,37 @@ impl Credentials {
         let Some(slot) = slot else {
             return Ok(());
         };
+        let Some(password) = d.password.as_deref() else {
+            tracing::info!(scope = %slot.scope, "git sent erase without a password; keeping the credential");
+            return Ok(());
+        };
         let _disk = slot.disk_lock.lock().await;
+        let now = SystemTime::now();
         let dropped = {
             let mut st = lock(&slot.state);
-            let matches = st
-                .held
-                .as_ref()
-                .is_some_and(|h| d.password.as_deref().is_none_or(|p| p == h.token.expose()));
-            let taken = if matches { st.held.take() } else { None };
-            if let Some(h) = &taken {
-                st.rejected = Some(h.credential_id.clone());
+            let matches = st.held.as_ref().is_some_and(|h| {
+                bool::from(password.as_bytes().ct_eq(h.token.expose().as_bytes()))
+            });
+            st.replacements
+                .retain(|at| now.duration_since(*at).unwrap_or_default() < REPLACEMENT_WINDOW);
+            if !matches {
+                None
+            } else if st.replacements.len() >= MAX_REPLACEMENTS {
+                tracing::warn!(
+                    scope = %slot.scope,
+                    limit = MAX_REPLACEMENTS,
+                    window_s = REPLACEMENT_WINDOW.as_secs(),
+                    "git reported the credential as rejected again; too many replacements, keeping it"
+                );
+                None
+            } else {
+                st.replacements.push(now);
+                let taken = st.held.take();
+                if let Some(h) = &taken {
+                    st.rejected = Some(h.credential_id.clone());
+                }
+                taken
             }
-            taken
         };
         if let Some(held) = dropped {
             tracing::info!(
@@ -383,7 +439,14 @@ impl Inner {
                 expires_at = %rfc3339(expires_at),
                 "loaded cached credential"
             );
-            let slot = self.slot(scope, entry, source, None);
+            let slot = match self.slot(scope, entry, source, None, None) {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    tracing::info!(file = %l.file_name, %limit, "not loading this cached credential; removing it");
+                    let _ = self.disk.remove(&l.file_name);
+                    continue;
+                }
+            };
             let mut st = lock(&slot.state);
             st.last_refresh = Some(held.fetched_at);
             st.last_used = last_used;
@@ -394,15 +457,43 @@ impl Inner {
     }
 
     /// The slot for `scope`, created (with its task) if new; `used` marks git's use of it.
+    /// A new per-repository slot counts against `[limits]`, for `owner` (the uid whose request
+    /// creates it; `None` for one loaded from the cache) and in total.
     fn slot(
         self: &Arc<Self>,
         scope: Scope,
         entry: &GithubEntry,
         source: CredentialSource,
         used: Option<SystemTime>,
-    ) -> Arc<Slot> {
+        owner: Option<u32>,
+    ) -> Result<Arc<Slot>, SlotLimit> {
         let file_name = scope.cache_file_name();
         let mut slots = lock(&self.slots);
+        if source == CredentialSource::Path && !slots.contains_key(&file_name) {
+            let limits = self.config.limits;
+            let per_repository = slots
+                .values()
+                .filter(|s| s.source == CredentialSource::Path);
+            let (total, mine) = per_repository.fold((0, 0), |(total, mine), s| {
+                (
+                    total + 1,
+                    mine + usize::from(owner.is_some() && s.owner == owner),
+                )
+            });
+            if let Some(uid) = owner
+                && mine >= limits.repository_credentials_per_user
+            {
+                return Err(SlotLimit::PerUser {
+                    uid,
+                    limit: limits.repository_credentials_per_user,
+                });
+            }
+            if total >= limits.repository_credentials {
+                return Err(SlotLimit::Total {
+                    limit: limits.repository_credentials,
+                });
+            }
+        }
         let slot = slots
             .entry(file_name.clone())
             .or_insert_with(|| {
@@ -411,6 +502,7 @@ impl Inner {
                     file_name,
                     entry: entry.clone(),
                     source,
+                    owner,
                     state: Mutex::new(SlotState::default()),
                     fetch_lock: tokio::sync::Mutex::new(()),
                     disk_lock: tokio::sync::Mutex::new(()),
@@ -432,7 +524,7 @@ impl Inner {
             // Being used can turn an idle credential back into one that is kept fresh.
             slot.wake.notify_one();
         }
-        slot
+        Ok(slot)
     }
 
     async fn store_file(&self, slot: &Slot, held: &Held, last_used: Option<SystemTime>) {
@@ -948,7 +1040,7 @@ permissions = ["contents:read"]
             let answer: Answer = Arc::new(Mutex::new((StatusCode::OK, token(&expires_at))));
             let (addr, _stop) = serve(answer).await;
             let creds = start(&config(addr, tmp.path()));
-            let got = creds.git_get(&description()).await;
+            let got = creds.git_get(&description(), 0).await;
             match (ok, &got) {
                 (true, GitAnswer::Credential { .. }) => {}
                 (false, GitAnswer::Refused { message, .. }) => {
@@ -1018,5 +1110,223 @@ permissions = ["contents:read"]
             assert!(task_alive(&creds), "{name}: the task died");
             creds.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod erase_and_slot_tests {
+    //! git's `get` and `erase` against a stand-in broker that reuses the live token of a scope
+    //! (as the real one does) unless the request says which one it `replaces`.
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use axum::Json;
+    use axum::extract::State;
+    use axum::routing::post;
+    use botcreds_proto::{
+        Attribution, CredentialKind, CredentialRequest, GitAccess, GithubCredential,
+    };
+
+    use super::*;
+    use crate::broker_client::Auth;
+
+    #[derive(Default)]
+    struct Fake {
+        /// repositories joined → (credential id, token)
+        live: HashMap<String, (String, String)>,
+        minted: u32,
+    }
+
+    type Shared = Arc<Mutex<Fake>>;
+
+    async fn issue(
+        State(fake): State<Shared>,
+        Json(r): Json<CredentialRequest>,
+    ) -> Json<GithubCredential> {
+        let mut f = lock(&fake);
+        let key = r.repositories.join(",");
+        let reuse = f
+            .live
+            .get(&key)
+            .filter(|(id, _)| r.replaces.as_deref() != Some(id.as_str()))
+            .cloned();
+        let (id, token) = match reuse {
+            Some(live) => live,
+            None => {
+                f.minted += 1;
+                let live = (
+                    format!("tok_{}", f.minted),
+                    format!("ghs_test{:04}", f.minted),
+                );
+                f.live.insert(key, live.clone());
+                live
+            }
+        };
+        let expires = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        Json(GithubCredential {
+            kind: CredentialKind::GithubToken,
+            credential_id: id,
+            token,
+            expires_at: expires.format(&Rfc3339).unwrap(),
+            repositories: r.repositories.clone(),
+            permissions: BTreeMap::from([("contents".into(), "read".into())]),
+            approval: "auto".into(),
+            bot: "test-bot".into(),
+            git: GitAccess {
+                clone_url: String::new(),
+                clone_urls: vec![],
+                askpass_script: String::new(),
+            },
+            attribution: Attribution {
+                name: "botcreds[bot]".into(),
+                email: "bot@example.invalid".into(),
+                trailer: "Bot: test-bot".into(),
+            },
+        })
+    }
+
+    /// A running stand-in broker and credentials configured with `extra` (top-level keys).
+    async fn start(dir: &Path, extra: &str) -> (Credentials, Shared) {
+        let fake: Shared = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/v1/credentials", post(issue))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let text = format!(
+            "broker = \"http://{addr}\"\ncache_dir = {:?}\nsocket = \"/nonexistent/agent.sock\"\n{extra}\n\
+             [[github]]\nhost = \"github.com\"\nrepositories = [\"acme/*\"]\npermissions = [\"contents:read\"]\n",
+            dir.join("cache").display().to_string()
+        );
+        let config = Arc::new(Config::parse(&text, Path::new("agent.toml")).unwrap());
+        let disk = DiskCache::open(&config.cache_dir).unwrap();
+        let broker =
+            BrokerClient::new(&config.broker, Auth::Tailnet, Duration::from_secs(5)).unwrap();
+        (Credentials::start(config, broker, disk), fake)
+    }
+
+    fn request(repo: &str, password: Option<&str>) -> Description {
+        Description {
+            protocol: Some("https".into()),
+            host: Some("github.com".into()),
+            path: Some(format!("{repo}.git")),
+            password: password.map(str::to_string),
+            ..Description::default()
+        }
+    }
+
+    async fn token(creds: &Credentials, repo: &str) -> String {
+        match creds.git_get(&request(repo, None), 0).await {
+            GitAnswer::Credential { token, .. } => token.expose().to_string(),
+            other => panic!("no credential for {repo}: {other:?}"),
+        }
+    }
+
+    /// git's `erase` carries the password it saw rejected: only that password may make the
+    /// agent drop the token it holds (else any local user's erase mints a new token).
+    #[tokio::test]
+    async fn erase_without_the_held_password_keeps_the_token() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (creds, fake) = start(tmp.path(), "").await;
+        let held = token(&creds, "acme/web").await;
+        let cases: [(&str, Option<&str>); 4] = [
+            ("no password", None),
+            ("another token", Some("ghs_test9999")),
+            ("a prefix of the token", Some(&held[..held.len() - 1])),
+            ("empty", Some("")),
+        ];
+        for (what, password) in cases {
+            creds
+                .git_erase(&request("acme/web", password))
+                .await
+                .unwrap();
+            assert_eq!(
+                token(&creds, "acme/web").await,
+                held,
+                "{what}: the token was dropped"
+            );
+            assert_eq!(lock(&fake).minted, 1, "{what}: a new token was minted");
+        }
+        // The held password itself: dropped, and the next get has a new token.
+        creds
+            .git_erase(&request("acme/web", Some(&held)))
+            .await
+            .unwrap();
+        let next = token(&creds, "acme/web").await;
+        assert_ne!(next, held);
+        assert_eq!(lock(&fake).minted, 2);
+        creds.shutdown();
+    }
+
+    /// One local user asking for thousands of repositories must not make thousands of
+    /// credentials (slots, broker calls, cache files): capped per uid and in total, with a
+    /// clear refusal to git.
+    #[tokio::test]
+    async fn unbounded_per_repository_slots_are_capped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (creds, fake) = start(
+            tmp.path(),
+            "[limits]\nrepository_credentials = 5\nrepository_credentials_per_user = 3\n",
+        )
+        .await;
+        // (uid, repository, served?)
+        let cases = [
+            (1000, "acme/r1", true),
+            (1000, "acme/r2", true),
+            (1000, "acme/r3", true),
+            (1000, "acme/r4", false),
+            // Already tracked: serving it creates nothing.
+            (1000, "acme/r1", true),
+            (1001, "acme/r1", true),
+            (1001, "acme/r5", true),
+            (1001, "acme/r6", true),
+            (1001, "acme/r7", false),
+            (1002, "acme/r8", false),
+        ];
+        for (uid, repo, served) in cases {
+            match creds.git_get(&request(repo, None), uid).await {
+                GitAnswer::Credential { .. } => assert!(served, "uid {uid} {repo}: served"),
+                GitAnswer::Refused {
+                    status, message, ..
+                } => {
+                    assert!(!served, "uid {uid} {repo}: refused: {message}");
+                    assert_eq!(status, 429, "{message}");
+                    assert!(
+                        message.contains("limits.repository_credentials"),
+                        "{message}"
+                    );
+                }
+                other => panic!("uid {uid} {repo}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            lock(&fake).minted,
+            5,
+            "one broker call per tracked repository"
+        );
+        assert_eq!(creds.status().len(), 5);
+        creds.shutdown();
+    }
+
+    /// Even with the right password, erase-and-get in a loop does not mint a token per round:
+    /// replacements of one credential are rate-limited.
+    #[tokio::test]
+    async fn erase_get_loops_do_not_mint_a_token_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (creds, fake) = start(tmp.path(), "").await;
+        for _ in 0..30 {
+            let held = token(&creds, "acme/web").await;
+            creds
+                .git_erase(&request("acme/web", Some(&held)))
+                .await
+                .unwrap();
+        }
+        let minted = lock(&fake).minted;
+        assert!(
+            minted <= 1 + MAX_REPLACEMENTS as u32,
+            "30 erase+get rounds minted {minted} tokens"
+        );
+        creds.shutdown();
     }
 }

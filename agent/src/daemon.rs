@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::broker_client::{Auth, BrokerClient};
-use crate::cache::{CacheError, DiskCache};
+use crate::cache::{CacheBinding, CacheError, DiskCache};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::litellm::{self, Litellm};
-use crate::socket::{self, AppState, Peer};
+use crate::socket::{self, AppState, ServeLimits};
 use crate::systemd;
 
 /// How long open connections may finish after shutdown begins.
@@ -37,6 +37,42 @@ pub enum AgentError {
     Serve(std::io::Error),
 }
 
+/// Raises the soft limit on open files to the hard limit (each socket connection, cache file
+/// and broker connection is one), and returns the limit in force.
+fn raise_fd_limit() -> u64 {
+    // SAFETY: rlimit is plain old data; getrlimit/setrlimit only read and write it.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!(
+                from = limit.rlim_cur,
+                to = raised.rlim_cur,
+                "raised the open-file limit"
+            );
+            return raised.rlim_cur;
+        }
+        tracing::warn!(
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max,
+            "cannot raise the open-file limit"
+        );
+    }
+    limit.rlim_cur
+}
+
+/// Socket connections the open-file limit leaves room for: half of it, so that cache files,
+/// broker connections and the runtime never run out.
+fn connection_budget(fd_limit: u64) -> usize {
+    usize::try_from(fd_limit / 2).unwrap_or(usize::MAX).max(1)
+}
+
 /// Runs the agent until `shutdown` resolves, then closes the socket and stops every task.
 pub async fn run(
     config: Config,
@@ -44,7 +80,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
-    let disk = DiskCache::open(&config.cache_dir)?;
+    let fd_limit = raise_fd_limit();
+    // Bound to this broker and identity: a cache from another one is dropped, not served.
+    let disk = DiskCache::open(&config.cache_dir)?.bound_to(CacheBinding {
+        broker: config.broker.clone(),
+        identity: auth.fingerprint(),
+    });
     let auth_text = auth.describe();
     let mtls_identity = match &auth {
         Auth::Mtls(identity) => Some(identity.clone()),
@@ -85,12 +126,24 @@ pub async fn run(
     systemd::notify("READY=1");
 
     let stop = Arc::new(Notify::new());
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown({
-            let stop = stop.clone();
-            async move { stop.notified().await }
-        });
-    let server = server.into_future();
+    let limits = ServeLimits {
+        allow: config.allow.clone(),
+        connections: config.limits.connections.min(connection_budget(fd_limit)),
+        connections_per_user: config.limits.connections_per_user,
+        lifetime: config.helper_timeout + socket::CONNECTION_GRACE,
+    };
+    if limits.connections < config.limits.connections {
+        tracing::warn!(
+            configured = config.limits.connections,
+            open_files = fd_limit,
+            using = limits.connections,
+            "limits.connections is more than the open-file limit allows"
+        );
+    }
+    let server = socket::serve(listener, app, limits, {
+        let stop = stop.clone();
+        async move { stop.notified().await }
+    });
     tokio::pin!(server);
     let served = tokio::select! {
         result = &mut server => result,

@@ -20,11 +20,11 @@ const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("the broker at {url} is unreachable: {message}")]
+    #[error("the broker at {url} is unreachable: {}", crate::text::clean(.message))]
     Unreachable { url: String, message: String },
-    #[error("the broker refused: {} ({})", .0.error, .0.code)]
+    #[error("the broker refused: {} ({})", crate::text::clean(&.0.error), .0.code)]
     Refused(ErrorBody),
-    #[error("unexpected answer from the broker (HTTP {status}): {detail}")]
+    #[error("unexpected answer from the broker (HTTP {status}): {}", crate::text::clean(.detail))]
     BadAnswer { status: u16, detail: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -71,6 +71,7 @@ pub async fn enroll(
         &key,
         &cert.certificate,
         &cert.ca_bundle,
+        bot,
     )?)
 }
 
@@ -89,7 +90,14 @@ pub async fn renew_once(
         &RenewRequest { csr },
     )
     .await?;
-    let renewed = tls::store(&current.state_dir, &key, &cert.certificate, &cert.ca_bundle)?;
+    // A renewal keeps the bot: a certificate for another one is refused like at enrollment.
+    let renewed = tls::store(
+        &current.state_dir,
+        &key,
+        &cert.certificate,
+        &cert.ca_bundle,
+        Some(&current.info.bot),
+    )?;
     slot.use_identity(&renewed)
         .map_err(|e| EnrollError::BadAnswer {
             status: 200,

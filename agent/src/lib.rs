@@ -21,6 +21,7 @@ pub mod secret;
 pub mod socket;
 pub mod status;
 pub mod systemd;
+pub mod text;
 pub mod tls;
 
 pub use daemon::{AgentError, run};

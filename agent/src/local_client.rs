@@ -1,7 +1,10 @@
-//! A minimal blocking HTTP/1.1 client for the agent's unix socket, std only: the git helper
-//! starts in a millisecond and waits a bounded time, with no async runtime to set up.
+//! A minimal blocking HTTP/1.1 client for the agent's unix socket, std and libc only: the git
+//! helper starts in a millisecond and waits a bounded time, with no async runtime to set up.
+//! It talks only to a server that is the agent ([`check_server`], `SO_PEERCRED`).
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Instant;
@@ -35,6 +38,8 @@ pub enum ClientError {
     PermissionDenied(io::Error),
     /// The deadline passed.
     TimedOut,
+    /// The process serving the socket is not the agent ([`check_server`]).
+    Untrusted(String),
     Io(io::Error),
     BadResponse(String),
 }
@@ -45,6 +50,7 @@ impl std::fmt::Display for ClientError {
             ClientError::NotRunning(e) => write!(f, "the agent is not running ({e})"),
             ClientError::PermissionDenied(e) => write!(f, "{e}"),
             ClientError::TimedOut => f.write_str("timed out"),
+            ClientError::Untrusted(m) => f.write_str(m),
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::BadResponse(m) => write!(f, "unexpected answer: {m}"),
         }
@@ -58,6 +64,84 @@ fn io_error(e: io::Error) -> ClientError {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::TimedOut,
         _ => ClientError::Io(e),
     }
+}
+
+/// Whether the process serving `socket` as `server_uid` may be taken for the agent: root, or
+/// the owner of the socket's directory when that directory is not writable by group or others
+/// and sits in a directory owned by root or that user and not writable by group or others
+/// either (as `/run/botcreds` in `/run`, made by systemd's `RuntimeDirectory=` for an agent
+/// running as its own user). Anyone else could only have put their socket there by replacing
+/// the agent's: git's `erase` would hand them the token, and their `get` answer would be used.
+pub fn check_server(socket: &Path, server_uid: u32) -> Result<(), String> {
+    if server_uid == 0 {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        format!(
+            "the socket {} is served by uid {server_uid}, not by root nor by the owner of a socket \
+             directory only they can change ({why}); refusing to talk to it",
+            socket.display()
+        )
+    };
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir).map_err(|e| refuse(format!("{}: {e}", dir.display())))?;
+    let meta = std::fs::metadata(&dir).map_err(|e| refuse(format!("{}: {e}", dir.display())))?;
+    if meta.uid() != server_uid {
+        return Err(refuse(format!(
+            "{} belongs to uid {}",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "{} has mode {:o}",
+            dir.display(),
+            meta.mode() & 0o7777
+        )));
+    }
+    if let Some(parent) = dir.parent() {
+        let meta =
+            std::fs::metadata(parent).map_err(|e| refuse(format!("{}: {e}", parent.display())))?;
+        if meta.uid() != 0 && meta.uid() != server_uid {
+            return Err(refuse(format!(
+                "{} belongs to uid {}",
+                parent.display(),
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "{} has mode {:o}",
+                parent.display(),
+                meta.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
+fn server_uid(stream: &UnixStream) -> io::Result<u32> {
+    // SAFETY: ucred is plain old data; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// Sends one request with `Connection: close` and reads the answer, all before `deadline`.
@@ -74,6 +158,9 @@ pub fn request(
         io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(e),
         _ => ClientError::Io(e),
     })?;
+    // Before a byte of the request (an erase carries the token) goes out.
+    let uid = server_uid(&stream).map_err(ClientError::Io)?;
+    check_server(socket, uid).map_err(ClientError::Untrusted)?;
     let remaining = || {
         deadline
             .checked_duration_since(Instant::now())
@@ -89,7 +176,17 @@ pub fn request(
     );
     let mut request = head.into_bytes();
     request.extend_from_slice(body);
-    stream.write_all(&request).map_err(io_error)?;
+    match stream.write_all(&request) {
+        Ok(()) => {}
+        // The agent answers a refused peer at once and closes without reading: its answer is
+        // still there to read.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(io_error(e)),
+    }
 
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -204,6 +301,7 @@ fn decode_chunked(mut data: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn parses_responses() {
@@ -248,6 +346,74 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.header("botcreds-quit"), Some("1"));
+    }
+
+    /// Someone who can put a socket where the agent's should be must not get git's erase (with
+    /// the token) nor hand git a password: only a server running as root, or as the owner of a
+    /// socket directory nobody else can change, is the agent.
+    #[test]
+    fn only_root_or_the_owner_of_a_safe_socket_directory_is_the_agent() {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let stranger = if me == 0 { 4242 } else { me + 1 };
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        // (what, socket dir mode, its parent's mode, server uid, trusted)
+        let cases = [
+            ("root", 0o777, 0o777, 0, true),
+            ("the directory's owner", 0o755, 0o700, me, true),
+            ("another user", 0o755, 0o700, stranger, false),
+            (
+                "owner of a world-writable directory",
+                0o777,
+                0o700,
+                me,
+                me == 0,
+            ),
+            (
+                "owner of a group-writable directory",
+                0o775,
+                0o700,
+                me,
+                me == 0,
+            ),
+            (
+                "owner of a directory in a world-writable one",
+                0o755,
+                0o1777,
+                me,
+                me == 0,
+            ),
+        ];
+        for (what, dir_mode, parent_mode, server, trusted) in cases {
+            let parent = tmp
+                .path()
+                .join(format!("p{dir_mode:o}-{parent_mode:o}-{server}"));
+            let dir = parent.join("run");
+            std::fs::create_dir_all(&dir).unwrap();
+            mode(&dir, dir_mode);
+            mode(&parent, parent_mode);
+            let got = check_server(&dir.join("agent.sock"), server);
+            assert_eq!(got.is_ok(), trusted, "{what}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.contains(&format!("uid {server}")), "{what}: {e}");
+            }
+        }
+        if me == 0 {
+            // An agent running as its own user (systemd's RuntimeDirectory= makes the socket
+            // directory theirs, in root's /run).
+            let parent = tmp.path().join("svc");
+            let dir = parent.join("run");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::chown(&dir, Some(4242), None).unwrap();
+            mode(&parent, 0o755);
+            assert_eq!(check_server(&dir.join("agent.sock"), 4242), Ok(()));
+            assert!(check_server(&dir.join("agent.sock"), 4243).is_err());
+            mode(&parent, 0o1777);
+            assert!(check_server(&dir.join("agent.sock"), 4242).is_err());
+        }
     }
 
     #[test]

@@ -91,6 +91,20 @@ fn run(path: PathBuf) -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    // The handlers go in before anything else happens: a SIGTERM while the configuration is
+    // read or the socket is bound is then a clean stop once `run` is up (keys released, socket
+    // removed), not the default action that kills the process on the spot.
+    let shutdown = match runtime.block_on(async { ShutdownSignals::install() }) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot install the signal handlers: {e}")),
+    };
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
@@ -101,30 +115,34 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(&e.to_string()),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
-    };
-    match runtime.block_on(botcreds_agent::run(config, auth, shutdown_signal())) {
+    match runtime.block_on(botcreds_agent::run(config, auth, shutdown.received())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, caught from the moment [`ShutdownSignals::install`] returns; one that
+/// arrives before anyone waits is kept and ends the wait at once.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers (inside a runtime).
+    fn install() -> std::io::Result<ShutdownSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the first SIGTERM or SIGINT since [`ShutdownSignals::install`].
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

@@ -1,33 +1,39 @@
-//! The agent's local API: HTTP/1.1 on a unix socket of mode 0660, with each connection's peer
-//! (SO_PEERCRED) checked against the allow-list before any handler runs.
+//! The agent's local API: HTTP/1.1 on a unix socket of mode 0660 in a directory only the
+//! agent's user or root can change, with each connection's peer (SO_PEERCRED) checked against
+//! the allow-list the moment it is accepted ([`serve`]: refused peers are answered and closed
+//! at once, connections are capped per uid and in total, and time-limited), and again by a
+//! middleware before any handler runs.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use botcreds_proto::MAX_BODY_BYTES;
 use botcreds_proto::agent::{
     AgentStatus, CredentialState, GIT_ERASE_PATH, GIT_GET_PATH, QUIT_HEADER, STATUS_PATH,
 };
 use botcreds_proto::git_credential::{self, Description};
+use hyper::body::Incoming;
 use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::credentials::{Credentials, GitAnswer, rfc3339, unix_seconds};
 use crate::peer::AllowList;
 
-/// The user and group of the process at the other end of a connection.
+/// The user and group of the process at the other end of a connection, given to handlers as
+/// `ConnectInfo<Peer>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
     /// `(uid, gid)`; `None` if the kernel would not say (then the peer is refused).
@@ -35,9 +41,10 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Peer {
-        match stream.io().peer_cred() {
+impl Peer {
+    /// The peer of an accepted connection (`SO_PEERCRED`).
+    fn of(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(cred) => Peer {
                 ids: Some((cred.uid(), cred.gid())),
                 pid: cred.pid(),
@@ -50,15 +57,101 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
-/// Binds the socket: creates its directory if needed, replaces a stale socket file (but not a
-/// live agent's, nor a file that is not a socket), mode 0660, group `group` if given.
-pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
+/// Checks that only the agent's user (`uid`) or root can change `dir`, the socket's directory,
+/// and each directory above it: otherwise another user could swap the socket file (for a
+/// symlink while it is set up, or for their own socket while it is served). The socket's own
+/// directory must be a real directory owned by `uid` or root and not writable by group or
+/// others; an ancestor may be writable by others only with the sticky bit (`/tmp`), which
+/// stops them from renaming what they do not own.
+pub fn check_socket_dir(dir: &Path, uid: u32) -> io::Result<()> {
+    let refuse = |what: &Path, why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: {why}; refusing to serve the socket there (another user could replace it)",
+                what.display()
+            ),
+        )
+    };
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(dir, "is a symbolic link".into()));
     }
+    if !meta.is_dir() {
+        return Err(refuse(dir, "is not a directory".into()));
+    }
+    let owner_ok = |owner: u32| owner == uid || owner == 0;
+    if !owner_ok(meta.uid()) {
+        return Err(refuse(
+            dir,
+            format!(
+                "belongs to uid {}, not to the agent's uid {uid} or root",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(
+            dir,
+            format!(
+                "has mode {:o}, writable by group or others",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)?;
+        if !owner_ok(meta.uid()) {
+            return Err(refuse(
+                ancestor,
+                format!(
+                    "belongs to uid {}, not to the agent's uid {uid} or root",
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(refuse(
+                ancestor,
+                format!(
+                    "has mode {:o}, writable by group or others without the sticky bit",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Binds the socket: creates its directory if needed (0755) and checks it
+/// ([`check_socket_dir`]), replaces a stale socket file (but not a live agent's, nor a file
+/// that is not a socket), mode 0660, group `group` if given.
+///
+/// The socket is bound, chmod-ed and chown-ed inside a fresh private (0700) directory and only
+/// then renamed into place, so the mode and group are never set through a path someone else
+/// could have swapped (`fchmod`/`fchown` on a unix socket's fd do not change the file).
+pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the socket path has no directory",
+            )
+        })?;
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path has no file name",
+        )
+    })?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    check_socket_dir(dir, unsafe { libc::geteuid() })?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -80,24 +173,236 @@ pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    let private = PrivateDir::new(dir, name)?;
+    let staged = private.path.join(name);
     // Bind with a umask that already gives 0660, so there is no moment at which the socket is
     // open to everyone; chmod afterwards in case the umask was stricter.
     // SAFETY: umask has no preconditions; this runs before the agent starts other threads
     // that create files.
     let old = unsafe { libc::umask(0o117) };
-    let listener = UnixListener::bind(path);
+    let listener = UnixListener::bind(&staged);
     unsafe { libc::umask(old) };
     let listener = listener?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    // Inside our own 0700 directory: nobody else can have swapped `staged`.
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = group {
-        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path contains NUL"))?;
-        // SAFETY: cpath is a valid C string; uid -1 leaves the owner unchanged.
-        if unsafe { libc::chown(cpath.as_ptr(), u32::MAX, gid) } != 0 {
+        std::os::unix::fs::lchown(&staged, None, Some(gid))?;
+    }
+    std::fs::rename(&staged, path)?;
+    Ok(listener)
+}
+
+/// A fresh 0700 directory next to the socket, removed (with what is left in it) on drop.
+struct PrivateDir {
+    path: std::path::PathBuf,
+}
+
+impl PrivateDir {
+    fn new(dir: &Path, name: &std::ffi::OsStr) -> io::Result<PrivateDir> {
+        let mut template = dir
+            .join(format!(".{}-XXXXXX", name.to_string_lossy()))
+            .into_os_string()
+            .into_vec();
+        template.push(0);
+        // SAFETY: template is a NUL-terminated buffer mkdtemp rewrites in place.
+        let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+        if made.is_null() {
             return Err(io::Error::last_os_error());
         }
+        template.pop();
+        Ok(PrivateDir {
+            path: std::ffi::OsString::from_vec(template).into(),
+        })
     }
-    Ok(listener)
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Bound on reading a request's header once a connection is accepted.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection's whole life beyond the time a git request may wait for the broker
+/// (`helper_timeout`): enough for a body and the answer, not for holding a descriptor.
+pub const CONNECTION_GRACE: Duration = Duration::from_secs(20);
+/// Pause after `accept` fails (out of descriptors), so that a full table is not a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per refused uid in this long.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How the accept loop treats connections: who may connect, how many at once, how long.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    pub allow: AllowList,
+    /// Open connections of all users (root and the agent's own user are not counted).
+    pub connections: usize,
+    /// Open connections of one uid.
+    pub connections_per_user: usize,
+    /// The longest a connection may stay open.
+    pub lifetime: Duration,
+}
+
+/// Open connections per uid; a [`ConnectionSlot`] gives its place back when dropped.
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+struct ConnectionSlot {
+    counts: Arc<Mutex<Counts>>,
+    uid: u32,
+    counted_in_total: bool,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if self.counted_in_total {
+            c.total -= 1;
+        }
+        if let Some(n) = c.per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` resolves, then waits for open connections.
+///
+/// Each connection's peer is checked (`SO_PEERCRED`) the moment it is accepted: a user not in
+/// the allow-list, or one over its share of connections, gets a one-line answer and the
+/// connection is closed at once — a socket-group member must not be able to hold descriptors.
+/// Allowed connections get [`HEADER_READ_TIMEOUT`], no keep-alive (the helper sends one
+/// request per connection) and at most `limits.lifetime`.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    limits: ServeLimits,
+    stop: impl Future<Output = ()>,
+) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let mut refusals_logged: HashMap<u32, Instant> = HashMap::new();
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let (stream, _) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection on the socket");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let peer = Peer::of(&stream);
+        let Some((uid, _)) = peer.ids.filter(|(u, g)| limits.allow.allows(*u, *g)) else {
+            let message = match peer.ids {
+                Some((uid, gid)) => {
+                    let now = Instant::now();
+                    let log = refusals_logged
+                        .get(&uid)
+                        .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_INTERVAL);
+                    if log {
+                        refusals_logged.insert(uid, now);
+                        tracing::warn!(uid, gid, pid = ?peer.pid, "refused a local user not in the allow-list");
+                    }
+                    refused_message(uid, gid)
+                }
+                None => {
+                    "botcreds: the agent could not tell which user is connecting; refused".into()
+                }
+            };
+            answer_and_close(stream, StatusCode::FORBIDDEN, &message);
+            continue;
+        };
+        let trusted = uid == 0 || uid == own_uid;
+        let slot = {
+            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = c.per_uid.get(&uid).copied().unwrap_or(0);
+            if mine >= limits.connections_per_user || (!trusted && c.total >= limits.connections) {
+                None
+            } else {
+                *c.per_uid.entry(uid).or_default() += 1;
+                if !trusted {
+                    c.total += 1;
+                }
+                Some(ConnectionSlot {
+                    counts: counts.clone(),
+                    uid,
+                    counted_in_total: !trusted,
+                })
+            }
+        };
+        let Some(slot) = slot else {
+            answer_and_close(
+                stream,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "botcreds: too many open connections to the agent (uid {uid}; limits.connections_per_user \
+                     and limits.connections in agent.toml); try again"
+                ),
+            );
+            continue;
+        };
+        let app = app.clone();
+        let lifetime = limits.lifetime;
+        connections.spawn(async move {
+            let _slot = slot;
+            let service = hyper_util::service::TowerToHyperService::new(
+                tower::ServiceExt::map_request(app, move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request
+                }),
+            );
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(lifetime, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(uid, error = %e, "connection ended with an error"),
+                Err(_) => tracing::debug!(uid, "connection open too long; closed"),
+            }
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+fn refused_message(uid: u32, gid: u32) -> String {
+    format!(
+        "botcreds: uid {uid} (gid {gid}) may not use this agent; add the user to allow_users, \
+         allow_uids or allow_groups in agent.toml"
+    )
+}
+
+/// Writes a whole HTTP answer if the socket takes it at once (a fresh connection's buffer
+/// always does), reads what the client already sent (so that closing does not reset the
+/// connection under its reader), and closes. Never waits.
+fn answer_and_close(stream: tokio::net::UnixStream, status: StatusCode, message: &str) {
+    let body = format!("{message}\n");
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = stream.try_write(format!("{head}{body}").as_bytes());
+    let mut sink = [0u8; 4096];
+    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
 }
 
 /// What the handlers share.
@@ -133,13 +438,7 @@ pub(crate) async fn check_peer(
         Some((uid, gid)) if allow.allows(uid, gid) => next.run(request).await,
         Some((uid, gid)) => {
             tracing::warn!(uid, gid, pid = ?peer.pid, path = %request.uri().path(), "refused a local user not in the allow-list");
-            text(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "botcreds: uid {uid} (gid {gid}) may not use this agent; add the user to allow_users, \
-                     allow_uids or allow_groups in agent.toml"
-                ),
-            )
+            text(StatusCode::FORBIDDEN, refused_message(uid, gid))
         }
         None => text(
             StatusCode::FORBIDDEN,
@@ -164,12 +463,20 @@ fn parse_description(body: &[u8]) -> Result<Description, String> {
     git_credential::parse(body).map_err(|e| format!("botcreds: garbled credential request: {e}"))
 }
 
-async fn git_get(State(state): State<AppState>, body: Bytes) -> Response {
+async fn git_get(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Bytes,
+) -> Response {
     let request = match parse_description(&body) {
         Ok(d) => d,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
-    match state.credentials.git_get(&request).await {
+    // check_peer let only known peers through.
+    let Some((uid, _)) = peer.ids else {
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    match state.credentials.git_get(&request, uid).await {
         GitAnswer::Credential { token, expires_at } => {
             let answer = Description {
                 username: Some("x-access-token".into()),
@@ -265,5 +572,82 @@ mod tests {
             io::ErrorKind::AlreadyExists
         );
         assert_eq!(std::fs::read_to_string(&plain).unwrap(), "x");
+    }
+}
+
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Another user who can write the socket's directory can swap the socket (for a symlink
+    /// while the agent sets it up, or for their own socket while it serves): the agent refuses
+    /// to bind there, and leaves nothing behind.
+    #[tokio::test]
+    async fn socket_directory_writable_by_others_is_refused() {
+        let cases: [(&str, u32, u32, bool); 6] = [
+            // (what, socket dir mode, parent mode, accepted)
+            ("private directory", 0o755, 0o700, true),
+            ("parent sticky and world-writable", 0o755, 0o1777, true),
+            ("world-writable", 0o777, 0o700, false),
+            ("group-writable", 0o775, 0o700, false),
+            ("sticky world-writable", 0o1777, 0o700, false),
+            ("parent world-writable", 0o755, 0o777, false),
+        ];
+        for (what, mode, parent_mode, accepted) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let parent = tmp.path().join("p");
+            let dir = parent.join("run");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(parent_mode))
+                .unwrap();
+            let path = dir.join("agent.sock");
+            let got = bind(&path, None);
+            if accepted {
+                got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                assert!(meta.file_type().is_socket(), "{what}");
+                assert_eq!(meta.mode() & 0o777, 0o660, "{what}");
+            } else {
+                let err = got.err().unwrap_or_else(|| panic!("{what}: accepted"));
+                assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{what}: {err}");
+                assert!(
+                    err.to_string().contains("writable by group or others"),
+                    "{what}: {err}"
+                );
+                assert!(!path.exists(), "{what}: a socket was made");
+            }
+            let names: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "agent.sock")
+                .collect();
+            assert!(names.is_empty(), "{what}: left behind {names:?}");
+        }
+        // A directory (or an ancestor) of another user, who could rename things in it.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let stranger = if me == 0 { 4242 } else { me + 1 };
+        if me == 0 {
+            std::os::unix::fs::chown(&dir, Some(stranger), None).unwrap();
+            let err = check_socket_dir(&dir, me).unwrap_err().to_string();
+            assert!(err.contains(&format!("belongs to uid {stranger}")), "{err}");
+        }
+        // Seen from an agent running as another (non-root) user, our directory is foreign.
+        let agent = if me == 0 { 4243 } else { stranger };
+        let owner = std::fs::metadata(&dir).unwrap().uid();
+        let err = check_socket_dir(&dir, agent).unwrap_err().to_string();
+        assert!(err.contains(&format!("belongs to uid {owner}")), "{err}");
+        // A symlinked socket directory is not followed.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("real"), tmp.path().join("link")).unwrap();
+        let err =
+            bind(&tmp.path().join("link/agent.sock"), None).expect_err("symlinked dir accepted");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
     }
 }

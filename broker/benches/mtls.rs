@@ -55,6 +55,7 @@ impl WhoIs for StaticWhoIs {
             tags: vec!["tag:bench".into()],
             login: "tagged-devices".into(),
             capabilities: Default::default(),
+            ..Default::default()
         }))
     }
 }

@@ -91,6 +91,7 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             tags: vec![],
             login: "alice@example.com".into(),
             capabilities: BTreeMap::new(),
+            ..Default::default()
         }),
     };
     let fixture = Fixture {

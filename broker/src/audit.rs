@@ -4,18 +4,24 @@
 //! (one fsync), then answers every waiter. N concurrent requests therefore cost one fsync, not N. A caller
 //! that gets an error must not hand out the credential the events describe.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use botcreds_proto::audit::AuditEvent;
+use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{AuditFilter, Store, StoreError};
 
 /// Most events one batch takes from the queue; bounds the latency of the requests at its front.
 const MAX_BATCH_EVENTS: usize = 4096;
+/// Peers whose refusal windows are tracked at once; beyond it, new peers share one window
+/// (under the unspecified address), so a flood from many addresses cannot grow the table.
+const MAX_REFUSAL_PEERS: usize = 16_384;
 
 #[derive(thiserror::Error, Debug, Clone)]
 pub enum AuditError {
@@ -37,6 +43,7 @@ pub struct AuditLog {
 
 struct Inner {
     store: Arc<dyn Store>,
+    refusals: Mutex<RefusalWindows>,
     /// `None` once shut down. Senders hold the read side, so after `shutdown` takes the write side no send
     /// can slip in behind the close and go unanswered.
     queue: RwLock<Option<mpsc::UnboundedSender<Pending>>>,
@@ -66,8 +73,14 @@ impl fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// Start the writer thread over `store`.
+    /// Start the writer thread over `store`, with the default limits on anonymous refusals.
     pub fn start(store: Arc<dyn Store>) -> AuditLog {
+        AuditLog::start_with(store, RefusalLimits::default())
+    }
+
+    /// Start the writer thread over `store`; anonymous refusals are written one by one only
+    /// up to `limits` (see [`AuditLog::record_refusal`]).
+    pub fn start_with(store: Arc<dyn Store>, limits: RefusalLimits) -> AuditLog {
         // The queue is unbounded because its depth is bounded upstream: every entry is a request that the
         // HTTP layer's concurrency limit admitted and that is now waiting for its answer.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -80,6 +93,7 @@ impl AuditLog {
         AuditLog {
             inner: Arc::new(Inner {
                 store,
+                refusals: Mutex::new(RefusalWindows::new(limits)),
                 queue: RwLock::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
             }),
@@ -122,6 +136,39 @@ impl AuditLog {
         Ok(Some(answer))
     }
 
+    /// Record the refusal of a caller who could not be identified (no or a wrong API key, an
+    /// unknown tailnet peer, a refused TLS handshake), coming from `peer`. Each such refusal
+    /// would otherwise cost one durable write, so only the first few per peer and window are
+    /// written one by one; the rest are counted and written as one `refusals_summarized` event
+    /// when the window ends (by the next refusal from that peer, by
+    /// [`AuditLog::flush_refusal_summaries`], or at shutdown). Resolves at once for a refusal
+    /// that was only counted.
+    pub fn record_refusal(
+        &self,
+        peer: IpAddr,
+        event: AuditEvent,
+    ) -> impl Future<Output = Result<(), AuditError>> + Send + 'static {
+        let events = self.lock_refusals().note(peer, event, Instant::now());
+        let recorded = self.record(events);
+        async move { recorded.await.map(|_| ()) }
+    }
+
+    /// Write the summaries of every refusal window that has ended (called periodically).
+    pub fn flush_refusal_summaries(
+        &self,
+    ) -> impl Future<Output = Result<(), AuditError>> + Send + 'static {
+        let events = self.lock_refusals().ended(Instant::now(), false);
+        let recorded = self.record(events);
+        async move { recorded.await.map(|_| ()) }
+    }
+
+    fn lock_refusals(&self) -> std::sync::MutexGuard<'_, RefusalWindows> {
+        self.inner
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Whether events can still be recorded: not shut down, and the writer thread is alive (readiness).
     pub fn is_running(&self) -> bool {
         self.inner
@@ -149,6 +196,25 @@ impl AuditLog {
 
 impl Inner {
     fn shutdown(&self) {
+        // Counted refusals of open windows are written before the queue closes.
+        let summaries = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ended(Instant::now(), true);
+        if !summaries.is_empty()
+            && let Some(sender) = self
+                .queue
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+        {
+            let (reply, _) = oneshot::channel();
+            let _ = sender.send(Pending {
+                events: summaries,
+                reply,
+            });
+        }
         // Dropping the only sender closes the queue; the writer drains what is in it and then ends.
         drop(
             self.queue
@@ -169,6 +235,141 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// How many anonymous refusals per peer are written one by one, and over what window.
+#[derive(Clone, Copy, Debug)]
+pub struct RefusalLimits {
+    pub per_peer: usize,
+    pub window: Duration,
+}
+
+impl Default for RefusalLimits {
+    fn default() -> RefusalLimits {
+        RefusalLimits {
+            per_peer: 10,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The open refusal windows, by peer.
+struct RefusalWindows {
+    limits: RefusalLimits,
+    peers: HashMap<IpAddr, RefusalWindow>,
+}
+
+struct RefusalWindow {
+    started: Instant,
+    written: usize,
+    /// Counted, not written: how many, by error code, and the last one's time.
+    counted: u64,
+    codes: BTreeMap<String, u64>,
+    first_at: String,
+    last_at: String,
+}
+
+impl RefusalWindows {
+    fn new(limits: RefusalLimits) -> RefusalWindows {
+        RefusalWindows {
+            limits,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// The events to write for one refusal from `peer` at `now`: the summary of the peer's
+    /// ended window if it counted any, then this refusal unless its window is full.
+    fn note(&mut self, peer: IpAddr, mut event: AuditEvent, now: Instant) -> Vec<AuditEvent> {
+        let mut out = Vec::new();
+        if event.client_ip.is_none() {
+            event.client_ip = Some(peer.to_string());
+        }
+        let mut key = peer;
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_REFUSAL_PEERS {
+            out.extend(self.ended(now, false));
+            if self.peers.len() >= MAX_REFUSAL_PEERS {
+                key = IpAddr::from([0, 0, 0, 0]);
+            }
+        }
+        let window = self.limits.window;
+        if let Some(w) = self.peers.get(&key)
+            && now.duration_since(w.started) >= window
+            && let Some(w) = self.peers.remove(&key)
+        {
+            out.extend(w.summary(key));
+        }
+        let w = self.peers.entry(key).or_insert_with(|| RefusalWindow {
+            started: now,
+            written: 0,
+            counted: 0,
+            codes: BTreeMap::new(),
+            first_at: String::new(),
+            last_at: String::new(),
+        });
+        if w.written < self.limits.per_peer {
+            w.written += 1;
+            out.push(event);
+        } else {
+            if w.counted == 0 {
+                w.first_at = event.timestamp.clone();
+            }
+            w.counted += 1;
+            w.last_at = event.timestamp;
+            let code = event
+                .code
+                .unwrap_or_else(|| event.event.as_str().to_string());
+            *w.codes.entry(code).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Summaries of the windows that ended by `now` (or of all windows, at shutdown), which
+    /// are forgotten.
+    fn ended(&mut self, now: Instant, all: bool) -> Vec<AuditEvent> {
+        let window = self.limits.window;
+        let mut out = Vec::new();
+        self.peers.retain(|peer, w| {
+            if all || now.duration_since(w.started) >= window {
+                out.extend(w.summary(*peer));
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+}
+
+impl RefusalWindow {
+    fn summary(&self, peer: IpAddr) -> Option<AuditEvent> {
+        if self.counted == 0 {
+            return None;
+        }
+        let mut e = AuditEvent::new(AuditEventKind::RefusalsSummarized, self.last_at.clone());
+        e.client_ip = (!peer.is_unspecified()).then(|| peer.to_string());
+        e.code = (self.codes.len() == 1)
+            .then(|| self.codes.keys().next().cloned())
+            .flatten();
+        let codes: Vec<String> = self
+            .codes
+            .iter()
+            .map(|(code, n)| format!("{code} x{n}"))
+            .collect();
+        e.detail = Some(format!(
+            "{} more unauthenticated refusals from {} between {} and {} were counted, not \
+             written one by one ({})",
+            self.counted,
+            if peer.is_unspecified() {
+                "peers beyond the tracked limit".to_string()
+            } else {
+                peer.to_string()
+            },
+            self.first_at,
+            self.last_at,
+            codes.join(", ")
+        ));
+        Some(e)
     }
 }
 
@@ -487,5 +688,117 @@ mod tests {
         let log = AuditLog::start(store.clone());
         assert!(log.record(Vec::new()).await.unwrap().is_empty());
         assert_eq!(store.appends.load(Ordering::SeqCst), 0);
+    }
+
+    fn refusal(code: &str) -> AuditEvent {
+        let mut e = AuditEvent::new(
+            AuditEventKind::CredentialDenied,
+            "2026-02-17T14:00:00.000Z".to_owned(),
+        );
+        e.code = Some(code.to_owned());
+        e
+    }
+
+    /// unauthenticated_refusal_flood_writes_every_event: one durable event per refusal let one
+    /// client write gigabytes a day. Per peer and window, the first few are written; the rest
+    /// become one summary.
+    #[test]
+    fn anonymous_refusals_are_summarised_per_peer_and_window() {
+        let limits = RefusalLimits {
+            per_peer: 3,
+            window: Duration::from_secs(60),
+        };
+        let mut windows = RefusalWindows::new(limits);
+        let (a, b): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        let mut written = Vec::new();
+        for i in 0..25 {
+            let code = if i % 2 == 0 {
+                "unauthenticated"
+            } else {
+                "invalid_api_key"
+            };
+            written.extend(windows.note(a, refusal(code), t0));
+        }
+        assert_eq!(
+            written.len(),
+            3,
+            "only the first three are written one by one"
+        );
+        assert!(
+            written
+                .iter()
+                .all(|e| e.client_ip.as_deref() == Some("100.64.0.1"))
+        );
+        // Another peer has its own window.
+        assert_eq!(windows.note(b, refusal("unauthenticated"), t0).len(), 1);
+        assert!(
+            windows
+                .ended(t0 + Duration::from_secs(59), false)
+                .is_empty()
+        );
+        let summaries = windows.ended(t0 + Duration::from_secs(60), false);
+        assert_eq!(summaries.len(), 1, "{summaries:?}");
+        let s = &summaries[0];
+        assert_eq!(s.event, AuditEventKind::RefusalsSummarized);
+        assert_eq!(s.client_ip.as_deref(), Some("100.64.0.1"));
+        let detail = s.detail.as_deref().unwrap();
+        assert!(detail.starts_with("22 more"), "{detail}");
+        assert!(detail.contains("invalid_api_key x11") && detail.contains("unauthenticated x11"));
+        // A new window writes again; a refusal after the window ended brings its summary along.
+        for _ in 0..5 {
+            windows.note(a, refusal("unauthenticated"), t0 + Duration::from_secs(61));
+        }
+        let next = windows.note(a, refusal("unauthenticated"), t0 + Duration::from_secs(200));
+        let kinds: Vec<_> = next.iter().map(|e| e.event).collect();
+        assert_eq!(
+            kinds,
+            [
+                AuditEventKind::RefusalsSummarized,
+                AuditEventKind::CredentialDenied
+            ]
+        );
+        assert_eq!(next[0].code.as_deref(), Some("unauthenticated"));
+        // At shutdown every counted refusal is summarised (b: a new window, 3 written, 4 counted).
+        for _ in 0..7 {
+            windows.note(b, refusal("unauthenticated"), t0 + Duration::from_secs(1));
+        }
+        let last = windows.ended(t0, true);
+        assert_eq!(last.len(), 1);
+        let detail = last[0].detail.as_deref().unwrap();
+        assert!(detail.starts_with("4 more"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn summaries_are_written_at_shutdown() {
+        let store = Arc::new(MemoryStore::new());
+        let log = AuditLog::start_with(
+            store.clone(),
+            RefusalLimits {
+                per_peer: 1,
+                window: Duration::from_secs(3600),
+            },
+        );
+        let peer: IpAddr = "100.64.0.1".parse().unwrap();
+        for _ in 0..4 {
+            log.record_refusal(peer, refusal("unauthenticated"))
+                .await
+                .unwrap();
+        }
+        log.shutdown();
+        let kinds: Vec<_> = store
+            .read_audit(&AuditFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                AuditEventKind::CredentialDenied,
+                AuditEventKind::RefusalsSummarized
+            ]
+        );
     }
 }

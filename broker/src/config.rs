@@ -57,6 +57,8 @@ struct RawTailscale {
     socket: Option<PathBuf>,
     #[serde(default = "default_whois_cache")]
     whois_cache_ttl: Ttl,
+    #[serde(default)]
+    trust_own_node: bool,
 }
 
 impl Default for RawTailscale {
@@ -65,6 +67,7 @@ impl Default for RawTailscale {
             enabled: true,
             socket: None,
             whois_cache_ttl: default_whois_cache(),
+            trust_own_node: false,
         }
     }
 }
@@ -108,6 +111,18 @@ struct RawLimits {
     /// How long one more replacement takes to become available again.
     #[serde(default = "default_replace_interval")]
     replace_interval: Ttl,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_connections_per_peer")]
+    max_connections_per_peer: usize,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: Ttl,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: Ttl,
+    #[serde(default = "default_refusals_per_peer")]
+    audited_refusals_per_peer: usize,
+    #[serde(default = "default_refusal_window")]
+    refusal_window: Ttl,
 }
 
 impl Default for RawLimits {
@@ -118,6 +133,32 @@ impl Default for RawLimits {
             max_github_ttl: default_max_ttl(),
             replace_burst: default_replace_burst(),
             replace_interval: default_replace_interval(),
+            max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
+            idle_timeout: default_idle_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            audited_refusals_per_peer: default_refusals_per_peer(),
+            refusal_window: default_refusal_window(),
+        }
+    }
+}
+
+impl RawLimits {
+    fn limits(&self) -> Limits {
+        Limits {
+            request_timeout: self.request_timeout.as_duration(),
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_github_ttl: self.max_github_ttl.as_duration(),
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            idle_timeout: self.idle_timeout.as_duration(),
+            header_read_timeout: self.header_read_timeout.as_duration(),
+            audited_refusals_per_peer: self.audited_refusals_per_peer,
+            refusal_window: self.refusal_window.as_duration(),
+            replace: crate::grants::ReplaceLimit {
+                burst: self.replace_burst,
+                interval: self.replace_interval.as_duration(),
+            },
         }
     }
 }
@@ -188,6 +229,24 @@ fn default_replace_interval() -> Ttl {
 fn default_max_ttl() -> Ttl {
     Ttl::from_secs(3000)
 }
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_peer() -> usize {
+    128
+}
+fn default_idle_timeout() -> Ttl {
+    Ttl::from_secs(60)
+}
+fn default_header_read_timeout() -> Ttl {
+    Ttl::from_secs(10)
+}
+fn default_refusals_per_peer() -> usize {
+    10
+}
+fn default_refusal_window() -> Ttl {
+    Ttl::from_secs(60)
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -220,6 +279,8 @@ pub struct Config {
 pub struct TailscaleConfig {
     pub socket: PathBuf,
     pub whois_cache_ttl: Duration,
+    /// Whether callers on the broker's own node carry the node's identity (never an admin's).
+    pub trust_own_node: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -249,20 +310,24 @@ pub struct Limits {
     pub max_github_ttl: Duration,
     /// How often one bot may have the token of one scope replaced (`replaces`).
     pub replace: crate::grants::ReplaceLimit,
+    /// Open connections over all listeners; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Open connections from one peer IP; more are closed as soon as they are accepted.
+    pub max_connections_per_peer: usize,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    pub idle_timeout: Duration,
+    /// An HTTP/1 request head must arrive within this time.
+    pub header_read_timeout: Duration,
+    /// Unauthenticated refusals audited one by one per peer IP and window; the rest of the
+    /// window is counted and audited as one summary event.
+    pub audited_refusals_per_peer: usize,
+    /// The window of `audited_refusals_per_peer`.
+    pub refusal_window: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        let raw = RawLimits::default();
-        Limits {
-            request_timeout: raw.request_timeout.as_duration(),
-            max_concurrent_requests: raw.max_concurrent_requests,
-            max_github_ttl: raw.max_github_ttl.as_duration(),
-            replace: crate::grants::ReplaceLimit {
-                burst: raw.replace_burst,
-                interval: raw.replace_interval.as_duration(),
-            },
-        }
+        RawLimits::default().limits()
     }
 }
 
@@ -371,6 +436,7 @@ impl Config {
             Some(TailscaleConfig {
                 socket,
                 whois_cache_ttl: ttl,
+                trust_own_node: raw.tailscale.trust_own_node,
             })
         } else {
             None
@@ -492,6 +558,23 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        for (key, value) in [
+            ("limits.max_connections", raw.limits.max_connections),
+            (
+                "limits.max_connections_per_peer",
+                raw.limits.max_connections_per_peer,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if raw.limits.max_connections_per_peer > raw.limits.max_connections {
+            return Err(invalid(
+                "limits.max_connections_per_peer",
+                "must not exceed limits.max_connections".into(),
+            ));
+        }
         if raw.limits.max_github_ttl.as_duration() > Duration::from_secs(3600) {
             return Err(invalid(
                 "limits.max_github_ttl",
@@ -553,15 +636,7 @@ impl Config {
             github,
             api_keys,
             admin: raw.admin,
-            limits: Limits {
-                request_timeout: raw.limits.request_timeout.as_duration(),
-                max_concurrent_requests: raw.limits.max_concurrent_requests,
-                max_github_ttl: raw.limits.max_github_ttl.as_duration(),
-                replace: crate::grants::ReplaceLimit {
-                    burst: raw.limits.replace_burst,
-                    interval: raw.limits.replace_interval.as_duration(),
-                },
-            },
+            limits: raw.limits.limits(),
             approvals: raw.approvals.clone(),
             log_format: raw.log.format,
             log_level: raw.log.level,
@@ -714,6 +789,22 @@ mod tests {
             (
                 format!("{MIN}[limits]\nreplace_interval = \"0s\"\n"),
                 "replace_interval",
+            ),
+            (
+                format!("{MIN}[limits]\nmax_connections = 0\n"),
+                "limits.max_connections",
+            ),
+            (
+                format!("{MIN}[limits]\nmax_connections = 10\nmax_connections_per_peer = 11\n"),
+                "limits.max_connections_per_peer",
+            ),
+            (
+                format!("{MIN}[limits]\nidle_timeout = \"0s\"\n"),
+                "idle_timeout",
+            ),
+            (
+                format!("{MIN}[tailscale]\ntrust_own_node = \"yes\"\n"),
+                "trust_own_node",
             ),
             (
                 format!("{MIN}[admin]\napi_key_bots = [\"ops\"]\n"),

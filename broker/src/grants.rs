@@ -98,7 +98,8 @@ pub struct Issued {
     pub replaced: Option<Replaced>,
 }
 
-/// A token that a replacement superseded, and what its revocation at GitHub did.
+/// A token the issuer revoked at GitHub itself — superseded by a replacement, or minted for a
+/// request the recheck refused — and what the revocation did.
 #[derive(Clone, Debug)]
 pub struct Replaced {
     pub credential_id: String,
@@ -115,8 +116,7 @@ pub struct HandedOut {
     /// The scope asked for (the reuse key), which a policy decides on.
     pub scope: TokenScope,
     /// Who it was answered to: policy bots, or for callers matching none their description
-    /// (the `who` of [`TokenIssuer::issue`]). Empty for a token minted for a request the
-    /// recheck then refused.
+    /// (the `who` of [`TokenIssuer::issue`]).
     pub holders: BTreeSet<String>,
 }
 
@@ -125,8 +125,13 @@ pub struct HandedOut {
 pub enum Checked<R> {
     Issued(Box<Issued>),
     /// The recheck refused right before the answer (the policy changed meanwhile); the
-    /// caller was handed nothing.
-    Refused(R),
+    /// caller was handed nothing. `revoked` is the token minted for this request, which
+    /// nobody holds: revoked at GitHub (or GitHub did not confirm) and never cached. The
+    /// caller audits it.
+    Refused {
+        refusal: R,
+        revoked: Option<Replaced>,
+    },
 }
 
 /// Why [`TokenIssuer::issue`] handed out nothing.
@@ -259,9 +264,10 @@ impl TokenIssuer {
     /// replaced — at most as often as the replacement limit lets `who` — and revoked.
     ///
     /// `recheck` runs right before the answer, after any wait on another request's mint and
-    /// after this one's: `Some(refusal)` (the policy in force no longer allows it) answers
-    /// [`Checked::Refused`] and hands nothing out. A token minted for a refused request stays
-    /// tracked (held by nobody) and cached for requests the policy allows.
+    /// after this one's, and before a mint: `Some(refusal)` (the policy in force no longer
+    /// allows it) answers [`Checked::Refused`] and hands nothing out. A token minted for a
+    /// refused request has no holder, so it is revoked at GitHub and never cached: a live
+    /// token nobody was answered would otherwise outlive every policy that could end it.
     pub async fn issue<R>(
         &self,
         scope: &TokenScope,
@@ -296,7 +302,10 @@ impl TokenIssuer {
                         if added {
                             entry.holders.remove(who);
                         }
-                        return Ok(Checked::Refused(refusal));
+                        return Ok(Checked::Refused {
+                            refusal,
+                            revoked: None,
+                        });
                     }
                     return Ok(Checked::Issued(Box::new(Issued {
                         token: t,
@@ -305,6 +314,14 @@ impl TokenIssuer {
                     })));
                 }
             }
+        }
+        // Nothing is minted for a request the policy in force refuses (it may have waited on
+        // another request's mint while a reload swapped the policy).
+        if let Some(refusal) = recheck() {
+            return Ok(Checked::Refused {
+                refusal,
+                revoked: None,
+            });
         }
         let minted = self
             .github
@@ -322,31 +339,48 @@ impl TokenIssuer {
             let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
             handed_out.retain(|_, h| h.token.expires_at > now);
             let refused = recheck();
-            let holders = match refused {
-                Some(_) => BTreeSet::new(),
-                None => BTreeSet::from([who.to_string()]),
-            };
-            handed_out.insert(
-                token.credential_id.clone(),
-                HandedOut {
-                    token: token.clone(),
-                    scope: scope.clone(),
-                    holders,
-                },
-            );
-            if refused.is_none()
-                && let Some(old) = &replacing
-            {
-                handed_out.remove(&old.credential_id);
+            if refused.is_none() {
+                handed_out.insert(
+                    token.credential_id.clone(),
+                    HandedOut {
+                        token: token.clone(),
+                        scope: scope.clone(),
+                        holders: BTreeSet::from([who.to_string()]),
+                    },
+                );
+                if let Some(old) = &replacing {
+                    handed_out.remove(&old.credential_id);
+                }
             }
             refused
         };
+        if let Some(refusal) = refused {
+            // Nobody holds the new token: it is neither tracked nor cached, and it is revoked
+            // before the refusal is answered. A rejected token it was to replace stays tracked
+            // (and revocable) but leaves the slot: a client saw GitHub refuse it.
+            if replacing.is_some() {
+                *held = None;
+            }
+            drop(held);
+            let error = match self.github.revoke_installation_token(&token.token).await {
+                Ok(()) => None,
+                Err(e) => {
+                    tracing::warn!(credential_id = %token.credential_id, error = %e, "GitHub did not confirm revoking a token minted for a refused request");
+                    Some(e.to_string())
+                }
+            };
+            return Ok(Checked::Refused {
+                refusal,
+                revoked: Some(Replaced {
+                    credential_id: token.credential_id,
+                    repositories: token.repositories,
+                    expires_at: token.expires_at,
+                    error,
+                }),
+            });
+        }
         *held = Some(token.clone());
         drop(held);
-        if let Some(refusal) = refused {
-            // The rejected token stays tracked (and revocable); nothing was handed out.
-            return Ok(Checked::Refused(refusal));
-        }
         let replaced = match replacing {
             None => None,
             Some(old) => {
@@ -388,7 +422,7 @@ impl TokenIssuer {
             .await?
         {
             Checked::Issued(i) => Ok(*i),
-            Checked::Refused(never) => match never {},
+            Checked::Refused { refusal, .. } => match refusal {},
         }
     }
 
@@ -697,6 +731,8 @@ mod tests {
 
     /// The recheck decides before every answer: a refusal hands nothing out, from the cache
     /// or from a fresh mint, and records no holder; a request it allows still gets the token.
+    /// Regression: a token minted for a refused request stayed live at GitHub and cached,
+    /// held by nobody; it is now revoked at GitHub and never cached.
     #[tokio::test]
     async fn the_recheck_refuses_cached_and_minted_tokens_alike() {
         let shared: SharedClock = Arc::new(OffsetClock::default());
@@ -713,28 +749,60 @@ mod tests {
                 .map(|h| h.holders.iter().cloned().collect())
                 .collect()
         };
-        // A fresh mint the recheck refuses: tracked, held by nobody.
+        // Refused before the mint: nothing minted.
         let refused = issuer
             .issue(&s, ten, None, "ci", || Some("denied"))
             .await
             .unwrap();
-        assert!(matches!(refused, Checked::Refused("denied")));
+        assert!(matches!(
+            refused,
+            Checked::Refused {
+                refusal: "denied",
+                revoked: None
+            }
+        ));
+        assert_eq!(github.stats().mints, 0);
+        // Refused after the mint (the policy changed while GitHub answered): the minted
+        // token is revoked at GitHub, neither tracked nor cached.
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let refused = issuer
+            .issue(&s, ten, None, "ci", || {
+                (calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0).then_some("denied")
+            })
+            .await
+            .unwrap();
+        let Checked::Refused {
+            refusal: "denied",
+            revoked: Some(revoked),
+        } = refused
+        else {
+            panic!("not refused with a revoked token: {refused:?}");
+        };
+        assert!(revoked.error.is_none());
         assert_eq!(github.stats().mints, 1);
-        assert_eq!(holders(&issuer), vec![Vec::<String>::new()]);
-        // The cached token, refused again: still nobody's.
-        let refused = issuer
-            .issue(&s, ten, None, "ci", || Some("denied"))
-            .await
-            .unwrap();
-        assert!(matches!(refused, Checked::Refused("denied")));
-        assert_eq!(holders(&issuer), vec![Vec::<String>::new()]);
-        // Allowed: the cached token, now held by deploy.
+        assert!(holders(&issuer).is_empty(), "not tracked");
+        // Allowed: a fresh token, held by deploy.
         let ok = issuer
             .issue_unchecked(&s, ten, None, "deploy")
             .await
             .unwrap();
-        assert!(ok.reused);
-        assert_eq!(github.stats().mints, 1);
+        assert!(!ok.reused, "the revoked token was not cached");
+        assert_ne!(ok.token.credential_id, revoked.credential_id);
+        assert_eq!(github.stats().mints, 2);
+        assert_eq!(holders(&issuer), vec![vec!["deploy".to_string()]]);
+        // The cached token, refused to ci: still deploy's alone, and live.
+        let refused = issuer
+            .issue(&s, ten, None, "ci", || Some("denied"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            refused,
+            Checked::Refused {
+                refusal: "denied",
+                revoked: None
+            }
+        ));
+        assert!(github.is_live(&ok.token.token));
         assert_eq!(holders(&issuer), vec![vec!["deploy".to_string()]]);
         // Taken (revoked): never answered from the slot again.
         assert_eq!(issuer.take_where(|_| true).len(), 1);
@@ -744,6 +812,50 @@ mod tests {
             .unwrap();
         assert!(!fresh.reused);
         assert_ne!(fresh.token.credential_id, ok.token.credential_id);
+    }
+
+    /// A replacement whose recheck refuses after its mint: the new token is revoked, and the
+    /// rejected one it was to replace leaves the slot (still tracked, so revocable) — the next
+    /// allowed request gets a fresh token, never the one a client saw GitHub refuse.
+    #[tokio::test]
+    async fn a_refused_replacement_answers_the_rejected_token_to_nobody() {
+        let shared: SharedClock = Arc::new(OffsetClock::default());
+        let github = Arc::new(SimulatedGithub::new(shared.clone()));
+        let issuer = TokenIssuer::new(github.clone(), shared);
+        let s = scope(&["acme/web"], &["contents:read"]);
+        let ten = Duration::from_secs(600);
+        let first = issuer
+            .issue_unchecked(&s, ten, None, "ci")
+            .await
+            .unwrap()
+            .token;
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let refused = issuer
+            .issue(&s, ten, Some(&first.credential_id), "ci", || {
+                (calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0).then_some("denied")
+            })
+            .await
+            .unwrap();
+        assert!(matches!(
+            refused,
+            Checked::Refused {
+                revoked: Some(_),
+                ..
+            }
+        ));
+        let next = issuer
+            .issue_unchecked(&s, ten, None, "deploy")
+            .await
+            .unwrap();
+        assert!(!next.reused, "the rejected token was answered again");
+        assert_ne!(next.token.credential_id, first.credential_id);
+        assert_eq!(
+            issuer
+                .take_where(|h| h.token.credential_id == first.credential_id)
+                .len(),
+            1,
+            "the rejected token stays tracked"
+        );
     }
 
     #[test]

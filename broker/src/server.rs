@@ -10,15 +10,16 @@ use axum::extract::ConnectInfo;
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::api::extract::LocalAddr;
 use crate::api::{AppState, StateInner, router};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, RefusalLimits};
 use crate::clock::{SharedClock, SystemClock, rfc3339_millis};
-use crate::config::Config;
+use crate::config::{Config, Limits};
+use crate::connections::{Activity, Connections, RESERVED_FILES, raise_file_limit};
 use crate::grants::TokenIssuer;
 use crate::identity::api_key::ApiKeys;
 use crate::identity::tailnet::{CachedWhoIs, LocalApiWhoIs, WhoIs};
@@ -32,8 +33,13 @@ use crate::store::{SledStore, Store, StoreError};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the policy file's size and time are looked at.
 const POLICY_POLL: Duration = Duration::from_secs(2);
-/// Slow clients: the request head must arrive within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection closed for idleness may take to finish its goodbye (HTTP/2 GOAWAY).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// HTTP/2 pings: how often, and how long an answer may take before the connection is closed.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests one HTTP/2 connection may have in flight at once.
+const H2_MAX_STREAMS: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -117,7 +123,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
-    let audit = AuditLog::start(store.clone());
+    let audit = AuditLog::start_with(
+        store.clone(),
+        RefusalLimits {
+            per_peer: config.limits.audited_refusals_per_peer,
+            window: config.limits.refusal_window,
+        },
+    );
     let policy = Arc::new(PolicyHandle::load(&config.policy)?);
     let issuer = Arc::new(
         TokenIssuer::new(edges.github.clone(), edges.clock.clone())
@@ -163,6 +175,7 @@ pub async fn run(
         issuer,
         audit: audit.clone(),
         whois: edges.whois.clone(),
+        trust_own_node: config.tailscale.as_ref().is_some_and(|t| t.trust_own_node),
         api_keys: ApiKeys::new(config.api_keys.clone()),
         admin: config.admin.clone(),
         metrics: metrics.clone(),
@@ -195,10 +208,11 @@ pub async fn run(
     }
 
     let app = router(state.clone());
-    let graceful = Arc::new(GracefulShutdown::new());
+    let connections = connection_caps(&config.limits);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let watcher = tokio::spawn(watch_policy(state.clone(), stop_rx.clone()));
+    let summaries = tokio::spawn(write_refusal_summaries(audit.clone(), stop_rx.clone()));
     let sweeper = tokio::spawn(approvals.clone().run_sweeper(stop_rx.clone()));
     let key_sweeper = keys
         .clone()
@@ -219,7 +233,8 @@ pub async fn run(
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
             app.clone(),
-            graceful.clone(),
+            connections.clone(),
+            config.limits.clone(),
             stop_rx.clone(),
             None,
         )));
@@ -231,7 +246,8 @@ pub async fn run(
             accept_tasks.push(tokio::spawn(accept_loop(
                 listener,
                 app.clone(),
-                graceful.clone(),
+                connections.clone(),
+                config.limits.clone(),
                 stop_rx.clone(),
                 Some(mtls.clone()),
             )));
@@ -244,18 +260,18 @@ pub async fn run(
     for t in accept_tasks {
         let _ = t.await;
     }
-    match Arc::try_unwrap(graceful) {
-        Ok(graceful) => {
-            if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-                .await
-                .is_err()
-            {
-                tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
-            }
-        }
-        Err(_) => tracing::warn!("connections still registered; not waiting for them"),
+    // Every connection task saw the stop too and is closing gracefully.
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.all_closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.open(),
+            "some connections did not finish within {DRAIN_TIMEOUT:?}"
+        );
     }
     let _ = watcher.await;
+    let _ = summaries.await;
     let _ = sweeper.await;
     if let Some(t) = key_sweeper {
         let _ = t.await;
@@ -267,10 +283,55 @@ pub async fn run(
     Ok(())
 }
 
+/// The connection caps of `[limits]`, with the total kept below the open-file limit (raised
+/// to its hard limit first) so that accepting never fails for want of a descriptor.
+fn connection_caps(limits: &Limits) -> Arc<Connections> {
+    let files = raise_file_limit();
+    let (total, per_peer) = caps_within(limits, files);
+    match files {
+        Some(files) => {
+            if total < limits.max_connections {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    open_file_limit = files,
+                    "limits.max_connections is above what the open-file limit allows; using {total}"
+                );
+            }
+            tracing::info!(
+                open_file_limit = files,
+                max_connections = total,
+                max_connections_per_peer = per_peer,
+                "connection limits"
+            );
+        }
+        None => tracing::warn!("cannot read the open-file limit"),
+    }
+    Connections::new(total, per_peer)
+}
+
+/// `(max_connections, max_connections_per_peer)` within `files` open files: the total leaves
+/// [`RESERVED_FILES`] free, and when that lowers it one peer gets at most half of it.
+fn caps_within(limits: &Limits, files: Option<u64>) -> (usize, usize) {
+    let mut total = limits.max_connections;
+    let mut per_peer = limits.max_connections_per_peer;
+    if let Some(files) = files {
+        let room = usize::try_from(files.saturating_sub(RESERVED_FILES))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if room < total {
+            total = room;
+            // One peer must not be able to take every place that is left.
+            per_peer = per_peer.min((total / 2).max(1));
+        }
+    }
+    (total, per_peer.min(total))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
-    graceful: Arc<GracefulShutdown>,
+    connections: Arc<Connections>,
+    limits: Limits,
     mut stop: tokio::sync::watch::Receiver<bool>,
     tls: Option<Arc<crate::tls::Mtls>>,
 ) {
@@ -278,8 +339,14 @@ async fn accept_loop(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(H2_MAX_STREAMS);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -293,45 +360,134 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        // Over a cap: close at once (dropping the socket), before any byte is read.
+        let admitted = match connections.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refused) => {
+                tracing::debug!(%peer, limit = refused.as_str(), "connection refused");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        if let Some(tls) = &tls {
-            // The handshake runs in the connection's task so a slow client cannot hold up
-            // the accept loop; the verified certificate rides along with every request.
-            let (tls, app, builder) = (tls.clone(), app.clone(), builder.clone());
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let Some((stream, verified)) = tls.handshake(stream, peer).await else {
-                    return;
-                };
-                let service = app.map_request(
+        let local = stream.local_addr().ok();
+        let (app, builder, stop) = (app.clone(), builder.clone(), stop.clone());
+        let (tls, idle_timeout) = (tls.clone(), limits.idle_timeout);
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let activity = Activity::new();
+            let busy = activity.clone();
+            let service = move |verified: Option<Arc<crate::tls::VerifiedPeer>>| {
+                let busy = busy.clone();
+                let app = app.clone();
+                tower::service_fn(
                     move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                        req.extensions_mut().insert(verified.clone());
-                        req
+                        if let Some(local) = local {
+                            req.extensions_mut().insert(LocalAddr(local));
+                        }
+                        if let Some(v) = &verified {
+                            req.extensions_mut().insert(v.clone());
+                        }
+                        let in_flight = busy.begin();
+                        let call = app.clone().oneshot(req);
+                        async move {
+                            let response = call.await;
+                            drop(in_flight);
+                            response
+                        }
                     },
-                );
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(error = %e, %peer, "TLS connection ended with an error");
+                )
+            };
+            match tls {
+                // The handshake runs in the connection's task so a slow client cannot hold
+                // up the accept loop; the verified certificate rides along with every request.
+                Some(tls) => {
+                    let Some((stream, verified)) = tls.handshake(stream, peer).await else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(
+                        TokioIo::new(stream),
+                        TowerToHyperService::new(service(Some(verified))),
+                    );
+                    serve(conn, peer, &activity, idle_timeout, stop).await;
                 }
-            });
-            continue;
-        }
-        let service = app.clone().map_request(
-            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            },
-        );
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+                None => {
+                    let conn = builder.serve_connection(
+                        TokioIo::new(stream),
+                        TowerToHyperService::new(service(None)),
+                    );
+                    serve(conn, peer, &activity, idle_timeout, stop).await;
+                }
             }
         });
+    }
+}
+
+/// Drive one connection until it ends, closing it gracefully when the broker stops or when no
+/// request has been in flight for `idle_timeout`.
+async fn serve<C>(
+    conn: C,
+    peer: SocketAddr,
+    activity: &Activity,
+    idle_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulConn,
+{
+    let mut conn = std::pin::pin!(conn);
+    let grace = tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.wait_for(|stopping| *stopping) => DRAIN_TIMEOUT,
+        () = activity.idle(idle_timeout) => {
+            tracing::debug!(%peer, "closing an idle connection");
+            IDLE_CLOSE_GRACE
+        }
+    };
+    conn.as_mut().shut_down();
+    match tokio::time::timeout(grace, conn).await {
+        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!(%peer, "connection dropped after {grace:?} of closing"),
+    }
+}
+
+/// hyper-util's connection types, closable through a pinned reference.
+trait GracefulConn {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulConn for auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: hyper::body::Body + Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Write the summaries of ended anonymous-refusal windows once a second (the rest are written
+/// at shutdown by the audit log itself).
+async fn write_refusal_summaries(audit: AuditLog, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = audit.flush_refusal_summaries().await {
+            tracing::error!(error = %e, "audit log write failed for refusal summaries");
+        }
     }
 }
 
@@ -387,5 +543,27 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         if let Err(e) = state.audit.record(vec![event]).await {
             tracing::error!(error = %e, "audit log write failed for a policy reload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// h2c_connection_exhaustion: at a 256 open-file limit, 300 silent connections starved
+    /// everyone; now the caps stay below the limit and one peer gets at most half.
+    #[test]
+    fn connection_caps_fit_the_open_file_limit() {
+        let limits = Limits::default();
+        assert_eq!(caps_within(&limits, None), (4096, 128));
+        assert_eq!(caps_within(&limits, Some(1_048_576)), (4096, 128));
+        assert_eq!(caps_within(&limits, Some(256)), (128, 64));
+        assert_eq!(caps_within(&limits, Some(100)), (1, 1));
+        let one_peer = Limits {
+            max_connections: 50,
+            max_connections_per_peer: 50,
+            ..Limits::default()
+        };
+        assert_eq!(caps_within(&one_peer, Some(1024)), (50, 50));
     }
 }

@@ -40,6 +40,9 @@ pub enum AuditEventKind {
     CertRevoked,
     /// An enrollment, renewal, TLS handshake or certificate use was refused.
     CertRefused,
+    /// Unauthenticated refusals from one peer beyond `[limits] audited_refusals_per_peer`
+    /// in one window, counted instead of written one by one.
+    RefusalsSummarized,
 }
 
 impl AuditEventKind {
@@ -68,6 +71,7 @@ impl AuditEventKind {
             AuditEventKind::CertRenewed => "cert_renewed",
             AuditEventKind::CertRevoked => "cert_revoked",
             AuditEventKind::CertRefused => "cert_refused",
+            AuditEventKind::RefusalsSummarized => "refusals_summarized",
         }
     }
 }

@@ -42,6 +42,16 @@ pub fn valid_repo_name(name: &str) -> bool {
         && name != ".."
 }
 
+/// The repository part of a git URL path lower-cased, without one `.git` suffix (any case).
+/// `None` when the name still ends in `.git` after that: `infra.git.git` must not become a
+/// repository `infra.git` that a rule for `infra` does not name, and GitHub has no
+/// repository whose name ends in `.git`.
+pub fn strip_git_suffix(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    let stripped = lower.strip_suffix(".git").unwrap_or(&lower);
+    (!stripped.ends_with(".git")).then(|| stripped.to_string())
+}
+
 impl RepoName {
     pub fn owner(&self) -> &str {
         &self.full[..self.slash]
@@ -69,11 +79,11 @@ impl FromStr for RepoName {
         if !valid_owner(owner) {
             return Err(RepoError::Owner(owner.to_string()));
         }
-        let name = name.strip_suffix(".git").unwrap_or(name);
-        if !valid_repo_name(name) {
-            return Err(RepoError::Name(name.to_string()));
+        let name = strip_git_suffix(name).ok_or_else(|| RepoError::Name(name.to_string()))?;
+        if !valid_repo_name(&name) {
+            return Err(RepoError::Name(name));
         }
-        let full = format!("{owner}/{name}").to_ascii_lowercase();
+        let full = format!("{}/{name}", owner.to_ascii_lowercase());
         Ok(RepoName {
             slash: owner.len(),
             full,
@@ -98,6 +108,13 @@ mod tests {
             ("myorg/repo-a", Some("myorg/repo-a")),
             ("MyOrg/Repo.A", Some("myorg/repo.a")),
             ("acme-corp/web.git", Some("acme-corp/web")),
+            ("acme-corp/web.GIT", Some("acme-corp/web")),
+            // Regression (infra_git_git_normalises_past_deny): one `.git` is stripped, and a name
+            // that still ends in `.git` is refused, so it can never slip past `deny owner/infra`.
+            ("owner/infra.git.git", None),
+            ("owner/infra.GIT.git", None),
+            ("owner/infra.git", Some("owner/infra")),
+            ("owner/.git", None),
             ("a/b_c", Some("a/b_c")),
             ("../x", None),
             ("x/..", None),

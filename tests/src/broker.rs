@@ -24,21 +24,24 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a workspace binary, building the workspace's binaries once if it is missing
-/// (`tests/run` builds them first; a bare `cargo test` may not have).
+/// Path of a workspace binary, after building the workspace's binaries once per test process:
+/// always, not only when one is missing, so that a bare `cargo test` never runs a stale binary
+/// left from an older build (cargo does not rebuild binaries for another package's tests).
+/// Up to date, the build is a quick no-op.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let path = target_dir().join(name);
-    if !path.exists() {
-        BUILT.get_or_init(|| {
-            let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "--workspace", "--bins"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .status()
-                .expect("running cargo build");
-            assert!(status.success(), "cargo build --workspace --bins failed");
-        });
-    }
+    let dir = target_dir();
+    BUILT.get_or_init(|| {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "--workspace", "--bins"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    let path = dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -49,6 +52,8 @@ pub struct BrokerBuilder {
     github_api_url: Option<String>,
     app_id: u64,
     tailscaled_socket: Option<PathBuf>,
+    tailscale_toml: String,
+    open_file_limit: Option<u64>,
     api_keys: Vec<(String, String)>,
     extra_toml: String,
     github_toml: String,
@@ -64,6 +69,8 @@ impl BrokerBuilder {
             github_api_url: None,
             app_id: 912_345,
             tailscaled_socket: None,
+            tailscale_toml: String::new(),
+            open_file_limit: None,
             api_keys: Vec::new(),
             extra_toml: String::new(),
             github_toml: String::new(),
@@ -91,6 +98,19 @@ impl BrokerBuilder {
     /// Identify callers with this (fake) tailscaled.
     pub fn tailscaled(mut self, socket: &Path) -> Self {
         self.tailscaled_socket = Some(socket.to_path_buf());
+        self
+    }
+
+    /// Extra keys for the `[tailscale]` table (e.g. `trust_own_node = true`).
+    pub fn tailscale_toml(mut self, toml: &str) -> Self {
+        self.tailscale_toml.push_str(toml);
+        self
+    }
+
+    /// Start the broker with this open-file limit, soft and hard (through `sh -c 'ulimit -n'`),
+    /// so that it cannot raise it.
+    pub fn open_file_limit(mut self, files: u64) -> Self {
+        self.open_file_limit = Some(files);
         self
     }
 
@@ -132,8 +152,9 @@ impl BrokerBuilder {
         );
         match &self.tailscaled_socket {
             Some(s) => toml.push_str(&format!(
-                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n\n",
-                s.display()
+                "[tailscale]\nsocket = \"{}\"\nwhois_cache_ttl = \"5s\"\n{}\n",
+                s.display(),
+                self.tailscale_toml
             )),
             None => toml.push_str("[tailscale]\nenabled = false\n\n"),
         }
@@ -161,7 +182,16 @@ impl BrokerBuilder {
         let config_path = dir.path().join("broker.toml");
         std::fs::write(&config_path, &toml).expect("write config");
 
-        let mut cmd = Command::new(binary("botcreds"));
+        let mut cmd = match self.open_file_limit {
+            None => Command::new(binary("botcreds")),
+            Some(files) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+                    .arg(binary("botcreds"));
+                sh
+            }
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)

@@ -188,6 +188,7 @@ pub struct NodeBuilder {
     profile_pic_url: Option<String>,
     groups: Vec<String>,
     capabilities: BTreeMap<String, Vec<String>>,
+    sharer: Option<i64>,
 }
 
 impl NodeBuilder {
@@ -223,7 +224,17 @@ impl NodeBuilder {
             profile_pic_url: None,
             groups: Vec::new(),
             capabilities: BTreeMap::new(),
+            sharer: None,
         }
+    }
+
+    /// A node shared in from another tailnet by user `sharer`: `Node.Sharer` is set and, as
+    /// tailscaled computes it for shared-in nodes, `ComputedName` is the FQDN without its dot
+    /// (unless [`NodeBuilder::computed_name`] says otherwise). Combine with
+    /// [`NodeBuilder::tailnet`] for the other tailnet's domain.
+    pub fn shared_in_by(mut self, sharer: i64) -> Self {
+        self.sharer = Some(sharer);
+        self
     }
 
     /// ACL tags (`tag:ci`); a node with tags is a tagged node owned by `tagged-devices`.
@@ -460,10 +471,13 @@ impl NodeBuilder {
             .os_hostname
             .clone()
             .unwrap_or_else(|| self.name.clone());
-        let computed = self
-            .computed_name
-            .clone()
-            .unwrap_or_else(|| self.name.clone());
+        let computed = self.computed_name.clone().unwrap_or_else(|| {
+            if self.sharer.is_some() {
+                format!("{}.{}", self.name, self.tailnet.trim_end_matches('.'))
+            } else {
+                self.name.clone()
+            }
+        });
         let host_if_different = sanitize_hostname(&os_hostname);
         let computed_with_host =
             if host_if_different.is_empty() || host_if_different.eq_ignore_ascii_case(&computed) {
@@ -482,6 +496,7 @@ impl NodeBuilder {
                 .unwrap_or_else(|| derived_stable_id(&self.name)),
             name: format!("{}.{}.", self.name, self.tailnet.trim_end_matches('.')),
             user: user_id,
+            sharer: self.sharer.unwrap_or(0),
             key: self
                 .node_key
                 .clone()
@@ -600,6 +615,8 @@ struct WireNode {
     name: String,
     #[serde(rename = "User")]
     user: i64,
+    #[serde(rename = "Sharer", skip_serializing_if = "is_zero")]
+    sharer: i64,
     #[serde(rename = "Key")]
     key: String,
     #[serde(rename = "KeyExpiry", skip_serializing_if = "Option::is_none")]

@@ -576,6 +576,67 @@ async fn tailscaled_down_is_identity_unavailable_but_api_keys_work() {
     assert_eq!(s, 200, "{b}");
 }
 
+/// The fake tailscaled's refusals reach the broker: WhoIs answered `403 whois access denied`
+/// (the broker's user lacks read access) or `500 server has no local backend`. Each is a
+/// clear `503 identity_unavailable` with a retry hint, never a crash, never another caller's
+/// identity; API keys keep working, and identity returns with tailscaled.
+#[tokio::test(flavor = "multi_thread")]
+async fn tailscaled_refusing_whois_is_identity_unavailable() {
+    let w = world().await;
+    let req = token_request(&["acme-corp/web"], &["contents:read"]);
+    type Mode = fn(&FakeTailscaled, bool);
+    // Each mode from a peer not asked about before: positive answers are cached for 5 s.
+    let modes: [(&str, Mode, &str, u16); 2] = [
+        (
+            "whois access denied",
+            |t, on| t.set_whois_denied(on),
+            STRANGER,
+            202,
+        ),
+        (
+            "no local backend",
+            |t, on| t.fail_next(if on { u32::MAX } else { 0 }),
+            LAPTOP,
+            200,
+        ),
+    ];
+    for (what, set, from, back) in modes {
+        set(&w.tailscaled, true);
+        let client = w.broker.client_from(ip(from));
+        let resp = client
+            .post(format!("{}/v1/credentials", w.broker.url))
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..]),
+            "{what}"
+        );
+        let (s, b) = (resp.status().as_u16(), resp.json::<Value>().await.unwrap());
+        assert_eq!(
+            (s, code_of(&b)),
+            (503, ErrorCode::IdentityUnavailable),
+            "{what}: {b}"
+        );
+        let (s, b) = ask_with(&w, from, req.clone(), Some(SCRIPT_KEY)).await;
+        assert_eq!(s, 200, "{what}: API keys do not need tailscaled: {b}");
+        set(&w.tailscaled, false);
+        let (s, b) = ask(&w, from, req.clone()).await;
+        assert_eq!(s, back, "{what}: identity is back: {b}");
+    }
+    let resp = w
+        .broker
+        .client_from(ip(STRANGER))
+        .get(format!("{}/healthz", w.broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!w.broker.logs().contains("panicked"), "{}", w.broker.logs());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn policy_reloads_on_change_and_keeps_the_last_good_one() {
     let mut w = world().await;

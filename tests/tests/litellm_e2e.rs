@@ -1,6 +1,8 @@
-//! End-to-end: the real `botcreds` binary serving LiteLLM virtual keys through the fake
-//! LiteLLM: bot requests under the policy, the key-provisioner API exactly as its design
-//! shows, the keys CLI, the sweeper, a dead LiteLLM, and no plaintext key on disk or in the log.
+//! End-to-end: the real `botcreds` binary serving LiteLLM virtual keys: bot requests under the
+//! policy, the key-provisioner API exactly as its design shows, the keys CLI and no plaintext key
+//! on disk or in the log on every LiteLLM backend (the fake, and the real proxy when
+//! `BOTCREDS_REAL_LITELLM_URL` names one); the approval flow's waits, the sweeper, a dead LiteLLM
+//! and tailnet users' keys through the fake alone.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -180,138 +182,6 @@ fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bots_ask_through_the_policy_and_release_their_keys() {
-    let w = world("").await;
-    let ask = |scope: &str| json!({"kind": "litellm_key", "scope": scope, "reason": "review PRs"});
-
-    let (status, cred) = w.credential(REVIEW_KEY, ask("agent:review")).await;
-    assert_eq!(status, 200, "{cred}");
-    assert_eq!(cred["kind"], "litellm_key");
-    assert_eq!(cred["scope"], "agent:review");
-    assert_eq!(cred["name"], "review-bot.agent-review");
-    assert_eq!(cred["budget_usd"], json!(2.0));
-    assert_eq!(cred["budget_period"], "run");
-    assert_eq!(cred["rpm_limit"], 60);
-    assert_eq!(cred["models"], json!([HAIKU]));
-    assert_eq!(cred["bot"], "review-bot");
-    assert_eq!(
-        cred["base_url"],
-        json!(format!("{}/v1", w.litellm.base_url()))
-    );
-    let key = cred["key"].as_str().unwrap().to_string();
-    assert!(cred["credential_id"].as_str().unwrap().starts_with("lk_"));
-
-    // What the broker asked LiteLLM for: the reference's fields and the design's metadata.
-    let generated = w.litellm.calls_to("/key/generate");
-    assert_eq!(generated.len(), 1);
-    let body = &generated[0].body;
-    assert_eq!(body["key_alias"], "review-bot.agent-review");
-    assert_eq!(body["duration"], "3600s");
-    assert_eq!(body["max_budget"], json!(2.0));
-    assert_eq!(body["rpm_limit"], 60);
-    assert_eq!(body["key_type"], "llm_api");
-    assert!(
-        body.get("budget_duration").is_none(),
-        "per-run budgets never reset"
-    );
-    let meta = &body["metadata"];
-    for field in [
-        "scope",
-        "key_type",
-        "created_by",
-        "created_at",
-        "coder_workspace_id",
-        "workspace_name",
-        "coder_user",
-        "coder_user_id",
-        "expires_at",
-        "budget_usd",
-        "rpm_limit",
-        "models",
-    ] {
-        assert!(meta.get(field).is_some(), "metadata lacks {field}: {meta}");
-    }
-    assert_eq!(meta["key_type"], "virtual");
-    assert_eq!(meta["botcreds_bot"], "review-bot");
-    assert_eq!(generated[0].changed_by.as_deref(), Some("botcreds"));
-
-    // The key works at the proxy for its model only.
-    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 200);
-    assert_eq!(w.litellm.chat(&key, SONNET).await.0, 403);
-
-    // Asking again answers the same live key.
-    let (status, again) = w.credential(REVIEW_KEY, ask("agent:review")).await;
-    assert_eq!(status, 200);
-    assert_eq!(again["key"], cred["key"]);
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
-
-    // Deny, approval and bad input mint nothing.
-    let (status, body) = w.credential(REVIEW_KEY, ask("agent:write")).await;
-    assert_eq!((status, code_of(&body)), (403, ErrorCode::PolicyDenied));
-    assert!(body["rule"].as_str().unwrap().contains("deny"));
-    let (status, body) = w.credential(REVIEW_KEY, ask("ci")).await;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(body["state"], "PENDING");
-    assert_eq!(
-        body["resource"],
-        json!({"kind": "litellm_key", "scope": "ci"})
-    );
-    let (status, body) = w.credential(REVIEW_KEY, ask("gpu")).await;
-    assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidScope));
-    let (status, body) = w
-        .credential(
-            REVIEW_KEY,
-            json!({"kind": "litellm_key", "scope": "workspace"}),
-        )
-        .await;
-    assert_eq!((status, code_of(&body)), (400, ErrorCode::InvalidWorkspace));
-    let (status, body) = w
-        .credential(
-            REVIEW_KEY,
-            json!({"kind": "litellm_key", "scope": "agent:review", "ttl": "5h"}),
-        )
-        .await;
-    assert_eq!((status, code_of(&body)), (400, ErrorCode::TtlTooLong));
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
-
-    // A workspace key through the policy, for the agent.
-    let ws = json!({"workspace_id": "ws-1", "workspace_name": "dev", "coder_user": "alice", "coder_user_id": "usr-1"});
-    let (status, wk) = w
-        .credential(
-            REVIEW_KEY,
-            json!({"kind": "litellm_key", "scope": "workspace", "workspace": ws}),
-        )
-        .await;
-    assert_eq!(status, 200, "{wk}");
-    assert_eq!(
-        (wk["name"].clone(), wk["budget_period"].clone()),
-        (json!("dev"), json!("day"))
-    );
-
-    // Release: only by its holder; then the key is dead at the proxy.
-    let id = cred["credential_id"].as_str().unwrap();
-    let release = |who: &'static str| {
-        let body = json!({"credential_id": id});
-        let r = w
-            .http
-            .post(w.url("/v1/credentials/release"))
-            .bearer_auth(who)
-            .json(&body);
-        call(r)
-    };
-    let (status, body) = release(OTHER_KEY).await;
-    assert_eq!(
-        (status, code_of(&body)),
-        (404, ErrorCode::UnknownCredential)
-    );
-    let (status, body) = release(REVIEW_KEY).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["released"], true);
-    assert_eq!(body["deleted_upstream"], true);
-    assert_eq!(w.litellm.chat(&key, HAIKU).await.0, 401);
-}
-
 /// The approval flow for LiteLLM keys: wait, approve with the CLI, grant, remember, deny,
 /// and revocation by bot and by credential id.
 #[tokio::test(flavor = "multi_thread")]
@@ -477,371 +347,6 @@ async fn litellm_keys_that_need_a_human_go_through_the_approval_flow() {
             .0,
         200
     );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn provisioner_api_answers_the_designs_bodies_and_keeps_keys_off_disk() {
-    let mut w = world("").await;
-    let mut handed_out: Vec<String> = Vec::new();
-    let workspace = json!({
-        "workspace_id": "ws-abc123",
-        "workspace_name": "contractor-alice",
-        "coder_user": "alice",
-        "coder_user_id": "usr-def456"
-    });
-
-    // Wrong or missing secret: exactly the design's 401 body.
-    for secret in [Some("wrong"), None] {
-        let (status, body) = w
-            .provisioner("/api/v1/keys/workspace", secret, workspace.clone())
-            .await;
-        assert_eq!(
-            (status, body),
-            (401, json!({"error": "invalid provisioner secret"}))
-        );
-    }
-
-    // The startup script's call.
-    let (status, ws) = w
-        .provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone())
-        .await;
-    assert_eq!(status, 200, "{ws}");
-    assert_eq!(
-        keys_of(&ws),
-        set(&[
-            "key",
-            "scope",
-            "budget_usd",
-            "rpm_limit",
-            "models",
-            "expires_at",
-            "metadata"
-        ])
-    );
-    assert_eq!(ws["scope"], "workspace");
-    assert_eq!(ws["budget_usd"], json!(5.0));
-    assert_eq!(ws["rpm_limit"], 30);
-    assert_eq!(ws["models"], json!([SONNET, HAIKU]));
-    assert_eq!(ws["metadata"], workspace);
-    let ws_key = ws["key"].as_str().unwrap().to_string();
-    handed_out.push(ws_key.clone());
-    assert_eq!(w.litellm.chat(&ws_key, SONNET).await.0, 200);
-    let row = w
-        .litellm
-        .key_by_alias("contractor-alice")
-        .expect("key in LiteLLM");
-    assert_eq!(row.budget_duration.as_deref(), Some("1d"));
-    assert_eq!(row.metadata["created_by"], "key-provisioner");
-    assert_eq!(row.metadata["coder_workspace_id"], "ws-abc123");
-
-    // Idempotent: the live key comes back, nothing new is minted.
-    let (status, again) = w
-        .provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone())
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(again["key"], ws["key"]);
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), 1);
-
-    // Missing fields.
-    let (status, body) = w
-        .provisioner(
-            "/api/v1/keys/workspace",
-            Some(SECRET),
-            json!({"workspace_id": "x"}),
-        )
-        .await;
-    assert_eq!(status, 400);
-    assert_eq!(body["error"], "invalid workspace");
-
-    // A service key, as manage-service-keys.sh asks.
-    let service =
-        json!({"scope": "ci", "name": "github-actions-main", "budget_usd": 10, "duration": "1h"});
-    let (status, sk) = w
-        .provisioner("/api/v1/keys/service", Some(SECRET), service.clone())
-        .await;
-    assert_eq!(status, 200, "{sk}");
-    assert_eq!(
-        keys_of(&sk),
-        set(&[
-            "key",
-            "scope",
-            "name",
-            "budget_usd",
-            "rpm_limit",
-            "models",
-            "expires_at"
-        ])
-    );
-    assert_eq!(
-        (
-            sk["scope"].clone(),
-            sk["name"].clone(),
-            sk["budget_usd"].clone(),
-            sk["rpm_limit"].clone(),
-            sk["models"].clone()
-        ),
-        (
-            json!("ci"),
-            json!("github-actions-main"),
-            json!(10.0),
-            json!(120),
-            json!([HAIKU])
-        )
-    );
-    let sk_key = sk["key"].as_str().unwrap().to_string();
-    handed_out.push(sk_key.clone());
-    let (status, body) = w
-        .provisioner("/api/v1/keys/service", Some(SECRET), service)
-        .await;
-    assert_eq!((status, body["error"].clone()), (409, json!("key exists")));
-
-    // Bad input: clear errors, nothing minted.
-    let minted = w.litellm.calls_to("/key/generate").len();
-    let bad = [
-        (
-            json!({"scope": "ci", "name": "x", "budget_usd": "ten"}),
-            "invalid budget",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "budget_usd": -1}),
-            "invalid budget",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "budget_usd": 11}),
-            "invalid budget",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "duration": "soon"}),
-            "invalid duration",
-        ),
-        (
-            json!({"scope": "ci", "name": "x", "duration": "3h"}),
-            "invalid duration",
-        ),
-        (json!({"scope": "gpu", "name": "x"}), "invalid scope"),
-        (json!({"scope": "workspace", "name": "x"}), "invalid scope"),
-        (json!({"scope": "ci", "name": "a b"}), "invalid key name"),
-    ];
-    for (body, error) in bad {
-        let (status, answer) = w
-            .provisioner("/api/v1/keys/service", Some(SECRET), body.clone())
-            .await;
-        assert_eq!(
-            (status, answer["error"].clone()),
-            (400, json!(error)),
-            "{body}: {answer}"
-        );
-        assert!(answer["detail"].is_string());
-    }
-    assert_eq!(w.litellm.calls_to("/key/generate").len(), minted);
-
-    // A user key with a Coder session token.
-    w.litellm
-        .add_coder_session("sess-alice", "usr-def456", "alice");
-    let user = |token: &'static str| {
-        let r = w
-            .http
-            .post(w.url("/api/v1/keys/user"))
-            .bearer_auth(token)
-            .json(&json!({"coder_user": "alice"}));
-        call(r)
-    };
-    let (status, uk) = user("sess-alice").await;
-    assert_eq!(status, 200, "{uk}");
-    assert_eq!(
-        keys_of(&uk),
-        set(&[
-            "key",
-            "scope",
-            "budget_usd",
-            "rpm_limit",
-            "models",
-            "expires_at"
-        ])
-    );
-    assert_eq!(
-        (
-            uk["scope"].clone(),
-            uk["budget_usd"].clone(),
-            uk["rpm_limit"].clone()
-        ),
-        (json!("user"), json!(20.0), json!(60))
-    );
-    handed_out.push(uk["key"].as_str().unwrap().to_string());
-    let (status, body) = user("sess-nobody").await;
-    assert_eq!(
-        (status, body["error"].clone()),
-        (401, json!("invalid session token"))
-    );
-
-    // Revocation by name: the design's bodies; the key is dead at the proxy at once.
-    let delete = |name: &str, secret: &str| {
-        let r = w
-            .http
-            .delete(w.url(&format!("/api/v1/keys/{name}")))
-            .header("X-Provisioner-Secret", secret.to_string());
-        call(r)
-    };
-    let (status, body) = delete("github-actions-main", "wrong").await;
-    assert_eq!(
-        (status, body),
-        (401, json!({"error": "invalid provisioner secret"}))
-    );
-    let (status, body) = delete("github-actions-main", SECRET).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(keys_of(&body), set(&["revoked", "name", "revoked_at"]));
-    assert_eq!(
-        (body["revoked"].clone(), body["name"].clone()),
-        (json!(true), json!("github-actions-main"))
-    );
-    assert!(w.litellm.was_deleted(&sk_key));
-    assert_eq!(w.litellm.chat(&sk_key, HAIKU).await.0, 401);
-    let (status, body) = delete("github-actions-main", SECRET).await;
-    assert_eq!(
-        (status, body),
-        (
-            404,
-            json!({"error": "key not found", "name": "github-actions-main"})
-        )
-    );
-
-    // No plaintext key (nor the master key) on the broker's disk or in its log.
-    w.broker.stop().await;
-    let files = files_under(&w.broker.data_dir());
-    // The scan reads what the broker stored: the key records (by name) are there.
-    assert!(
-        files
-            .iter()
-            .any(|(_, b)| contains(b, "github-actions-main"))
-    );
-    let logs = w.broker.logs();
-    for secret in handed_out
-        .iter()
-        .map(String::as_str)
-        .chain([w.litellm.master_key(), SECRET])
-    {
-        for (path, bytes) in &files {
-            assert!(
-                !contains(bytes, secret),
-                "a secret is in {}",
-                path.display()
-            );
-        }
-        assert!(!logs.contains(secret), "a secret is in the broker's log");
-    }
-    assert!(
-        logs.contains("LiteLLM key issued"),
-        "the log is the broker's"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn keys_cli_creates_lists_rotates_and_revokes() {
-    let w = world("").await;
-    let (code, out, err) = w
-        .cli(&[
-            "keys",
-            "create",
-            "ci",
-            "--name",
-            "github-actions-main",
-            "--budget",
-            "10",
-            "--duration",
-            "1h",
-        ])
-        .await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("✓ CI key created\nKey:     sk-"), "{out}");
-    assert!(out.contains("Budget:  $10/run"), "{out}");
-    let first = out
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim_start_matches("Key:")
-        .trim()
-        .to_string();
-    assert_eq!(w.litellm.chat(&first, HAIKU).await.0, 200);
-
-    let (code, out, _) = w.cli(&["keys", "list"]).await;
-    assert_eq!(code, 0);
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        ["SCOPE", "NAME", "BUDGET", "RPM", "EXPIRES", "STATUS"]
-    );
-    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        (row[0], row[1], row[2], row[3], row[5]),
-        ("ci", "github-actions-main", "$10/run", "120", "active")
-    );
-    assert!(!out.contains(&first), "list never shows keys");
-
-    let (code, out, _) = w
-        .cli(&["keys", "rotate", "--name", "github-actions-main"])
-        .await;
-    assert_eq!(code, 0);
-    assert!(
-        out.starts_with("✓ Key \"github-actions-main\" rotated\nOld key revoked\nNew key: sk-"),
-        "{out}"
-    );
-    let second = out
-        .lines()
-        .nth(2)
-        .unwrap()
-        .trim_start_matches("New key:")
-        .trim()
-        .to_string();
-    assert_ne!(first, second);
-    assert_eq!(w.litellm.chat(&first, HAIKU).await.0, 401);
-    assert_eq!(w.litellm.chat(&second, HAIKU).await.0, 200);
-    assert_eq!(
-        w.litellm
-            .key_by_alias("github-actions-main")
-            .map(|k| k.key_name),
-        Some(format!("sk-...{}", &second[second.len() - 4..]))
-    );
-
-    let (code, out, _) = w.cli(&["keys", "list", "--json"]).await;
-    assert_eq!(code, 0);
-    let list: Value = serde_json::from_str(&out).unwrap();
-    let statuses: BTreeSet<&str> = list["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(statuses, set(&["active", "revoked"]));
-
-    let (code, out, _) = w
-        .cli(&["keys", "revoke", "--name", "github-actions-main"])
-        .await;
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "✓ Key \"github-actions-main\" revoked\n")
-    );
-    assert_eq!(w.litellm.chat(&second, HAIKU).await.0, 401);
-
-    let (code, _, err) = w
-        .cli(&["keys", "revoke", "--name", "github-actions-main"])
-        .await;
-    assert_eq!(code, 6, "{err}");
-    assert!(err.contains("key_not_found"), "{err}");
-    let (code, _, err) = w
-        .cli(&["keys", "create", "ci", "--name", "x", "--budget", "lots"])
-        .await;
-    assert_eq!(code, 8, "{err}");
-    assert!(err.contains("invalid_budget"), "{err}");
-    // Not an admin: refused.
-    let out = tokio::process::Command::new(binary("botcreds"))
-        .args(["keys", "list"])
-        .env("BOTCREDS_BROKER", &w.broker.url)
-        .env("BOTCREDS_API_KEY", REVIEW_KEY)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(5));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1045,6 +550,43 @@ async fn user_keys_for_tailnet_users_and_metrics() {
 // BOTCREDS_REAL_LITELLM_URL names one (tests/litellm-real/litellm_real.py). Names carry a run tag,
 // since a real proxy outlives one test run.
 
+/// The policy of [`world_on`]'s broker: `rb-<tag>` with `deny` rules `deny` (a flow list's
+/// items, e.g. `{ litellm_scope: "agent:review" }`) besides the one for `agent:write`.
+fn policy_on(tag: &str, deny: &str) -> String {
+    format!(
+        r#"
+bots:
+  rb-{tag}:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: "agent:review" }}, {{ litellm_scope: workspace }}]
+    requires_approval: [{{ litellm_scope: ci }}]
+    deny: [{{ litellm_scope: "agent:write" }}{deny}]
+  ob-{tag}:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: workspace }}]
+  ops:
+    identity: {{ type: api_key }}
+"#
+    )
+}
+
+/// `botcreds ARGS` as the `ops` admin against `broker`: exit code, stdout, stderr.
+async fn cli_on(broker: &BrokerProcess, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary("botcreds"))
+        .args(args)
+        .env("BOTCREDS_BROKER", &broker.url)
+        .env("BOTCREDS_API_KEY", OPS_KEY)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running botcreds");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A broker on `backend`, with bots and names tagged `tag`; Coder is always a double.
 async fn world_on(
     backend: &LitellmBackend,
@@ -1057,21 +599,7 @@ async fn world_on(
         None => FakeLitellm::start(FakeLitellmConfig::default()).await,
     };
     let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let policy = format!(
-        r#"
-bots:
-  rb-{tag}:
-    identity: {{ type: api_key }}
-    auto_approve: [{{ litellm_scope: "agent:review" }}, {{ litellm_scope: workspace }}]
-    requires_approval: [{{ litellm_scope: ci }}]
-  ob-{tag}:
-    identity: {{ type: api_key }}
-    auto_approve: [{{ litellm_scope: workspace }}]
-  ops:
-    identity: {{ type: api_key }}
-"#
-    );
-    let broker = BrokerBuilder::new(&policy)
+    let broker = BrokerBuilder::new(&policy_on(tag, ""))
         .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
         .api_key(&format!("rb-{tag}"), REVIEW_KEY)
         .api_key(&format!("ob-{tag}"), OTHER_KEY)
@@ -1393,5 +921,713 @@ async fn key_lifecycle_on_every_litellm_backend() {
             (502, json!("litellm auth failed")),
             "{b}: {body}"
         );
+    }
+}
+
+/// The bot route on every backend: the answer and what LiteLLM stores, reuse, refusals that
+/// mint nothing, a workspace key, release by its holder only, and a reload that denies the
+/// scope deleting the live key in LiteLLM (audited as the policy's doing).
+#[tokio::test(flavor = "multi_thread")]
+async fn bot_keys_refusals_release_and_reload_on_every_litellm_backend() {
+    for backend in LitellmBackend::all().await {
+        let b = backend.label.as_str();
+        let tag = run_tag();
+        let (mut broker, _coder, _github, http) =
+            world_on(&backend, &tag, &backend.master_key).await;
+        let base = broker.url.clone();
+        let url = |p: &str| format!("{base}{p}");
+        let ask =
+            |scope: &str| json!({"kind": "litellm_key", "scope": scope, "reason": "review PRs"});
+        let credential = |key: &str, body: Value| {
+            call(
+                http.post(url("/v1/credentials"))
+                    .bearer_auth(key)
+                    .json(&body),
+            )
+        };
+        let bot = format!("rb-{tag}");
+        let name = format!("{bot}.agent-review");
+
+        let (status, cred) = credential(REVIEW_KEY, ask("agent:review")).await;
+        assert_eq!(status, 200, "{b}: {cred}");
+        for (field, want) in [
+            ("kind", json!("litellm_key")),
+            ("scope", json!("agent:review")),
+            ("name", json!(name)),
+            ("budget_usd", json!(2.0)),
+            ("budget_period", json!("run")),
+            ("rpm_limit", json!(60)),
+            ("models", json!([HAIKU])),
+            ("bot", json!(bot)),
+            ("base_url", json!(format!("{}/v1", backend.url))),
+        ] {
+            assert_eq!(cred[field], want, "{b}: {field} of {cred}");
+        }
+        assert!(cred["credential_id"].as_str().unwrap().starts_with("lk_"));
+        let key = cred["key"].as_str().unwrap().to_string();
+        assert_eq!(
+            backend.models_of(&key).await,
+            (200, vec![HAIKU.to_string()]),
+            "{b}"
+        );
+        // What LiteLLM stores: the reference's fields and the design's metadata.
+        let row = backend
+            .key_by_alias(&name)
+            .await
+            .unwrap_or_else(|| panic!("{b}: no key {name}"));
+        assert_eq!(row["max_budget"], 2.0, "{b}: {row}");
+        assert_eq!(row["rpm_limit"], 60, "{b}: {row}");
+        assert!(
+            row["budget_duration"].is_null(),
+            "{b}: per-run budgets never reset: {row}"
+        );
+        let meta = &row["metadata"];
+        for field in [
+            "scope",
+            "key_type",
+            "created_by",
+            "created_at",
+            "coder_workspace_id",
+            "workspace_name",
+            "coder_user",
+            "coder_user_id",
+            "expires_at",
+            "budget_usd",
+            "rpm_limit",
+            "models",
+        ] {
+            assert!(
+                meta.get(field).is_some(),
+                "{b}: metadata lacks {field}: {meta}"
+            );
+        }
+        assert_eq!(
+            (meta["key_type"].clone(), meta["scope"].clone()),
+            (json!("virtual"), json!("agent:review")),
+            "{b}: {meta}"
+        );
+
+        // What the broker asked the double for: the reference's fields, and who changed it.
+        if let Some(fake) = backend.fake() {
+            let generated = fake.calls_to("/key/generate");
+            assert_eq!(generated.len(), 1);
+            let body = &generated[0].body;
+            assert_eq!(body["key_alias"], name.as_str());
+            assert_eq!(body["duration"], "3600s");
+            assert_eq!(body["max_budget"], json!(2.0));
+            assert_eq!(body["rpm_limit"], 60);
+            assert_eq!(body["key_type"], "llm_api");
+            assert!(
+                body.get("budget_duration").is_none(),
+                "per-run budgets never reset"
+            );
+            assert_eq!(body["metadata"]["botcreds_bot"], bot.as_str());
+            assert_eq!(generated[0].changed_by.as_deref(), Some("botcreds"));
+        }
+
+        // Asking again answers the same live key.
+        let (status, again) = credential(REVIEW_KEY, ask("agent:review")).await;
+        assert_eq!((status, &again["key"]), (200, &cred["key"]), "{b}: {again}");
+
+        // Deny, approval and bad input mint nothing in LiteLLM.
+        let (status, body) = credential(REVIEW_KEY, ask("agent:write")).await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (403, ErrorCode::PolicyDenied),
+            "{b}"
+        );
+        assert!(
+            body["rule"].as_str().unwrap().contains("deny"),
+            "{b}: {body}"
+        );
+        let (status, body) = credential(REVIEW_KEY, ask("ci")).await;
+        assert_eq!(
+            (status, &body["state"]),
+            (202, &json!("PENDING")),
+            "{b}: {body}"
+        );
+        let refusals = [
+            (ask("gpu"), ErrorCode::InvalidScope),
+            (
+                json!({"kind": "litellm_key", "scope": "workspace"}),
+                ErrorCode::InvalidWorkspace,
+            ),
+            (
+                json!({"kind": "litellm_key", "scope": "agent:review", "ttl": "5h"}),
+                ErrorCode::TtlTooLong,
+            ),
+        ];
+        for (body, code) in refusals {
+            let (status, answer) = credential(REVIEW_KEY, body.clone()).await;
+            assert_eq!((status, code_of(&answer)), (400, code), "{b}: {body}");
+        }
+        for alias in [format!("{bot}.agent-write"), format!("{bot}.ci")] {
+            assert!(
+                backend.key_by_alias(&alias).await.is_none(),
+                "{b}: {alias} was minted"
+            );
+        }
+
+        if let Some(fake) = backend.fake() {
+            assert_eq!(fake.calls_to("/key/generate").len(), 1, "one mint so far");
+        }
+
+        // A workspace key through the policy, for the agent.
+        let ws_name = format!("dev-{tag}");
+        let ws = json!({"workspace_id": format!("wsid-{tag}"), "workspace_name": ws_name, "coder_user": "alice", "coder_user_id": "usr-1"});
+        let (status, wk) = credential(
+            REVIEW_KEY,
+            json!({"kind": "litellm_key", "scope": "workspace", "workspace": ws}),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {wk}");
+        assert_eq!(
+            (wk["name"].clone(), wk["budget_period"].clone()),
+            (json!(ws_name), json!("day")),
+            "{b}"
+        );
+
+        // Release: only by its holder; then the key is dead at the proxy.
+        let release = |who: &str| {
+            call(
+                http.post(url("/v1/credentials/release"))
+                    .bearer_auth(who)
+                    .json(&json!({"credential_id": cred["credential_id"]})),
+            )
+        };
+        let (status, body) = release(OTHER_KEY).await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (404, ErrorCode::UnknownCredential),
+            "{b}"
+        );
+        assert_eq!(backend.models_of(&key).await.0, 200, "{b}: not released");
+        let (status, body) = release(REVIEW_KEY).await;
+        assert_eq!(
+            (status, &body["released"], &body["deleted_upstream"]),
+            (200, &json!(true), &json!(true)),
+            "{b}: {body}"
+        );
+        assert_eq!(backend.models_of(&key).await.0, 401, "{b}");
+
+        // A reload that denies the scope deletes the live key in LiteLLM, as the policy's doing.
+        let (status, cred) = credential(REVIEW_KEY, ask("agent:review")).await;
+        assert_eq!(status, 200, "{b}: {cred}");
+        let key = cred["key"].as_str().unwrap().to_string();
+        let loads = broker.log_count("policy reloaded");
+        std::fs::write(
+            &broker.policy_path,
+            policy_on(&tag, r#", { litellm_scope: "agent:review" }"#),
+        )
+        .unwrap();
+        broker.signal("HUP");
+        assert!(
+            broker
+                .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+                .await,
+            "{b}: no reload"
+        );
+        assert_eq!(
+            backend.models_of(&key).await.0,
+            401,
+            "{b}: the key lives on"
+        );
+        let (status, log) = call(
+            http.get(url("/v1/admin/audit?event=credential_revoked"))
+                .bearer_auth(OPS_KEY),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: {log}");
+        let revoked: Vec<(Value, Value)> = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["token_id"] == cred["credential_id"])
+            .map(|e| (e["caller"].clone(), e["reason"].clone()))
+            .collect();
+        assert_eq!(
+            revoked,
+            vec![(json!("policy"), json!("the policy now denies it"))],
+            "{b}"
+        );
+        let (status, body) = credential(REVIEW_KEY, ask("agent:review")).await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (403, ErrorCode::PolicyDenied),
+            "{b}: {body}"
+        );
+
+        // Clean up what lives on, so a real proxy shared by later runs holds nothing of ours.
+        let (status, body) = call(
+            http.delete(url(&format!("/v1/keys/{ws_name}")))
+                .bearer_auth(OPS_KEY),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}: revoking {ws_name}: {body}");
+    }
+}
+
+/// The key-provisioner API on every backend: the design's bodies, what LiteLLM stores, bad
+/// input minting nothing, revocation by name, and no plaintext key (nor the master key) on
+/// the broker's disk or in its log.
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioner_api_bodies_on_every_litellm_backend() {
+    for backend in LitellmBackend::all().await {
+        let b = backend.label.as_str();
+        let tag = run_tag();
+        let (mut broker, coder, _github, http) =
+            world_on(&backend, &tag, &backend.master_key).await;
+        let base = broker.url.clone();
+        let url = |p: &str| format!("{base}{p}");
+        let provisioner = |path: &str, secret: Option<&str>, body: Value| {
+            let mut r = http.post(url(path)).json(&body);
+            if let Some(s) = secret {
+                r = r.header("X-Provisioner-Secret", s);
+            }
+            call(r)
+        };
+        let mut handed_out: Vec<String> = Vec::new();
+        let ws_name = format!("ca-{tag}");
+        let workspace = json!({
+            "workspace_id": format!("ws-{tag}"),
+            "workspace_name": ws_name,
+            "coder_user": "alice",
+            "coder_user_id": "usr-def456"
+        });
+
+        for secret in [Some("wrong"), None] {
+            let (status, body) =
+                provisioner("/api/v1/keys/workspace", secret, workspace.clone()).await;
+            assert_eq!(
+                (status, body),
+                (401, json!({"error": "invalid provisioner secret"})),
+                "{b}"
+            );
+        }
+
+        let (status, ws) =
+            provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone()).await;
+        assert_eq!(status, 200, "{b}: {ws}");
+        assert_eq!(
+            keys_of(&ws),
+            set(&[
+                "key",
+                "scope",
+                "budget_usd",
+                "rpm_limit",
+                "models",
+                "expires_at",
+                "metadata"
+            ]),
+            "{b}"
+        );
+        assert_eq!(
+            (
+                ws["scope"].clone(),
+                ws["budget_usd"].clone(),
+                ws["rpm_limit"].clone(),
+                ws["models"].clone(),
+                ws["metadata"].clone()
+            ),
+            (
+                json!("workspace"),
+                json!(5.0),
+                json!(30),
+                json!([SONNET, HAIKU]),
+                workspace.clone()
+            ),
+            "{b}"
+        );
+        let ws_key = ws["key"].as_str().unwrap().to_string();
+        handed_out.push(ws_key.clone());
+        assert_eq!(
+            backend.models_of(&ws_key).await,
+            (200, vec![HAIKU.to_string(), SONNET.to_string()]),
+            "{b}"
+        );
+        let row = backend
+            .key_by_alias(&ws_name)
+            .await
+            .unwrap_or_else(|| panic!("{b}: no key {ws_name}"));
+        assert_eq!(row["budget_duration"], "1d", "{b}: {row}");
+        assert_eq!(
+            (
+                row["metadata"]["created_by"].clone(),
+                row["metadata"]["coder_workspace_id"].clone()
+            ),
+            (json!("key-provisioner"), json!(format!("ws-{tag}"))),
+            "{b}: {row}"
+        );
+        // Idempotent: the live key comes back.
+        let (status, again) =
+            provisioner("/api/v1/keys/workspace", Some(SECRET), workspace.clone()).await;
+        assert_eq!((status, &again["key"]), (200, &ws["key"]), "{b}");
+        let (status, body) = provisioner(
+            "/api/v1/keys/workspace",
+            Some(SECRET),
+            json!({"workspace_id": "x"}),
+        )
+        .await;
+        assert_eq!(
+            (status, &body["error"]),
+            (400, &json!("invalid workspace")),
+            "{b}"
+        );
+
+        // A service key, as manage-service-keys.sh asks; a second of the name is refused.
+        let svc = format!("gha-{tag}");
+        let service = json!({"scope": "ci", "name": svc, "budget_usd": 10, "duration": "1h"});
+        let (status, sk) = provisioner("/api/v1/keys/service", Some(SECRET), service.clone()).await;
+        assert_eq!(status, 200, "{b}: {sk}");
+        assert_eq!(
+            keys_of(&sk),
+            set(&[
+                "key",
+                "scope",
+                "name",
+                "budget_usd",
+                "rpm_limit",
+                "models",
+                "expires_at"
+            ]),
+            "{b}"
+        );
+        assert_eq!(
+            (
+                sk["scope"].clone(),
+                sk["name"].clone(),
+                sk["budget_usd"].clone(),
+                sk["rpm_limit"].clone(),
+                sk["models"].clone()
+            ),
+            (
+                json!("ci"),
+                json!(svc),
+                json!(10.0),
+                json!(120),
+                json!([HAIKU])
+            ),
+            "{b}"
+        );
+        let row = backend
+            .key_by_alias(&svc)
+            .await
+            .unwrap_or_else(|| panic!("{b}: no key {svc}"));
+        assert_eq!(
+            (row["max_budget"].clone(), row["rpm_limit"].clone()),
+            (json!(10.0), json!(120)),
+            "{b}: {row}"
+        );
+        let sk_key = sk["key"].as_str().unwrap().to_string();
+        handed_out.push(sk_key.clone());
+        let (status, body) = provisioner("/api/v1/keys/service", Some(SECRET), service).await;
+        assert_eq!((status, &body["error"]), (409, &json!("key exists")), "{b}");
+
+        // Bad input: clear errors, nothing minted.
+        let bad_name = format!("bad-{tag}");
+        let bad = [
+            (
+                json!({"scope": "ci", "name": bad_name, "budget_usd": "ten"}),
+                "invalid budget",
+            ),
+            (
+                json!({"scope": "ci", "name": bad_name, "budget_usd": -1}),
+                "invalid budget",
+            ),
+            (
+                json!({"scope": "ci", "name": bad_name, "budget_usd": 11}),
+                "invalid budget",
+            ),
+            (
+                json!({"scope": "ci", "name": bad_name, "duration": "soon"}),
+                "invalid duration",
+            ),
+            (
+                json!({"scope": "ci", "name": bad_name, "duration": "3h"}),
+                "invalid duration",
+            ),
+            (json!({"scope": "gpu", "name": bad_name}), "invalid scope"),
+            (
+                json!({"scope": "workspace", "name": bad_name}),
+                "invalid scope",
+            ),
+            (
+                json!({"scope": "ci", "name": format!("a b{tag}")}),
+                "invalid key name",
+            ),
+        ];
+        for (body, error) in bad {
+            let (status, answer) =
+                provisioner("/api/v1/keys/service", Some(SECRET), body.clone()).await;
+            assert_eq!(
+                (status, &answer["error"]),
+                (400, &json!(error)),
+                "{b}: {body}: {answer}"
+            );
+            assert!(answer["detail"].is_string(), "{b}: {answer}");
+        }
+        assert!(
+            backend.key_by_alias(&bad_name).await.is_none(),
+            "{b}: minted"
+        );
+        if let Some(fake) = backend.fake() {
+            assert_eq!(
+                fake.calls_to("/key/generate").len(),
+                2,
+                "the workspace key (once) and the service key"
+            );
+        }
+
+        // A user key with a Coder session token (Coder is a double on every backend).
+        let user = format!("u{tag}");
+        coder.add_coder_session(&format!("sess-{tag}"), "usr-def456", &user);
+        let user_key = |token: String| {
+            call(
+                http.post(url("/api/v1/keys/user"))
+                    .bearer_auth(token)
+                    .json(&json!({"coder_user": user})),
+            )
+        };
+        let (status, uk) = user_key(format!("sess-{tag}")).await;
+        assert_eq!(status, 200, "{b}: {uk}");
+        assert_eq!(
+            keys_of(&uk),
+            set(&[
+                "key",
+                "scope",
+                "budget_usd",
+                "rpm_limit",
+                "models",
+                "expires_at"
+            ]),
+            "{b}"
+        );
+        assert_eq!(
+            (
+                uk["scope"].clone(),
+                uk["budget_usd"].clone(),
+                uk["rpm_limit"].clone()
+            ),
+            (json!("user"), json!(20.0), json!(60)),
+            "{b}"
+        );
+        handed_out.push(uk["key"].as_str().unwrap().to_string());
+        let (status, body) = user_key(format!("sess-nobody-{tag}")).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (401, &json!("invalid session token")),
+            "{b}"
+        );
+
+        // Revocation by name: the design's bodies; the key is dead at the proxy at once.
+        let delete = |name: &str, secret: &str| {
+            call(
+                http.delete(url(&format!("/api/v1/keys/{name}")))
+                    .header("X-Provisioner-Secret", secret.to_string()),
+            )
+        };
+        let (status, body) = delete(&svc, "wrong").await;
+        assert_eq!(
+            (status, body),
+            (401, json!({"error": "invalid provisioner secret"})),
+            "{b}"
+        );
+        assert_eq!(backend.models_of(&sk_key).await.0, 200, "{b}: not revoked");
+        let (status, body) = delete(&svc, SECRET).await;
+        assert_eq!(status, 200, "{b}: {body}");
+        assert_eq!(
+            keys_of(&body),
+            set(&["revoked", "name", "revoked_at"]),
+            "{b}"
+        );
+        assert_eq!(
+            (&body["revoked"], &body["name"]),
+            (&json!(true), &json!(svc)),
+            "{b}"
+        );
+        assert_eq!(backend.models_of(&sk_key).await.0, 401, "{b}");
+        if let Some(fake) = backend.fake() {
+            assert!(fake.was_deleted(&sk_key));
+        }
+        let (status, body) = delete(&svc, SECRET).await;
+        assert_eq!(
+            (status, body),
+            (404, json!({"error": "key not found", "name": svc})),
+            "{b}"
+        );
+
+        // Clean up what lives on (a real proxy outlives the run), then look at the disk.
+        for name in [ws_name.clone(), format!("{user}-cli")] {
+            let (status, body) = delete(&name, SECRET).await;
+            assert_eq!(status, 200, "{b}: revoking {name}: {body}");
+        }
+        assert_eq!(backend.models_of(&ws_key).await.0, 401, "{b}");
+        broker.stop().await;
+        let files = files_under(&broker.data_dir());
+        assert!(
+            files.iter().any(|(_, bytes)| contains(bytes, &svc)),
+            "{b}: the scan reads the broker's key records"
+        );
+        let logs = broker.logs();
+        for secret in handed_out
+            .iter()
+            .map(String::as_str)
+            .chain([backend.master_key.as_str(), SECRET])
+        {
+            for (path, bytes) in &files {
+                assert!(
+                    !contains(bytes, secret),
+                    "{b}: a secret is in {}",
+                    path.display()
+                );
+            }
+            assert!(
+                !logs.contains(secret),
+                "{b}: a secret is in the broker's log"
+            );
+        }
+        assert!(
+            logs.contains("LiteLLM key issued"),
+            "{b}: the log is the broker's"
+        );
+    }
+}
+
+/// `botcreds keys` on every backend: the CLI's output, the list, rotation and revocation
+/// reaching LiteLLM, and its exit codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_cli_output_on_every_litellm_backend() {
+    for backend in LitellmBackend::all().await {
+        let b = backend.label.as_str();
+        let tag = run_tag();
+        let (broker, _coder, _github, _http) = world_on(&backend, &tag, &backend.master_key).await;
+        let name = format!("gha-{tag}");
+        let (code, out, err) = cli_on(
+            &broker,
+            &[
+                "keys",
+                "create",
+                "ci",
+                "--name",
+                &name,
+                "--budget",
+                "10",
+                "--duration",
+                "1h",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{b}: {err}");
+        assert!(
+            out.starts_with("✓ CI key created\nKey:     sk-"),
+            "{b}: {out}"
+        );
+        assert!(out.contains("Budget:  $10/run"), "{b}: {out}");
+        let first = out
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim_start_matches("Key:")
+            .trim()
+            .to_string();
+        assert_eq!(backend.models_of(&first).await.0, 200, "{b}");
+
+        let (code, out, _) = cli_on(&broker, &["keys", "list"]).await;
+        assert_eq!(code, 0, "{b}");
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["SCOPE", "NAME", "BUDGET", "RPM", "EXPIRES", "STATUS"],
+            "{b}"
+        );
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            (row[0], row[1], row[2], row[3], row[5]),
+            ("ci", name.as_str(), "$10/run", "120", "active"),
+            "{b}"
+        );
+        assert!(!out.contains(&first), "{b}: list never shows keys");
+
+        let (code, out, _) = cli_on(&broker, &["keys", "rotate", "--name", &name]).await;
+        assert_eq!(code, 0, "{b}: {out}");
+        assert!(
+            out.starts_with(&format!(
+                "✓ Key \"{name}\" rotated\nOld key revoked\nNew key: sk-"
+            )),
+            "{b}: {out}"
+        );
+        let second = out
+            .lines()
+            .nth(2)
+            .unwrap()
+            .trim_start_matches("New key:")
+            .trim()
+            .to_string();
+        assert_ne!(first, second, "{b}");
+        assert_eq!(backend.models_of(&first).await.0, 401, "{b}");
+        assert_eq!(backend.models_of(&second).await.0, 200, "{b}");
+        let row = backend
+            .key_by_alias(&name)
+            .await
+            .unwrap_or_else(|| panic!("{b}: no key {name}"));
+        assert_eq!(
+            (row["max_budget"].clone(), row["key_name"].clone()),
+            (
+                json!(10.0),
+                json!(format!("sk-...{}", &second[second.len() - 4..]))
+            ),
+            "{b}: {row}"
+        );
+
+        let (code, out, _) = cli_on(&broker, &["keys", "list", "--json"]).await;
+        assert_eq!(code, 0, "{b}");
+        let list: Value = serde_json::from_str(&out).unwrap();
+        let statuses: BTreeSet<&str> = list["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(statuses, set(&["active", "revoked"]), "{b}");
+
+        let (code, out, _) = cli_on(&broker, &["keys", "revoke", "--name", &name]).await;
+        assert_eq!(
+            (code, out),
+            (0, format!("✓ Key \"{name}\" revoked\n")),
+            "{b}"
+        );
+        assert_eq!(backend.models_of(&second).await.0, 401, "{b}");
+        let (code, _, err) = cli_on(&broker, &["keys", "revoke", "--name", &name]).await;
+        assert_eq!(code, 6, "{b}: {err}");
+        assert!(err.contains("key_not_found"), "{b}: {err}");
+        let (code, _, err) = cli_on(
+            &broker,
+            &[
+                "keys",
+                "create",
+                "ci",
+                "--name",
+                &format!("x-{tag}"),
+                "--budget",
+                "lots",
+            ],
+        )
+        .await;
+        assert_eq!(code, 8, "{b}: {err}");
+        assert!(err.contains("invalid_budget"), "{b}: {err}");
+        assert!(
+            backend.key_by_alias(&format!("x-{tag}")).await.is_none(),
+            "{b}"
+        );
+        // Not an admin: refused.
+        let out = tokio::process::Command::new(binary("botcreds"))
+            .args(["keys", "list"])
+            .env("BOTCREDS_BROKER", &broker.url)
+            .env("BOTCREDS_API_KEY", REVIEW_KEY)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(5), "{b}");
     }
 }

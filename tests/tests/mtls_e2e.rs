@@ -1043,3 +1043,71 @@ async fn server_certificate_from_tailscaled_for_the_tailnet_name() {
         }
     }
 }
+
+/// The fake tailscaled refusing `cert/` (`403 cert access denied`: the broker's user is neither
+/// root/operator nor allowed by `TS_PERMIT_CERT_UID`) with `server_certificate = "tailscale"`:
+/// the broker does not start, and says why, naming the key; it does not panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn tailscaled_refusing_the_certificate_stops_the_start_with_a_clear_message() {
+    use botcreds_tests::fake_tailscaled::{FakeTailscaled, SelfNode};
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let tailscaled = FakeTailscaled::start().await;
+    tailscaled.set_self(SelfNode::new("bot-broker", "tailnet-1234.ts.net"));
+    let (_root, pair) = public_ca_pair(&[TS_DOMAIN]);
+    tailscaled.set_cert_pair(TS_DOMAIN, pair);
+    tailscaled.set_cert_denied(true);
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    std::fs::write(&policy_path, AGENT_POLICY).unwrap();
+    std::fs::copy(
+        botcreds_tests::fixtures::path("github/test-app-key.pem"),
+        dir.path().join("app-key.pem"),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        dir.path().join("app-key.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let config_path = dir.path().join("broker.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\ndata_dir = \"data\"\npolicy = \"policy.yaml\"\n\n\
+             [tailscale]\nsocket = {:?}\n\n[github]\napp_id = {}\nprivate_key_file = \"app-key.pem\"\n\
+             api_url = \"{}\"\n\n[[api_keys]]\nbot = \"ops\"\nkey_env = \"BOTCREDS_TEST_KEY_0\"\n\n\
+             {TLS_TOML}server_certificate = \"tailscale\"\n",
+            tailscaled.socket_path().display().to_string(),
+            botcreds_tests::fixtures::APP_ID,
+            github.base_url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::new(binary("botcreds"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "info")
+        .env("BOTCREDS_TEST_KEY_0", OPS_KEY)
+        .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    match BrokerProcess::try_spawn(&mut cmd, dir, config_path.clone(), policy_path).await {
+        Ok(_) => panic!("the broker started although tailscaled refused the certificate"),
+        Err(f) => {
+            assert!(f.logs.contains("tls.server_certificate"), "{}", f.logs);
+            assert!(f.logs.contains("cert access denied"), "{}", f.logs);
+            assert!(!f.logs.contains("panicked"), "{}", f.logs);
+            assert!(
+                f.status.is_some_and(|s| s.code().is_some()),
+                "{:?}",
+                f.status
+            );
+        }
+    }
+    assert_eq!(tailscaled.cert_requests().len(), 1);
+}

@@ -800,6 +800,103 @@ async fn a_reload_during_an_in_flight_mint_wins() {
     assert_eq!((s, code_of(&b)), (403, ErrorCode::PolicyDenied), "{b}");
 }
 
+/// Regression: a token minted for a request that the recheck then refused (a reload denied
+/// the scope while the mint was in flight) stayed live at GitHub and in the reuse cache, held
+/// by no bot. With no holder left it is now revoked at GitHub (audited, `credential_revoked`)
+/// and dropped from the cache: a later allowed request gets a fresh token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_minted_for_a_refused_request_is_revoked() {
+    let mut w = world().await;
+    w.github.hold_mints();
+    let pending = {
+        let client = w.broker.client_from(ip(CI));
+        let url = format!("{}/v1/credentials", w.broker.url);
+        tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .json(&read_request("acme-corp/web"))
+                .send()
+                .await
+                .expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"))
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while decisions(&w, "allow").await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request not decided"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reload = |w: &mut World, policy: String| {
+        let loads = w.broker.log_count("policy reloaded");
+        std::fs::write(&w.broker.policy_path, policy).unwrap();
+        w.broker.signal("HUP");
+        loads
+    };
+    let loads = reload(
+        &mut w,
+        POLICY_WITH_DENY.replace("- repo: \"acme-corp/api\"", "- repo: \"acme-corp/web\""),
+    );
+    assert!(
+        w.broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    w.github.release_mints();
+    let (status, body) = pending.await.unwrap();
+    assert_eq!(
+        (status, code_of(&body)),
+        (403, ErrorCode::PolicyDenied),
+        "{body}"
+    );
+    let minted = w.github.issued_tokens();
+    assert_eq!(minted.len(), 1, "one mint");
+    assert!(
+        minted.iter().all(|t| t.revoked),
+        "the token nobody holds is revoked at GitHub"
+    );
+    let revoked: Vec<_> = audit(&w)
+        .await
+        .into_iter()
+        .filter(|e| e.event == AuditEventKind::CredentialRevoked)
+        .collect();
+    assert_eq!(revoked.len(), 1, "the revocation is audited: {revoked:?}");
+    assert!(
+        revoked[0]
+            .token_id
+            .as_deref()
+            .is_some_and(|t| t.starts_with("tok_"))
+    );
+
+    // Allowed again, the request gets a fresh, working token, not the revoked one.
+    let loads = reload(&mut w, POLICY.to_string());
+    assert!(
+        w.broker
+            .wait_for_count("policy reloaded", loads + 1, Duration::from_secs(30))
+            .await
+    );
+    let (s, b) = send(
+        &w,
+        As::Node(CI),
+        "POST",
+        "/v1/credentials",
+        Some(read_request("acme-corp/web")),
+    )
+    .await;
+    let cred = credential(s, b);
+    assert_ne!(Some(&cred.credential_id), revoked[0].token_id.as_ref());
+    assert!(
+        w.github
+            .token_info(&cred.token)
+            .is_some_and(|t| t.is_active()),
+        "the answered token works"
+    );
+    assert_eq!(w.github.mint_count(), 2);
+}
+
 const LITELLM_POLICY: &str = r#"
 bots:
   review-bot:

@@ -20,6 +20,9 @@ use local_client::ClientError;
 // agent's TLS stack (and its static initializers) into every git credential lookup.
 #[path = "../local_client.rs"]
 mod local_client;
+#[path = "../text.rs"]
+#[allow(dead_code)]
+mod text;
 
 const TIMEOUT_ENV: &str = "BOTCREDS_HELPER_TIMEOUT";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,8 +129,9 @@ fn main() -> ExitCode {
         }
         204 => {}
         status => {
-            let message = String::from_utf8_lossy(&response.body);
-            let message = message.trim_end();
+            // git shows this on the user's terminal: never a control character from the
+            // agent (or from the broker text the agent passes on).
+            let message = text::clean(&String::from_utf8_lossy(&response.body));
             if message.is_empty() {
                 eprintln!("botcreds: the agent answered HTTP {status}");
             } else {

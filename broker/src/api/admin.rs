@@ -269,7 +269,10 @@ async fn revoke(
             };
             // The grant that would hand the bot another key of this scope ends with the key.
             let record = keys.live_record(&id)?;
-            match keys.revoke_by_credential_id(&id, &actor).await? {
+            match keys
+                .revoke_by_credential_id(&id, crate::keys::Revoker::Admin(&actor))
+                .await?
+            {
                 Some(r) => {
                     let grants_ended = match record {
                         Some(k) => {

@@ -18,7 +18,7 @@ use botcreds_proto::{
 };
 
 use super::AppState;
-use super::extract::{Authenticated, json_body};
+use super::extract::{Authenticated, PeerAddr, json_body};
 use crate::clock::{rfc3339, rfc3339_millis};
 use crate::error::ApiError;
 use crate::grants::{Checked, TokenScope};
@@ -66,6 +66,7 @@ pub async fn whoami(
 
 pub async fn create(
     State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Body,
@@ -74,7 +75,7 @@ pub async fn create(
     let caller = match caller {
         Ok(c) => c,
         Err(e) => {
-            refuse(&state, None, None, None, &e).await;
+            super::extract::audit_unauthenticated(&state, peer, &e).await;
             return Err(e);
         }
     };
@@ -176,8 +177,14 @@ pub async fn create(
         .await
     {
         Ok(Checked::Issued(i)) => *i,
-        Ok(Checked::Refused(now)) => {
+        Ok(Checked::Refused {
+            refusal: now,
+            revoked,
+        }) => {
             tracing::info!(bot = decision.bot.as_deref().unwrap_or("-"), rule = %now.rule, "the policy changed before the answer; decided again");
+            if let Some(r) = &revoked {
+                audit_unheld(&state, &caller, decision.bot.as_deref(), r).await;
+            }
             if now.outcome == Outcome::Deny {
                 let e = ApiError::new(ErrorCode::PolicyDenied, denial_message(&now))
                     .with_rule(now.rule.clone());
@@ -458,6 +465,30 @@ pub(crate) fn replaced_event(
         Some(err) => format!("replaced; GitHub did not confirm the revocation: {err}"),
     });
     e
+}
+
+/// Audit the revocation of a token minted for a request the recheck then refused (held by
+/// nobody; see [`crate::grants::Checked::Refused`]).
+pub(crate) async fn audit_unheld(
+    state: &AppState,
+    caller: &Caller,
+    bot: Option<&str>,
+    revoked: &crate::grants::Replaced,
+) {
+    let mut e = replaced_event(state, caller, bot, revoked);
+    e.reason = Some("the policy no longer allows the request it was minted for".into());
+    e.detail = Some(match &revoked.error {
+        None => {
+            "minted for a request the policy then refused; held by nobody; revoked at GitHub".into()
+        }
+        Some(err) => format!(
+            "minted for a request the policy then refused; held by nobody; GitHub did not \
+             confirm the revocation: {err}"
+        ),
+    });
+    if let Err(err) = state.audit.record(vec![e]).await {
+        tracing::error!(error = %err, "audit log write failed for a revoked token");
+    }
 }
 
 /// The seed's answer for a token: the clone URLs and the askpass script carry it.

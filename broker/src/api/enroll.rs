@@ -70,9 +70,11 @@ async fn enroll(
         }
     };
     let policy = state.policy.current();
+    let policy_bot = policy.bot_for(&caller);
     mtls.enroll_tailnet(
         &caller,
-        policy.bot_for(&caller),
+        policy_bot,
+        policy_bot.is_some_and(|b| policy.identity_is_assigned(b)),
         request.bot.as_deref(),
         &request.csr,
     )

@@ -32,6 +32,22 @@ impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
     }
 }
 
+/// The address the connection was accepted on (this host's side).
+#[derive(Clone, Copy, Debug)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// Whether a connection is from this very host over a non-loopback address (a local user
+/// reaching the broker on the node's own tailnet address): such a caller is the own node.
+/// Loopback is left out: tailscaled never names a loopback peer.
+pub fn from_own_host(local: Option<SocketAddr>, peer: SocketAddr) -> bool {
+    let unmap = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        std::net::IpAddr::V4(_) => ip,
+    };
+    let peer = unmap(peer.ip());
+    local.is_some_and(|l| unmap(l.ip()) == peer) && !peer.is_loopback()
+}
+
 /// Authentication outcome, handed to handlers so that they can audit refusals too.
 pub struct Authenticated(pub Result<Caller, ApiError>);
 
@@ -47,8 +63,9 @@ impl FromRequestParts<AppState> for Authenticated {
                 None => Err(ApiError::internal("a TLS connection without [tls]")),
             }));
         }
+        let local = parts.extensions.get::<LocalAddr>().map(|l| l.0);
         Ok(Authenticated(
-            authenticate(state, &parts.headers, address).await,
+            authenticate(state, &parts.headers, address, local).await,
         ))
     }
 }
@@ -57,6 +74,7 @@ async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     address: SocketAddr,
+    local: Option<SocketAddr>,
 ) -> Result<Caller, ApiError> {
     if let Some(value) = headers.get(AUTHORIZATION) {
         let key = value
@@ -106,7 +124,23 @@ async fn authenticate(
             "no API key presented, and tailnet identity is not enabled on this broker",
         ));
     };
-    match whois.whois(address).await {
+    let answer = whois.whois(address).await.map(|found| {
+        found.map(|mut identity| {
+            identity.own_node |= from_own_host(local, address);
+            identity
+        })
+    });
+    match answer {
+        Ok(Some(identity)) if identity.own_node && !state.trust_own_node => {
+            // Any local user of the broker's host connects from the node's own address; the
+            // node's identity (its tags, its owner) is not theirs.
+            tracing::warn!(peer = %address, "a caller on the broker's own node");
+            Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "calls from the broker's own node do not carry the node's tailnet identity; \
+                 use an API key or a client certificate ([tailscale] trust_own_node)",
+            ))
+        }
         Ok(Some(identity)) => Ok(Caller {
             address,
             via: CallerVia::Tailnet(identity),
@@ -126,6 +160,23 @@ async fn authenticate(
             )
             .with_retry_after(1))
         }
+    }
+}
+
+/// Audit the refusal of a request whose caller could not be identified, coming from `peer`:
+/// per peer only the first few are written one by one (`[limits] audited_refusals_per_peer`),
+/// the rest are counted into a summary; the request metrics count every one.
+pub async fn audit_unauthenticated(state: &AppState, peer: SocketAddr, error: &ApiError) {
+    let mut e = botcreds_proto::audit::AuditEvent::new(
+        botcreds_proto::audit::AuditEventKind::CredentialDenied,
+        crate::clock::rfc3339_millis(state.clock.now()),
+    );
+    e.client_ip = Some(peer.ip().to_string());
+    e.code = Some(error.code.as_str().to_string());
+    e.detail = Some(error.message.chars().take(300).collect());
+    state.metrics.request(None, error.code.as_str());
+    if let Err(err) = state.audit.record_refusal(peer.ip(), e).await {
+        tracing::error!(error = %err, "audit log write failed for a refusal");
     }
 }
 
@@ -188,4 +239,34 @@ pub async fn json_body<T: DeserializeOwned>(
         };
         ApiError::new(code, format!("bad request body: {e}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// own_node_inherits_admin: a local user reaching the broker on the node's own address.
+    #[test]
+    fn own_host_is_the_same_non_loopback_address() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let cases = [
+            (Some("100.64.0.7:8443"), "100.64.0.7:5000", true),
+            (Some("[::ffff:100.64.0.7]:8443"), "100.64.0.7:5000", true),
+            (
+                Some("[fd7a:115c:a1e0::7]:8443"),
+                "[fd7a:115c:a1e0::7]:5000",
+                true,
+            ),
+            (Some("100.64.0.7:8443"), "100.64.0.8:5000", false),
+            (Some("127.0.0.1:8443"), "127.0.0.1:5000", false),
+            (None, "100.64.0.7:5000", false),
+        ];
+        for (local, peer, want) in cases {
+            assert_eq!(
+                from_own_host(local.map(at), at(peer)),
+                want,
+                "{local:?} {peer}"
+            );
+        }
+    }
 }

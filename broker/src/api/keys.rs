@@ -25,7 +25,9 @@ use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
 use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration, scope_part};
-use crate::keys::{IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin};
+use crate::keys::{
+    IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin, Revoker,
+};
 use crate::policy::{Outcome, Request, Resource};
 use crate::secret::Secret;
 
@@ -837,10 +839,13 @@ pub async fn issue_for_bot(
             .await;
         }
     }
+    let resource = Resource::Litellm {
+        scope: ask.scope.clone(),
+    };
     let answer = hand_out(
         state,
         &caller,
-        bot,
+        bot.clone(),
         ask,
         request.replaces.clone(),
         &decision.rule,
@@ -848,6 +853,28 @@ pub async fn issue_for_bot(
         vec![requested],
     )
     .await?;
+    // Decided again now the key exists: the issue may have waited on LiteLLM or on another
+    // issue, and a reload meanwhile lists the keys before this one was written, so a deny it
+    // added is enforced here: the key is revoked and nothing is answered.
+    if let Some(e) = crate::approvals::api::denied_now(state, &caller, &resource) {
+        tracing::info!(bot = bot.as_deref().unwrap_or("-"), credential_id = %answer.credential_id, "LiteLLM key refused: the policy now denies it");
+        if let Err(err) = keys
+            .revoke_by_credential_id(&answer.credential_id, Revoker::Policy)
+            .await
+        {
+            tracing::error!(credential_id = %answer.credential_id, code = %err.code, error = %err.message, "could not revoke a key the policy now denies");
+        }
+        let rule = e.rule.clone();
+        return Err(refuse(
+            state,
+            &caller,
+            bot.as_deref(),
+            Vec::new(),
+            rule.as_deref(),
+            e,
+        )
+        .await);
+    }
     Ok(Json(answer).into_response())
 }
 

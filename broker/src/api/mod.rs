@@ -42,6 +42,8 @@ pub struct StateInner {
     pub issuer: Arc<TokenIssuer>,
     pub audit: AuditLog,
     pub whois: Option<Arc<dyn WhoIs>>,
+    /// `[tailscale] trust_own_node`: whether a caller on the broker's own node is that node.
+    pub trust_own_node: bool,
     pub api_keys: ApiKeys,
     /// Who may use the admin routes.
     pub admin: crate::config::AdminConfig,

@@ -315,7 +315,11 @@ async fn refuse(
 
 /// The refusal when the policy in force now denies `caller` the `resource`. An approval or
 /// a grant never outweighs a deny, whenever the deny was added.
-fn denied_now(state: &AppState, caller: &Caller, resource: &Resource) -> Option<ApiError> {
+pub(crate) fn denied_now(
+    state: &AppState,
+    caller: &Caller,
+    resource: &Resource,
+) -> Option<ApiError> {
     let policy = state.policy.current();
     let decision = policy.decide_with(
         caller,
@@ -418,7 +422,10 @@ async fn issue_approved(
                 tracing::info!(bot = a.bot.as_deref().unwrap_or("-"), request_id = %a.request_id, credential_id = %answer.credential_id, "approved key refused: the policy now denies it");
                 if let Some(keys) = &state.keys
                     && let Err(err) = keys
-                        .revoke_by_credential_id(&answer.credential_id, "policy")
+                        .revoke_by_credential_id(
+                            &answer.credential_id,
+                            crate::keys::Revoker::Policy,
+                        )
                         .await
                 {
                     tracing::error!(credential_id = %answer.credential_id, code = %err.code, error = %err.message, "could not revoke a key the policy now denies");
@@ -486,7 +493,13 @@ pub async fn issue_github(
         .await
     {
         Ok(Checked::Issued(i)) => *i,
-        Ok(Checked::Refused(e)) => {
+        Ok(Checked::Refused {
+            refusal: e,
+            revoked,
+        }) => {
+            if let Some(r) = &revoked {
+                crate::api::credentials::audit_unheld(state, caller, bot.as_deref(), r).await;
+            }
             tracing::info!(
                 bot = bot.as_deref().unwrap_or("-"),
                 request_id = request_id.unwrap_or("-"),

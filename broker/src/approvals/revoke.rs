@@ -57,7 +57,7 @@ async fn revoke_denied_keys(policy: &Policy, keys: &crate::keys::KeyService) -> 
             continue;
         }
         match keys
-            .revoke_by_credential_id(&k.credential_id, POLICY_ACTOR)
+            .revoke_by_credential_id(&k.credential_id, crate::keys::Revoker::Policy)
             .await
         {
             Ok(Some(_)) => {

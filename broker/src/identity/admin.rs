@@ -11,6 +11,9 @@ pub fn is_admin(config: &AdminConfig, caller: &Caller) -> bool {
         CallerVia::ApiKey { bot } => config.api_key_bots.iter().any(|b| b == bot),
         // The role is set by the broker's CA from the join token, never asked for in a CSR.
         CallerVia::Mtls { admin, .. } => *admin,
+        // A caller on the broker's own node is never an admin by the node's identity, even
+        // with `[tailscale] trust_own_node`: any local user could be it.
+        CallerVia::Tailnet(node) if node.own_node => false,
         CallerVia::Tailnet(node) => {
             if node.is_tagged() {
                 // A tagged node's identity is its tags; its owner login is a pseudo-user.
@@ -84,6 +87,18 @@ mod tests {
             (key("ci"), false),
             (cert("ops", true), true),
             (cert("ci", false), false),
+            // own_node_inherits_admin: a local user of the broker's host is not its admin owner.
+            (
+                Caller {
+                    via: CallerVia::Tailnet(TailnetIdentity {
+                        login: "alice@example.com".into(),
+                        own_node: true,
+                        ..Default::default()
+                    }),
+                    ..tailnet("x", &[], &[])
+                },
+                false,
+            ),
         ];
         for (i, (caller, want)) in cases.iter().enumerate() {
             assert_eq!(is_admin(&config, caller), *want, "case {i}");

@@ -52,6 +52,13 @@ pub struct TailnetIdentity {
     pub login: String,
     /// Grant capabilities from the tailnet policy (`CapMap`): name → values.
     pub capabilities: BTreeMap<String, Vec<serde_json::Value>>,
+    /// The node is not of the broker's own tailnet: shared in (`Node.Sharer`,
+    /// `Hostinfo.ShareeNode`), or its MagicDNS name is outside the broker node's MagicDNS
+    /// suffix. Its short name says nothing about which of our hosts it is.
+    pub foreign: bool,
+    /// The node is the broker's own (the peer address is one of its tailnet addresses): a
+    /// local user of the broker's host, who must not inherit the node's identity.
+    pub own_node: bool,
 }
 
 impl TailnetIdentity {

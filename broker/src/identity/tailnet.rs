@@ -74,14 +74,88 @@ impl LocalApiClient for SocketClient {
 pub struct LocalApiWhoIs {
     client: SocketClient,
     timeout: Duration,
+    /// The broker's own node as tailscaled's status last told it, and when it was asked.
+    own: tokio::sync::Mutex<Option<(Instant, Option<OwnNode>)>>,
 }
+
+/// What the broker needs to know about its own node.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct OwnNode {
+    /// `MagicDNSSuffix`, e.g. `tail3f9c2.ts.net`; empty when unknown.
+    pub magic_dns_suffix: String,
+    /// `Self.TailscaleIPs`.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// How long the own node's status is reused; a failed status is asked again sooner.
+const OWN_NODE_TTL: Duration = Duration::from_secs(30);
+const OWN_NODE_RETRY: Duration = Duration::from_secs(2);
 
 impl LocalApiWhoIs {
     pub fn new(socket: PathBuf) -> LocalApiWhoIs {
         LocalApiWhoIs {
             client: SocketClient { path: socket },
             timeout: Duration::from_secs(3),
+            own: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The broker's own node, from `/localapi/v0/status?peers=false`, cached. `None` while
+    /// tailscaled cannot say (logged out, or the status cannot be read): then no node is
+    /// taken for our own and the tailnet-domain check is skipped, but `Node.Sharer` still
+    /// marks shared-in nodes.
+    async fn own_node(&self) -> Option<OwnNode> {
+        let mut own = self.own.lock().await;
+        if let Some((at, known)) = own.as_ref() {
+            let ttl = if known.is_some() {
+                OWN_NODE_TTL
+            } else {
+                OWN_NODE_RETRY
+            };
+            if at.elapsed() < ttl {
+                return known.clone();
+            }
+        }
+        let fresh = match self.ask_status().await {
+            Ok(node) => node,
+            Err(e) => {
+                tracing::warn!(error = %e, "tailscaled's status could not be read");
+                None
+            }
+        };
+        *own = Some((Instant::now(), fresh.clone()));
+        fresh
+    }
+
+    async fn ask_status(&self) -> Result<Option<OwnNode>, WhoIsError> {
+        let uri: http::Uri = "/localapi/v0/status?peers=false"
+            .parse()
+            .map_err(|e| WhoIsError::Malformed(format!("bad request URI: {e}")))?;
+        let response = self
+            .client
+            .get(uri)
+            .await
+            .map_err(|e| WhoIsError::Unreachable {
+                socket: self.client.path.display().to_string(),
+                message: error_chain(&e),
+            })?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_WHOIS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| WhoIsError::Malformed(format!("reading the status: {e}")))?
+            .to_bytes();
+        if status != 200 {
+            return Err(WhoIsError::Status {
+                status,
+                message: String::from_utf8_lossy(&body)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect(),
+            });
+        }
+        parse_own_node(&body)
     }
 
     async fn ask(&self, addr: SocketAddr) -> Result<Option<TailnetIdentity>, WhoIsError> {
@@ -110,7 +184,13 @@ impl LocalApiWhoIs {
             .map_err(|e| WhoIsError::Malformed(format!("reading the answer: {e}")))?
             .to_bytes();
         match status {
-            200 => parse_whois(&body).map(Some),
+            200 => {
+                let mut identity = parse_whois(&body)?;
+                if let Some(own) = self.own_node().await {
+                    mark_against(&mut identity, &own, addr.ip());
+                }
+                Ok(Some(identity))
+            }
             404 => Ok(None),
             _ => Err(WhoIsError::Status {
                 status,
@@ -144,6 +224,76 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Mark `identity` (the WhoIs answer for `peer`) as foreign when its MagicDNS name is outside
+/// our node's suffix, and as our own node when `peer` is one of our node's addresses.
+pub fn mark_against(identity: &mut TailnetIdentity, own: &OwnNode, peer: IpAddr) {
+    let suffix = own
+        .magic_dns_suffix
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if !suffix.is_empty() {
+        let name = identity.node_name.to_ascii_lowercase();
+        let in_ours = name
+            .split_once('.')
+            .is_some_and(|(_, domain)| domain == suffix);
+        if !in_ours {
+            identity.foreign = true;
+        }
+    }
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        IpAddr::V4(_) => peer,
+    };
+    if own.addresses.contains(&peer) {
+        identity.own_node = true;
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusResponse {
+    #[serde(rename = "MagicDNSSuffix", default)]
+    magic_dns_suffix: Option<String>,
+    #[serde(rename = "CurrentTailnet", default)]
+    current_tailnet: Option<CurrentTailnet>,
+    #[serde(rename = "BackendState", default)]
+    backend_state: Option<String>,
+    #[serde(rename = "Self", default)]
+    self_status: Option<SelfStatus>,
+}
+
+#[derive(Deserialize)]
+struct CurrentTailnet {
+    #[serde(rename = "MagicDNSSuffix", default)]
+    magic_dns_suffix: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SelfStatus {
+    #[serde(rename = "TailscaleIPs", default)]
+    tailscale_ips: Option<Vec<IpAddr>>,
+}
+
+/// Our node from a status answer; `None` when tailscaled is not running a tailnet yet.
+pub fn parse_own_node(body: &[u8]) -> Result<Option<OwnNode>, WhoIsError> {
+    let status: StatusResponse =
+        serde_json::from_slice(body).map_err(|e| WhoIsError::Malformed(e.to_string()))?;
+    if status.backend_state.as_deref() != Some("Running") {
+        return Ok(None);
+    }
+    let suffix = status
+        .magic_dns_suffix
+        .filter(|s| !s.is_empty())
+        .or_else(|| status.current_tailnet.and_then(|t| t.magic_dns_suffix))
+        .unwrap_or_default();
+    Ok(Some(OwnNode {
+        magic_dns_suffix: suffix,
+        addresses: status
+            .self_status
+            .and_then(|s| s.tailscale_ips)
+            .unwrap_or_default(),
+    }))
+}
+
 #[derive(Deserialize)]
 struct WhoIsResponse {
     #[serde(rename = "Node")]
@@ -167,6 +317,18 @@ struct Node {
     tags: Option<Vec<String>>,
     #[serde(rename = "Expired", default)]
     expired: Option<bool>,
+    /// Set (non-zero) for nodes shared in from another tailnet.
+    #[serde(rename = "Sharer", default)]
+    sharer: Option<i64>,
+    #[serde(rename = "Hostinfo", default)]
+    hostinfo: Option<Hostinfo>,
+}
+
+#[derive(Deserialize)]
+struct Hostinfo {
+    /// The node is in the netmap only because its owner shared it with us.
+    #[serde(rename = "ShareeNode", default)]
+    sharee_node: Option<bool>,
 }
 
 /// Parse a WhoIs answer as tailscaled sends it.
@@ -190,7 +352,15 @@ pub fn parse_whois(body: &[u8]) -> Result<TailnetIdentity, WhoIsError> {
         .into_iter()
         .map(|(k, v)| (k, v.unwrap_or_default()))
         .collect();
+    let shared_in = r.node.sharer.is_some_and(|s| s != 0)
+        || r.node
+            .hostinfo
+            .as_ref()
+            .and_then(|h| h.sharee_node)
+            .unwrap_or(false);
     Ok(TailnetIdentity {
+        foreign: shared_in,
+        own_node: false,
         stable_id: r.node.stable_id,
         node_name,
         computed_name,
@@ -319,6 +489,43 @@ mod tests {
         cache.whois(a).await.unwrap();
         cache.whois(a).await.unwrap();
         assert_eq!(unknown.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// hostname_matches_shared_in_node: shared-in nodes and nodes outside our MagicDNS suffix
+    /// are foreign; the broker's own addresses are its own node.
+    #[test]
+    fn marks_foreign_and_own_nodes() {
+        let shared = r#"{"Node":{"ID":1,"StableID":"n1","Name":"builder.other.ts.net.","Sharer":77,
+            "ComputedName":"builder.other.ts.net","Addresses":[]},
+            "UserProfile":{"ID":2,"LoginName":"x@y","DisplayName":"X"},"CapMap":null}"#;
+        assert!(parse_whois(shared.as_bytes()).unwrap().foreign);
+        let sharee = r#"{"Node":{"ID":1,"StableID":"n1","Name":"b.tail3f9c2.ts.net.",
+            "Hostinfo":{"ShareeNode":true},"Addresses":[]},
+            "UserProfile":{"ID":2,"LoginName":"x@y","DisplayName":"X"},"CapMap":null}"#;
+        assert!(parse_whois(sharee.as_bytes()).unwrap().foreign);
+        let ours = parse_whois(TAGGED.as_bytes()).unwrap();
+        assert!(!ours.foreign && !ours.own_node);
+
+        let status = br#"{"BackendState":"Running","MagicDNSSuffix":"tail3f9c2.ts.net",
+            "Self":{"DNSName":"broker.tail3f9c2.ts.net.","TailscaleIPs":["100.64.0.7","fd7a:115c:a1e0::7"]}}"#;
+        let own = parse_own_node(status).unwrap().unwrap();
+        assert_eq!(own.magic_dns_suffix, "tail3f9c2.ts.net");
+        let peer: IpAddr = "100.101.102.103".parse().unwrap();
+        let mut id = ours.clone();
+        mark_against(&mut id, &own, peer);
+        assert!(!id.foreign && !id.own_node);
+        let mut other = TailnetIdentity {
+            node_name: "builder.other.ts.net".into(),
+            computed_name: "builder".into(),
+            ..Default::default()
+        };
+        mark_against(&mut other, &own, peer);
+        assert!(other.foreign);
+        let mut me = ours.clone();
+        mark_against(&mut me, &own, "::ffff:100.64.0.7".parse().unwrap());
+        assert!(me.own_node);
+        let logged_out = br#"{"BackendState":"NeedsLogin","MagicDNSSuffix":""}"#;
+        assert_eq!(parse_own_node(logged_out).unwrap(), None);
     }
 
     #[test]

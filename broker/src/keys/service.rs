@@ -149,6 +149,35 @@ enum Upstream {
     AlreadyDeleted,
 }
 
+/// Who revokes a key by its credential id: `revoked_by`, the audit event's caller and its
+/// reason follow from it, so a key the policy ended never reads as an admin's doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revoker<'a> {
+    /// An admin, described (`revoked_by` and the audit's caller).
+    Admin(&'a str),
+    /// The policy in force, which now denies the key's scope to its bot (at a reload, or
+    /// when a request is decided again after its key was made).
+    Policy,
+}
+
+impl Revoker<'_> {
+    /// The actor recorded as `revoked_by` and as the audit event's caller.
+    pub fn actor(&self) -> &str {
+        match self {
+            Revoker::Admin(actor) => actor,
+            Revoker::Policy => "policy",
+        }
+    }
+
+    /// The audit event's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Revoker::Admin(_) => "revoked by an admin",
+            Revoker::Policy => "the policy now denies it",
+        }
+    }
+}
+
 /// LiteLLM virtual keys: the scope table, the records, the live plaintexts and the upstream.
 pub struct KeyService {
     api: Arc<dyn LitellmApi>,
@@ -887,7 +916,7 @@ impl KeyService {
     pub async fn revoke_by_credential_id(
         &self,
         id: &str,
-        actor: &str,
+        by: Revoker<'_>,
     ) -> Result<Option<RevokedCredential>, ApiError> {
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
@@ -902,8 +931,8 @@ impl KeyService {
             .end_locked(
                 r,
                 KeyStatus::Revoked,
-                actor,
-                "revoked by an admin",
+                by.actor(),
+                by.reason(),
                 Upstream::Delete,
             )
             .await?;

@@ -451,7 +451,10 @@ async fn revoke_by_bot_and_id_and_lenient_retry_by_the_sweeper() {
         .unwrap();
     let got = w
         .keys
-        .revoke_by_credential_id(&a.record.credential_id, "admin")
+        .revoke_by_credential_id(
+            &a.record.credential_id,
+            crate::keys::Revoker::Admin("admin"),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -459,7 +462,10 @@ async fn revoke_by_bot_and_id_and_lenient_retry_by_the_sweeper() {
     assert_eq!(got.holders, ["ops"]);
     assert!(
         w.keys
-            .revoke_by_credential_id(&a.record.credential_id, "admin")
+            .revoke_by_credential_id(
+                &a.record.credential_id,
+                crate::keys::Revoker::Admin("admin")
+            )
             .await
             .unwrap()
             .is_none()
@@ -697,7 +703,10 @@ async fn issue_events_say_how_the_key_was_decided_and_live_record_finds_it() {
         (found.scope.as_str(), found.bot.as_deref()),
         ("agent:write", Some("ops"))
     );
-    w.keys.revoke_by_credential_id(&id, "admin").await.unwrap();
+    w.keys
+        .revoke_by_credential_id(&id, crate::keys::Revoker::Admin("admin"))
+        .await
+        .unwrap();
     assert!(w.keys.live_record(&id).unwrap().is_none());
     assert!(w.keys.live_record("lk_unknown").unwrap().is_none());
 }
@@ -920,4 +929,52 @@ async fn records_without_a_stored_holder_keep_their_holder() {
         .await
         .unwrap();
     assert_eq!(again.replaced.as_deref(), Some(id.as_str()));
+}
+
+/// Regression: every revocation by credential id was audited as "revoked by an admin", also
+/// the policy's. The revoker decides `revoked_by`, the event's caller and its reason.
+#[tokio::test]
+async fn revocations_by_credential_id_say_who_revoked() {
+    let cases = [
+        (
+            crate::keys::Revoker::Admin("api_key:ops"),
+            "api_key:ops",
+            "revoked by an admin",
+        ),
+        (
+            crate::keys::Revoker::Policy,
+            "policy",
+            "the policy now denies it",
+        ),
+    ];
+    for (by, actor, reason) in cases {
+        let w = World::new();
+        let k = w
+            .keys
+            .issue(ask("ci", "k", OnExisting::Conflict))
+            .await
+            .unwrap();
+        let got = w
+            .keys
+            .revoke_by_credential_id(&k.record.credential_id, by)
+            .await
+            .unwrap()
+            .expect("a live key");
+        assert!(got.revoked_upstream, "{by:?}");
+        let revoked: Vec<(Option<String>, Option<String>)> = w
+            .audit
+            .read(&AuditFilter {
+                event: Some(AuditEventKind::CredentialRevoked),
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.caller, e.reason))
+            .collect();
+        assert_eq!(
+            revoked,
+            vec![(Some(actor.to_string()), Some(reason.to_string()))],
+            "{by:?}"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! globs (`agent:*`). `*` matches any run of characters and never crosses the `/` of a repository.
 
 use botcreds_proto::RepoName;
-use botcreds_proto::repo::{valid_owner, valid_repo_name};
+use botcreds_proto::repo::{strip_git_suffix, valid_owner, valid_repo_name};
 
 /// LiteLLM key scopes the broker knows (the key-provisioner design's table).
 pub const LITELLM_SCOPES: &[&str] = &["workspace", "user", "ci", "agent:review", "agent:write"];
@@ -93,10 +93,14 @@ impl RepoGlob {
         // Requests name repositories without `.git` (RepoName strips it), so a literal rule
         // must too or it would never match.
         let name = if name.contains('*') {
-            name
+            name.to_string()
         } else {
-            let stripped = name.strip_suffix(".git").unwrap_or(name);
-            if !valid_repo_name(stripped) {
+            // The same normalisation as RepoName: one `.git` off, and never a name that
+            // still ends in `.git` (no repository has one, so such a rule names nothing).
+            let Some(stripped) = strip_git_suffix(name) else {
+                return Err(bad("the name still ends in .git after removing one .git"));
+            };
+            if !valid_repo_name(&stripped) {
                 return Err(bad("name is not a valid GitHub repository name"));
             }
             stripped
@@ -104,7 +108,7 @@ impl RepoGlob {
         Ok(RepoGlob {
             source: format!("{owner}/{name}").into(),
             owner: Segment::compile(owner),
-            name: Segment::compile(name),
+            name: Segment::compile(&name),
         })
     }
 
@@ -239,6 +243,9 @@ mod tests {
             ("my*/x", "myorg/x", true),
             ("*/*", "a/b", true),
             ("myorg/web.git", "myorg/web", true),
+            ("myorg/web.GIT", "myorg/web", true),
+            ("myorg/infra", "myorg/infra.git", true),
+            ("myorg/infra", "MyOrg/Infra.GIT", true),
         ];
         for (glob, name, want) in cases {
             let g = RepoGlob::parse(glob).unwrap();
@@ -268,6 +275,8 @@ mod tests {
             ("myörg/x", "cannot appear in an owner"),
             ("-org/x", "not a valid GitHub account"),
             ("org/..", "not a valid GitHub repository"),
+            // infra_git_git_normalises_past_deny: a rule for `infra.git.git` names no repository.
+            ("org/infra.git.git", "ends in .git"),
             (long.as_str(), "longer than GitHub allows"),
         ];
         for (input, want) in cases {

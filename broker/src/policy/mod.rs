@@ -270,6 +270,19 @@ impl Policy {
         self.bot_index(caller).map(|i| self.bots[i].name.as_str())
     }
 
+    /// Whether `bot`'s identity is one tailscaled vouches for and the node cannot choose: a
+    /// tag, a grant capability, or its owner's login. A hostname is the node's own choice
+    /// (any node may rename itself), so it is good enough to ask for a short-lived token the
+    /// policy allows, but not to be handed a renewable client certificate without a token.
+    pub fn identity_is_assigned(&self, bot: &str) -> bool {
+        self.by_name.get(bot).is_some_and(|&i| {
+            matches!(
+                self.bots[i].identity,
+                Identity::Tag(_) | Identity::Capability(_) | Identity::User(_)
+            )
+        })
+    }
+
     fn bot_index(&self, caller: &Caller) -> Option<usize> {
         match &caller.via {
             CallerVia::ApiKey { bot } => self
@@ -286,8 +299,12 @@ impl Policy {
     }
 
     fn tailnet_bot(&self, node: &TailnetIdentity) -> Option<usize> {
-        let by_host = [node.computed_name.as_str(), node.node_name.as_str()]
+        // The FQDN always names the node; its short name only within our own tailnet (a node
+        // shared in from another tailnet may carry any short name, e.g. one of our bots').
+        let short = (!node.foreign).then_some(node.computed_name.as_str());
+        let by_host = short
             .into_iter()
+            .chain([node.node_name.as_str()])
             .filter_map(|name| lookup(&self.by_hostname, &normalize_hostname(name)))
             .min();
         if by_host.is_some() {

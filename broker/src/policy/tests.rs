@@ -79,6 +79,8 @@ struct Node<'a> {
     tags: &'a [&'a str],
     login: &'a str,
     caps: &'a [&'a str],
+    /// Shared in from, or named in, another tailnet.
+    foreign: bool,
 }
 
 const NODE: Node<'static> = Node {
@@ -87,6 +89,7 @@ const NODE: Node<'static> = Node {
     tags: &[],
     login: "mallory@example.com",
     caps: &[],
+    foreign: false,
 };
 
 fn tailnet(n: Node<'_>) -> Caller {
@@ -103,6 +106,8 @@ fn tailnet(n: Node<'_>) -> Caller {
                 .iter()
                 .map(|c| (c.to_string(), vec![]))
                 .collect::<BTreeMap<_, _>>(),
+            foreign: n.foreign,
+            own_node: false,
         }),
     }
 }
@@ -139,6 +144,11 @@ fn caller_to_bot() {
         ("fqdn rule, node name", tailnet(Node { name: "build-01", fqdn: "build-01.tail3f9c2.ts.net", ..NODE }), Some("fqdn-bot")),
         ("fqdn rule, trailing dot", tailnet(Node { name: "x", fqdn: "BUILD-01.tail3f9c2.ts.net.", ..NODE }), Some("fqdn-bot")),
         ("short name of fqdn rule is not enough", tailnet(Node { name: "build-01", fqdn: "build-01.other.ts.net", ..NODE }), None),
+        // hostname_matches_shared_in_node: a node of another tailnet may carry a bot's short name.
+        ("short name of a foreign node", tailnet(Node { name: "machina-bot", fqdn: "machina-bot.other.ts.net", foreign: true, ..NODE }), None),
+        ("short name of a shared-in node", tailnet(Node { name: "machina-bot.other.ts.net", fqdn: "machina-bot.other.ts.net", foreign: true, ..NODE }), None),
+        ("fqdn rule names a foreign node exactly", tailnet(Node { name: "x", fqdn: "build-01.tail3f9c2.ts.net", foreign: true, ..NODE }), Some("fqdn-bot")),
+        ("foreign tagged node still matches by tag", tailnet(Node { name: "machina-bot", tags: &["tag:ci"], login: tagged, foreign: true, ..NODE }), Some("ci-bot")),
         ("tag", tailnet(Node { tags: &["tag:ci"], login: tagged, ..NODE }), Some("ci-bot")),
         ("hostname beats tag", tailnet(Node { name: "machina-bot", tags: &["tag:ci"], login: tagged, ..NODE }), Some("machina-bot")),
         ("tag ties go to file order", tailnet(Node { tags: &["tag:late", "tag:ci"], login: tagged, ..NODE }), Some("ci-bot")),
@@ -159,6 +169,24 @@ fn caller_to_bot() {
     ];
     for (what, caller, want) in cases {
         assert_eq!(p.bot_for(&caller), want, "{what}");
+    }
+}
+
+/// hostname_enrollment_for_renamed_node: only identities a node cannot choose for itself
+/// allow token-less enrollment.
+#[test]
+fn identities_assigned_by_the_tailnet() {
+    let p = policy();
+    for (bot, want) in [
+        ("machina-bot", false),
+        ("fqdn-bot", false),
+        ("ci-bot", true),
+        ("alice-laptop", true),
+        ("cap-bot", true),
+        ("key-bot", false),
+        ("nobody", false),
+    ] {
+        assert_eq!(p.identity_is_assigned(bot), want, "{bot}");
     }
 }
 

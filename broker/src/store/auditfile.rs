@@ -3,7 +3,8 @@
 //! The log is written in group-committed batches and only ever appended to, so it needs no B-tree: a batch
 //! is one `write` and one `fdatasync` (plus an `fsync` of the directory when it starts a new segment), and
 //! memory stays constant in the log's size. Only a sparse index is kept: per segment its first seq and,
-//! once known, its latest timestamp, so `since` reads skip whole segments.
+//! once known, its latest timestamp, so `since` reads skip whole segments; `newest` reads walk the
+//! segments backwards from the end.
 //!
 //! A line is `{"hash":"<64 hex>","event":<canonical JSON>}` where the canonical JSON is kept byte for byte
 //! as it was hashed (see `store::seal`); the line is still plain JSON for `jq` and friends. An event's seq is
@@ -315,6 +316,16 @@ impl AuditFile {
             return Ok(out);
         }
         let index = lock(&self.index).clone();
+        if filter.newest {
+            let events = NewestFirst {
+                log: self,
+                index: &index,
+                segment: index.segments.len(),
+                lines: None,
+                record: Vec::new(),
+            };
+            return super::newest_matching(filter, since.as_deref(), events);
+        }
         let last = index.segments.len().saturating_sub(1);
         for (i, segment) in index.segments.iter().enumerate() {
             if let (Some(since), Some(max)) = (since.as_deref(), segment.max_timestamp.as_deref())
@@ -401,6 +412,131 @@ impl AuditFile {
     #[cfg(test)]
     pub(super) fn fail_next_sync(&self) {
         self.fail_next_sync.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The log's events newest first, for reads that stop after the newest few: segments from the last, each
+/// read backwards in blocks, so the cost is what is read, not the log's size.
+struct NewestFirst<'a> {
+    log: &'a AuditFile,
+    index: &'a Index,
+    /// The segment being read is `segment`; it counts down.
+    segment: usize,
+    lines: Option<BackLines>,
+    record: Vec<u8>,
+}
+
+impl Iterator for NewestFirst<'_> {
+    type Item = Result<AuditEvent, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let lines = match &mut self.lines {
+                Some(lines) => lines,
+                None => {
+                    self.segment = self.segment.checked_sub(1)?;
+                    let segments = &self.index.segments;
+                    let first_seq = segments[self.segment].first_seq;
+                    let (last_seq, len) = match segments.get(self.segment + 1) {
+                        Some(next) => (next.first_seq.saturating_sub(1), None),
+                        None => (self.index.head.seq, Some(self.index.active_len)),
+                    };
+                    match BackLines::open(&segment_path(&self.log.dir, first_seq), len, last_seq) {
+                        Ok(lines) => self.lines.insert(lines),
+                        Err(e) => {
+                            self.segment = 0;
+                            return Some(Err(e));
+                        }
+                    }
+                }
+            };
+            match lines.prev_line() {
+                Ok(Some((seq, line))) => {
+                    record_of_line(&line, &mut self.record);
+                    return Some(decode_event(seq, &self.record));
+                }
+                Ok(None) => self.lines = None,
+                Err(e) => {
+                    self.segment = 0;
+                    self.lines = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// The lines of one segment from its end backwards, numbered down from its last seq.
+struct BackLines {
+    file: File,
+    path: PathBuf,
+    /// Where the bytes in `pending` start in the file.
+    pos: u64,
+    /// Bytes read but not yet returned: complete lines, the first possibly only partly read.
+    pending: Vec<u8>,
+    next_seq: u64,
+}
+
+impl BackLines {
+    const BLOCK: u64 = 64 * 1024;
+
+    fn open(path: &Path, len: Option<u64>, last_seq: u64) -> Result<BackLines, StoreError> {
+        let io_error = |source| StoreError::AuditFile {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_error)?;
+        let pos = match len {
+            Some(len) => len,
+            None => file.metadata().map_err(io_error)?.len(),
+        };
+        Ok(BackLines {
+            file,
+            path: path.to_owned(),
+            pos,
+            pending: Vec::new(),
+            next_seq: last_seq,
+        })
+    }
+
+    /// The line before the ones returned so far (with its newline), and its seq; None at the start.
+    fn prev_line(&mut self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        loop {
+            // The last line's own newline does not end the line before it.
+            let search = self.pending.len().saturating_sub(1);
+            if let Some(at) = self.pending[..search].iter().rposition(|&b| b == b'\n') {
+                let line = self.pending.split_off(at + 1);
+                return Ok(Some(self.number(line)));
+            }
+            if self.pos == 0 {
+                if self.pending.is_empty() {
+                    return Ok(None);
+                }
+                let line = std::mem::take(&mut self.pending);
+                return Ok(Some(self.number(line)));
+            }
+            let start = self.pos.saturating_sub(Self::BLOCK);
+            let mut block = vec![0; usize::try_from(self.pos - start).unwrap_or(0)];
+            self.file
+                .read_exact_at(&mut block, start)
+                .map_err(|source| StoreError::AuditFile {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            block.extend_from_slice(&self.pending);
+            self.pending = block;
+            self.pos = start;
+        }
+    }
+
+    fn number(&mut self, line: Vec<u8>) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.saturating_sub(1);
+        (seq, line)
     }
 }
 

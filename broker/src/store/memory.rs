@@ -59,6 +59,15 @@ impl Store for MemoryStore {
     fn read_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
         let since = filter.since.as_deref().map(normalize_since).transpose()?;
         let state = lock(&self.state);
+        if filter.newest {
+            let events = state
+                .audit
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, record)| decode_event(i as u64 + 1, record));
+            return super::newest_matching(filter, since.as_deref(), events);
+        }
         let mut out = Vec::new();
         for (seq, record) in (1..).zip(&state.audit) {
             if out.len() >= filter.limit {

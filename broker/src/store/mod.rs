@@ -61,6 +61,48 @@ pub struct AuditFilter {
     pub bot: Option<String>,
     pub event: Option<AuditEventKind>,
     pub limit: usize,
+    /// Take the newest `limit` matching events (still answered in log order), reading back
+    /// from the end of the log and stopping there: a bounded read however long the log is.
+    /// With `since`, the walk also stops at the first event older than `since` by more than
+    /// [`NEWEST_SINCE_SLACK`] (timestamps are only roughly in seq order).
+    pub newest: bool,
+}
+
+/// How far out of order a timestamp may be and still be found by a `newest` read with `since`.
+pub const NEWEST_SINCE_SLACK: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Walk events newest first, keeping the newest `limit` that match, in log order.
+pub(crate) fn newest_matching(
+    filter: &AuditFilter,
+    since: Option<&str>,
+    newest_first: impl Iterator<Item = Result<AuditEvent, StoreError>>,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let stop_before = match since {
+        Some(s) => {
+            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| StoreError::InvalidSince(s.to_owned()))?;
+            Some(crate::clock::rfc3339_millis(t - NEWEST_SINCE_SLACK))
+        }
+        None => None,
+    };
+    let mut out = Vec::new();
+    for event in newest_first {
+        if out.len() >= filter.limit {
+            break;
+        }
+        let event = event?;
+        if stop_before
+            .as_deref()
+            .is_some_and(|stop| event.timestamp.as_str() < stop)
+        {
+            break;
+        }
+        if filter.matches(&event, since) {
+            out.push(event);
+        }
+    }
+    out.reverse();
+    Ok(out)
 }
 
 impl Default for AuditFilter {
@@ -70,6 +112,7 @@ impl Default for AuditFilter {
             bot: None,
             event: None,
             limit: usize::MAX,
+            newest: false,
         }
     }
 }
@@ -430,7 +473,13 @@ pub(crate) mod tests {
             ..bot.clone()
         };
         assert_eq!(read(all_three), [6]);
-        assert_eq!(read(AuditFilter { limit: 2, ..bot }), [1, 2]);
+        assert_eq!(
+            read(AuditFilter {
+                limit: 2,
+                ..bot.clone()
+            }),
+            [1, 2]
+        );
         assert_eq!(
             read(AuditFilter {
                 limit: 2,
@@ -445,6 +494,19 @@ pub(crate) mod tests {
             }),
             Vec::<u64>::new()
         );
+        // web_audit_reads_the_whole_log: the newest few, read back from the end.
+        let newest = |limit: usize, base: AuditFilter| AuditFilter {
+            limit,
+            newest: true,
+            ..base
+        };
+        assert_eq!(read(newest(2, AuditFilter::default())), [5, 6]);
+        assert_eq!(read(newest(2, bot.clone())), [2, 6]);
+        assert_eq!(
+            read(newest(10, since("2026-02-17T14:00:00.600Z"))),
+            [4, 5, 6]
+        );
+        assert_eq!(read(newest(0, AuditFilter::default())), Vec::<u64>::new());
     }
 
     pub(crate) fn credentials_round_trip(store: &dyn Store) {

@@ -339,11 +339,12 @@ impl Mtls {
             Some(b) => b.to_string(),
             None => match self.token_bot(token) {
                 Ok(b) => b,
-                Err(e) => return Err(self.refuse(None, &who, address, e).await),
+                Err(e) => return Err(self.refuse_unauthenticated(None, &who, address, e).await),
             },
         };
         let bot = bot.as_str();
-        let refused = |e: ApiError| self.refuse(Some(bot), &who, address, e);
+        // Nothing is proven before the token is used up: audited like any unidentified caller.
+        let refused = |e: ApiError| self.refuse_unauthenticated(Some(bot), &who, address, e);
         if let Err(e) = check_bot_name(bot) {
             return Err(refused(e).await);
         }
@@ -384,15 +385,18 @@ impl Mtls {
         bot: Option<&str>,
         err: ApiError,
     ) -> ApiError {
-        self.refuse(bot, &format!("anonymous ({})", address.ip()), address, err)
+        self.refuse_unauthenticated(bot, &format!("anonymous ({})", address.ip()), address, err)
             .await
     }
 
     /// Enrollment of a tailnet caller the policy maps to `bot` (`[tls] tailnet_enrollment`).
+    /// `identity_assigned`: whether the policy identifies that bot by something the node cannot
+    /// choose for itself (a tag, a capability, its owner's login; not its hostname).
     pub async fn enroll_tailnet(
         &self,
         caller: &Caller,
         policy_bot: Option<&str>,
+        identity_assigned: bool,
         bot: Option<&str>,
         csr_pem: &str,
     ) -> Result<EnrolledCertificate, ApiError> {
@@ -422,6 +426,18 @@ impl Mtls {
             return Err(refused(ApiError::new(
                 ErrorCode::Forbidden,
                 format!("the policy does not map this caller to the bot {bot:?}; use a join token"),
+            ))
+            .await);
+        }
+        if !identity_assigned {
+            // A node renamed like a hostname-identified bot would otherwise get a certificate
+            // for it that outlives the rename and renews itself.
+            return Err(refused(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the bot {bot:?} is identified by hostname, which a node chooses itself; \
+                     enroll it with a join token (botcreds enroll create --bot {bot})"
+                ),
             ))
             .await);
         }
@@ -620,7 +636,7 @@ impl Mtls {
         if let Some(message) = problem {
             tracing::warn!(peer = %address, serial = %cert.serial, "{message}");
             return Err(self
-                .refuse(
+                .refuse_unauthenticated(
                     Some(&cert.bot),
                     &who,
                     address,
@@ -729,7 +745,8 @@ impl Mtls {
         e.client_ip = Some(address.ip().to_string());
         e.code = Some("tls_handshake".into());
         e.detail = Some(format!("TLS handshake refused: {reason}"));
-        if let Err(err) = self.audit.record(vec![e]).await {
+        // Anyone can open connections: per peer, only the first few are written one by one.
+        if let Err(err) = self.audit.record_refusal(address.ip(), e).await {
             tracing::error!(error = %err, "audit log write failed for a refused handshake");
         }
     }
@@ -750,6 +767,25 @@ impl Mtls {
         match self.record(e).await {
             Ok(()) => err,
             Err(audit_err) => audit_err,
+        }
+    }
+
+    /// [`Mtls::refuse`] for a caller who could not be identified (or whose certificate is no
+    /// longer good): audited one by one only up to `[limits] audited_refusals_per_peer`.
+    async fn refuse_unauthenticated(
+        &self,
+        bot: Option<&str>,
+        who: &str,
+        address: SocketAddr,
+        err: ApiError,
+    ) -> ApiError {
+        let mut e = self.event(AuditEventKind::CertRefused, bot, None);
+        e.caller = Some(who.to_string());
+        e.code = Some(err.code.as_str().to_string());
+        e.detail = Some(err.message.clone());
+        match self.audit.record_refusal(address.ip(), e).await {
+            Ok(()) => err,
+            Err(audit_err) => ApiError::internal(format!("audit log write failed: {audit_err}")),
         }
     }
 

@@ -388,8 +388,11 @@ async fn audit(State(state): State<AppState>, admin: WebAdmin) -> Response {
     let since = rfc3339_millis(state.clock.now() - AUDIT_WINDOW);
     let log = state.audit.clone();
     let read = tokio::task::spawn_blocking(move || {
+        // Read back from the end, at most the rows shown: never the whole day's log.
         log.read(&AuditFilter {
             since: Some(since),
+            limit: MAX_AUDIT_ROWS,
+            newest: true,
             ..AuditFilter::default()
         })
     })
@@ -400,7 +403,6 @@ async fn audit(State(state): State<AppState>, admin: WebAdmin) -> Response {
         Err(e) => return api_error_page(Some(&admin.actor), &ApiError::internal(e)),
     };
     events.reverse();
-    events.truncate(MAX_AUDIT_ROWS);
     let mut body = html::audit_table(&events);
     body.push_str("<p>The last 24 hours, newest first; <code>botcreds log</code> shows more.</p>");
     page_response(StatusCode::OK, "Audit log", Some(&admin.actor), &body)

@@ -289,3 +289,32 @@ fn lines_are_json_with_the_hashed_bytes_kept() {
         assert_eq!(value["event"]["hash"], "");
     }
 }
+
+#[test]
+fn newest_reads_walk_back_across_blocks_and_segments() {
+    for segment_bytes in [SEGMENT_BYTES, 20_000] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("audit");
+        let log = AuditFile::open(&dir, segment_bytes).unwrap();
+        // Well over one 64 KiB read-back block.
+        for batch in 0..40 {
+            append(&log, batch * 10..batch * 10 + 10);
+        }
+        let all = log.read(&AuditFilter::default()).unwrap();
+        assert_eq!(all.len(), 400);
+        for limit in [1, 7, 399, 400, 1000] {
+            let newest = log
+                .read(&AuditFilter {
+                    limit,
+                    newest: true,
+                    ..AuditFilter::default()
+                })
+                .unwrap();
+            assert_eq!(
+                newest,
+                all[400 - limit.min(400)..],
+                "{segment_bytes} {limit}"
+            );
+        }
+    }
+}
