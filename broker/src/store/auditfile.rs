@@ -107,30 +107,37 @@ impl AuditFile {
             firsts.push((first_seq, meta.len()));
         }
         firsts.sort_unstable();
-        // A segment created just before a crash holds nothing acknowledged: drop it so the head is found
-        // in the segment before it.
-        while firsts.len() > 1 && firsts.last().is_some_and(|&(_, len)| len == 0) {
-            let (first_seq, _) = firsts.pop().unwrap_or_default();
+        // Find the active segment and the head. A segment started just before a crash may hold nothing
+        // acknowledged (empty, or only a torn line): drop it, so the head is found in the one before.
+        let (file, first_seq, scan) = loop {
+            let (first_seq, create) = match firsts.last() {
+                Some(&(first_seq, _)) => (first_seq, false),
+                None => (1, true),
+            };
             let path = segment_path(dir, first_seq);
-            fs::remove_file(&path).map_err(io_error(&path))?;
-            sync_dir(dir)?;
-        }
-        let (first_seq, dir_synced) = match firsts.last() {
-            Some(&(first_seq, _)) => (first_seq, true),
-            None => (1, false),
+            let file = open_segment(&path, create)?;
+            let scan = scan_active(&file, &path, first_seq)?;
+            if scan.len == 0 && firsts.len() > 1 {
+                tracing::warn!(file = %path.display(), "removing an audit segment with no complete line");
+                drop(file);
+                fs::remove_file(&path).map_err(io_error(&path))?;
+                sync_dir(dir)?;
+                firsts.pop();
+                continue;
+            }
+            if scan.torn > 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    bytes = scan.torn,
+                    "truncating a torn trailing audit line (an unacknowledged write cut short)"
+                );
+                file.set_len(scan.len).map_err(io_error(&path))?;
+                file.sync_data().map_err(io_error(&path))?;
+            }
+            break (file, first_seq, scan);
         };
-        let path = segment_path(dir, first_seq);
-        let file = open_segment(&path, firsts.is_empty())?;
-        let scan = scan_active(&file, &path, first_seq)?;
-        if scan.torn > 0 {
-            tracing::warn!(
-                file = %path.display(),
-                bytes = scan.torn,
-                "truncating a torn trailing audit line (an unacknowledged write cut short)"
-            );
-            file.set_len(scan.len).map_err(io_error(&path))?;
-            file.sync_data().map_err(io_error(&path))?;
-        }
+        // A segment created here has a directory entry that is not durable yet: the first append syncs it.
+        let dir_synced = !firsts.is_empty();
         let mut segments: Vec<Segment> = firsts
             .iter()
             .map(|&(first_seq, _)| Segment {

@@ -318,3 +318,28 @@ fn newest_reads_walk_back_across_blocks_and_segments() {
         }
     }
 }
+
+#[test]
+fn torn_first_line_of_a_new_segment_continues_the_chain_of_the_one_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    {
+        let log = AuditFile::open(&dir, 1).unwrap();
+        append(&log, 0..1);
+        append(&log, 1..2);
+    }
+    // kill -9 while the first batch of segment 2 was being written: only half of its line is there.
+    let second = segment_path(&dir, 2);
+    let line = fs::read(&second).unwrap();
+    fs::write(&second, &line[..line.len() / 2]).unwrap();
+
+    let log = AuditFile::open(&dir, 1).unwrap();
+    assert_eq!(log.head().seq, 1);
+    assert_eq!(seqs(&append(&log, 2..3)), [2]);
+    assert_eq!(log.verify().unwrap(), intact(2));
+    drop(log);
+    assert_eq!(
+        AuditFile::open(&dir, 1).unwrap().verify().unwrap(),
+        intact(2)
+    );
+}
