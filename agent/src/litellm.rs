@@ -332,11 +332,17 @@ fn validate_answer(
             cred.base_url
         )));
     }
-    let plain =
-        |s: &str| !s.is_empty() && s.len() <= MAX_TEXT_BYTES && !s.chars().any(|c| c.is_control());
+    // These are logged, cached and shown by `/v1/status` as they are: no control characters
+    // (ESC, newlines) and no bidirectional overrides, which could forge or hide log lines.
+    let plain = |s: &str| !s.is_empty() && s.len() <= MAX_TEXT_BYTES && crate::text::is_clean(s);
     if !plain(&cred.credential_id) || !plain(&cred.name) {
         return Err(bad(
             "credential_id or name is empty, too long or has control characters".into(),
+        ));
+    }
+    if cred.budget_period.len() > MAX_TEXT_BYTES || !crate::text::is_clean(&cred.budget_period) {
+        return Err(bad(
+            "budget_period is too long or has control characters".into()
         ));
     }
     // Kept in the cache as JSON, which has no NaN or infinity: such a record would not load.
@@ -1468,6 +1474,68 @@ mod tests {
             let err = validate_answer(c, &e, now).err().unwrap().to_string();
             assert!(err.contains(want), "{err} / {want}");
             assert!(!err.contains("reboot"), "no key in errors: {err}");
+        }
+    }
+
+    /// Regression: a hostile broker's key name, model names, credential id or budget period
+    /// with bidirectional overrides (or an ESC, a newline) reached the agent's log (`LiteLLM
+    /// key fetched name=…`), its cache and `/v1/status`. Every such answer is now either refused
+    /// with a clean error or held with clean text only.
+    #[test]
+    fn broker_text_with_control_characters_never_reaches_logs_or_the_cache() {
+        let now =
+            SystemTime::from(OffsetDateTime::parse("2026-02-06T14:30:00Z", &Rfc3339).unwrap());
+        let e = entry();
+        let hostile = [
+            "ci\x1b[2K\rfatal: forged",
+            "ci\nINFO forged log line",
+            "ci-\u{202e}dliub",
+            "ci\u{7}bell",
+            "ci\u{9b}31m",
+        ];
+        type Mutate = Box<dyn Fn(&mut LitellmCredential, &str)>;
+        let fields: [(&str, Mutate); 6] = [
+            ("name", Box::new(|c, h| c.name = h.into())),
+            ("models", Box::new(|c, h| c.models = vec![h.into()])),
+            ("credential_id", Box::new(|c, h| c.credential_id = h.into())),
+            ("budget_period", Box::new(|c, h| c.budget_period = h.into())),
+            ("scope", Box::new(|c, h| c.scope = h.into())),
+            ("expires_at", Box::new(|c, h| c.expires_at = h.into())),
+        ];
+        for (field, mutate) in &fields {
+            for h in hostile {
+                let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
+                mutate(&mut c, h);
+                match validate_answer(c, &e, now) {
+                    Err(err) => {
+                        let shown = err.to_string();
+                        assert!(
+                            crate::text::is_clean(&shown),
+                            "{field} {h:?}: error {shown:?}"
+                        );
+                    }
+                    Ok(held) => {
+                        let mut texts = vec![
+                            held.name.clone(),
+                            held.credential_id.clone(),
+                            held.scope.clone(),
+                            held.budget_period.clone(),
+                            held.base_url.clone(),
+                        ];
+                        texts.extend(held.models.iter().cloned());
+                        for t in &texts {
+                            assert!(crate::text::is_clean(t), "{field} {h:?}: held {t:?}");
+                        }
+                        let stored = serde_json::to_string(&held.record("ci")).unwrap();
+                        assert!(
+                            !stored.contains("\\u001b")
+                                && !stored.contains("\\n")
+                                && !stored.contains('\u{202e}'),
+                            "{field} {h:?}: cached {stored}"
+                        );
+                    }
+                }
+            }
         }
     }
 
