@@ -303,6 +303,36 @@ pub fn plain_base_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether `s` may be logged and shown as it is: 1 to [`MAX_TEXT_BYTES`] bytes without control
+/// characters (ESC, newlines) or bidirectional overrides, which could forge or hide log lines.
+fn plain_text(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_TEXT_BYTES && crate::text::is_clean(s)
+}
+
+/// Checks the text a held key keeps from the broker's answer (logged, cached and shown by
+/// `/v1/status` as it is); the reason when one is not plain.
+fn check_texts(
+    credential_id: &str,
+    name: &str,
+    budget_period: &str,
+    models: &[String],
+) -> Result<(), String> {
+    if !plain_text(credential_id) || !plain_text(name) {
+        return Err("credential_id or name is empty, too long or has control characters".into());
+    }
+    // `day` or `run` today; empty is tolerated, it is only shown.
+    if !budget_period.is_empty() && !plain_text(budget_period) {
+        return Err("budget_period is too long or has control characters".into());
+    }
+    if let Some(m) = models
+        .iter()
+        .find(|m| !plain_text(m) || m.contains(char::is_whitespace))
+    {
+        return Err(format!("model {m:?} is not a model name"));
+    }
+    Ok(())
+}
+
 /// Checks the broker's answer and makes it a held key. The key and base URL end up in env
 /// files and JSON, so they must be plain: no quotes, spaces or shell characters (the env file
 /// quotes them as well, see [`outputs::env_file_content`]).
@@ -332,26 +362,19 @@ fn validate_answer(
             cred.base_url
         )));
     }
-    let plain =
-        |s: &str| !s.is_empty() && s.len() <= MAX_TEXT_BYTES && !s.chars().any(|c| c.is_control());
-    if !plain(&cred.credential_id) || !plain(&cred.name) {
-        return Err(bad(
-            "credential_id or name is empty, too long or has control characters".into(),
-        ));
-    }
+    check_texts(
+        &cred.credential_id,
+        &cred.name,
+        &cred.budget_period,
+        &cred.models,
+    )
+    .map_err(bad)?;
     // Kept in the cache as JSON, which has no NaN or infinity: such a record would not load.
     if !(cred.budget_usd.is_finite() && cred.budget_usd >= 0.0) {
         return Err(bad(format!(
             "budget_usd {} is not a dollar amount",
             cred.budget_usd
         )));
-    }
-    if let Some(m) = cred
-        .models
-        .iter()
-        .find(|m| !plain(m) || m.contains(char::is_whitespace))
-    {
-        return Err(bad(format!("model {m:?} is not a model name")));
     }
     let expires_at = OffsetDateTime::parse(&cred.expires_at, &Rfc3339)
         .map(SystemTime::from)
@@ -587,6 +610,12 @@ impl Inner {
                 }
                 plain_base_url(&record.base_url)
                     .map_err(|why| format!("base_url is not a plain http(s) URL: {why}"))?;
+                check_texts(
+                    &record.credential_id,
+                    &record.name,
+                    &record.budget_period,
+                    &record.models,
+                )?;
                 Ok(times)
             });
             let (expires_at, fetched_at) = match checked {
@@ -1471,6 +1500,68 @@ mod tests {
         }
     }
 
+    /// Regression: a hostile broker's key name, model names, credential id or budget period
+    /// with bidirectional overrides (or an ESC, a newline) reached the agent's log (`LiteLLM
+    /// key fetched name=…`), its cache and `/v1/status`. Every such answer is now either refused
+    /// with a clean error or held with clean text only.
+    #[test]
+    fn broker_text_with_control_characters_never_reaches_logs_or_the_cache() {
+        let now =
+            SystemTime::from(OffsetDateTime::parse("2026-02-06T14:30:00Z", &Rfc3339).unwrap());
+        let e = entry();
+        let hostile = [
+            "ci\x1b[2K\rfatal: forged",
+            "ci\nINFO forged log line",
+            "ci-\u{202e}dliub",
+            "ci\u{7}bell",
+            "ci\u{9b}31m",
+        ];
+        type Mutate = Box<dyn Fn(&mut LitellmCredential, &str)>;
+        let fields: [(&str, Mutate); 6] = [
+            ("name", Box::new(|c, h| c.name = h.into())),
+            ("models", Box::new(|c, h| c.models = vec![h.into()])),
+            ("credential_id", Box::new(|c, h| c.credential_id = h.into())),
+            ("budget_period", Box::new(|c, h| c.budget_period = h.into())),
+            ("scope", Box::new(|c, h| c.scope = h.into())),
+            ("expires_at", Box::new(|c, h| c.expires_at = h.into())),
+        ];
+        for (field, mutate) in &fields {
+            for h in hostile {
+                let mut c = answer("sk-abc", "2026-02-06T15:30:00Z");
+                mutate(&mut c, h);
+                match validate_answer(c, &e, now) {
+                    Err(err) => {
+                        let shown = err.to_string();
+                        assert!(
+                            crate::text::is_clean(&shown),
+                            "{field} {h:?}: error {shown:?}"
+                        );
+                    }
+                    Ok(held) => {
+                        let mut texts = vec![
+                            held.name.clone(),
+                            held.credential_id.clone(),
+                            held.scope.clone(),
+                            held.budget_period.clone(),
+                            held.base_url.clone(),
+                        ];
+                        texts.extend(held.models.iter().cloned());
+                        for t in &texts {
+                            assert!(crate::text::is_clean(t), "{field} {h:?}: held {t:?}");
+                        }
+                        let stored = serde_json::to_string(&held.record("ci")).unwrap();
+                        assert!(
+                            !stored.contains("\\u001b")
+                                && !stored.contains("\\n")
+                                && !stored.contains('\u{202e}'),
+                            "{field} {h:?}: cached {stored}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// A broker answer's base URL ends up in an env file that users source as root: only plain
     /// http(s) URLs pass, whatever a compromised broker sends.
     #[test]
@@ -1915,6 +2006,65 @@ coder_user_id = "usr-def456"
                 let status = litellm.status();
                 assert_eq!(status[0].credential_id, None, "{name}: the record was used");
                 assert!(task_alive(&litellm), "{name}: the task died");
+                assert!(
+                    !tmp.path().join("out/key").exists(),
+                    "{name}: the record's key was written"
+                );
+                litellm.shutdown(Duration::from_secs(1)).await;
+                creds.shutdown();
+            }
+        }
+
+        /// Regression: the cache checked only a record's key and base URL, so a record written
+        /// before answers were checked for control characters (or edited on disk) brought a
+        /// hostile name into the log (`loaded cached LiteLLM key name=…`) and `/v1/status`.
+        #[tokio::test]
+        async fn cache_records_with_control_characters_are_dropped() {
+            type Mutate = fn(&mut KeyRecord);
+            let cases: [(&str, Mutate); 5] = [
+                ("name with ESC", |r| r.name = "n\x1b[2Kforged".into()),
+                ("name with bidi", |r| r.name = "n\u{202e}txt".into()),
+                ("credential id with newline", |r| {
+                    r.credential_id = "lk_1\nINFO forged".into()
+                }),
+                ("model with bidi", |r| r.models = vec!["m\u{2066}x".into()]),
+                ("budget period with ESC", |r| {
+                    r.budget_period = "day\x1b]0;title\x07".into()
+                }),
+            ];
+            let now = to_unix(SystemTime::now());
+            for (name, mutate) in cases {
+                let tmp = tempfile::tempdir().unwrap();
+                let config = one_entry("127.0.0.1:9".parse().unwrap(), tmp.path());
+                let entry = &config.litellm[0];
+                let disk = DiskCache::open(&config.cache_dir).unwrap();
+                let mut record = KeyRecord {
+                    format: KEY_CACHE_FORMAT,
+                    identity: entry.identity(),
+                    credential_id: "lk_1".into(),
+                    key: Secret::new("sk-cached".into()),
+                    name: "n".into(),
+                    scope: entry.scope.clone(),
+                    budget_usd: 1.0,
+                    budget_period: "day".into(),
+                    rpm_limit: 1,
+                    models: vec![],
+                    base_url: "http://127.0.0.1:4000/v1".into(),
+                    expires_at: now + 3600,
+                    fetched_at: now,
+                };
+                mutate(&mut record);
+                disk.store_bytes(
+                    &cache_file_name(entry),
+                    &serde_json::to_vec(&record).unwrap(),
+                )
+                .unwrap();
+                let for_task = config.clone();
+                let (creds, litellm) = tokio::task::spawn(async move { start(&for_task) })
+                    .await
+                    .unwrap();
+                let status = litellm.status();
+                assert_eq!(status[0].name, None, "{name}: the record was used");
                 assert!(
                     !tmp.path().join("out/key").exists(),
                     "{name}: the record's key was written"

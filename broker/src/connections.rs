@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
 /// Why a connection was not admitted.
@@ -31,6 +32,14 @@ impl Refused {
             Refused::PerPeer => "max_connections_per_peer",
         }
     }
+
+    /// The `reason` label of `botcreds_connections_refused_total`.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Refused::Total => "total_cap",
+            Refused::PerPeer => "peer_cap",
+        }
+    }
 }
 
 /// The open connections of all listeners.
@@ -40,6 +49,8 @@ pub struct Connections {
     open: Mutex<Open>,
     /// Sends the number of open connections whenever it changes (for the shutdown drain).
     count: tokio::sync::watch::Sender<usize>,
+    /// The same number, for `/metrics` (`botcreds_connections_open`).
+    gauge: Gauge,
 }
 
 #[derive(Default)]
@@ -50,12 +61,25 @@ struct Open {
 
 impl Connections {
     pub fn new(max_total: usize, max_per_peer: usize) -> Arc<Connections> {
+        Connections::with_gauge(max_total, max_per_peer, Gauge::default())
+    }
+
+    /// Like [`Connections::new`], keeping `gauge` set to the number of open connections.
+    pub fn with_gauge(max_total: usize, max_per_peer: usize, gauge: Gauge) -> Arc<Connections> {
+        gauge.set(0);
         Arc::new(Connections {
             max_total: max_total.max(1),
             max_per_peer: max_per_peer.max(1),
             open: Mutex::new(Open::default()),
             count: tokio::sync::watch::channel(0).0,
+            gauge,
         })
+    }
+
+    /// Publish the count (called with the lock held, so that updates land in order).
+    fn publish(&self, total: usize) {
+        self.count.send_replace(total);
+        self.gauge.set(i64::try_from(total).unwrap_or(i64::MAX));
     }
 
     /// Count a new connection from `peer`, or refuse it. The connection counts until the
@@ -72,7 +96,7 @@ impl Connections {
         }
         *from_peer += 1;
         open.total += 1;
-        self.count.send_replace(open.total);
+        self.publish(open.total);
         Ok(Admitted {
             connections: self.clone(),
             peer,
@@ -99,7 +123,7 @@ impl Connections {
             }
         }
         open.total = open.total.saturating_sub(1);
-        self.count.send_replace(open.total);
+        self.publish(open.total);
     }
 }
 

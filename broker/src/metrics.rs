@@ -6,7 +6,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -37,6 +37,12 @@ pub struct NotifyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `total_cap` (`[limits] max_connections`) or `peer_cap` (`max_connections_per_peer`).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub outcome: &'static str,
 }
@@ -56,6 +62,9 @@ struct Inner {
     issue_seconds: Histogram,
     notify_deliveries: Family<NotifyLabels, Counter>,
     notify_skipped: Counter,
+    connections_refused: Family<RefusedLabels, Counter>,
+    connections_closed_idle: Counter,
+    connections_open: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -178,6 +187,24 @@ impl Metrics {
             "Approval events not notified because deliveries fell behind",
             notify_skipped.clone(),
         );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "botcreds_connections_refused",
+            "Connections closed at accept because a cap was reached, by cap (total_cap, peer_cap)",
+            connections_refused.clone(),
+        );
+        let connections_closed_idle = Counter::default();
+        registry.register(
+            "botcreds_connections_closed_idle",
+            "Connections closed because no request was in flight for [limits] idle_timeout",
+            connections_closed_idle.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "botcreds_connections_open",
+            "Connections open now, over all listeners",
+            connections_open.clone(),
+        );
         registry.register_collector(Box::new(UpstreamCollector { issuer }));
         for c in extra {
             registry.register_collector(c);
@@ -192,6 +219,9 @@ impl Metrics {
                 issue_seconds,
                 notify_deliveries,
                 notify_skipped,
+                connections_refused,
+                connections_closed_idle,
+                connections_open,
             }),
         }
     }
@@ -253,6 +283,24 @@ impl Metrics {
 
     pub fn notify_skipped(&self, events: u64) {
         self.inner.notify_skipped.inc_by(events);
+    }
+
+    /// A connection was refused at accept; `reason` is `total_cap` or `peer_cap`.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.inner
+            .connections_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    }
+
+    /// A connection was closed for idleness.
+    pub fn connection_closed_idle(&self) {
+        self.inner.connections_closed_idle.inc();
+    }
+
+    /// The gauge of open connections, kept by [`crate::connections::Connections`].
+    pub fn connections_open(&self) -> Gauge {
+        self.inner.connections_open.clone()
     }
 
     /// The OpenMetrics text of every metric.

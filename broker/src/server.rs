@@ -208,7 +208,7 @@ pub async fn run(
     }
 
     let app = router(state.clone());
-    let connections = connection_caps(&config.limits);
+    let connections = connection_caps(&config.limits, &metrics);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let watcher = tokio::spawn(watch_policy(state.clone(), stop_rx.clone()));
@@ -234,6 +234,7 @@ pub async fn run(
             listener,
             app.clone(),
             connections.clone(),
+            metrics.clone(),
             config.limits.clone(),
             stop_rx.clone(),
             None,
@@ -247,6 +248,7 @@ pub async fn run(
                 listener,
                 app.clone(),
                 connections.clone(),
+                metrics.clone(),
                 config.limits.clone(),
                 stop_rx.clone(),
                 Some(mtls.clone()),
@@ -285,7 +287,7 @@ pub async fn run(
 
 /// The connection caps of `[limits]`, with the total kept below the open-file limit (raised
 /// to its hard limit first) so that accepting never fails for want of a descriptor.
-fn connection_caps(limits: &Limits) -> Arc<Connections> {
+fn connection_caps(limits: &Limits, metrics: &Metrics) -> Arc<Connections> {
     let files = raise_file_limit();
     let (total, per_peer) = caps_within(limits, files);
     match files {
@@ -306,7 +308,7 @@ fn connection_caps(limits: &Limits) -> Arc<Connections> {
         }
         None => tracing::warn!("cannot read the open-file limit"),
     }
-    Connections::new(total, per_peer)
+    Connections::with_gauge(total, per_peer, metrics.connections_open())
 }
 
 /// `(max_connections, max_connections_per_peer)` within `files` open files: the total leaves
@@ -331,6 +333,7 @@ async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
     connections: Arc<Connections>,
+    metrics: Metrics,
     limits: Limits,
     mut stop: tokio::sync::watch::Receiver<bool>,
     tls: Option<Arc<crate::tls::Mtls>>,
@@ -365,13 +368,14 @@ async fn accept_loop(
             Ok(a) => a,
             Err(refused) => {
                 tracing::debug!(%peer, limit = refused.as_str(), "connection refused");
+                metrics.connection_refused(refused.metric_reason());
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let (app, builder, stop) = (app.clone(), builder.clone(), stop.clone());
-        let (tls, idle_timeout) = (tls.clone(), limits.idle_timeout);
+        let (tls, idle_timeout, metrics) = (tls.clone(), limits.idle_timeout, metrics.clone());
         tokio::spawn(async move {
             let _admitted = admitted;
             let activity = Activity::new();
@@ -409,14 +413,14 @@ async fn accept_loop(
                         TokioIo::new(stream),
                         TowerToHyperService::new(service(Some(verified))),
                     );
-                    serve(conn, peer, &activity, idle_timeout, stop).await;
+                    serve(conn, peer, &activity, idle_timeout, &metrics, stop).await;
                 }
                 None => {
                     let conn = builder.serve_connection(
                         TokioIo::new(stream),
                         TowerToHyperService::new(service(None)),
                     );
-                    serve(conn, peer, &activity, idle_timeout, stop).await;
+                    serve(conn, peer, &activity, idle_timeout, &metrics, stop).await;
                 }
             }
         });
@@ -430,6 +434,7 @@ async fn serve<C>(
     peer: SocketAddr,
     activity: &Activity,
     idle_timeout: Duration,
+    metrics: &Metrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
     C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulConn,
@@ -445,6 +450,7 @@ async fn serve<C>(
         _ = stop.wait_for(|stopping| *stopping) => DRAIN_TIMEOUT,
         () = activity.idle(idle_timeout) => {
             tracing::debug!(%peer, "closing an idle connection");
+            metrics.connection_closed_idle();
             IDLE_CLOSE_GRACE
         }
     };

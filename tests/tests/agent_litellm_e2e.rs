@@ -716,8 +716,17 @@ fn assert_whole(world: &World, home: &AgentHome, round: usize) {
             continue;
         }
         let text = std::fs::read_to_string(entry.path()).unwrap();
-        let v: Value = serde_json::from_str(&text)
+        // A cache file is a binding line (broker and identity) and the record, each whole JSON.
+        let values = serde_json::Deserializer::from_str(&text)
+            .into_iter::<Value>()
+            .collect::<Result<Vec<_>, _>>()
             .unwrap_or_else(|e| panic!("round {round}: partial cache file {name} ({e})"));
+        assert_eq!(
+            values.len(),
+            2,
+            "round {round}: cache file {name} is not a binding and a record: {text:?}"
+        );
+        let v = &values[1];
         if name.starts_with("litellm-") {
             known(v["key"].as_str().unwrap_or_default(), "the cache");
         }

@@ -629,3 +629,64 @@ async fn trusted_own_node_is_a_bot_but_never_an_admin() {
     let (status, body) = get("127.0.0.9", "/v1/admin/audit").await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Regression: connections refused at the caps and connections closed for idleness left no
+/// trace an operator could alert on. Now `/metrics` counts them by reason
+/// (`botcreds_connections_refused_total{reason}`, `botcreds_connections_closed_idle_total`)
+/// and shows the connections open now (`botcreds_connections_open`).
+#[tokio::test]
+async fn connection_refusals_and_idle_closes_are_counted_in_metrics() {
+    let (_github, _tailscaled, broker) = plain_broker(
+        "[limits]\nmax_connections = 3\nmax_connections_per_peer = 2\nidle_timeout = \"1s\"\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (s, fate) = h2c_silent("127.0.0.2", broker.addr).await;
+        assert_eq!(fate, Fate::Admitted);
+        held.push(s);
+    }
+    assert_eq!(h2c_silent("127.0.0.2", broker.addr).await.1, Fate::Closed);
+    let (s, fate) = h2c_silent("127.0.0.3", broker.addr).await;
+    assert_eq!(fate, Fate::Admitted);
+    held.push(s);
+    for _ in 0..2 {
+        assert_eq!(h2c_silent("127.0.0.4", broker.addr).await.1, Fate::Closed);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(
+            closed_by_broker(s, Duration::from_secs(30)).await,
+            "idle h2c connection {i} stayed open"
+        );
+    }
+    let metrics = broker
+        .client_from(ip("127.0.0.5"))
+        .get(format!("{}/metrics", broker.url))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = metrics.lines().collect();
+    for (line, why) in [
+        (
+            "botcreds_connections_refused_total{reason=\"peer_cap\"} 1",
+            "the third connection from 127.0.0.2",
+        ),
+        (
+            "botcreds_connections_refused_total{reason=\"total_cap\"} 2",
+            "both connections from 127.0.0.4",
+        ),
+        (
+            "botcreds_connections_closed_idle_total 3",
+            "the three silent connections",
+        ),
+        (
+            "botcreds_connections_open 1",
+            "only this scrape's own connection",
+        ),
+    ] {
+        assert!(lines.contains(&line), "{why}: no `{line}` in\n{metrics}");
+    }
+}

@@ -613,3 +613,56 @@ async fn keys_a_reload_revokes_are_audited_as_the_policys() {
         )]
     );
 }
+
+/// Regression: refusals of unauthenticated callers on the provisioner API (a wrong or missing
+/// `X-Provisioner-Secret`, a bad Coder session token) each cost one fsync'd audit event, so a
+/// flood from one peer grew the audit log without bound. Now they share the per-peer budget
+/// of the other anonymous refusals: the first ten are written, the rest summarised.
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioner_refusal_flood_is_summarised_in_the_audit_log() {
+    use botcreds_broker::store::{AuditFilter, SledStore, Store};
+    use botcreds_proto::audit::AuditEventKind;
+
+    let mut w = world().await;
+    let flooder = w.broker.client_from("127.0.0.9".parse().unwrap());
+    let body = ws("ws-flood", "flood", "dev");
+    for i in 0..50 {
+        let req = match i % 5 {
+            0 => flooder.post(w.url("/api/v1/keys/workspace")).json(&body),
+            1 => flooder
+                .post(w.url("/api/v1/keys/user"))
+                .bearer_auth("coder-session-wrong-0123456789"),
+            2 => flooder
+                .delete(w.url("/api/v1/keys/ws-flood"))
+                .header("X-Provisioner-Secret", "wrong"),
+            _ => flooder
+                .post(w.url("/api/v1/keys/workspace"))
+                .header("X-Provisioner-Secret", "provisioner-secret-wrong-012345")
+                .json(&body),
+        };
+        let (status, answer) = call(req).await;
+        assert!(
+            status == 401 || status == 403,
+            "request {i}: {status} {answer}"
+        );
+    }
+    assert!(w.broker.stop().await.success());
+    let store = SledStore::open(&w.broker.data_dir()).unwrap();
+    let events = store.read_audit(&AuditFilter::default()).unwrap();
+    let denied = events
+        .iter()
+        .filter(|e| e.event == AuditEventKind::CredentialDenied)
+        .count();
+    assert_eq!(
+        denied, 10,
+        "only the first ten refusals are written one by one"
+    );
+    let summaries: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == AuditEventKind::RefusalsSummarized)
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!(summaries[0].client_ip.as_deref(), Some("127.0.0.9"));
+    let detail = summaries[0].detail.as_deref().unwrap();
+    assert!(detail.starts_with("40 more"), "{detail}");
+}

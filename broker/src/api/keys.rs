@@ -3,6 +3,7 @@
 //! (`/v1/keys`), and the key-provisioner API (`/api/v1/keys/*`), wire-compatible with the
 //! key-provisioner design's scripts: its bodies and its `{"error": "..."}` error shape.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,7 +21,7 @@ use botcreds_proto::{CredentialKind, CredentialRequest, ErrorCode, Ttl};
 use serde_json::json;
 
 use super::AppState;
-use super::extract::{AdminCaller, Authenticated, json_body};
+use super::extract::{AdminCaller, Authenticated, PeerAddr, json_body};
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
@@ -47,24 +48,33 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/api/v1/keys/workspace",
             post(workspace_key).delete(
-                |State(state): State<AppState>, Authenticated(c): Authenticated, h: HeaderMap| {
-                    revoke_named(state, c, h, "workspace".to_string())
+                |State(state): State<AppState>,
+                 PeerAddr(peer): PeerAddr,
+                 Authenticated(c): Authenticated,
+                 h: HeaderMap| {
+                    revoke_named(state, peer.ip(), c, h, "workspace".to_string())
                 },
             ),
         )
         .route(
             "/api/v1/keys/user",
             post(user_key).delete(
-                |State(state): State<AppState>, Authenticated(c): Authenticated, h: HeaderMap| {
-                    revoke_named(state, c, h, "user".to_string())
+                |State(state): State<AppState>,
+                 PeerAddr(peer): PeerAddr,
+                 Authenticated(c): Authenticated,
+                 h: HeaderMap| {
+                    revoke_named(state, peer.ip(), c, h, "user".to_string())
                 },
             ),
         )
         .route(
             "/api/v1/keys/service",
             post(service_key).delete(
-                |State(state): State<AppState>, Authenticated(c): Authenticated, h: HeaderMap| {
-                    revoke_named(state, c, h, "service".to_string())
+                |State(state): State<AppState>,
+                 PeerAddr(peer): PeerAddr,
+                 Authenticated(c): Authenticated,
+                 h: HeaderMap| {
+                    revoke_named(state, peer.ip(), c, h, "service".to_string())
                 },
             ),
         )
@@ -128,8 +138,28 @@ fn keys_of(state: &AppState) -> Option<&KeyService> {
     state.keys.as_deref()
 }
 
-/// Audit a refused provisioner request.
+/// Audit a refused provisioner request of a caller who is known (the secret's holder, an
+/// admin, an authenticated user): each one is written.
 async fn audit_refusal(state: &AppState, caller: &str, ip: Option<String>, e: &SeedError) {
+    let ev = refusal_event(state, caller, ip, e);
+    if let Err(err) = state.audit.record(vec![ev]).await {
+        tracing::error!(error = %err, "audit log write failed for a refusal");
+    }
+}
+
+/// Audit the refusal of a caller who could not be identified (a missing or wrong
+/// `X-Provisioner-Secret`, a bad Coder session token), coming from `peer`: like the broker's
+/// other anonymous refusals, only the first few per peer and window are written one by one
+/// (`[limits] audited_refusals_per_peer`), the rest are counted into a summary, so that a
+/// flood does not cost one durable write each.
+async fn audit_unidentified(state: &AppState, peer: IpAddr, caller: &str, e: &SeedError) {
+    let ev = refusal_event(state, caller, Some(peer.to_string()), e);
+    if let Err(err) = state.audit.record_refusal(peer, ev).await {
+        tracing::error!(error = %err, "audit log write failed for a refusal");
+    }
+}
+
+fn refusal_event(state: &AppState, caller: &str, ip: Option<String>, e: &SeedError) -> AuditEvent {
     let mut ev = AuditEvent::new(
         AuditEventKind::CredentialDenied,
         rfc3339_millis(state.clock.now()),
@@ -151,9 +181,7 @@ async fn audit_refusal(state: &AppState, caller: &str, ip: Option<String>, e: &S
             .take(300)
             .collect::<String>()
     ));
-    if let Err(err) = state.audit.record(vec![ev]).await {
-        tracing::error!(error = %err, "audit log write failed for a refusal");
-    }
+    ev
 }
 
 /// Who may use a provisioner route: the `X-Provisioner-Secret` holder (`provisioner`), or an
@@ -163,6 +191,7 @@ async fn audit_refusal(state: &AppState, caller: &str, ip: Option<String>, e: &S
 /// is audited.
 async fn provisioner_gate<'s>(
     state: &'s AppState,
+    peer: IpAddr,
     headers: &HeaderMap,
     caller: &Result<Caller, ApiError>,
 ) -> Result<(&'s KeyService, String, Option<String>), SeedError> {
@@ -186,7 +215,7 @@ async fn provisioner_gate<'s>(
     match actor {
         Ok(actor) => Ok((keys, actor, ip)),
         Err(e) => {
-            audit_refusal(state, "provisioner", ip, &e).await;
+            audit_unidentified(state, peer, "provisioner", &e).await;
             Err(e)
         }
     }
@@ -229,11 +258,12 @@ fn workspace_info(r: WorkspaceKeyRequest) -> Result<WorkspaceInfo, ApiError> {
 /// `POST /api/v1/keys/workspace`: the startup script's call.
 async fn workspace_key(
     State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WorkspaceKeyResponse>, SeedError> {
-    let (keys, actor, ip) = provisioner_gate(&state, &headers, &caller).await?;
+    let (keys, actor, ip) = provisioner_gate(&state, peer.ip(), &headers, &caller).await?;
     let result = async {
         let request: WorkspaceKeyRequest = json_body(&headers, body).await?;
         let info = workspace_info(request)?;
@@ -302,6 +332,7 @@ async fn optional_json<T: serde::de::DeserializeOwned + Default>(
 /// (`Authorization: Bearer`), or for the tailnet user of the calling device.
 async fn user_key(
     State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Body,
@@ -367,7 +398,7 @@ async fn user_key(
         Ok(w) => w,
         Err(e) => {
             let e = SeedError::from(e);
-            audit_refusal(&state, "user", ip, &e).await;
+            audit_unidentified(&state, peer.ip(), "user", &e).await;
             return Err(e);
         }
     };
@@ -470,11 +501,12 @@ fn service_ask(
 /// `POST /api/v1/keys/service`: a ci / agent key, for the provisioner secret or an admin.
 async fn service_key(
     State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ServiceKeyResponse>, SeedError> {
-    let (keys, actor, ip) = provisioner_gate(&state, &headers, &caller).await?;
+    let (keys, actor, ip) = provisioner_gate(&state, peer.ip(), &headers, &caller).await?;
     let result = async {
         let request: ServiceKeyRequest = json_body(&headers, body).await?;
         let created_by = created_by(&actor);
@@ -510,20 +542,22 @@ async fn service_key(
 /// `DELETE /api/v1/keys/{name}`: revoke a key by name (deleted in LiteLLM at once).
 async fn provisioner_revoke(
     State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<KeyRevoked>, SeedError> {
-    revoke_named(state, caller, headers, name).await
+    revoke_named(state, peer.ip(), caller, headers, name).await
 }
 
 async fn revoke_named(
     state: AppState,
+    peer: IpAddr,
     caller: Result<Caller, ApiError>,
     headers: HeaderMap,
     name: String,
 ) -> Result<Json<KeyRevoked>, SeedError> {
-    let (keys, actor, _) = provisioner_gate(&state, &headers, &caller).await?;
+    let (keys, actor, _) = provisioner_gate(&state, peer, &headers, &caller).await?;
     match keys.revoke_by_name(&name, &actor).await {
         Ok(r) => Ok(Json(r)),
         Err(e) if e.code == ErrorCode::KeyNotFound => Err(SeedError::not_found(&name)),
