@@ -480,12 +480,18 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn reuses_while_enough_life_remains_then_mints_again() {
+    /// An issuer over the simulated GitHub, on a clock the test moves.
+    fn simulated() -> (OffsetClock, Arc<SimulatedGithub>, TokenIssuer) {
         let clock = OffsetClock::default();
         let shared: SharedClock = Arc::new(clock.clone());
         let github = Arc::new(SimulatedGithub::new(shared.clone()));
-        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let issuer = TokenIssuer::new(github.clone(), shared);
+        (clock, github, issuer)
+    }
+
+    #[tokio::test]
+    async fn reuses_while_enough_life_remains_then_mints_again() {
+        let (clock, github, issuer) = simulated();
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
 
@@ -502,7 +508,7 @@ mod tests {
         assert!(!third.reused);
         assert_ne!(third.token.credential_id, first.token.credential_id);
         assert_eq!(github.stats().mints, 2);
-        assert!(third.token.expires_at > shared.now());
+        assert!(third.token.expires_at > crate::clock::Clock::now(&clock));
 
         // A client reports the live token rejected: a fresh one, once.
         let id = third.token.credential_id.clone();
@@ -606,10 +612,7 @@ mod tests {
     /// superseded one stayed live at GitHub and out of reach of revocation.
     #[tokio::test]
     async fn superseded_tokens_stay_revocable_and_a_replaced_one_is_revoked() {
-        let clock = OffsetClock::default();
-        let shared: SharedClock = Arc::new(clock.clone());
-        let github = Arc::new(SimulatedGithub::new(shared.clone()));
-        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let (clock, github, issuer) = simulated();
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
 
@@ -656,10 +659,7 @@ mod tests {
     /// could spend the App's rate limit (20 requests → 19 mints).
     #[tokio::test]
     async fn replacements_are_rate_limited_per_bot_and_scope() {
-        let clock = OffsetClock::default();
-        let shared: SharedClock = Arc::new(clock.clone());
-        let github = Arc::new(SimulatedGithub::new(shared.clone()));
-        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let (clock, github, issuer) = simulated();
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
         let mut current = issuer
@@ -708,10 +708,7 @@ mod tests {
     /// re-mint superseded — handed out and live at GitHub — was missing from the gauge.
     #[tokio::test]
     async fn live_tokens_counts_superseded_tokens() {
-        let clock = OffsetClock::default();
-        let shared: SharedClock = Arc::new(clock.clone());
-        let github = Arc::new(SimulatedGithub::new(shared.clone()));
-        let issuer = TokenIssuer::new(github.clone(), shared.clone());
+        let (clock, github, issuer) = simulated();
         let s = scope(&["acme/web"], &["contents:read"]);
         let ten = Duration::from_secs(600);
         let first = issuer

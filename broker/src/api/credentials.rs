@@ -119,32 +119,8 @@ pub async fn create(
         Outcome::Deny => "deny",
     });
     let requested = requested_event(&state, &caller, decision.bot.as_deref(), &ask);
-    match decision.outcome {
-        Outcome::Allow => {}
-        Outcome::Deny => {
-            let e = ApiError::new(ErrorCode::PolicyDenied, denial_message(&decision))
-                .with_rule(decision.rule.clone());
-            return Err(record_denial(&state, requested, &decision, e).await);
-        }
-        Outcome::RequireApproval => {
-            // A live grant, or an approval request (see approvals/api.rs).
-            let ask = crate::approvals::api::ApprovalAsk {
-                resource: crate::policy::Resource::github(&ask.repositories, &ask.permissions),
-                min_ttl: ask.min_ttl,
-                reason: ask.reason.clone(),
-                workspace: None,
-            };
-            return crate::approvals::api::require_approval(
-                &state,
-                &caller,
-                &decision,
-                requested,
-                ask,
-                request.wait.as_deref(),
-                request.replaces.as_deref(),
-            )
-            .await;
-        }
+    if decision.outcome != Outcome::Allow {
+        return not_allowed(&state, &caller, &request, &ask, requested, &decision).await;
     }
 
     let Some(scope) = TokenScope::new(&ask.repositories, &ask.permissions) else {
@@ -185,27 +161,7 @@ pub async fn create(
             if let Some(r) = &revoked {
                 audit_unheld(&state, &caller, decision.bot.as_deref(), r).await;
             }
-            if now.outcome == Outcome::Deny {
-                let e = ApiError::new(ErrorCode::PolicyDenied, denial_message(&now))
-                    .with_rule(now.rule.clone());
-                return Err(record_denial(&state, requested, &now, e).await);
-            }
-            let ask = crate::approvals::api::ApprovalAsk {
-                resource: crate::policy::Resource::github(&ask.repositories, &ask.permissions),
-                min_ttl: ask.min_ttl,
-                reason: ask.reason.clone(),
-                workspace: None,
-            };
-            return crate::approvals::api::require_approval(
-                &state,
-                &caller,
-                &now,
-                requested,
-                ask,
-                request.wait.as_deref(),
-                request.replaces.as_deref(),
-            )
-            .await;
+            return not_allowed(&state, &caller, &request, &ask, requested, &now).await;
         }
         Err(failure) => {
             let e = issue_error(&failure);
@@ -371,6 +327,39 @@ fn validate(state: &AppState, r: &CredentialRequest) -> Result<GithubAsk, ApiErr
         min_ttl,
         reason,
     })
+}
+
+/// The answer to a request the policy does not simply allow: a denial, or a live grant /
+/// approval request (see approvals/api.rs).
+async fn not_allowed(
+    state: &AppState,
+    caller: &Caller,
+    request: &CredentialRequest,
+    ask: &GithubAsk,
+    requested: AuditEvent,
+    decision: &Decision,
+) -> Result<axum::response::Response, ApiError> {
+    if decision.outcome == Outcome::Deny {
+        let e = ApiError::new(ErrorCode::PolicyDenied, denial_message(decision))
+            .with_rule(decision.rule.clone());
+        return Err(record_denial(state, requested, decision, e).await);
+    }
+    let approval = crate::approvals::api::ApprovalAsk {
+        resource: crate::policy::Resource::github(&ask.repositories, &ask.permissions),
+        min_ttl: ask.min_ttl,
+        reason: ask.reason.clone(),
+        workspace: None,
+    };
+    crate::approvals::api::require_approval(
+        state,
+        caller,
+        decision,
+        requested,
+        approval,
+        request.wait.as_deref(),
+        request.replaces.as_deref(),
+    )
+    .await
 }
 
 fn denial_message(decision: &Decision) -> String {
