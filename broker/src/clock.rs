@@ -51,17 +51,5 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
     )
 }
 
-/// RFC 3339 in UTC with millisecond precision (audit timestamps).
-pub fn rfc3339_millis(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
-}
+/// RFC 3339 in UTC with millisecond precision (audit timestamps); lives with the audit event type.
+pub use botcreds_proto::audit::rfc3339_millis;

@@ -47,11 +47,9 @@ impl From<String> for Secret {
     }
 }
 
-/// SHA-256 hex of a secret: the form in which keys are stored and tokens are named.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
+/// SHA-256 hex of a secret: the form in which keys are stored and tokens are named (shared with the
+/// store, whose audit chain uses the same digest form).
+pub use botcreds_store::sha256_hex;
 
 #[cfg(test)]
 mod tests {

@@ -76,6 +76,22 @@ impl AuditEventKind {
     }
 }
 
+/// An audit timestamp: RFC 3339 in UTC with millisecond precision (`2026-02-17T14:00:00.000Z`). All
+/// stored timestamps have this one form, so byte-wise comparison orders them.
+pub fn rfc3339_millis(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
 /// One audit record. Optional fields are left out of the JSON when empty.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {

@@ -1,6 +1,10 @@
 //! The broker's persistent state behind one trait: the hash-chained audit log, credential metadata and
 //! small namespaced documents. `SledStore` is the embedded default; the trait is the seam for PostgreSQL.
+//! `audit::AuditLog` is the group-commit writer in front of it.
+//!
+//! This is the only crate that depends on sled, so "only the store touches sled" holds by construction.
 
+pub mod audit;
 mod auditfile;
 mod memory;
 mod sled;
@@ -81,7 +85,9 @@ pub(crate) fn newest_matching(
         Some(s) => {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map_err(|_| StoreError::InvalidSince(s.to_owned()))?;
-            Some(crate::clock::rfc3339_millis(t - NEWEST_SINCE_SLACK))
+            Some(botcreds_proto::audit::rfc3339_millis(
+                t - NEWEST_SINCE_SLACK,
+            ))
         }
         None => None,
     };
@@ -203,6 +209,12 @@ impl ChainHead {
     }
 }
 
+/// SHA-256 of `bytes` as lowercase hex: the form of the audit chain's hashes, of stored key hashes and of
+/// token names.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// sha256_hex(prev_hash || canonical), hashed incrementally so the record is not copied.
 fn chain_hash(prev_hash: &str, canonical: &[u8]) -> String {
     let mut hasher = Sha256::new();
@@ -266,7 +278,7 @@ fn decode_event(seq: u64, record: &[u8]) -> Result<AuditEvent, StoreError> {
 fn normalize_since(since: &str) -> Result<String, StoreError> {
     let t = time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
         .map_err(|_| StoreError::InvalidSince(since.to_owned()))?;
-    Ok(crate::clock::rfc3339_millis(t))
+    Ok(botcreds_proto::audit::rfc3339_millis(t))
 }
 
 fn check_namespace(namespace: &str) -> Result<(), StoreError> {
@@ -412,7 +424,7 @@ pub(crate) mod tests {
             blank.hash.clear();
             let mut input = prev.clone().into_bytes();
             input.extend(serde_json::to_vec(&blank).unwrap());
-            assert_eq!(e.hash, crate::secret::sha256_hex(&input), "seq {}", e.seq);
+            assert_eq!(e.hash, crate::sha256_hex(&input), "seq {}", e.seq);
             prev.clone_from(&e.hash);
         }
 

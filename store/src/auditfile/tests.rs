@@ -6,7 +6,7 @@ use std::os::unix::fs::symlink;
 use botcreds_proto::audit::AuditEventKind;
 
 use super::*;
-use crate::store::tests as conformance;
+use crate::tests as conformance;
 
 fn issued(second: u64) -> AuditEvent {
     conformance::event(
@@ -50,9 +50,9 @@ fn intact(events: u64) -> ChainReport {
 fn conformance_holds_when_every_batch_starts_a_segment() {
     // One byte per segment: every batch after the first rotates, so reads and the chain cross segments.
     let dir = tempfile::tempdir().unwrap();
-    let store = crate::store::SledStore::open_with_segment_bytes(&dir.path().join("a"), 1);
+    let store = crate::SledStore::open_with_segment_bytes(&dir.path().join("a"), 1);
     conformance::appends_are_gap_free_and_chained(&store);
-    let store = crate::store::SledStore::open_with_segment_bytes(&dir.path().join("b"), 1);
+    let store = crate::SledStore::open_with_segment_bytes(&dir.path().join("b"), 1);
     conformance::filters_select_and_limit(&store);
 }
 

@@ -344,9 +344,9 @@ fn decode_credential(value: &[u8]) -> Result<CredentialRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::auditfile::push_line;
-    use crate::store::seal;
-    use crate::store::tests as conformance;
+    use crate::auditfile::push_line;
+    use crate::seal;
+    use crate::tests as conformance;
     use botcreds_proto::audit::AuditEventKind;
 
     fn open_temp() -> (tempfile::TempDir, SledStore) {

@@ -147,7 +147,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests as conformance;
+    use crate::tests as conformance;
     use botcreds_proto::audit::AuditEventKind;
 
     #[test]

@@ -1,11 +1,11 @@
 //! Audit log throughput on a sled data directory: how well group commit turns concurrent `record` calls into
-//! few fsyncs. Run with `cargo bench -p botcreds-broker --bench audit`; results are in events per second.
+//! few fsyncs. Run with `cargo bench -p botcreds-store --bench audit`; results are in events per second.
 
 use std::sync::Arc;
 
-use botcreds_broker::audit::AuditLog;
-use botcreds_broker::store::{SledStore, Store};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
+use botcreds_store::audit::AuditLog;
+use botcreds_store::{SledStore, Store};
 use divan::Bencher;
 use divan::counter::ItemsCount;
 
