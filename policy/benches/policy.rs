@@ -1,12 +1,11 @@
 //! Policy engine benchmarks: `decide()` (bot lookup included) and `Policy::parse` on a policy of
-//! 10,000 bots with 10 rules each. Run with `cargo bench -p botcreds-broker --bench policy`.
+//! 10,000 bots with 10 rules each. Run with `cargo bench -p botcreds-policy --bench policy`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 
-use botcreds_broker::identity::{Caller, CallerVia, TailnetIdentity};
-use botcreds_broker::policy::{Outcome, Policy, Request};
+use botcreds_policy::{Caller, CallerVia, Outcome, Policy, Request, TailnetIdentity};
 use botcreds_proto::{Permission, RepoName};
 use divan::{Bencher, black_box};
 

@@ -6,7 +6,12 @@
 //! I/O. Evaluation order is fixed: `deny` → `auto_approve` → `requires_approval` → `defaults`.
 //! Caller → bot matching goes through hash indexes so a policy with thousands of bots costs a
 //! handful of lookups per request.
+//!
+//! This crate depends on no runtime, network or storage crate, so the compiler keeps the engine
+//! pure; the only I/O is [`Policy::load`] reading the file. The broker re-exports it as
+//! `botcreds_broker::policy`.
 
+pub mod caller;
 mod decide;
 mod glob;
 mod load;
@@ -23,8 +28,7 @@ use std::time::Duration;
 
 use botcreds_proto::{Permission, RepoName};
 
-use crate::identity::{Caller, CallerVia, TailnetIdentity};
-
+pub use caller::{Caller, CallerVia, TailnetIdentity};
 pub use glob::LITELLM_SCOPES;
 pub use remembered::{RememberedRule, RememberedRules, Resource};
 

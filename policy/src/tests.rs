@@ -8,7 +8,7 @@ use std::time::Duration;
 use botcreds_proto::{Permission, RepoName};
 
 use super::*;
-use crate::identity::{Caller, CallerVia, TailnetIdentity};
+use crate::caller::{Caller, CallerVia, TailnetIdentity};
 
 const POLICY: &str = r#"
 bots:
