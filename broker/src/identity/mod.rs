@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod api_key;
+pub mod config;
 pub mod tailnet;
 
 use std::collections::BTreeMap;
