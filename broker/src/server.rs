@@ -581,7 +581,8 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         if !forced && !state.policy.looks_changed() {
             continue;
         }
-        let result = state.policy.reload(forced);
+        // Parsing a large policy takes a while: off the runtime's workers.
+        let result = state.policy.clone().reload_on_blocking_pool(forced).await;
         let now = rfc3339_millis(state.clock.now());
         let event = match result {
             Ok(Reload::Unchanged) => continue,
