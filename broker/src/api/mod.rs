@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod credentials;
 pub mod enroll;
+mod error_map;
 pub mod extract;
 pub mod health;
 pub mod keys;
