@@ -1,22 +1,39 @@
 //! `broker.toml`: the broker's configuration, parsed strictly (unknown keys are errors) and
 //! validated once at startup. Every key is documented in `docs/configuration.md`.
+//!
+//! Each section is parsed and validated by the module that owns it, over the leaf module
+//! [`settings`](crate::settings) (the typed [`Invalid`] error, secret files, the environment):
+//! `[tailscale]`, `[[api_keys]]` and `[admin]` in `identity/config.rs`, `[github]` in
+//! `providers/github/config.rs`, `[approvals]` in `approvals/`, `[notify]` in
+//! `notify/config.rs`, `[web]` in `web/config.rs`, `[tls]` in `tls/config.rs`, `[litellm]` and
+//! `[coder]` in `keys/config.rs`, `[limits]` in `limits.rs`. This module only names the
+//! tables, calls them in turn and adds the file name to their errors. Nothing below it
+//! imports it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use botcreds_proto::Ttl;
 use serde::Deserialize;
 
-use crate::secret::{Secret, sha256_hex};
+use crate::approvals::ApprovalsConfig;
+use crate::identity::config::{RawApiKey, RawTailscale};
+use crate::keys::config::{CoderConfig, LitellmConfig, RawCoder, RawLitellm};
+use crate::limits::RawLimits;
+use crate::notify::NotifyConfig;
+use crate::notify::config::RawNotify;
+use crate::providers::github::config::RawGithub;
+use crate::settings::{Invalid, resolve};
+use crate::tls::{RawTlsConfig, TlsConfig};
+use crate::web::config::{RawWeb, WebConfig};
 
-/// Where the tailscaled LocalAPI socket usually lives on Linux.
-pub const DEFAULT_TAILSCALED_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
-const FALLBACK_TAILSCALED_SOCKET: &str = "/run/tailscale/tailscaled.sock";
-
-/// Environment variable holding the GitHub App private key PEM (instead of `private_key_file`).
-pub const ENV_GITHUB_PRIVATE_KEY: &str = "BOTCREDS_GITHUB_PRIVATE_KEY";
+pub use crate::identity::config::{
+    AdminConfig, ApiKeyConfig, DEFAULT_TAILSCALED_SOCKET, TailscaleConfig,
+};
+pub use crate::limits::Limits;
+pub use crate::providers::github::config::{ENV_GITHUB_PRIVATE_KEY, GithubConfig};
+#[cfg(test)]
+pub(crate) use crate::settings::test_env;
+pub use crate::settings::{Env, ProcessEnv, read_secret_file};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,131 +53,17 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
-    approvals: crate::approvals::ApprovalsConfig,
+    approvals: ApprovalsConfig,
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
-    notify: crate::notify::config::RawNotify,
+    notify: RawNotify,
     #[serde(default)]
-    web: crate::notify::config::RawWeb,
+    web: RawWeb,
     #[serde(default)]
-    tls: Option<crate::tls::RawTlsConfig>,
-    litellm: Option<crate::keys::config::RawLitellm>,
-    coder: Option<crate::keys::config::RawCoder>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTailscale {
-    #[serde(default = "yes")]
-    enabled: bool,
-    socket: Option<PathBuf>,
-    #[serde(default = "default_whois_cache")]
-    whois_cache_ttl: Ttl,
-    #[serde(default)]
-    trust_own_node: bool,
-}
-
-impl Default for RawTailscale {
-    fn default() -> Self {
-        RawTailscale {
-            enabled: true,
-            socket: None,
-            whois_cache_ttl: default_whois_cache(),
-            trust_own_node: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGithub {
-    app_id: u64,
-    private_key_file: Option<PathBuf>,
-    #[serde(default = "default_api_url")]
-    api_url: String,
-    app_slug: Option<String>,
-    bot_user_id: Option<u64>,
-    #[serde(default = "default_min_ttl")]
-    default_min_ttl: Ttl,
-    #[serde(default = "default_upstream_timeout")]
-    request_timeout: Ttl,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawApiKey {
-    bot: String,
-    key_sha256: Option<String>,
-    key_file: Option<PathBuf>,
-    key_env: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    #[serde(default = "default_request_timeout")]
-    request_timeout: Ttl,
-    #[serde(default = "default_concurrency")]
-    max_concurrent_requests: usize,
-    #[serde(default = "default_max_ttl")]
-    max_github_ttl: Ttl,
-    /// Replacements (`replaces`) of one token scope one bot may have at once.
-    #[serde(default = "default_replace_burst")]
-    replace_burst: u32,
-    /// How long one more replacement takes to become available again.
-    #[serde(default = "default_replace_interval")]
-    replace_interval: Ttl,
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
-    #[serde(default = "default_max_connections_per_peer")]
-    max_connections_per_peer: usize,
-    #[serde(default = "default_idle_timeout")]
-    idle_timeout: Ttl,
-    #[serde(default = "default_header_read_timeout")]
-    header_read_timeout: Ttl,
-    #[serde(default = "default_refusals_per_peer")]
-    audited_refusals_per_peer: usize,
-    #[serde(default = "default_refusal_window")]
-    refusal_window: Ttl,
-}
-
-impl Default for RawLimits {
-    fn default() -> Self {
-        RawLimits {
-            request_timeout: default_request_timeout(),
-            max_concurrent_requests: default_concurrency(),
-            max_github_ttl: default_max_ttl(),
-            replace_burst: default_replace_burst(),
-            replace_interval: default_replace_interval(),
-            max_connections: default_max_connections(),
-            max_connections_per_peer: default_max_connections_per_peer(),
-            idle_timeout: default_idle_timeout(),
-            header_read_timeout: default_header_read_timeout(),
-            audited_refusals_per_peer: default_refusals_per_peer(),
-            refusal_window: default_refusal_window(),
-        }
-    }
-}
-
-impl RawLimits {
-    fn limits(&self) -> Limits {
-        Limits {
-            request_timeout: self.request_timeout.as_duration(),
-            max_concurrent_requests: self.max_concurrent_requests,
-            max_github_ttl: self.max_github_ttl.as_duration(),
-            max_connections: self.max_connections,
-            max_connections_per_peer: self.max_connections_per_peer,
-            idle_timeout: self.idle_timeout.as_duration(),
-            header_read_timeout: self.header_read_timeout.as_duration(),
-            audited_refusals_per_peer: self.audited_refusals_per_peer,
-            refusal_window: self.refusal_window.as_duration(),
-            replace: crate::grants::ReplaceLimit {
-                burst: self.replace_burst,
-                interval: self.replace_interval.as_duration(),
-            },
-        }
-    }
+    tls: Option<RawTlsConfig>,
+    litellm: Option<RawLitellm>,
+    coder: Option<RawCoder>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -171,25 +74,6 @@ struct RawLog {
     level: Option<String>,
 }
 
-/// Who may use the admin routes: tailnet users, tags, a tailnet grant capability, and
-/// API-key bots (for scripts).
-#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Tailnet login names (`alice@example.com`) of untagged nodes.
-    #[serde(default)]
-    pub users: Vec<String>,
-    /// ACL tags (`tag:admin`) of tagged nodes.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// A capability from tailnet grants (`example.com/cap/botcreds-admin`).
-    #[serde(default)]
-    pub capability: Option<String>,
-    /// Bots (named in `[[api_keys]]`) whose API key makes them admins.
-    #[serde(default)]
-    pub api_key_bots: Vec<String>,
-}
-
 /// How the broker writes its logs to stderr.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -197,55 +81,6 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_whois_cache() -> Ttl {
-    Ttl::from_secs(5)
-}
-fn default_api_url() -> String {
-    "https://api.github.com".to_string()
-}
-fn default_min_ttl() -> Ttl {
-    Ttl::from_secs(600)
-}
-fn default_upstream_timeout() -> Ttl {
-    Ttl::from_secs(10)
-}
-fn default_request_timeout() -> Ttl {
-    Ttl::from_secs(30)
-}
-fn default_concurrency() -> usize {
-    1024
-}
-fn default_replace_burst() -> u32 {
-    crate::grants::ReplaceLimit::default().burst
-}
-fn default_replace_interval() -> Ttl {
-    Ttl::from_secs(crate::grants::ReplaceLimit::default().interval.as_secs())
-}
-fn default_max_ttl() -> Ttl {
-    Ttl::from_secs(3000)
-}
-fn default_max_connections() -> usize {
-    4096
-}
-fn default_max_connections_per_peer() -> usize {
-    128
-}
-fn default_idle_timeout() -> Ttl {
-    Ttl::from_secs(60)
-}
-fn default_header_read_timeout() -> Ttl {
-    Ttl::from_secs(10)
-}
-fn default_refusals_per_peer() -> usize {
-    10
-}
-fn default_refusal_window() -> Ttl {
-    Ttl::from_secs(60)
 }
 
 /// The validated configuration.
@@ -260,75 +95,19 @@ pub struct Config {
     pub admin: AdminConfig,
     pub limits: Limits,
     /// `[approvals]`: grant lifetime, longest wait, pending caps.
-    pub approvals: crate::approvals::ApprovalsConfig,
+    pub approvals: ApprovalsConfig,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     /// `[notify]`: webhooks and the chat card (see `notify/config.rs`).
-    pub notify: crate::notify::NotifyConfig,
+    pub notify: NotifyConfig,
     /// `[web]`: the approval pages and the public URL links point at.
-    pub web: crate::notify::WebConfig,
+    pub web: WebConfig,
     /// `[tls]`: the mTLS listener and the broker's CA (docs/mtls.md).
-    pub tls: Option<crate::tls::TlsConfig>,
+    pub tls: Option<TlsConfig>,
     /// `[litellm]`: LiteLLM virtual keys (docs/litellm.md).
-    pub litellm: Option<crate::keys::config::LitellmConfig>,
+    pub litellm: Option<LitellmConfig>,
     /// `[coder]`: where `/api/v1/keys/user` checks Coder session tokens.
-    pub coder: Option<crate::keys::config::CoderConfig>,
-}
-
-#[derive(Debug, Clone)]
-pub struct TailscaleConfig {
-    pub socket: PathBuf,
-    pub whois_cache_ttl: Duration,
-    /// Whether callers on the broker's own node carry the node's identity (never an admin's).
-    pub trust_own_node: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct GithubConfig {
-    pub app_id: u64,
-    pub private_key_pem: Secret,
-    pub api_url: String,
-    pub app_slug: Option<String>,
-    pub bot_user_id: Option<u64>,
-    /// Lifetime a token must still have when handed out, if the request names none.
-    pub default_min_ttl: Duration,
-    pub request_timeout: Duration,
-}
-
-/// One API-key bot: the SHA-256 of its key (the key itself is never kept).
-#[derive(Debug, Clone)]
-pub struct ApiKeyConfig {
-    pub bot: String,
-    pub key_sha256: [u8; 32],
-}
-
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub request_timeout: Duration,
-    pub max_concurrent_requests: usize,
-    /// The longest `ttl` a GitHub token request may ask for (tokens live one hour).
-    pub max_github_ttl: Duration,
-    /// How often one bot may have the token of one scope replaced (`replaces`).
-    pub replace: crate::grants::ReplaceLimit,
-    /// Open connections over all listeners; more are closed as soon as they are accepted.
-    pub max_connections: usize,
-    /// Open connections from one peer IP; more are closed as soon as they are accepted.
-    pub max_connections_per_peer: usize,
-    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
-    pub idle_timeout: Duration,
-    /// An HTTP/1 request head must arrive within this time.
-    pub header_read_timeout: Duration,
-    /// Unauthenticated refusals audited one by one per peer IP and window; the rest of the
-    /// window is counted and audited as one summary event.
-    pub audited_refusals_per_peer: usize,
-    /// The window of `audited_refusals_per_peer`.
-    pub refusal_window: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        RawLimits::default().limits()
-    }
+    pub coder: Option<CoderConfig>,
 }
 
 /// A configuration problem, naming the key (or file) at fault.
@@ -349,20 +128,6 @@ pub enum ConfigError {
     },
 }
 
-/// Environment lookups, injectable for tests.
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
-    }
-}
-
 impl Config {
     /// Read and validate `broker.toml`. Relative paths inside resolve against the file's directory.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
@@ -374,6 +139,8 @@ impl Config {
         Config::parse(&path.display().to_string(), &text, base, env)
     }
 
+    /// Parse `text` (named `source` in errors); each section validates itself, in the order
+    /// of the file's documentation, and the first invalid key is the error.
     pub fn parse(
         source: &str,
         text: &str,
@@ -384,260 +151,69 @@ impl Config {
             path: source.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
+        let invalid = |Invalid { key, message }: Invalid| ConfigError::Invalid {
             path: source.to_string(),
-            key: key.to_string(),
+            key,
             message,
         };
-        let resolve = |p: &Path| -> PathBuf {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-
-        if raw.listen.is_empty() {
-            return Err(invalid("listen", "at least one address is needed".into()));
-        }
-        let mut listen = Vec::new();
-        for (i, a) in raw.listen.iter().enumerate() {
-            let key = format!("listen[{i}]");
-            let addr: SocketAddr = a.parse().map_err(|_| {
-                invalid(
-                    &key,
-                    format!("{a:?} is not an IP:port address (e.g. 100.64.0.7:8443)"),
-                )
-            })?;
-            if addr.ip().is_unspecified() && !raw.allow_wildcard_listen {
-                return Err(invalid(
-                    &key,
-                    format!(
-                        "{a} listens on every interface; give the tailnet or loopback address, \
-                         or set allow_wildcard_listen = true"
-                    ),
-                ));
-            }
-            listen.push(addr);
-        }
-
-        let tailscale = if raw.tailscale.enabled {
-            let socket = match raw.tailscale.socket {
-                Some(s) => resolve(&s),
-                None => default_tailscaled_socket(),
-            };
-            let ttl = raw.tailscale.whois_cache_ttl.as_duration();
-            if ttl > Duration::from_secs(60) {
-                return Err(invalid(
-                    "tailscale.whois_cache_ttl",
-                    "must be at most 60s, so identities follow tailnet changes".into(),
-                ));
-            }
-            Some(TailscaleConfig {
-                socket,
-                whois_cache_ttl: ttl,
-                trust_own_node: raw.tailscale.trust_own_node,
-            })
-        } else {
-            None
-        };
-
+        let listen = listen_addresses(&raw.listen, raw.allow_wildcard_listen).map_err(invalid)?;
+        let tailscale = raw.tailscale.validate(base).map_err(invalid)?;
         let github = match raw.github {
+            Some(g) => Some(g.validate(base, env).map_err(invalid)?),
             None => None,
-            Some(g) => {
-                let private_key_pem = match (&g.private_key_file, env.var(ENV_GITHUB_PRIVATE_KEY)) {
-                    (Some(file), _) => read_secret_file(&resolve(file))
-                        .map_err(|m| invalid("github.private_key_file", m))?,
-                    (None, Some(pem)) => Secret::new(pem),
-                    (None, None) => {
-                        return Err(invalid(
-                            "github.private_key_file",
-                            format!("required (or set {ENV_GITHUB_PRIVATE_KEY})"),
-                        ));
-                    }
-                };
-                let api_url = g.api_url.trim_end_matches('/').to_string();
-                if !(api_url.starts_with("https://") || api_url.starts_with("http://")) {
-                    return Err(invalid(
-                        "github.api_url",
-                        format!("{api_url:?} is not an http(s) URL"),
-                    ));
-                }
-                if g.app_id == 0 {
-                    return Err(invalid(
-                        "github.app_id",
-                        "must be the app's numeric id".into(),
-                    ));
-                }
-                Some(GithubConfig {
-                    app_id: g.app_id,
-                    private_key_pem,
-                    api_url,
-                    app_slug: g.app_slug,
-                    bot_user_id: g.bot_user_id,
-                    default_min_ttl: g.default_min_ttl.as_duration(),
-                    request_timeout: g.request_timeout.as_duration(),
-                })
-            }
         };
-
-        let mut api_keys = Vec::new();
-        for (i, k) in raw.api_keys.iter().enumerate() {
-            let key = |field: &str| format!("api_keys[{i}].{field}");
-            if k.bot.trim().is_empty() {
-                return Err(invalid(&key("bot"), "must name a bot of the policy".into()));
-            }
-            let sources = [
-                k.key_sha256.is_some(),
-                k.key_file.is_some(),
-                k.key_env.is_some(),
-            ]
-            .iter()
-            .filter(|s| **s)
-            .count();
-            if sources != 1 {
-                return Err(invalid(
-                    &key("key_sha256"),
-                    "give exactly one of key_sha256, key_file, key_env".into(),
-                ));
-            }
-            let digest_hex = if let Some(h) = &k.key_sha256 {
-                h.trim().to_ascii_lowercase()
-            } else if let Some(f) = &k.key_file {
-                let secret =
-                    read_secret_file(&resolve(f)).map_err(|m| invalid(&key("key_file"), m))?;
-                sha256_hex(secret.expose().trim().as_bytes())
-            } else {
-                let name = k.key_env.as_deref().unwrap_or_default();
-                let value = env.var(name).ok_or_else(|| {
-                    invalid(
-                        &key("key_env"),
-                        format!("environment variable {name} is not set"),
-                    )
-                })?;
-                sha256_hex(value.trim().as_bytes())
-            };
-            let mut key_sha256 = [0u8; 32];
-            hex::decode_to_slice(&digest_hex, &mut key_sha256).map_err(|_| {
-                invalid(
-                    &key("key_sha256"),
-                    "must be 64 hex digits (SHA-256 of the key)".into(),
-                )
-            })?;
-            api_keys.push(ApiKeyConfig {
-                bot: k.bot.clone(),
-                key_sha256,
-            });
-        }
-
-        for (i, bot) in raw.admin.api_key_bots.iter().enumerate() {
-            if !api_keys.iter().any(|k| &k.bot == bot) {
-                return Err(invalid(
-                    &format!("admin.api_key_bots[{i}]"),
-                    format!("{bot:?} has no [[api_keys]] entry"),
-                ));
-            }
-        }
-        for (i, tag) in raw.admin.tags.iter().enumerate() {
-            if !tag.starts_with("tag:") {
-                return Err(invalid(
-                    &format!("admin.tags[{i}]"),
-                    format!("{tag:?} is not an ACL tag (tag:name)"),
-                ));
-            }
-        }
-
-        let web = crate::notify::WebConfig::from_raw(raw.web.clone())
-            .map_err(|(key, message)| invalid(&key, message))?;
-        let notify = crate::notify::NotifyConfig::from_raw(raw.notify.clone(), &web, &resolve, env)
-            .map_err(|(key, message)| invalid(&key, message))?;
-
-        if raw.limits.max_concurrent_requests == 0 {
-            return Err(invalid(
-                "limits.max_concurrent_requests",
-                "must be at least 1".into(),
-            ));
-        }
-        for (key, value) in [
-            ("limits.max_connections", raw.limits.max_connections),
-            (
-                "limits.max_connections_per_peer",
-                raw.limits.max_connections_per_peer,
-            ),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be at least 1".into()));
-            }
-        }
-        if raw.limits.max_connections_per_peer > raw.limits.max_connections {
-            return Err(invalid(
-                "limits.max_connections_per_peer",
-                "must not exceed limits.max_connections".into(),
-            ));
-        }
-        if raw.limits.max_github_ttl.as_duration() > Duration::from_secs(3600) {
-            return Err(invalid(
-                "limits.max_github_ttl",
-                "GitHub installation tokens live at most 1h".into(),
-            ));
-        }
-        if raw.limits.replace_burst == 0 {
-            return Err(invalid(
-                "limits.replace_burst",
-                "must be at least 1 (a client whose token GitHub rejected needs one replacement)"
-                    .into(),
-            ));
-        }
-        if raw.limits.replace_interval.as_duration() < Duration::from_secs(1) {
-            return Err(invalid(
-                "limits.replace_interval",
-                "must be at least 1s".into(),
-            ));
-        }
+        let api_keys =
+            crate::identity::config::api_keys(&raw.api_keys, base, env).map_err(invalid)?;
+        let admin = raw.admin.validate(&api_keys).map_err(invalid)?;
+        let web = WebConfig::from_raw(raw.web).map_err(invalid)?;
+        let notify = NotifyConfig::from_raw(
+            raw.notify,
+            web.public_url.as_deref(),
+            &|p: &Path| resolve(base, p),
+            env,
+        )
+        .map_err(invalid)?;
+        let limits = raw.limits.validate().map_err(invalid)?;
         if let Some(level) = &raw.log.level
             && tracing_subscriber::EnvFilter::try_new(level).is_err()
         {
-            return Err(invalid(
+            return Err(invalid(Invalid::new(
                 "log.level",
                 format!("{level:?} is not a log filter"),
-            ));
+            )));
         }
-
         if let Err((key, message)) = raw.approvals.validate() {
-            return Err(invalid(key, message));
+            return Err(invalid(Invalid::new(key, message)));
         }
         let litellm = match &raw.litellm {
-            Some(l) => Some(
-                crate::keys::config::LitellmConfig::from_raw(l, base, env)
-                    .map_err(|(k, m)| invalid(&k, m))?,
-            ),
+            Some(l) => Some(LitellmConfig::from_raw(l, base, env).map_err(invalid)?),
             None => None,
         };
         let coder = match &raw.coder {
-            Some(c) => Some(
-                crate::keys::config::CoderConfig::from_raw(c, base)
-                    .map_err(|(k, m)| invalid(&k, m))?,
-            ),
+            Some(c) => Some(CoderConfig::from_raw(c, base).map_err(invalid)?),
             None => None,
         };
         let tls = match raw.tls {
             Some(t) => Some(
-                t.validate(&resolve, tailscale.as_ref().map(|t| t.socket.as_path()))
-                    .map_err(|(k, m)| invalid(&k, m))?,
+                t.validate(
+                    &|p: &Path| resolve(base, p),
+                    tailscale.as_ref().map(|t| t.socket.as_path()),
+                )
+                .map_err(invalid)?,
             ),
             None => None,
         };
 
         Ok(Config {
             listen,
-            data_dir: resolve(&raw.data_dir),
-            policy: resolve(&raw.policy),
+            data_dir: resolve(base, &raw.data_dir),
+            policy: resolve(base, &raw.policy),
             tailscale,
             github,
             api_keys,
-            admin: raw.admin,
-            limits: raw.limits.limits(),
-            approvals: raw.approvals.clone(),
+            admin,
+            limits,
+            approvals: raw.approvals,
             log_format: raw.log.format,
             log_level: raw.log.level,
             notify,
@@ -649,36 +225,33 @@ impl Config {
     }
 }
 
-fn default_tailscaled_socket() -> PathBuf {
-    let primary = PathBuf::from(DEFAULT_TAILSCALED_SOCKET);
-    if !primary.exists() && Path::new(FALLBACK_TAILSCALED_SOCKET).exists() {
-        return PathBuf::from(FALLBACK_TAILSCALED_SOCKET);
+/// The top-level `listen` addresses: at least one, each `IP:port`, and no wildcard unless
+/// `allow_wildcard_listen` says so.
+fn listen_addresses(listen: &[String], allow_wildcard: bool) -> Result<Vec<SocketAddr>, Invalid> {
+    if listen.is_empty() {
+        return Err(Invalid::new("listen", "at least one address is needed"));
     }
-    primary
-}
-
-/// Read a secret file, refusing one that group or others may read or write.
-pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
+    let mut out = Vec::new();
+    for (i, a) in listen.iter().enumerate() {
+        let key = format!("listen[{i}]");
+        let addr: SocketAddr = a.parse().map_err(|_| {
+            Invalid::new(
+                &key,
+                format!("{a:?} is not an IP:port address (e.g. 100.64.0.7:8443)"),
+            )
+        })?;
+        if addr.ip().is_unspecified() && !allow_wildcard {
+            return Err(Invalid::new(
+                key,
+                format!(
+                    "{a} listens on every interface; give the tailnet or loopback address, \
+                     or set allow_wildcard_listen = true"
+                ),
+            ));
+        }
+        out.push(addr);
     }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} has mode {mode:04o}; a secret file must not be accessible by group or others \
-             (chmod 600 {})",
-            path.display(),
-            path.display()
-        ));
-    }
-    if meta.len() > 64 * 1024 {
-        return Err(format!("{} is larger than 64 KiB", path.display()));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(Secret::new(text))
+    Ok(out)
 }
 
 /// Whether an address is on loopback or in Tailscale's ranges (100.64.0.0/10, fd7a:115c:a1e0::/48).
@@ -695,32 +268,12 @@ pub fn is_loopback_or_tailnet(ip: IpAddr) -> bool {
     }
 }
 
-/// An environment of fixed variables, for the config tests of every section.
-#[cfg(test)]
-pub(crate) mod test_env {
-    use std::collections::HashMap;
-
-    pub(crate) struct MapEnv(HashMap<String, String>);
-
-    impl super::Env for MapEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.0.get(name).cloned()
-        }
-    }
-
-    pub(crate) fn env(pairs: &[(&str, &str)]) -> MapEnv {
-        MapEnv(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    use crate::secret::sha256_hex;
 
     use super::test_env::{MapEnv, env};
 

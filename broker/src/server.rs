@@ -23,6 +23,7 @@ use crate::connections::{Activity, Connections, RESERVED_FILES, raise_file_limit
 use crate::grants::TokenIssuer;
 use crate::identity::api_key::ApiKeys;
 use crate::identity::tailnet::{CachedWhoIs, LocalApiWhoIs, WhoIs};
+use crate::keys::KeyService;
 use crate::metrics::Metrics;
 use crate::policy::PolicyError;
 use crate::providers::github::{GithubApi, GithubAppConfig, GithubClient, GithubError};
@@ -89,7 +90,7 @@ impl Edges {
             let live: Arc<dyn WhoIs> = Arc::new(LocalApiWhoIs::new(ts.socket.clone()));
             Arc::new(CachedWhoIs::new(live, ts.whois_cache_ttl)) as Arc<dyn WhoIs>
         });
-        let litellm = crate::keys::litellm_edge(config)?;
+        let litellm = litellm_edge(config)?;
         Ok(Edges {
             github: Arc::new(github),
             whois,
@@ -97,6 +98,64 @@ impl Edges {
             litellm,
         })
     }
+}
+
+/// The LiteLLM edge `[litellm]` names: the real client, or `None` without `[litellm]`.
+fn litellm_edge(
+    config: &Config,
+) -> Result<Option<Arc<dyn crate::providers::litellm::LitellmApi>>, ServeError> {
+    let Some(l) = &config.litellm else {
+        return Ok(None);
+    };
+    let client = crate::providers::litellm::LitellmClient::new(
+        crate::providers::litellm::LitellmClientConfig {
+            url: l.url.clone(),
+            master_key: l.master_key.clone(),
+            request_timeout: l.request_timeout,
+            changed_by: "botcreds".into(),
+        },
+    )
+    .map_err(|e| ServeError::Config(format!("[litellm]: {e}")))?;
+    Ok(Some(Arc::new(client)))
+}
+
+/// The key service over the edges' LiteLLM, with `[litellm]`'s scope table, provisioner
+/// secret and sweep interval (defaults under `--dev`) and `[coder]`'s session check.
+fn key_service(
+    config: &Config,
+    edges: &Edges,
+    store: Arc<dyn Store>,
+    audit: AuditLog,
+) -> Result<Option<Arc<KeyService>>, ServeError> {
+    let Some(api) = &edges.litellm else {
+        return Ok(None);
+    };
+    let (scopes, secret, sweep) = match &config.litellm {
+        Some(l) => (
+            l.scopes.clone(),
+            l.provisioner_secret.clone(),
+            l.sweep_interval,
+        ),
+        None => (
+            crate::keys::scopes::ScopeTable::default(),
+            None,
+            Duration::from_secs(60),
+        ),
+    };
+    let mut service = KeyService::new(
+        api.clone(),
+        store,
+        audit,
+        edges.clock.clone(),
+        scopes,
+        secret,
+        sweep,
+    );
+    if let Some(c) = &config.coder {
+        let client = crate::keys::coder::CoderClient::new(c).map_err(ServeError::Config)?;
+        service = service.with_coder(client);
+    }
+    Ok(Some(Arc::new(service)))
 }
 
 /// Bind every configured listen address.
@@ -135,7 +194,7 @@ pub async fn run(
         TokenIssuer::new(edges.github.clone(), edges.clock.clone())
             .with_replace_limit(config.limits.replace),
     );
-    let keys = crate::keys::service_for(&config, &edges, store.clone(), audit.clone())?;
+    let keys = key_service(&config, &edges, store.clone(), audit.clone())?;
     let metrics = Metrics::with_collectors(
         issuer.clone(),
         keys.iter()
@@ -188,7 +247,6 @@ pub async fn run(
             .unwrap_or(Duration::from_secs(600)),
         approvals: approvals.clone(),
         mtls: mtls.clone(),
-        web: Arc::new(crate::web::WebState::new(config.web.clone())),
         keys: keys.clone(),
     }));
 
@@ -207,7 +265,9 @@ pub async fn run(
         )));
     }
 
-    let app = router(state.clone());
+    // The approval pages are HTTP above the API: composed here, served under its middleware.
+    let pages = crate::web::routes(state.clone(), crate::web::WebState::new(config.web.clone()));
+    let app = router(state.clone(), pages);
     let connections = connection_caps(&config.limits, &metrics);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -219,7 +279,6 @@ pub async fn run(
         .map(|k| tokio::spawn(k.run_sweeper(stop_rx.clone())));
     let notifier = crate::notify::spawn(
         config.notify.clone(),
-        config.web.clone(),
         approvals.subscribe(),
         metrics.clone(),
         edges.clock.clone(),
@@ -522,7 +581,8 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         if !forced && !state.policy.looks_changed() {
             continue;
         }
-        let result = state.policy.reload(forced);
+        // Parsing a large policy takes a while: off the runtime's workers.
+        let result = state.policy.clone().reload_on_blocking_pool(forced).await;
         let now = rfc3339_millis(state.clock.now());
         let event = match result {
             Ok(Reload::Unchanged) => continue,

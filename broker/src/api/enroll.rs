@@ -50,36 +50,30 @@ async fn enroll(
     let mtls = mtls(&state)?;
     let request: EnrollRequest = json_body(&headers, body).await?;
     if let Some(token) = request.token.as_deref() {
-        return mtls
-            .enroll_with_token(address, request.bot.as_deref(), token, &request.csr)
-            .await
-            .map(Json);
+        return Ok(Json(
+            mtls.enroll_with_token(address, request.bot.as_deref(), token, &request.csr)
+                .await?,
+        ));
     }
-    let caller = caller.map_err(|_| {
-        ApiError::new(
-            ErrorCode::InvalidJoinToken,
-            "a join token is required (botcreds enroll create --bot NAME)",
-        )
-    });
-    let caller = match caller {
-        Ok(c) => c,
-        Err(e) => {
-            return Err(mtls
-                .enroll_tailnet_refused(address, request.bot.as_deref(), e)
-                .await);
-        }
+    // Without a token the caller's identity is what enrolls: none means a token is needed.
+    let Ok(caller) = caller else {
+        return Err(mtls
+            .enroll_tailnet_refused(address, request.bot.as_deref())
+            .await
+            .into());
     };
     let policy = state.policy.current();
     let policy_bot = policy.bot_for(&caller);
-    mtls.enroll_tailnet(
-        &caller,
-        policy_bot,
-        policy_bot.is_some_and(|b| policy.identity_is_assigned(b)),
-        request.bot.as_deref(),
-        &request.csr,
-    )
-    .await
-    .map(Json)
+    let certificate = mtls
+        .enroll_tailnet(
+            &caller,
+            policy_bot,
+            policy_bot.is_some_and(|b| policy.identity_is_assigned(b)),
+            request.bot.as_deref(),
+            &request.csr,
+        )
+        .await?;
+    Ok(Json(certificate))
 }
 
 async fn renew(
@@ -91,7 +85,7 @@ async fn renew(
     let mtls = mtls(&state)?;
     let caller = caller?;
     let request: RenewRequest = json_body(&headers, body).await?;
-    mtls.renew(&caller, &request.csr).await.map(Json)
+    Ok(Json(mtls.renew(&caller, &request.csr).await?))
 }
 
 async fn create_token(
@@ -109,9 +103,10 @@ async fn create_token(
             .map_err(|e| ApiError::new(ErrorCode::InvalidTtl, e.to_string()))?
             .as_duration(),
     };
-    mtls.create_join_token(&admin, &request.bot, ttl, request.admin)
-        .await
-        .map(Json)
+    let token = mtls
+        .create_join_token(&admin, &request.bot, ttl, request.admin)
+        .await?;
+    Ok(Json(token))
 }
 
 async fn list(

@@ -59,7 +59,10 @@ impl FromRequestParts<AppState> for Authenticated {
         // On the mTLS listener the verified client certificate is the identity.
         if let Some(peer) = parts.extensions.get::<Arc<VerifiedPeer>>().cloned() {
             return Ok(Authenticated(match &state.mtls {
-                Some(mtls) => mtls.authenticate(&peer, address).await,
+                Some(mtls) => mtls
+                    .authenticate(&peer, address)
+                    .await
+                    .map_err(ApiError::from),
                 None => Err(ApiError::internal("a TLS connection without [tls]")),
             }));
         }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod credentials;
 pub mod enroll;
+mod error_map;
 pub mod extract;
 pub mod health;
 pub mod keys;
@@ -25,11 +26,11 @@ use tower::ServiceBuilder;
 
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
-use crate::config::Limits;
 use crate::error::ApiError;
 use crate::grants::TokenIssuer;
 use crate::identity::api_key::ApiKeys;
 use crate::identity::tailnet::WhoIs;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::reload::PolicyHandle;
 
@@ -46,7 +47,7 @@ pub struct StateInner {
     pub trust_own_node: bool,
     pub api_keys: ApiKeys,
     /// Who may use the admin routes.
-    pub admin: crate::config::AdminConfig,
+    pub admin: crate::identity::config::AdminConfig,
     pub metrics: Metrics,
     pub clock: SharedClock,
     pub limits: Limits,
@@ -56,8 +57,6 @@ pub struct StateInner {
     pub approvals: Arc<crate::approvals::Approvals>,
     /// The CA, enrollment and revocation, when `[tls]` is configured.
     pub mtls: Option<Arc<crate::tls::Mtls>>,
-    /// The approval pages' config and form-token key.
-    pub web: Arc<crate::web::WebState>,
     /// LiteLLM virtual keys, when `[litellm]` is configured.
     pub keys: Option<Arc<crate::keys::KeyService>>,
 }
@@ -69,8 +68,9 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// The full router with its middleware.
-pub fn router(state: AppState) -> Router {
+/// The full router with its middleware. `pages`: HTTP routes built above this layer (the
+/// approval pages of `web/`), served under the same middleware; `server.rs` composes them.
+pub fn router(state: AppState, pages: Router<AppState>) -> Router {
     let limits = state.limits.clone();
     Router::new()
         .route("/healthz", get(health::healthz))
@@ -81,7 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(enroll::routes())
         .merge(admin::routes())
         .merge(keys::routes())
-        .merge(crate::web::routes(&state))
+        .merge(pages)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(

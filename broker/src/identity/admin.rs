@@ -2,8 +2,8 @@
 //! whose API key `[admin] api_key_bots` lists, or a client certificate with the admin role.
 //! Admins decide approvals and manage keys.
 
+use super::config::AdminConfig;
 use super::{Caller, CallerVia};
-use crate::config::AdminConfig;
 
 /// Whether `caller` may use the admin routes.
 pub fn is_admin(config: &AdminConfig, caller: &Caller) -> bool {

@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::ApiKeyConfig;
+use super::config::ApiKeyConfig;
 
 /// The configured API keys (hashes) and the bots they name.
 #[derive(Clone, Default)]

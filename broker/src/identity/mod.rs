@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod api_key;
+pub mod config;
 pub mod tailnet;
 
 // The types live in the pure policy crate so the policy can match callers without depending on

@@ -10,8 +10,8 @@ use botcreds_proto::Ttl;
 use serde::Deserialize;
 
 use super::scopes::{ScopeOverride, ScopeTable};
-use crate::config::{Env, read_secret_file};
 use crate::secret::Secret;
+use crate::settings::{Env, Invalid, read_secret_file, resolve};
 
 /// Environment variable holding the LiteLLM master key (instead of `master_key_file`).
 pub const ENV_LITELLM_MASTER_KEY: &str = "BOTCREDS_LITELLM_MASTER_KEY";
@@ -82,22 +82,15 @@ fn http_url(url: &str) -> Option<String> {
 }
 
 impl LitellmConfig {
-    /// Validate `[litellm]`; errors are (key, message).
+    /// Validate `[litellm]`; a relative file is relative to `base` (the config's folder).
     pub fn from_raw(
         raw: &RawLitellm,
         base: &Path,
         env: &dyn Env,
-    ) -> Result<LitellmConfig, (String, String)> {
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+    ) -> Result<LitellmConfig, Invalid> {
         let url = http_url(&raw.url).ok_or_else(|| {
-            (
-                "litellm.url".to_string(),
+            Invalid::new(
+                "litellm.url",
                 format!(
                     "{:?} is not an http(s) URL (e.g. http://litellm:4000)",
                     raw.url
@@ -105,21 +98,21 @@ impl LitellmConfig {
             )
         })?;
         let master_key = match (&raw.master_key_file, env.var(ENV_LITELLM_MASTER_KEY)) {
-            (Some(file), _) => read_secret_file(&resolve(file))
-                .map_err(|m| ("litellm.master_key_file".to_string(), m))?,
+            (Some(file), _) => read_secret_file(&resolve(base, file))
+                .map_err(|m| Invalid::new("litellm.master_key_file", m))?,
             (None, Some(v)) => Secret::new(v),
             (None, None) => {
-                return Err((
-                    "litellm.master_key_file".into(),
+                return Err(Invalid::new(
+                    "litellm.master_key_file",
                     format!("required (or set {ENV_LITELLM_MASTER_KEY})"),
                 ));
             }
         };
         let master_key = Secret::new(master_key.expose().trim());
         if master_key.is_empty() {
-            return Err((
-                "litellm.master_key_file".into(),
-                "the master key is empty".into(),
+            return Err(Invalid::new(
+                "litellm.master_key_file",
+                "the master key is empty",
             ));
         }
         let provisioner_secret = match (
@@ -127,8 +120,8 @@ impl LitellmConfig {
             env.var(ENV_PROVISIONER_SECRET),
         ) {
             (Some(file), _) => Some(
-                read_secret_file(&resolve(file))
-                    .map_err(|m| ("litellm.provisioner_secret_file".to_string(), m))?,
+                read_secret_file(&resolve(base, file))
+                    .map_err(|m| Invalid::new("litellm.provisioner_secret_file", m))?,
             ),
             (None, Some(v)) => Some(Secret::new(v)),
             (None, None) => None,
@@ -137,23 +130,24 @@ impl LitellmConfig {
         if let Some(s) = &provisioner_secret
             && s.expose().len() < 16
         {
-            return Err((
-                "litellm.provisioner_secret_file".into(),
-                "the provisioner secret must be at least 16 characters".into(),
+            return Err(Invalid::new(
+                "litellm.provisioner_secret_file",
+                "the provisioner secret must be at least 16 characters",
             ));
         }
         let sweep = raw.sweep_interval.as_duration();
         if sweep > Duration::from_secs(3600) {
-            return Err(("litellm.sweep_interval".into(), "must be at most 1h".into()));
+            return Err(Invalid::new("litellm.sweep_interval", "must be at most 1h"));
         }
         let timeout = raw.request_timeout.as_duration();
         if timeout > Duration::from_secs(120) {
-            return Err((
-                "litellm.request_timeout".into(),
-                "must be at most 120s".into(),
+            return Err(Invalid::new(
+                "litellm.request_timeout",
+                "must be at most 120s",
             ));
         }
-        let scopes = ScopeTable::with_overrides(&raw.scopes)?;
+        let scopes = ScopeTable::with_overrides(&raw.scopes)
+            .map_err(|(key, message)| Invalid { key, message })?;
         Ok(LitellmConfig {
             url,
             master_key,
@@ -167,32 +161,24 @@ impl LitellmConfig {
 
 impl CoderConfig {
     /// Validate `[coder]`; a relative `token_file` is relative to `base` (the config's folder).
-    pub fn from_raw(raw: &RawCoder, base: &Path) -> Result<CoderConfig, (String, String)> {
+    pub fn from_raw(raw: &RawCoder, base: &Path) -> Result<CoderConfig, Invalid> {
         let url = http_url(&raw.url).ok_or_else(|| {
-            (
-                "coder.url".to_string(),
-                format!("{:?} is not an http(s) URL", raw.url),
-            )
+            Invalid::new("coder.url", format!("{:?} is not an http(s) URL", raw.url))
         })?;
         let timeout = raw.request_timeout.as_duration();
         if timeout > Duration::from_secs(120) {
-            return Err((
-                "coder.request_timeout".into(),
-                "must be at most 120s".into(),
+            return Err(Invalid::new(
+                "coder.request_timeout",
+                "must be at most 120s",
             ));
         }
         let token = match &raw.token_file {
             Some(file) => {
-                let path = if file.is_absolute() {
-                    file.clone()
-                } else {
-                    base.join(file)
-                };
-                let t = crate::config::read_secret_file(&path)
-                    .map_err(|m| ("coder.token_file".to_string(), m))?;
+                let t = read_secret_file(&resolve(base, file))
+                    .map_err(|m| Invalid::new("coder.token_file", m))?;
                 let t = Secret::new(t.expose().trim());
                 if t.is_empty() {
-                    return Err(("coder.token_file".into(), "the token is empty".into()));
+                    return Err(Invalid::new("coder.token_file", "the token is empty"));
                 }
                 Some(t)
             }
@@ -211,11 +197,11 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    use crate::config::test_env::{MapEnv, env};
+    use crate::settings::test_env::{MapEnv, env};
 
     fn parse(text: &str, e: &MapEnv, base: &Path) -> Result<LitellmConfig, (String, String)> {
         let raw: RawLitellm = toml::from_str(text).map_err(|e| ("toml".into(), e.to_string()))?;
-        LitellmConfig::from_raw(&raw, base, e)
+        LitellmConfig::from_raw(&raw, base, e).map_err(|e| (e.key, e.message))
     }
 
     #[test]
@@ -312,7 +298,7 @@ mod tests {
         );
         let raw: RawCoder = toml::from_str("url = \"coder\"\n").unwrap();
         assert_eq!(
-            CoderConfig::from_raw(&raw, Path::new("/")).unwrap_err().0,
+            CoderConfig::from_raw(&raw, Path::new("/")).unwrap_err().key,
             "coder.url"
         );
     }

@@ -2,7 +2,8 @@
 //! release, sweep), the records kept in the store, `[litellm]`/`[coder]` configuration, the
 //! Coder session check, and the metrics collector.
 //!
-//! The HTTP side is `api/keys.rs`; LiteLLM itself is behind `providers::litellm::LitellmApi`.
+//! The HTTP side is `api/keys.rs`; LiteLLM itself is behind `providers::litellm::LitellmApi`;
+//! `server.rs` builds the service from the config and the edges.
 
 pub mod coder;
 pub mod config;
@@ -23,64 +24,6 @@ pub use service::{
     IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin, Released, Revoker,
     SweepReport,
 };
-
-/// The LiteLLM edge `[litellm]` names: the real client, or `None` without `[litellm]`.
-pub fn litellm_edge(
-    config: &crate::config::Config,
-) -> Result<Option<Arc<dyn crate::providers::litellm::LitellmApi>>, crate::server::ServeError> {
-    let Some(l) = &config.litellm else {
-        return Ok(None);
-    };
-    let client = crate::providers::litellm::LitellmClient::new(
-        crate::providers::litellm::LitellmClientConfig {
-            url: l.url.clone(),
-            master_key: l.master_key.clone(),
-            request_timeout: l.request_timeout,
-            changed_by: "botcreds".into(),
-        },
-    )
-    .map_err(|e| crate::server::ServeError::Config(format!("[litellm]: {e}")))?;
-    Ok(Some(Arc::new(client)))
-}
-
-/// The key service over the edges' LiteLLM, with `[litellm]`'s scope table, provisioner
-/// secret and sweep interval (defaults under `--dev`) and `[coder]`'s session check.
-pub fn service_for(
-    config: &crate::config::Config,
-    edges: &crate::server::Edges,
-    store: Arc<dyn crate::store::Store>,
-    audit: crate::audit::AuditLog,
-) -> Result<Option<Arc<KeyService>>, crate::server::ServeError> {
-    let Some(api) = &edges.litellm else {
-        return Ok(None);
-    };
-    let (scopes, secret, sweep) = match &config.litellm {
-        Some(l) => (
-            l.scopes.clone(),
-            l.provisioner_secret.clone(),
-            l.sweep_interval,
-        ),
-        None => (
-            scopes::ScopeTable::default(),
-            None,
-            std::time::Duration::from_secs(60),
-        ),
-    };
-    let mut service = KeyService::new(
-        api.clone(),
-        store,
-        audit,
-        edges.clock.clone(),
-        scopes,
-        secret,
-        sweep,
-    );
-    if let Some(c) = &config.coder {
-        let client = coder::CoderClient::new(c).map_err(crate::server::ServeError::Config)?;
-        service = service.with_coder(client);
-    }
-    Ok(Some(Arc::new(service)))
-}
 
 /// Metrics of the key service, read at scrape time: live keys per scope, LiteLLM calls and
 /// errors.

@@ -1,6 +1,7 @@
-//! `[notify]` and `[web]` in broker.toml: signed webhooks, a Slack-compatible incoming webhook,
-//! retry settings, and the public URL that links in messages point at. Parsed strictly and
-//! validated once at startup; secrets come from mode-checked files or the environment.
+//! `[notify]` in broker.toml: signed webhooks, a Slack-compatible incoming webhook and retry
+//! settings. Parsed strictly and validated once at startup; secrets come from mode-checked
+//! files or the environment. Links in messages point at `[web] public_url`, which
+//! `config.rs` hands in (the web pages own `[web]`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,8 +11,8 @@ use botcreds_proto::audit::AuditEventKind;
 use serde::Deserialize;
 
 use super::retry::RetryPolicy;
-use crate::config::{Env, read_secret_file};
 use crate::secret::Secret;
+use crate::settings::{Env, Invalid, read_secret_file};
 
 /// The approval events a notification can be sent for, in their wire names.
 pub const EVENTS: [AuditEventKind; 4] = [
@@ -55,47 +56,6 @@ struct RawSlack {
     events: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawWeb {
-    enabled: Option<bool>,
-    public_url: Option<String>,
-    #[serde(default)]
-    hosts: Vec<String>,
-}
-
-/// `[web]`: the approval pages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebConfig {
-    /// Whether the broker serves `/approvals` and `/audit` (default true).
-    pub enabled: bool,
-    /// How admins reach the broker (`https://creds.tail3f9c2.ts.net:8443`), without a trailing
-    /// slash; links in notifications point here.
-    pub public_url: Option<String>,
-    /// Extra host names the pages answer to, lower-case (besides IP addresses, `localhost`,
-    /// MagicDNS names and the public URL's host); others are refused against DNS rebinding.
-    pub hosts: Vec<String>,
-}
-
-impl Default for WebConfig {
-    fn default() -> Self {
-        WebConfig {
-            enabled: true,
-            public_url: None,
-            hosts: Vec::new(),
-        }
-    }
-}
-
-impl WebConfig {
-    /// `{public_url}/approvals/{id}`, when a public URL is configured.
-    pub fn approval_url(&self, request_id: &str) -> Option<String> {
-        self.public_url
-            .as_ref()
-            .map(|base| format!("{base}/approvals/{request_id}"))
-    }
-}
-
 /// `[notify]`, validated.
 #[derive(Debug, Clone, Default)]
 pub struct NotifyConfig {
@@ -104,11 +64,20 @@ pub struct NotifyConfig {
     pub retry: RetryPolicy,
     /// Per attempt, connection and answer included.
     pub timeout: Duration,
+    /// `[web] public_url`: where links to the approval page point, when configured.
+    pub public_url: Option<String>,
 }
 
 impl NotifyConfig {
     pub fn is_empty(&self) -> bool {
         self.webhooks.is_empty() && self.slack.is_none()
+    }
+
+    /// `{public_url}/approvals/{id}`, when a public URL is configured.
+    pub fn approval_url(&self, request_id: &str) -> Option<String> {
+        self.public_url
+            .as_ref()
+            .map(|base| format!("{base}/approvals/{request_id}"))
     }
 }
 
@@ -139,71 +108,20 @@ pub struct SlackTarget {
     pub events: Vec<AuditEventKind>,
 }
 
-/// A validation failure: the key at fault and what is wrong.
-pub type Invalid = (String, String);
-
-impl WebConfig {
-    pub fn from_raw(raw: RawWeb) -> Result<WebConfig, Invalid> {
-        let public_url = match raw.public_url {
-            None => None,
-            Some(url) => Some(check_public_url(&url).map_err(|m| ("web.public_url".into(), m))?),
-        };
-        let mut hosts = Vec::new();
-        for (i, h) in raw.hosts.iter().enumerate() {
-            let h = h.trim().to_ascii_lowercase();
-            let ok = !h.is_empty()
-                && h.len() <= 253
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-            if !ok {
-                return Err((
-                    format!("web.hosts[{i}]"),
-                    format!("{h:?} is not a host name (no scheme or port)"),
-                ));
-            }
-            hosts.push(h);
-        }
-        Ok(WebConfig {
-            enabled: raw.enabled.unwrap_or(true),
-            public_url,
-            hosts,
-        })
-    }
-}
-
-fn check_public_url(url: &str) -> Result<String, String> {
-    let url = url.trim().trim_end_matches('/');
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
-    // The pages link to `/approvals/...` from the root, so a path prefix would break them.
-    if rest.is_empty()
-        || rest.contains(['/', '?', '#', '@', ' ', '"', '<', '>'])
-        || rest.chars().any(|c| c.is_control())
-    {
-        return Err(format!(
-            "{url:?} must be scheme://host[:port] like https://creds.example.ts.net:8443 \
-             (no path, query, fragment or user info)"
-        ));
-    }
-    Ok(url.to_string())
-}
-
 impl NotifyConfig {
-    /// Validate `[notify]`; `web` tells whether links can be built, `resolve` makes config
-    /// paths absolute.
+    /// Validate `[notify]`; `public_url` (`[web] public_url`) is where links point, if
+    /// anywhere; `resolve` makes config paths absolute.
     pub fn from_raw(
         raw: RawNotify,
-        web: &WebConfig,
+        public_url: Option<&str>,
         resolve: &dyn Fn(&Path) -> PathBuf,
         env: &dyn Env,
     ) -> Result<NotifyConfig, Invalid> {
         let defaults = RetryPolicy::default();
         let max_attempts = raw.max_attempts.unwrap_or(defaults.max_attempts);
         if max_attempts == 0 || max_attempts > MAX_ATTEMPTS_LIMIT {
-            return Err((
-                "notify.max_attempts".into(),
+            return Err(Invalid::new(
+                "notify.max_attempts",
                 format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}"),
             ));
         }
@@ -213,32 +131,32 @@ impl NotifyConfig {
             .unwrap_or(defaults.initial);
         let max = raw.retry_max.map(Ttl::as_duration).unwrap_or(defaults.max);
         if max < initial {
-            return Err((
-                "notify.retry_max".into(),
-                "must not be shorter than notify.retry_initial".into(),
+            return Err(Invalid::new(
+                "notify.retry_max",
+                "must not be shorter than notify.retry_initial",
             ));
         }
         if max > Duration::from_secs(3600) {
-            return Err(("notify.retry_max".into(), "must be at most 1h".into()));
+            return Err(Invalid::new("notify.retry_max", "must be at most 1h"));
         }
         let timeout = raw
             .timeout
             .map(Ttl::as_duration)
             .unwrap_or(Duration::from_secs(10));
         if timeout > Duration::from_secs(120) {
-            return Err(("notify.timeout".into(), "must be at most 2m".into()));
+            return Err(Invalid::new("notify.timeout", "must be at most 2m"));
         }
 
         let mut webhooks = Vec::new();
         for (i, w) in raw.webhooks.into_iter().enumerate() {
             let key = |field: &str| format!("notify.webhooks[{i}].{field}");
-            let url = check_target_url(&w.url).map_err(|m| (key("url"), m))?;
+            let url = check_target_url(&w.url).map_err(|m| Invalid::new(key("url"), m))?;
             let name = match w.name {
                 Some(n) if !n.trim().is_empty() && n.len() <= 64 && n.chars().all(is_name_char) => {
                     n
                 }
                 Some(n) => {
-                    return Err((
+                    return Err(Invalid::new(
                         key("name"),
                         format!("{n:?} must be 1-64 letters, digits, '-', '_' or '.'"),
                     ));
@@ -246,30 +164,28 @@ impl NotifyConfig {
                 None => format!("webhooks[{i}]"),
             };
             if webhooks.iter().any(|t: &WebhookTarget| t.name == name) {
-                return Err((key("name"), format!("{name:?} is used twice")));
+                return Err(Invalid::new(key("name"), format!("{name:?} is used twice")));
             }
             let secret = match (&w.secret_file, &w.secret_env) {
-                (Some(file), None) => {
-                    read_secret_file(&resolve(file)).map_err(|m| (key("secret_file"), m))?
-                }
+                (Some(file), None) => read_secret_file(&resolve(file))
+                    .map_err(|m| Invalid::new(key("secret_file"), m))?,
                 (None, Some(var)) => Secret::new(env.var(var).ok_or_else(|| {
-                    (
+                    Invalid::new(
                         key("secret_env"),
                         format!("environment variable {var} is not set"),
                     )
                 })?),
                 _ => {
-                    return Err((
+                    return Err(Invalid::new(
                         key("secret_file"),
-                        "give exactly one of secret_file, secret_env (webhooks are always signed)"
-                            .into(),
+                        "give exactly one of secret_file, secret_env (webhooks are always signed)",
                     ));
                 }
             };
             // Files usually end with a newline that is not part of the secret.
             let secret = Secret::new(secret.expose().trim());
             if secret.expose().len() < MIN_SECRET_BYTES {
-                return Err((
+                return Err(Invalid::new(
                     key(if w.secret_file.is_some() {
                         "secret_file"
                     } else {
@@ -278,7 +194,8 @@ impl NotifyConfig {
                     format!("the secret must be at least {MIN_SECRET_BYTES} bytes"),
                 ));
             }
-            let events = parse_events(w.events.as_deref()).map_err(|m| (key("events"), m))?;
+            let events =
+                parse_events(w.events.as_deref()).map_err(|m| Invalid::new(key("events"), m))?;
             webhooks.push(WebhookTarget {
                 name,
                 url,
@@ -292,37 +209,36 @@ impl NotifyConfig {
             Some(s) => {
                 let url = match (&s.webhook_url_file, &s.webhook_url_env) {
                     (Some(file), None) => read_secret_file(&resolve(file))
-                        .map_err(|m| ("notify.slack.webhook_url_file".to_string(), m))?,
+                        .map_err(|m| Invalid::new("notify.slack.webhook_url_file", m))?,
                     (None, Some(var)) => Secret::new(env.var(var).ok_or_else(|| {
-                        (
-                            "notify.slack.webhook_url_env".to_string(),
+                        Invalid::new(
+                            "notify.slack.webhook_url_env",
                             format!("environment variable {var} is not set"),
                         )
                     })?),
                     _ => {
-                        return Err((
-                            "notify.slack.webhook_url_file".into(),
-                            "give exactly one of webhook_url_file, webhook_url_env".into(),
+                        return Err(Invalid::new(
+                            "notify.slack.webhook_url_file",
+                            "give exactly one of webhook_url_file, webhook_url_env",
                         ));
                     }
                 };
                 let url = Secret::new(url.expose().trim());
                 // The URL is the credential: the error must not repeat it.
                 if check_target_url(url.expose()).is_err() {
-                    return Err((
-                        "notify.slack".into(),
-                        "the webhook URL is not an http(s) URL".into(),
+                    return Err(Invalid::new(
+                        "notify.slack",
+                        "the webhook URL is not an http(s) URL",
                     ));
                 }
-                if web.public_url.is_none() {
-                    return Err((
-                        "notify.slack".into(),
-                        "the message's buttons link to the approval page: set [web] public_url"
-                            .into(),
+                if public_url.is_none() {
+                    return Err(Invalid::new(
+                        "notify.slack",
+                        "the message's buttons link to the approval page: set [web] public_url",
                     ));
                 }
                 let events = parse_events(s.events.as_deref())
-                    .map_err(|m| ("notify.slack.events".into(), m))?;
+                    .map_err(|m| Invalid::new("notify.slack.events", m))?;
                 Some(SlackTarget { url, events })
             }
         };
@@ -336,6 +252,7 @@ impl NotifyConfig {
                 max,
             },
             timeout,
+            public_url: public_url.map(str::to_string),
         })
     }
 }
@@ -383,7 +300,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    use crate::config::test_env;
+    use crate::settings::test_env;
+    use crate::web::config::{RawWeb, WebConfig};
 
     fn parse(toml_text: &str, env: &[(&str, &str)], base: &Path) -> Result<NotifyConfig, Invalid> {
         #[derive(Deserialize)]
@@ -394,11 +312,17 @@ mod tests {
             #[serde(default)]
             web: RawWeb,
         }
-        let doc: Doc = toml::from_str(toml_text).map_err(|e| ("toml".into(), e.to_string()))?;
+        let doc: Doc =
+            toml::from_str(toml_text).map_err(|e| Invalid::new("toml", e.to_string()))?;
         let web = WebConfig::from_raw(doc.web)?;
         let env = test_env::env(env);
         let base = base.to_path_buf();
-        NotifyConfig::from_raw(doc.notify, &web, &|p: &Path| base.join(p), &env)
+        NotifyConfig::from_raw(
+            doc.notify,
+            web.public_url.as_deref(),
+            &|p: &Path| base.join(p),
+            &env,
+        )
     }
 
     const SECRET: &str = "0123456789abcdef0123";
@@ -523,7 +447,7 @@ webhook_url_env = "SLACK"
             ),
         ];
         for (text, want) in cases {
-            let (key, message) = parse(
+            let Invalid { key, message } = parse(
                 &text,
                 &[
                     ("S", SECRET),
@@ -547,14 +471,13 @@ webhook_url_env = "SLACK"
         assert_eq!(c.retry, RetryPolicy::default());
         let web = WebConfig::from_raw(RawWeb::default()).unwrap();
         assert!(web.enabled);
-        assert_eq!(web.approval_url("apr_x"), None);
-        let web = WebConfig {
-            enabled: true,
+        assert_eq!(c.approval_url("apr_x"), None);
+        let c = NotifyConfig {
             public_url: Some("https://c.example".into()),
-            hosts: Vec::new(),
+            ..NotifyConfig::default()
         };
         assert_eq!(
-            web.approval_url("apr_x").as_deref(),
+            c.approval_url("apr_x").as_deref(),
             Some("https://c.example/approvals/apr_x")
         );
     }

@@ -24,7 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use self::config::{NotifyConfig, WebConfig};
+pub use self::config::NotifyConfig;
 use self::retry::{Verdict, verdict};
 use crate::approvals::ApprovalEvent;
 use crate::clock::SharedClock;
@@ -45,7 +45,6 @@ pub enum NotifyError {
 /// deliveries in flight) or when the event stream closes.
 pub fn spawn(
     config: NotifyConfig,
-    web: WebConfig,
     events: broadcast::Receiver<ApprovalEvent>,
     metrics: Metrics,
     clock: SharedClock,
@@ -71,7 +70,6 @@ pub fn spawn(
     let notifier = Notifier {
         inner: Arc::new(Inner {
             config,
-            web,
             client,
             metrics,
             clock,
@@ -87,7 +85,6 @@ struct Notifier {
 
 struct Inner {
     config: NotifyConfig,
-    web: WebConfig,
     client: reqwest::Client,
     metrics: Metrics,
     clock: SharedClock,
@@ -187,7 +184,7 @@ fn event_name(kind: AuditEventKind) -> Option<&'static str> {
 fn build_deliveries(inner: &Inner, event: &ApprovalEvent, name: &'static str) -> Vec<Delivery> {
     let mut out = Vec::new();
     let delivery_id = format!("evt_{}", uuid::Uuid::now_v7().simple());
-    let approval_url = inner.web.approval_url(&event.request.request_id);
+    let approval_url = inner.config.approval_url(&event.request.request_id);
     let hooks: Vec<_> = inner
         .config
         .webhooks
@@ -461,6 +458,7 @@ mod tests {
                 max: Duration::from_millis(20),
             },
             timeout: Duration::from_secs(5),
+            public_url: None,
         };
         // Overrun the stream before the notifier reads it: 5 events into room for 2.
         let (tx, rx) = broadcast::channel(2);
@@ -468,15 +466,7 @@ mod tests {
             tx.send(event(n)).unwrap();
         }
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let handle = spawn(
-            config,
-            WebConfig::default(),
-            rx,
-            metrics.clone(),
-            clock,
-            stop_rx,
-        )
-        .unwrap();
+        let handle = spawn(config, rx, metrics.clone(), clock, stop_rx).unwrap();
         // The two events kept arrive: one 503 and a retry, then the other.
         tokio::time::timeout(Duration::from_secs(10), async {
             while receiver.got.lock().unwrap().len() < 3 {

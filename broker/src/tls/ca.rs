@@ -68,7 +68,7 @@ impl CertAuthority {
         };
         let cert_pem = std::fs::read_to_string(&cert_path)
             .map_err(|e| TlsError::Ca(format!("cannot read {}: {e}", cert_path.display())))?;
-        let key_pem = crate::config::read_secret_file(&key_path).map_err(TlsError::Ca)?;
+        let key_pem = crate::settings::read_secret_file(&key_path).map_err(TlsError::Ca)?;
         let key = KeyPair::from_pem(key_pem.expose()).map_err(|e| {
             TlsError::Ca(format!("{} is not a private key: {e}", key_path.display()))
         })?;

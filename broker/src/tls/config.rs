@@ -8,6 +8,8 @@ use std::time::Duration;
 use botcreds_proto::Ttl;
 use serde::Deserialize;
 
+use crate::settings::Invalid;
+
 /// The table as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,14 +81,14 @@ pub struct TlsConfig {
 }
 
 impl RawTlsConfig {
-    /// Validate; errors are `(key, message)` with the key under `tls.`. `tailscaled_socket` is
+    /// Validate; error keys are under `tls.`. `tailscaled_socket` is
     /// the LocalAPI socket of `[tailscale]`, `None` when it is disabled.
     pub fn validate(
         self,
         resolve: &dyn Fn(&Path) -> PathBuf,
         tailscaled_socket: Option<&Path>,
-    ) -> Result<TlsConfig, (String, String)> {
-        let bad = |key: &str, message: String| Err((format!("tls.{key}"), message));
+    ) -> Result<TlsConfig, Invalid> {
+        let bad = |key: &str, message: String| Err(Invalid::new(format!("tls.{key}"), message));
         let server_certificate = match (self.server_certificate.as_deref(), tailscaled_socket) {
             (None | Some("ca"), _) => ServerCertificate::Ca,
             (Some("tailscale"), Some(socket)) => ServerCertificate::Tailscale {
@@ -194,6 +196,7 @@ mod tests {
             &|p: &Path| Path::new("/etc/botcreds").join(p),
             Some(Path::new("/run/ts.sock")),
         )
+        .map_err(|e| (e.key, e.message))
     }
 
     #[test]
@@ -254,7 +257,7 @@ mod tests {
         let raw: RawTlsConfig =
             toml::from_str("listen = [\"127.0.0.1:1\"]\nserver_certificate = \"tailscale\"\n")
                 .unwrap();
-        let (key, message) = raw.validate(&|p: &Path| p.to_path_buf(), None).unwrap_err();
+        let Invalid { key, message } = raw.validate(&|p: &Path| p.to_path_buf(), None).unwrap_err();
         assert_eq!(key, "tls.server_certificate");
         assert!(message.contains("[tailscale]"), "{message}");
     }

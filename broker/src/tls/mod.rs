@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod config;
 pub mod csr;
+mod error;
 pub mod listener;
 pub mod peer;
 pub mod server_cert;
@@ -21,20 +22,19 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use botcreds_proto::ErrorCode;
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::enroll::{CertSummary, EnrolledCertificate, JoinToken};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
-use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
 use crate::secret::sha256_hex;
 use crate::store::Store;
 
 pub use self::ca::CertAuthority;
 pub use self::config::{RawTlsConfig, ServerCertificate, TlsConfig};
+pub use self::error::MtlsError;
 pub use self::peer::{ClientCert, VerifiedPeer};
 
 /// Store namespace of issued certificates, keyed by serial.
@@ -98,6 +98,18 @@ pub struct CertRecord {
     pub renewed_from: Option<String>,
     #[serde(default)]
     pub revoked_at: Option<String>,
+}
+
+/// What a new client certificate is for, and who asked for it (audited as `who` from
+/// `address`).
+struct NewCert<'a> {
+    bot: &'a str,
+    admin: bool,
+    via: IssuedVia,
+    who: &'a str,
+    address: SocketAddr,
+    /// The serial a renewal replaces.
+    renewed_from: Option<String>,
 }
 
 /// A join token as stored: only its hash is the key.
@@ -283,16 +295,12 @@ impl Mtls {
         bot: &str,
         ttl: Duration,
         admin: bool,
-    ) -> Result<JoinToken, ApiError> {
+    ) -> Result<JoinToken, MtlsError> {
         check_bot_name(bot)?;
         if ttl > self.config.max_join_token_ttl {
-            return Err(ApiError::new(
-                ErrorCode::TtlTooLong,
-                format!(
-                    "join tokens live at most {}s ([tls] max_join_token_ttl)",
-                    self.config.max_join_token_ttl.as_secs()
-                ),
-            ));
+            return Err(MtlsError::JoinTokenTtlTooLong {
+                max_secs: self.config.max_join_token_ttl.as_secs(),
+            });
         }
         let now = self.clock.now();
         let expires = now + ::time::Duration::seconds(ttl.as_secs() as i64);
@@ -304,10 +312,11 @@ impl Mtls {
             expires_unix: expires.unix_timestamp(),
             created_by: admin_caller.describe(),
         };
-        let bytes = serde_json::to_vec(&record).map_err(ApiError::internal)?;
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| MtlsError::internal("encoding a join token", e))?;
         self.store
             .put_doc(TOKENS_NS, &sha256_hex(token.as_bytes()), &bytes)
-            .map_err(ApiError::internal)?;
+            .map_err(|e| MtlsError::internal("storing a join token", e))?;
         let mut e = self.event(
             AuditEventKind::EnrollTokenCreated,
             Some(bot),
@@ -333,7 +342,7 @@ impl Mtls {
         bot: Option<&str>,
         token: &str,
         csr_pem: &str,
-    ) -> Result<EnrolledCertificate, ApiError> {
+    ) -> Result<EnrolledCertificate, MtlsError> {
         let who = format!("join_token ({})", address.ip());
         let bot = match bot {
             Some(b) => b.to_string(),
@@ -344,37 +353,44 @@ impl Mtls {
         };
         let bot = bot.as_str();
         // Nothing is proven before the token is used up: audited like any unidentified caller.
-        let refused = |e: ApiError| self.refuse_unauthenticated(Some(bot), &who, address, e);
+        let refused = |e: MtlsError| self.refuse_unauthenticated(Some(bot), &who, address, e);
         if let Err(e) = check_bot_name(bot) {
             return Err(refused(e).await);
         }
         let key = match csr::public_key_for(csr_pem, bot) {
             Ok(k) => k,
-            Err(m) => return Err(refused(ApiError::new(ErrorCode::InvalidCsr, m)).await),
+            Err(m) => return Err(refused(MtlsError::InvalidCsr(m)).await),
         };
         let admin = match self.consume_token(token, bot) {
             Ok(admin) => admin,
             Err(e) => return Err(refused(e).await),
         };
-        self.issue(&key, bot, admin, IssuedVia::Token, &who, address, None)
-            .await
+        self.issue(
+            &key,
+            NewCert {
+                bot,
+                admin,
+                via: IssuedVia::Token,
+                who: &who,
+                address,
+                renewed_from: None,
+            },
+        )
+        .await
     }
 
     /// The bot a join token is for, without using it.
-    fn token_bot(&self, token: &str) -> Result<String, ApiError> {
+    fn token_bot(&self, token: &str) -> Result<String, MtlsError> {
         let hash = sha256_hex(token.trim().as_bytes());
         match self
             .store
             .get_doc(TOKENS_NS, &hash)
-            .map_err(ApiError::internal)?
+            .map_err(|e| MtlsError::internal("reading a join token", e))?
         {
             Some(bytes) => serde_json::from_slice::<JoinTokenRecord>(&bytes)
                 .map(|r| r.bot)
-                .map_err(ApiError::internal),
-            None => Err(ApiError::new(
-                ErrorCode::InvalidJoinToken,
-                "the join token is unknown or was used already",
-            )),
+                .map_err(|e| MtlsError::internal("a stored join token", e)),
+            None => Err(MtlsError::UnknownJoinToken),
         }
     }
 
@@ -383,10 +399,14 @@ impl Mtls {
         &self,
         address: SocketAddr,
         bot: Option<&str>,
-        err: ApiError,
-    ) -> ApiError {
-        self.refuse_unauthenticated(bot, &format!("anonymous ({})", address.ip()), address, err)
-            .await
+    ) -> MtlsError {
+        self.refuse_unauthenticated(
+            bot,
+            &format!("anonymous ({})", address.ip()),
+            address,
+            MtlsError::JoinTokenRequired,
+        )
+        .await
     }
 
     /// Enrollment of a tailnet caller the policy maps to `bot` (`[tls] tailnet_enrollment`).
@@ -399,60 +419,39 @@ impl Mtls {
         identity_assigned: bool,
         bot: Option<&str>,
         csr_pem: &str,
-    ) -> Result<EnrolledCertificate, ApiError> {
+    ) -> Result<EnrolledCertificate, MtlsError> {
         let who = caller.describe();
         let Some(bot) = bot.or(policy_bot) else {
             return Err(self
-                .refuse(
-                    None,
-                    &who,
-                    caller.address,
-                    ApiError::new(
-                        ErrorCode::Forbidden,
-                        "the policy maps this caller to no bot; use a join token",
-                    ),
-                )
+                .refuse(None, &who, caller.address, MtlsError::NoBotForCaller)
                 .await);
         };
-        let refused = |e: ApiError| self.refuse(Some(bot), &who, caller.address, e);
+        let refused = |e: MtlsError| self.refuse(Some(bot), &who, caller.address, e);
         if !self.config.tailnet_enrollment {
-            return Err(refused(ApiError::new(
-                ErrorCode::InvalidJoinToken,
-                "a join token is required ([tls] tailnet_enrollment is off)",
-            ))
-            .await);
+            return Err(refused(MtlsError::TailnetEnrollmentOff).await);
         }
         if !matches!(caller.via, CallerVia::Tailnet(_)) || policy_bot != Some(bot) {
-            return Err(refused(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("the policy does not map this caller to the bot {bot:?}; use a join token"),
-            ))
-            .await);
+            return Err(refused(MtlsError::NotTheCallersBot(bot.to_string())).await);
         }
         if !identity_assigned {
             // A node renamed like a hostname-identified bot would otherwise get a certificate
             // for it that outlives the rename and renews itself.
-            return Err(refused(ApiError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "the bot {bot:?} is identified by hostname, which a node chooses itself; \
-                     enroll it with a join token (botcreds enroll create --bot {bot})"
-                ),
-            ))
-            .await);
+            return Err(refused(MtlsError::HostnameIdentified(bot.to_string())).await);
         }
         let key = match csr::public_key_for(csr_pem, bot) {
             Ok(k) => k,
-            Err(m) => return Err(refused(ApiError::new(ErrorCode::InvalidCsr, m)).await),
+            Err(m) => return Err(refused(MtlsError::InvalidCsr(m)).await),
         };
         self.issue(
             &key,
-            bot,
-            false,
-            IssuedVia::Tailnet,
-            &who,
-            caller.address,
-            None,
+            NewCert {
+                bot,
+                admin: false,
+                via: IssuedVia::Tailnet,
+                who: &who,
+                address: caller.address,
+                renewed_from: None,
+            },
         )
         .await
     }
@@ -463,7 +462,7 @@ impl Mtls {
         &self,
         caller: &Caller,
         csr_pem: &str,
-    ) -> Result<EnrolledCertificate, ApiError> {
+    ) -> Result<EnrolledCertificate, MtlsError> {
         let who = caller.describe();
         let CallerVia::Mtls { bot, serial, admin } = &caller.via else {
             return Err(self
@@ -471,10 +470,7 @@ impl Mtls {
                     None,
                     &who,
                     caller.address,
-                    ApiError::new(
-                        ErrorCode::Unauthenticated,
-                        "renewal needs the current client certificate: call the mTLS listener",
-                    ),
+                    MtlsError::RenewalNeedsCertificate,
                 )
                 .await);
         };
@@ -482,44 +478,44 @@ impl Mtls {
             Ok(k) => k,
             Err(m) => {
                 return Err(self
-                    .refuse(
-                        Some(bot),
-                        &who,
-                        caller.address,
-                        ApiError::new(ErrorCode::InvalidCsr, m),
-                    )
+                    .refuse(Some(bot), &who, caller.address, MtlsError::InvalidCsr(m))
                     .await);
             }
         };
         self.issue(
             &key,
-            bot,
-            *admin,
-            IssuedVia::Renewal,
-            &who,
-            caller.address,
-            Some(serial.clone()),
+            NewCert {
+                bot,
+                admin: *admin,
+                via: IssuedVia::Renewal,
+                who: &who,
+                address: caller.address,
+                renewed_from: Some(serial.clone()),
+            },
         )
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn issue(
         &self,
         key: &rcgen::PublicKey,
-        bot: &str,
-        admin: bool,
-        via: IssuedVia,
-        who: &str,
-        address: SocketAddr,
-        renewed_from: Option<String>,
-    ) -> Result<EnrolledCertificate, ApiError> {
+        cert: NewCert<'_>,
+    ) -> Result<EnrolledCertificate, MtlsError> {
+        let NewCert {
+            bot,
+            admin,
+            via,
+            who,
+            address,
+            renewed_from,
+        } = cert;
         let now = self.clock.now();
         let der = self
             .ca
             .issue_client(key, bot, admin, now, self.config.client_cert_ttl)
-            .map_err(ApiError::internal)?;
-        let parsed = peer::parse_client_cert(&der).map_err(ApiError::internal)?;
+            .map_err(|e| MtlsError::internal("issuing a client certificate", e))?;
+        let parsed = peer::parse_client_cert(&der)
+            .map_err(|e| MtlsError::internal("reading the issued certificate", e))?;
         let record = CertRecord {
             serial: parsed.serial.clone(),
             bot: bot.to_string(),
@@ -570,40 +566,32 @@ impl Mtls {
 
     /// Use a join token once. Its record goes before anything is issued, so a second use
     /// (even a concurrent one) finds nothing.
-    fn consume_token(&self, token: &str, bot: &str) -> Result<bool, ApiError> {
+    fn consume_token(&self, token: &str, bot: &str) -> Result<bool, MtlsError> {
         let hash = sha256_hex(token.trim().as_bytes());
         let _guard = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(bytes) = self
             .store
             .get_doc(TOKENS_NS, &hash)
-            .map_err(ApiError::internal)?
+            .map_err(|e| MtlsError::internal("reading a join token", e))?
         else {
-            return Err(ApiError::new(
-                ErrorCode::InvalidJoinToken,
-                "the join token is unknown or was used already",
-            ));
+            return Err(MtlsError::UnknownJoinToken);
         };
-        let record: JoinTokenRecord = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
+        let record: JoinTokenRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| MtlsError::internal("a stored join token", e))?;
         if record.expires_unix <= self.clock.now().unix_timestamp() {
             self.store
                 .delete_doc(TOKENS_NS, &hash)
-                .map_err(ApiError::internal)?;
-            return Err(ApiError::new(
-                ErrorCode::InvalidJoinToken,
-                "the join token has expired; create a new one (botcreds enroll create)",
-            ));
+                .map_err(|e| MtlsError::internal("deleting an expired join token", e))?;
+            return Err(MtlsError::ExpiredJoinToken);
         }
         if record.bot != bot {
             // Left in place: its rightful bot may still use it.
-            return Err(ApiError::new(
-                ErrorCode::InvalidJoinToken,
-                format!("the join token is not for the bot {bot:?}"),
-            ));
+            return Err(MtlsError::JoinTokenForAnotherBot(bot.to_string()));
         }
         self.store
             .delete_doc(TOKENS_NS, &hash)
             .and_then(|()| self.store.flush())
-            .map_err(ApiError::internal)?;
+            .map_err(|e| MtlsError::internal("using up a join token", e))?;
         Ok(record.admin)
     }
 
@@ -613,35 +601,28 @@ impl Mtls {
         &self,
         peer: &VerifiedPeer,
         address: SocketAddr,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<Caller, MtlsError> {
         let cert = &peer.cert;
         let now = self.clock.now().unix_timestamp();
         let problem = match self.lock_certs().get(&cert.serial) {
-            None => Some("the client certificate is unknown to this broker".to_string()),
-            Some(r) if r.revoked_at.is_some() => Some(format!(
-                "the client certificate {} was revoked at {}",
-                r.serial,
-                r.revoked_at.as_deref().unwrap_or_default()
-            )),
-            Some(r) if r.expires_unix <= now => Some(format!(
-                "the client certificate expired at {}",
-                r.expires_at
-            )),
+            None => Some(MtlsError::CertificateUnknown),
+            Some(r) if r.revoked_at.is_some() => Some(MtlsError::CertificateRevoked {
+                serial: r.serial.clone(),
+                at: r.revoked_at.clone().unwrap_or_default(),
+            }),
+            Some(r) if r.expires_unix <= now => {
+                Some(MtlsError::CertificateExpired(r.expires_at.clone()))
+            }
             Some(r) if r.bot != cert.bot || r.admin != cert.admin => {
-                Some("the client certificate does not match its record".to_string())
+                Some(MtlsError::CertificateMismatch)
             }
             Some(_) => None,
         };
         let who = format!("mtls:{} ({})", cert.bot, cert.serial);
-        if let Some(message) = problem {
-            tracing::warn!(peer = %address, serial = %cert.serial, "{message}");
+        if let Some(problem) = problem {
+            tracing::warn!(peer = %address, serial = %cert.serial, "{problem}");
             return Err(self
-                .refuse_unauthenticated(
-                    Some(&cert.bot),
-                    &who,
-                    address,
-                    ApiError::new(ErrorCode::CertificateRevoked, message),
-                )
+                .refuse_unauthenticated(Some(&cert.bot), &who, address, problem)
                 .await);
         }
         Ok(Caller {
@@ -659,21 +640,18 @@ impl Mtls {
         &self,
         admin: &Caller,
         serial: &str,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, MtlsError> {
         let serial = serial.trim().to_ascii_lowercase();
         let record = self.lock_certs().get(&serial).cloned();
         let Some(record) = record else {
-            return Err(ApiError::new(
-                ErrorCode::UnknownCertificate,
-                format!("no client certificate has the serial {serial}"),
-            ));
+            return Err(MtlsError::UnknownSerial(serial));
         };
         self.revoke(admin, vec![record], &format!("serial {serial}"))
             .await
     }
 
     /// Revoke every unrevoked certificate of `bot`.
-    pub async fn revoke_bot(&self, admin: &Caller, bot: &str) -> Result<Vec<String>, ApiError> {
+    pub async fn revoke_bot(&self, admin: &Caller, bot: &str) -> Result<Vec<String>, MtlsError> {
         let records: Vec<CertRecord> = self
             .lock_certs()
             .values()
@@ -681,10 +659,7 @@ impl Mtls {
             .cloned()
             .collect();
         if records.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::UnknownCertificate,
-                format!("the bot {bot:?} has no client certificate"),
-            ));
+            return Err(MtlsError::BotWithoutCertificate(bot.to_string()));
         }
         self.revoke(admin, records, &format!("bot {bot}")).await
     }
@@ -694,7 +669,7 @@ impl Mtls {
         admin: &Caller,
         records: Vec<CertRecord>,
         what: &str,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, MtlsError> {
         let now = rfc3339(self.clock.now());
         let mut revoked = Vec::new();
         let mut bots = Vec::new();
@@ -706,7 +681,9 @@ impl Mtls {
                 bots.push(r.bot.clone());
             }
         }
-        self.store.flush().map_err(ApiError::internal)?;
+        self.store
+            .flush()
+            .map_err(|e| MtlsError::internal("storing revocations", e))?;
         if !revoked.is_empty() {
             let mut e = self.event(
                 AuditEventKind::CertRevoked,
@@ -757,13 +734,13 @@ impl Mtls {
         bot: Option<&str>,
         who: &str,
         address: SocketAddr,
-        err: ApiError,
-    ) -> ApiError {
+        err: MtlsError,
+    ) -> MtlsError {
         let mut e = self.event(AuditEventKind::CertRefused, bot, None);
         e.caller = Some(who.to_string());
         e.client_ip = Some(address.ip().to_string());
-        e.code = Some(err.code.as_str().to_string());
-        e.detail = Some(err.message.clone());
+        e.code = Some(err.code().as_str().to_string());
+        e.detail = Some(err.to_string());
         match self.record(e).await {
             Ok(()) => err,
             Err(audit_err) => audit_err,
@@ -777,15 +754,15 @@ impl Mtls {
         bot: Option<&str>,
         who: &str,
         address: SocketAddr,
-        err: ApiError,
-    ) -> ApiError {
+        err: MtlsError,
+    ) -> MtlsError {
         let mut e = self.event(AuditEventKind::CertRefused, bot, None);
         e.caller = Some(who.to_string());
-        e.code = Some(err.code.as_str().to_string());
-        e.detail = Some(err.message.clone());
+        e.code = Some(err.code().as_str().to_string());
+        e.detail = Some(err.to_string());
         match self.audit.record_refusal(address.ip(), e).await {
             Ok(()) => err,
-            Err(audit_err) => ApiError::internal(format!("audit log write failed: {audit_err}")),
+            Err(audit_err) => MtlsError::internal("audit log write failed", audit_err),
         }
     }
 
@@ -804,19 +781,20 @@ impl Mtls {
         e
     }
 
-    async fn record(&self, event: AuditEvent) -> Result<(), ApiError> {
+    async fn record(&self, event: AuditEvent) -> Result<(), MtlsError> {
         self.audit
             .record(vec![event])
             .await
             .map(|_| ())
-            .map_err(|e| ApiError::internal(format!("audit log write failed: {e}")))
+            .map_err(|e| MtlsError::internal("audit log write failed", e))
     }
 
-    fn put_record(&self, record: &CertRecord) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(record).map_err(ApiError::internal)?;
+    fn put_record(&self, record: &CertRecord) -> Result<(), MtlsError> {
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| MtlsError::internal("encoding a certificate record", e))?;
         self.store
             .put_doc(CERTS_NS, &record.serial, &bytes)
-            .map_err(ApiError::internal)?;
+            .map_err(|e| MtlsError::internal("storing a certificate record", e))?;
         self.lock_certs()
             .insert(record.serial.clone(), record.clone());
         Ok(())
@@ -828,7 +806,7 @@ impl Mtls {
 }
 
 /// Bot names as the policy allows them; they end up in SAN URIs.
-fn check_bot_name(bot: &str) -> Result<(), ApiError> {
+fn check_bot_name(bot: &str) -> Result<(), MtlsError> {
     let ok = !bot.is_empty()
         && bot.len() <= 64
         && bot
@@ -837,10 +815,7 @@ fn check_bot_name(bot: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("bot name {bot:?} must be 1-64 ASCII letters, digits, '.', '_' or '-'"),
-        ))
+        Err(MtlsError::BadBotName(bot.to_string()))
     }
 }
 

@@ -297,7 +297,7 @@ async fn enrolled_certificate_names_the_bot_and_authenticates() {
         .renew(&caller, &csr_for(&new_key, "ops"))
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidCsr);
+    assert_eq!(err.code(), ErrorCode::InvalidCsr);
     assert!(w.kinds().contains(&AuditEventKind::CertRenewed));
     assert_eq!(w.mtls.list().len(), 2);
 }
@@ -337,12 +337,8 @@ async fn join_tokens_are_single_use_expiring_and_bound_to_their_bot() {
         .enroll_with_token(peer(), Some("ci"), &token, &csr)
         .await
         .unwrap_err();
-    assert_eq!(reused.code, ErrorCode::InvalidJoinToken);
-    assert!(
-        reused.message.contains("used already"),
-        "{}",
-        reused.message
-    );
+    assert_eq!(reused.code(), ErrorCode::InvalidJoinToken);
+    assert!(reused.to_string().contains("used already"), "{}", reused);
 
     let other = w.token("ops").await;
     let err = w
@@ -350,8 +346,8 @@ async fn join_tokens_are_single_use_expiring_and_bound_to_their_bot() {
         .enroll_with_token(peer(), Some("ci"), &other, &csr)
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidJoinToken);
-    assert!(err.message.contains("not for the bot"), "{}", err.message);
+    assert_eq!(err.code(), ErrorCode::InvalidJoinToken);
+    assert!(err.to_string().contains("not for the bot"), "{err}");
 
     let expiring = w.token("ci").await;
     w.clock.advance(3601);
@@ -360,8 +356,8 @@ async fn join_tokens_are_single_use_expiring_and_bound_to_their_bot() {
         .enroll_with_token(peer(), Some("ci"), &expiring, &csr)
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidJoinToken);
-    assert!(err.message.contains("expired"), "{}", err.message);
+    assert_eq!(err.code(), ErrorCode::InvalidJoinToken);
+    assert!(err.to_string().contains("expired"), "{err}");
 
     // Only the first enrollment issued anything; each refusal is audited.
     assert_eq!(w.mtls.list().len(), 1);
@@ -383,7 +379,7 @@ async fn csr_for_another_bot_or_badly_signed_issues_nothing_and_keeps_the_token(
         .enroll_with_token(peer(), Some("ci"), &token, &csr_for(&key, "ops"))
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidCsr);
+    assert_eq!(err.code(), ErrorCode::InvalidCsr);
     let err = w
         .mtls
         .enroll_with_token(
@@ -394,7 +390,7 @@ async fn csr_for_another_bot_or_badly_signed_issues_nothing_and_keeps_the_token(
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidCsr);
+    assert_eq!(err.code(), ErrorCode::InvalidCsr);
     assert!(w.mtls.list().is_empty());
     assert!(w.last_refusal().contains("CSR"), "{}", w.last_refusal());
     // The token was not spent on the bad requests.
@@ -417,8 +413,8 @@ async fn revoked_certificates_are_refused_at_request_time() {
     let revoked = w.mtls.revoke_serial(&w.admin, &cert.serial).await.unwrap();
     assert_eq!(revoked, vec![cert.serial.clone()]);
     let err = w.mtls.authenticate(&verified, peer()).await.unwrap_err();
-    assert_eq!(err.code, ErrorCode::CertificateRevoked);
-    assert!(err.message.contains("revoked"), "{}", err.message);
+    assert_eq!(err.code(), ErrorCode::CertificateRevoked);
+    assert!(err.to_string().contains("revoked"), "{err}");
     assert!(w.kinds().contains(&AuditEventKind::CertRevoked));
     // Revoking by bot takes the rest; unknown serials and bots are errors.
     assert_eq!(
@@ -430,7 +426,7 @@ async fn revoked_certificates_are_refused_at_request_time() {
             .revoke_serial(&w.admin, "40ff")
             .await
             .unwrap_err()
-            .code,
+            .code(),
         ErrorCode::UnknownCertificate
     );
     assert_eq!(
@@ -438,7 +434,7 @@ async fn revoked_certificates_are_refused_at_request_time() {
             .revoke_bot(&w.admin, "nobody")
             .await
             .unwrap_err()
-            .code,
+            .code(),
         ErrorCode::UnknownCertificate
     );
     // A certificate past its end is refused even on a live connection.
@@ -449,7 +445,7 @@ async fn revoked_certificates_are_refused_at_request_time() {
     };
     w.clock.advance(86_401);
     let err = w.mtls.authenticate(&live, peer()).await.unwrap_err();
-    assert!(err.message.contains("expired"), "{}", err.message);
+    assert!(err.to_string().contains("expired"), "{err}");
 }
 
 /// A certificate signed by our CA with a validity window shifted by `offset_secs`.

@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroize;
 
-use crate::notify::WebConfig;
+use super::WebConfig;
 
 /// How long a rendered form stays usable.
 pub const TOKEN_TTL_SECS: i64 = 2 * 3600;

@@ -7,10 +7,18 @@
 //! `Sec-Fetch-Site` and `Origin`, and a form token bound to the admin and the time. A decision
 //! then goes through the same [`Approvals`](crate::approvals::Approvals) calls as the CLI, so a
 //! replayed or raced form meets `already_decided` and changes nothing.
+//!
+//! These are HTTP handlers above the API layer: they use its shared state, its caller
+//! extractor and its error type, and `api/` knows nothing of them. `server.rs` builds the
+//! page routes ([`routes`]) and hands them to `api::router`, which serves them under the same
+//! middleware as the API.
 
+pub mod config;
 pub mod csrf;
 pub mod form;
 pub mod html;
+
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -21,13 +29,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use botcreds_proto::ErrorCode;
 
+pub use self::config::WebConfig;
 use self::csrf::{CsrfError, CsrfKey};
 use self::form::Form;
 use crate::api::AppState;
 use crate::api::extract::Authenticated;
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
-use crate::notify::WebConfig;
 use crate::store::AuditFilter;
 
 /// Largest form body accepted (a deny reason is at most 4 KiB; the rest is headroom).
@@ -55,9 +63,24 @@ impl WebState {
     }
 }
 
-/// The page routes (none when `[web] enabled = false`).
-pub fn routes(state: &AppState) -> Router<AppState> {
-    if !state.web.config.enabled {
+/// The pages' state: the API's shared handle and what only the pages need.
+#[derive(Clone)]
+pub struct Pages {
+    app: AppState,
+    web: Arc<WebState>,
+}
+
+impl std::ops::Deref for Pages {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.app
+    }
+}
+
+/// The page routes over `app` (none when `[web] enabled = false`), for `api::router` to
+/// serve under its middleware.
+pub fn routes(app: AppState, web: WebState) -> Router<AppState> {
+    if !web.config.enabled {
         return Router::new();
     }
     Router::new()
@@ -66,6 +89,10 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/approvals/{id}/approve", post(approve))
         .route("/approvals/{id}/deny", post(deny))
         .route("/audit", get(audit))
+        .with_state(Pages {
+            app,
+            web: Arc::new(web),
+        })
 }
 
 /// An admin on a page; anyone else gets an HTML error page (401, 403 or 503).
@@ -76,10 +103,10 @@ pub struct WebAdmin {
     pub approver: crate::approvals::Approver,
 }
 
-impl FromRequestParts<AppState> for WebAdmin {
+impl FromRequestParts<Pages> for WebAdmin {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &Pages) -> Result<Self, Response> {
         let host = request_host(&parts.uri, &parts.headers);
         let unreadable = host.is_none() && parts.headers.contains_key(HOST);
         if unreadable || !csrf::host_allowed(host, &state.web.config) {
@@ -99,14 +126,14 @@ impl FromRequestParts<AppState> for WebAdmin {
                 ),
             ));
         }
-        let Authenticated(caller) = Authenticated::from_request_parts(parts, state)
+        let Authenticated(caller) = Authenticated::from_request_parts(parts, &state.app)
             .await
             .map_err(|e| api_error_page(None, &e))?;
         let caller = caller.map_err(|e| api_error_page(None, &e))?;
         if crate::identity::admin::is_admin(&state.admin, &caller) {
             Ok(WebAdmin {
                 actor: crate::api::admin::actor(&caller),
-                approver: crate::approvals::api::approver(state, &caller),
+                approver: crate::approvals::api::approver(&state.app, &caller),
             })
         } else {
             tracing::warn!(caller = %caller.describe(), path = %parts.uri.path(), "non-admin caller on the approval page");
@@ -198,7 +225,7 @@ fn unknown(who: &str, id: &str) -> Response {
     )
 }
 
-async fn list(State(state): State<AppState>, admin: WebAdmin) -> Response {
+async fn list(State(state): State<Pages>, admin: WebAdmin) -> Response {
     let pending = match state.approvals.pending() {
         Ok(p) => p,
         Err(e) => return api_error_page(Some(&admin.actor), &e),
@@ -219,7 +246,7 @@ async fn list(State(state): State<AppState>, admin: WebAdmin) -> Response {
 }
 
 async fn show(
-    State(state): State<AppState>,
+    State(state): State<Pages>,
     admin: WebAdmin,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
@@ -249,7 +276,7 @@ async fn show(
 /// The checks every decision form passes before anything happens: a known-looking id, a
 /// same-origin browser request, a form body, and this admin's fresh token.
 async fn checked_form(
-    state: &AppState,
+    state: &Pages,
     admin: &WebAdmin,
     id: &str,
     uri: &Uri,
@@ -320,7 +347,7 @@ fn see_request(id: &str) -> Response {
 }
 
 async fn approve(
-    State(state): State<AppState>,
+    State(state): State<Pages>,
     admin: WebAdmin,
     Path(id): Path<String>,
     uri: Uri,
@@ -355,7 +382,7 @@ async fn approve(
 }
 
 async fn deny(
-    State(state): State<AppState>,
+    State(state): State<Pages>,
     admin: WebAdmin,
     Path(id): Path<String>,
     uri: Uri,
@@ -384,7 +411,7 @@ async fn deny(
     }
 }
 
-async fn audit(State(state): State<AppState>, admin: WebAdmin) -> Response {
+async fn audit(State(state): State<Pages>, admin: WebAdmin) -> Response {
     let since = rfc3339_millis(state.clock.now() - AUDIT_WINDOW);
     let log = state.audit.clone();
     let read = tokio::task::spawn_blocking(move || {

@@ -7,6 +7,7 @@
 //! a log line or `Debug` output.
 
 mod client;
+pub mod config;
 mod errors;
 mod jwt;
 mod simulated;
