@@ -8,6 +8,7 @@ pub mod coder;
 pub mod config;
 pub mod record;
 pub mod scopes;
+mod error;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -19,6 +20,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+pub use error::KeyError;
 pub use service::{
     IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin, Released, Revoker,
     SweepReport,
