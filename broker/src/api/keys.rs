@@ -11,12 +11,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Json, Router};
+use botcreds_proto::ErrorCode;
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::{
     IssuedKey, KeyList, KeyRevoked, ServiceKeyRequest, ServiceKeyResponse, UserKeyRequest,
     UserKeyResponse, WorkspaceInfo, WorkspaceKeyRequest, WorkspaceKeyResponse,
 };
-use botcreds_proto::ErrorCode;
 use serde_json::json;
 
 use super::AppState;
@@ -26,7 +26,9 @@ use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
 use crate::issuance::litellm::{DEFAULT_MIN_REMAINING, workspace_field};
 use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration};
-use crate::keys::{IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyError, KeyService, OnExisting, Origin};
+use crate::keys::{
+    IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyError, KeyService, OnExisting, Origin,
+};
 use crate::secret::Secret;
 
 /// Header of the key-provisioner scripts' shared secret.

@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use botcreds_proto::Ttl;
 use botcreds_proto::approval::{
     ApprovalRequestView, ApprovalState, DecisionAnswer, GrantView, RememberedRuleView,
 };
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::WorkspaceInfo;
-use botcreds_proto::Ttl;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, watch};
@@ -39,8 +39,8 @@ use crate::policy::Request;
 use crate::policy::remembered::{RememberedRule, RememberedRules, Resource};
 use crate::store::Store;
 
-use records::{GrantRecord, RequestRecord, parse_time};
 pub use error::ApprovalError;
+use records::{GrantRecord, RequestRecord, parse_time};
 pub use revoke::{PolicyEnforced, RevokeTarget};
 
 const NS_REQUESTS: &str = "approvals";
@@ -247,12 +247,14 @@ pub fn validate_deny_reason(reason: Option<&str>) -> Result<Option<String>, Appr
     let Some(r) = reason else { return Ok(None) };
     if r.len() > MAX_DENY_REASON_BYTES {
         return Err(ApprovalError::InvalidDenyReason(format!(
-                "the deny reason has {} bytes; at most {MAX_DENY_REASON_BYTES} are allowed",
-                r.len()
-            )));
+            "the deny reason has {} bytes; at most {MAX_DENY_REASON_BYTES} are allowed",
+            r.len()
+        )));
     }
     if r.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(ApprovalError::InvalidDenyReason("the deny reason has control characters (only newline and tab are allowed)".into()));
+        return Err(ApprovalError::InvalidDenyReason(
+            "the deny reason has control characters (only newline and tab are allowed)".into(),
+        ));
     }
     let r = r.trim();
     Ok((!r.is_empty()).then(|| r.to_string()))
@@ -573,9 +575,9 @@ impl Approvals {
             && !self.config.allow_self_approval
         {
             let error = ApprovalError::SelfApproval(format!(
-                    "{actor} made request {id} (as {}), so another admin must approve it",
-                    by.owner
-                ));
+                "{actor} made request {id} (as {}), so another admin must approve it",
+                by.owner
+            ));
             self.refuse_decision(by, Ok(&view), &error).await;
             return Err(error);
         }
@@ -585,9 +587,7 @@ impl Approvals {
             self.decidable(&mut book, id, expect_bot, now)?;
             let entry = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
             let mut record = entry.record.clone();
-            let resource = record
-                .resource()
-                .ok_or_else(|| ApprovalError::Unreadable)?;
+            let resource = record.resource().ok_or_else(|| ApprovalError::Unreadable)?;
             let remembered = match (remember, &record.view.bot) {
                 (false, _) => None,
                 (true, None) => {
@@ -844,9 +844,9 @@ impl Approvals {
     ) -> Result<Vec<DecisionAnswer>, ApprovalError> {
         if by.owner == bot && !self.config.allow_self_approval {
             let error = ApprovalError::SelfApproval(format!(
-                    "{} is {bot} itself, so another admin must approve its requests",
-                    by.actor
-                ));
+                "{} is {bot} itself, so another admin must approve its requests",
+                by.actor
+            ));
             self.refuse_decision(by, Err(bot), &error).await;
             return Err(error);
         }
@@ -882,14 +882,14 @@ impl Approvals {
             && entry.record.view.bot.as_deref() != Some(bot)
         {
             return Err(ApprovalError::WrongBot(format!(
-                    "request {id} belongs to {}, not {bot}",
-                    entry
-                        .record
-                        .view
-                        .bot
-                        .as_deref()
-                        .unwrap_or("a caller matching no bot")
-                )));
+                "request {id} belongs to {}, not {bot}",
+                entry
+                    .record
+                    .view
+                    .bot
+                    .as_deref()
+                    .unwrap_or("a caller matching no bot")
+            )));
         }
         match entry.record.view.state {
             ApprovalState::Pending if entry.expires <= now => {
@@ -905,9 +905,9 @@ impl Approvals {
                 at: entry.record.view.expires_at.clone(),
             }),
             s => Err(ApprovalError::AlreadyDecided(format!(
-                    "request {id} is already {s} (by {})",
-                    entry.record.view.decided_by.as_deref().unwrap_or("someone")
-                ))),
+                "request {id} is already {s} (by {})",
+                entry.record.view.decided_by.as_deref().unwrap_or("someone")
+            ))),
         }
     }
 
@@ -1094,7 +1094,11 @@ impl Approvals {
     }
 
     /// Remove a remembered rule.
-    pub async fn forget(&self, actor: &str, rule_id: &str) -> Result<RememberedRuleView, ApprovalError> {
+    pub async fn forget(
+        &self,
+        actor: &str,
+        rule_id: &str,
+    ) -> Result<RememberedRuleView, ApprovalError> {
         let removed = {
             let mut book = self.book();
             let Some(pos) = book.remembered.iter().position(|r| r.rule_id == rule_id) else {
@@ -1137,7 +1141,12 @@ impl Approvals {
         self.put_doc(NS_GRANTS, &grant.view.grant_id, grant)
     }
 
-    fn put_doc<T: serde::Serialize>(&self, ns: &str, key: &str, value: &T) -> Result<(), ApprovalError> {
+    fn put_doc<T: serde::Serialize>(
+        &self,
+        ns: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ApprovalError> {
         let bytes = serde_json::to_vec(value).map_err(store_error)?;
         self.store.put_doc(ns, key, &bytes).map_err(store_error)
     }

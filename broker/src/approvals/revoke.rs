@@ -9,15 +9,15 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use botcreds_proto::RepoName;
 use botcreds_proto::approval::{GrantView, RevokeAnswer, RevokedCredential};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::KeyStatus;
-use botcreds_proto::RepoName;
 
+use super::ApprovalError;
 use super::records::GrantRecord;
 use super::{Approvals, NS_GRANTS};
 use crate::clock::{rfc3339, rfc3339_millis};
-use super::ApprovalError;
 use crate::grants::{HandedOut, IssuedToken};
 use crate::policy::remembered::Resource;
 use crate::policy::{Outcome, Policy, Request};

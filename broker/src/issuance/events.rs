@@ -32,7 +32,12 @@ pub fn outcome_label(outcome: Outcome) -> &'static str {
 }
 
 /// An event about `caller`'s request: who asked, from where, for which bot.
-pub fn about(kind: AuditEventKind, timestamp: String, caller: &Caller, bot: Option<&str>) -> AuditEvent {
+pub fn about(
+    kind: AuditEventKind,
+    timestamp: String,
+    caller: &Caller,
+    bot: Option<&str>,
+) -> AuditEvent {
     let mut e = AuditEvent::new(kind, timestamp);
     e.bot = bot.map(str::to_string);
     e.caller = Some(caller.describe());

@@ -90,7 +90,12 @@ impl GithubTokens {
     }
 
     /// `credential_revoked` for a token the issuer revoked itself (superseded by a replacement).
-    fn replaced_event(&self, caller: &Caller, bot: Option<&str>, replaced: &Replaced) -> AuditEvent {
+    fn replaced_event(
+        &self,
+        caller: &Caller,
+        bot: Option<&str>,
+        replaced: &Replaced,
+    ) -> AuditEvent {
         let mut e = AuditEvent::new(
             AuditEventKind::CredentialRevoked,
             rfc3339_millis(self.clock.now()),
@@ -304,7 +309,10 @@ impl Provider for GithubTokens {
         true
     }
 
-    async fn mint(&self, mut m: Mint<'_, GithubAsk>) -> Result<Minted<GithubCredential>, IssueError> {
+    async fn mint(
+        &self,
+        mut m: Mint<'_, GithubAsk>,
+    ) -> Result<Minted<GithubCredential>, IssueError> {
         let ask = m.ask;
         let Some(scope) = TokenScope::new(&ask.repositories, &ask.permissions) else {
             return Err(IssueError::Internal(

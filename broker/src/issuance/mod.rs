@@ -188,14 +188,18 @@ impl Issuance {
                      configured)"
                         .into(),
                 );
-                return Err(self.refuse_unvalidated(caller, bot.as_deref(), None, e).await);
+                return Err(self
+                    .refuse_unvalidated(caller, bot.as_deref(), None, e)
+                    .await);
             };
             return match litellm.validate(&request) {
                 Ok(ask) => {
                     self.decide(litellm, caller, ask, &request, &wait, started)
                         .await
                 }
-                Err(e) => Err(self.refuse_unvalidated(caller, bot.as_deref(), None, e).await),
+                Err(e) => Err(self
+                    .refuse_unvalidated(caller, bot.as_deref(), None, e)
+                    .await),
             };
         }
         match self.github.validate(&request) {
@@ -290,7 +294,8 @@ impl Issuance {
     ) -> Result<Answer, IssueError> {
         let subject = provider.subject(&ask);
         let decision = self.decide_now(caller, &subject.resource);
-        self.metrics.decision(events::outcome_label(decision.outcome));
+        self.metrics
+            .decision(events::outcome_label(decision.outcome));
         let mut requested = events::about(
             AuditEventKind::CredentialRequested,
             self.now(),
@@ -306,9 +311,7 @@ impl Issuance {
             wait,
         };
         if decision.outcome != Outcome::Allow {
-            return self
-                .not_allowed(caller, asked, subject, &decision)
-                .await;
+            return self.not_allowed(caller, asked, subject, &decision).await;
         }
 
         // Decided again right before the answer (after any wait on another request's mint,
@@ -352,8 +355,7 @@ impl Issuance {
                         .refuse(Vec::new(), &asked.requested, Some(&now.rule), e)
                         .await);
                 }
-                self.not_allowed(caller, asked, subject, &now)
-                    .await
+                self.not_allowed(caller, asked, subject, &now).await
             }
             Err(e) => {
                 if !e.is_internal() {
@@ -361,12 +363,7 @@ impl Issuance {
                 }
                 let requested = asked.requested;
                 Err(self
-                    .refuse(
-                        vec![requested.clone()],
-                        &requested,
-                        Some(&decision.rule),
-                        e,
-                    )
+                    .refuse(vec![requested.clone()], &requested, Some(&decision.rule), e)
                     .await)
             }
         }
@@ -392,7 +389,8 @@ impl Issuance {
                 )
                 .await);
         }
-        self.require_approval(caller, decision, asked, subject).await
+        self.require_approval(caller, decision, asked, subject)
+            .await
     }
 
     /// A request that needs approval: a live grant issues it, else an approval request is
@@ -414,7 +412,11 @@ impl Issuance {
         let bot = decision.bot.clone();
         let wait = match wait.parse(self.approvals.config().max_wait.as_duration()) {
             Ok(w) => w,
-            Err(e) => return Err(self.refuse(vec![requested.clone()], &requested, None, e).await),
+            Err(e) => {
+                return Err(self
+                    .refuse(vec![requested.clone()], &requested, None, e)
+                    .await);
+            }
         };
         let owner = owner_of(bot.as_deref(), caller);
 

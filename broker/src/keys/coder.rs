@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::config::CoderConfig;
 use super::KeyError;
+use super::config::CoderConfig;
 use crate::secret::Secret;
 
 /// Who a session token belongs to.
@@ -87,9 +87,9 @@ impl CoderClient {
             .map_err(|e| {
                 tracing::warn!(coder = %self.base, timeout = e.is_timeout(), "Coder unreachable");
                 KeyError::CoderUnavailable(format!(
-                        "Coder at {} could not be reached to confirm the workspace",
-                        self.base
-                    ))
+                    "Coder at {} could not be reached to confirm the workspace",
+                    self.base
+                ))
             })?;
         let status = response.status().as_u16();
         match status {
@@ -99,7 +99,9 @@ impl CoderClient {
                 return Err(KeyError::CoderError("Coder refused the broker's token ([coder] token_file) when reading a workspace".into()));
             }
             _ => {
-                return Err(KeyError::CoderError(format!("Coder answered {status} when reading a workspace")));
+                return Err(KeyError::CoderError(format!(
+                    "Coder answered {status} when reading a workspace"
+                )));
             }
         }
         let bytes = response
@@ -121,15 +123,16 @@ impl CoderClient {
                 owner_id,
                 owner_name,
             })),
-            _ => Err(KeyError::CoderError("Coder's workspace has no id, name or owner".into())),
+            _ => Err(KeyError::CoderError(
+                "Coder's workspace has no id, name or owner".into(),
+            )),
         }
     }
 
     /// The user the token belongs to; `invalid_session_token` when Coder refuses it.
     pub async fn current_user(&self, token: &Secret) -> Result<CoderUser, KeyError> {
-        let refused = || {
-            KeyError::InvalidSessionToken("Coder did not accept the session token".into())
-        };
+        let refused =
+            || KeyError::InvalidSessionToken("Coder did not accept the session token".into());
         if token.is_empty() || token.expose().len() > 4096 {
             return Err(refused());
         }
@@ -142,16 +145,18 @@ impl CoderClient {
             .map_err(|e| {
                 tracing::warn!(coder = %self.base, timeout = e.is_timeout(), "Coder unreachable");
                 KeyError::CoderUnavailable(format!(
-                        "Coder at {} could not be reached to check the session",
-                        self.base
-                    ))
+                    "Coder at {} could not be reached to check the session",
+                    self.base
+                ))
             })?;
         let status = response.status().as_u16();
         if status == 401 || status == 403 {
             return Err(refused());
         }
         if !(200..300).contains(&status) {
-            return Err(KeyError::CoderError(format!("Coder answered {status} when checking the session")));
+            return Err(KeyError::CoderError(format!(
+                "Coder answered {status} when checking the session"
+            )));
         }
         let bytes = response
             .bytes()
@@ -167,7 +172,9 @@ impl CoderClient {
         };
         match (field("id"), field("username")) {
             (Some(id), Some(username)) => Ok(CoderUser { id, username }),
-            _ => Err(KeyError::CoderError("Coder's user has no id or username".into())),
+            _ => Err(KeyError::CoderError(
+                "Coder's user has no id or username".into(),
+            )),
         }
     }
 }

@@ -6,9 +6,9 @@
 
 pub mod coder;
 pub mod config;
+mod error;
 pub mod record;
 pub mod scopes;
-mod error;
 mod service;
 #[cfg(test)]
 mod tests;

@@ -197,10 +197,10 @@ impl ScopeTable {
     pub fn lookup(&self, name: &str) -> Result<&ScopeSpec, KeyError> {
         self.scopes.get(name).ok_or_else(|| {
             KeyError::InvalidScope(format!(
-                    "unknown LiteLLM scope {:?}; the scopes are {}",
-                    name.chars().take(64).collect::<String>(),
-                    botcreds_proto::litellm::LITELLM_SCOPES.join(", ")
-                ))
+                "unknown LiteLLM scope {:?}; the scopes are {}",
+                name.chars().take(64).collect::<String>(),
+                botcreds_proto::litellm::LITELLM_SCOPES.join(", ")
+            ))
         })
     }
 
@@ -243,10 +243,10 @@ pub fn parse_duration(raw: &str, scope: &ScopeSpec) -> Result<Duration, KeyError
         .map_err(|e| KeyError::InvalidDuration(format!("{e}")))?;
     if ttl.as_duration() > scope.lifetime {
         return Err(KeyError::InvalidDuration(format!(
-                "duration {ttl} is longer than the {} scope's lifetime of {}",
-                scope.name,
-                Ttl::from_secs(scope.lifetime.as_secs())
-            )));
+            "duration {ttl} is longer than the {} scope's lifetime of {}",
+            scope.name,
+            Ttl::from_secs(scope.lifetime.as_secs())
+        )));
     }
     Ok(ttl.as_duration())
 }
@@ -263,10 +263,10 @@ pub fn check_name(name: &str) -> Result<(), KeyError> {
         Ok(())
     } else {
         Err(KeyError::InvalidKeyName(format!(
-                "key name {:?} must be 1 to {MAX_NAME_BYTES} bytes of letters, digits and . _ - @ + \
+            "key name {:?} must be 1 to {MAX_NAME_BYTES} bytes of letters, digits and . _ - @ + \
                  (no \"..\")",
-                name.chars().take(64).collect::<String>()
-            )))
+            name.chars().take(64).collect::<String>()
+        )))
     }
 }
 

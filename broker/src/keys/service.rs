@@ -19,12 +19,12 @@ use botcreds_proto::litellm::{KeyRevoked, KeyStatus, KeySummary, WorkspaceInfo};
 use serde_json::json;
 use time::OffsetDateTime;
 
+use super::KeyError;
 use super::record::{KeyRecord, NAMESPACE, credential_id_for};
 use super::scopes::{ScopeSpec, ScopeTable, check_name};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
 use crate::issued::{Approval, credential_issued};
-use super::KeyError;
 use crate::providers::litellm::{
     GenerateKey, GeneratedKey, LitellmApi, LitellmError, LitellmStats,
 };
@@ -379,10 +379,10 @@ impl KeyService {
             && r.owner_id() != origin.owner_id()
         {
             return Err(KeyError::Forbidden(format!(
-                    "workspace {:?} has a live key issued to another holder; it is not handed \
+                "workspace {:?} has a live key issued to another holder; it is not handed \
                      out, rotated or replaced for you",
-                    info.workspace_id.chars().take(128).collect::<String>()
-                )));
+                info.workspace_id.chars().take(128).collect::<String>()
+            )));
         }
         let name = match mine {
             Some(r) => r.name.clone(),
@@ -395,8 +395,8 @@ impl KeyService {
                     qualified
                 } else {
                     return Err(KeyError::Exists(format!(
-                            "live keys named {plain:?} and {qualified:?} belong to other workspaces"
-                        )));
+                        "live keys named {plain:?} and {qualified:?} belong to other workspaces"
+                    )));
                 }
             }
         };
@@ -462,17 +462,17 @@ impl KeyService {
                 && (old.owner_id() != ask.origin.owner_id() || old.scope != ask.scope)
             {
                 return Err(KeyError::Exists(format!(
-                        "a live key named {:?} (scope {}) belongs to another holder; revoke it \
+                    "a live key named {:?} (scope {}) belongs to another holder; revoke it \
                          or ask under another name",
-                        old.name, old.scope
-                    )));
+                    old.name, old.scope
+                )));
             }
             match &ask.on_existing {
                 OnExisting::Conflict => {
                     return Err(KeyError::Exists(format!(
-                            "a live key named {:?} exists (scope {}, expires {}); revoke or rotate it",
-                            old.name, old.scope, old.expires_at
-                        )));
+                        "a live key named {:?} exists (scope {}, expires {}); revoke or rotate it",
+                        old.name, old.scope, old.expires_at
+                    )));
                 }
                 OnExisting::Reuse {
                     min_remaining,
@@ -488,9 +488,10 @@ impl KeyService {
                         ev.client_ip = ask.origin.client_ip.clone();
                         ev.reason = ask.reason.clone();
                         events.push(ev);
-                        self.audit.record(events).await.map_err(|e| {
-                            KeyError::Audit(e.to_string())
-                        })?;
+                        self.audit
+                            .record(events)
+                            .await
+                            .map_err(|e| KeyError::Audit(e.to_string()))?;
                         return Ok(IssuedLitellmKey {
                             key,
                             record: old,
@@ -772,9 +773,9 @@ impl KeyService {
             .find(|r| r.name == name && r.is_live(now));
         let Some(r) = found else {
             return Err(KeyError::NotFound(format!(
-                    "no live key is named {:?}",
-                    name.chars().take(128).collect::<String>()
-                )));
+                "no live key is named {:?}",
+                name.chars().take(128).collect::<String>()
+            )));
         };
         self.delete_upstream(&r)
             .await
@@ -806,9 +807,9 @@ impl KeyService {
             .find(|r| r.name == name && r.is_live(now));
         let Some(old) = found else {
             return Err(KeyError::NotFound(format!(
-                    "no live key is named {:?}",
-                    name.chars().take(128).collect::<String>()
-                )));
+                "no live key is named {:?}",
+                name.chars().take(128).collect::<String>()
+            )));
         };
         let origin = Origin {
             created_by: old.created_by.clone(),

@@ -537,7 +537,11 @@ async fn release_only_by_the_holder() {
     assert!(r.released && r.deleted_upstream);
     assert_eq!(w.api.inner.live_keys(), 0);
     assert_eq!(
-        w.keys.release("lk_nope", "x", None).await.unwrap_err().code(),
+        w.keys
+            .release("lk_nope", "x", None)
+            .await
+            .unwrap_err()
+            .code(),
         ErrorCode::UnknownCredential
     );
 }
