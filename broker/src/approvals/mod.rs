@@ -663,7 +663,10 @@ impl Approvals {
             &decided.request,
             Some(actor),
         )];
-        events[0].approval = Some("manual".into());
+        let how = crate::issued::Approval::Manual {
+            request_id: decided.request.request_id.clone(),
+        };
+        events[0].approval = Some(how.as_str().to_string());
         if let Some(g) = &decided.grant {
             events[0].expires_at = Some(g.expires_at.clone());
             events[0].detail = Some(format!("grant {}", g.grant_id));
