@@ -433,10 +433,7 @@ impl Approvals {
     ) -> Result<(Resource, Duration, Option<WorkspaceInfo>), ApprovalError> {
         let book = self.book();
         let e = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
-        let resource = e
-            .record
-            .resource()
-            .ok_or_else(|| ApprovalError::Unreadable)?;
+        let resource = e.record.resource().ok_or(ApprovalError::Unreadable)?;
         Ok((
             resource,
             Duration::from_secs(e.record.min_ttl_secs),
@@ -587,7 +584,7 @@ impl Approvals {
             self.decidable(&mut book, id, expect_bot, now)?;
             let entry = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
             let mut record = entry.record.clone();
-            let resource = record.resource().ok_or_else(|| ApprovalError::Unreadable)?;
+            let resource = record.resource().ok_or(ApprovalError::Unreadable)?;
             let remembered = match (remember, &record.view.bot) {
                 (false, _) => None,
                 (true, None) => {

@@ -282,7 +282,7 @@ impl Provider for GithubTokens {
         }
     }
 
-    fn from_subject(&self, subject: Subject) -> Result<GithubAsk, IssueError> {
+    fn ask_for(&self, subject: Subject) -> Result<GithubAsk, IssueError> {
         match subject.resource {
             Resource::Github {
                 repositories,

@@ -165,7 +165,7 @@ impl Provider for LitellmKeys {
         }
     }
 
-    fn from_subject(&self, subject: Subject) -> Result<LitellmAsk, IssueError> {
+    fn ask_for(&self, subject: Subject) -> Result<LitellmAsk, IssueError> {
         match subject.resource {
             Resource::Litellm { scope } => Ok(LitellmAsk {
                 scope,

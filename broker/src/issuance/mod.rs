@@ -637,7 +637,7 @@ impl Issuance {
         replaces: Option<&str>,
         before: Vec<AuditEvent>,
     ) -> Result<Credential, IssueError> {
-        let ask = match provider.from_subject(a.subject.clone()) {
+        let ask = match provider.ask_for(a.subject.clone()) {
             Ok(ask) => ask,
             Err(e) => return Err(self.refuse_approved(caller, a, before, e).await),
         };

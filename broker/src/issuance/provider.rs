@@ -74,7 +74,7 @@ pub trait Provider: Send + Sync {
     fn subject(&self, ask: &Self::Ask) -> Subject;
 
     /// The ask of an approved request, from what its approval stored.
-    fn from_subject(&self, subject: Subject) -> Result<Self::Ask, IssueError>;
+    fn ask_for(&self, subject: Subject) -> Result<Self::Ask, IssueError>;
 
     /// Fill this kind's fields of the `credential_requested` event.
     fn describe(&self, ask: &Self::Ask, event: &mut AuditEvent);
