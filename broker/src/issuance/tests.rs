@@ -17,8 +17,11 @@ use crate::grants::TokenIssuer;
 use crate::identity::CallerVia;
 use crate::keys::KeyService;
 use crate::keys::scopes::ScopeTable;
-use crate::providers::github::SimulatedGithub;
-use crate::providers::litellm::SimulatedLitellm;
+use crate::providers::github::{GithubApi, GithubError, InstallationToken, SimulatedGithub};
+use crate::providers::litellm::{
+    GenerateKey, GeneratedKey, KeyInfo, LitellmApi, LitellmError, LitellmStats, SimulatedLitellm,
+};
+use crate::secret::Secret;
 use crate::store::{AuditFilter, MemoryStore, Store};
 
 const POLICY: &str = r#"
@@ -38,7 +41,7 @@ bots:
 "#;
 
 struct World {
-    issuance: Issuance,
+    issuance: Arc<Issuance>,
     approvals: Arc<Approvals>,
     audit: AuditLog,
     policy: Arc<PolicyHandle>,
@@ -52,17 +55,30 @@ impl World {
     }
 
     fn with_policy(policy: &str) -> World {
+        let clock: SharedClock = Arc::new(OffsetClock::default());
+        World::with_edges(
+            policy,
+            clock.clone(),
+            Arc::new(SimulatedGithub::new(clock.clone())),
+            Arc::new(SimulatedLitellm::new(clock)),
+        )
+    }
+
+    fn with_edges(
+        policy: &str,
+        clock: SharedClock,
+        github: Arc<dyn GithubApi>,
+        litellm: Arc<dyn LitellmApi>,
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).unwrap();
         let policy = Arc::new(PolicyHandle::load(&policy_path).unwrap());
-        let clock: SharedClock = Arc::new(OffsetClock::default());
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let audit = AuditLog::start(store.clone());
-        let github = Arc::new(SimulatedGithub::new(clock.clone()));
         let issuer = Arc::new(TokenIssuer::new(github, clock.clone()));
         let keys = Arc::new(KeyService::new(
-            Arc::new(SimulatedLitellm::new(clock.clone())),
+            litellm,
             store.clone(),
             audit.clone(),
             clock.clone(),
@@ -81,7 +97,7 @@ impl World {
             .unwrap(),
         );
         let metrics = Metrics::new(issuer.clone());
-        let issuance = Issuance::new(IssuanceParts {
+        let issuance = Arc::new(Issuance::new(IssuanceParts {
             policy: policy.clone(),
             approvals: approvals.clone(),
             audit: audit.clone(),
@@ -97,7 +113,7 @@ impl World {
             ),
             litellm: Some(LitellmKeys::new(keys)),
             request_timeout: Duration::from_secs(30),
-        });
+        }));
         World {
             issuance,
             approvals,
@@ -447,4 +463,182 @@ fn approval_words_and_outcome_labels_come_from_one_place() {
     assert_eq!(events::outcome_label(Outcome::Allow), "allow");
     assert_eq!(events::outcome_label(Outcome::RequireApproval), "approval");
     assert_eq!(events::outcome_label(Outcome::Deny), "deny");
+}
+
+/// Holds each mint until the test opens the gate, and says when a mint is waiting there: the
+/// test reloads the policy while a mint is in flight.
+struct Gate {
+    entered: tokio::sync::Notify,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            entered: tokio::sync::Notify::new(),
+            open: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    async fn pass(&self) {
+        let mut open = self.open.subscribe();
+        self.entered.notify_one();
+        let _ = open.wait_for(|o| *o).await;
+    }
+}
+
+struct GatedGithub {
+    inner: SimulatedGithub,
+    gate: Gate,
+}
+
+#[async_trait::async_trait]
+impl GithubApi for GatedGithub {
+    async fn create_installation_token(
+        &self,
+        owner: &str,
+        repositories: &[botcreds_proto::RepoName],
+        permissions: &[botcreds_proto::Permission],
+    ) -> Result<InstallationToken, GithubError> {
+        self.gate.pass().await;
+        self.inner
+            .create_installation_token(owner, repositories, permissions)
+            .await
+    }
+    async fn revoke_installation_token(&self, token: &Secret) -> Result<(), GithubError> {
+        self.inner.revoke_installation_token(token).await
+    }
+    async fn app_identity(&self) -> Result<crate::providers::github::AppIdentity, GithubError> {
+        self.inner.app_identity().await
+    }
+    fn git_host(&self) -> &str {
+        self.inner.git_host()
+    }
+    fn stats(&self) -> crate::providers::github::UpstreamStats {
+        self.inner.stats()
+    }
+}
+
+struct GatedLitellm {
+    inner: SimulatedLitellm,
+    gate: Gate,
+}
+
+#[async_trait::async_trait]
+impl LitellmApi for GatedLitellm {
+    async fn generate(&self, request: &GenerateKey) -> Result<GeneratedKey, LitellmError> {
+        self.gate.pass().await;
+        self.inner.generate(request).await
+    }
+    async fn delete(&self, token_hash: &str) -> Result<bool, LitellmError> {
+        self.inner.delete(token_hash).await
+    }
+    async fn info(&self, token_hash: &str) -> Result<Option<KeyInfo>, LitellmError> {
+        self.inner.info(token_hash).await
+    }
+    fn base_url(&self) -> &str {
+        self.inner.base_url()
+    }
+    fn stats(&self) -> LitellmStats {
+        self.inner.stats()
+    }
+}
+
+/// POLICY with `contents:read` on acme needing a human instead of allowed outright.
+const READ_NEEDS_APPROVAL: &str = r#"
+bots:
+  ci:
+    identity: { type: api_key }
+    auto_approve:
+      - litellm_scope: "agent:review"
+    requires_approval:
+      - repo: "acme/*"
+    deny:
+      - litellm_scope: "agent:review"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_token_mint_withholds_it_and_asks_a_human() {
+    let clock: SharedClock = Arc::new(OffsetClock::default());
+    let gh = Arc::new(GatedGithub {
+        inner: SimulatedGithub::new(clock.clone()),
+        gate: Gate::new(),
+    });
+    let w = World::with_edges(
+        POLICY,
+        clock.clone(),
+        gh.clone(),
+        Arc::new(SimulatedLitellm::new(clock)),
+    );
+    let issuance = w.issuance.clone();
+    let asked = tokio::spawn(async move {
+        issuance
+            .request(
+                &caller("ci"),
+                github(&["acme/web"], &["contents:read"]),
+                Wait::default(),
+            )
+            .await
+    });
+    gh.gate.entered.notified().await;
+    w.reload(READ_NEEDS_APPROVAL);
+    gh.gate.open.send_replace(true);
+    let view = pending(asked.await.unwrap().unwrap());
+    assert_eq!(view.rule, "bots.ci.requires_approval[0]");
+    // The token minted for the request is held by nobody: revoked, and said so first.
+    assert_eq!(
+        w.kinds(),
+        vec![
+            AuditEventKind::CredentialRevoked,
+            AuditEventKind::CredentialRequested,
+            AuditEventKind::ApprovalRequested
+        ]
+    );
+    assert_eq!(gh.inner.stats().mints, 1);
+    let revoked = w.last(AuditEventKind::CredentialRevoked);
+    assert!(
+        revoked
+            .detail
+            .unwrap()
+            .contains("held by nobody; revoked at GitHub")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_added_during_a_key_mint_revokes_the_key() {
+    let clock: SharedClock = Arc::new(OffsetClock::default());
+    let ll = Arc::new(GatedLitellm {
+        inner: SimulatedLitellm::new(clock.clone()),
+        gate: Gate::new(),
+    });
+    let w = World::with_edges(
+        POLICY,
+        clock.clone(),
+        Arc::new(SimulatedGithub::new(clock)),
+        ll.clone(),
+    );
+    let issuance = w.issuance.clone();
+    let asked = tokio::spawn(async move {
+        issuance
+            .request(&caller("ci"), litellm("agent:review"), Wait::default())
+            .await
+    });
+    ll.gate.entered.notified().await;
+    w.reload(READ_NEEDS_APPROVAL);
+    ll.gate.open.send_replace(true);
+    let e = asked.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PolicyDenied);
+    assert_eq!(e.rule(), Some("bots.ci.deny[0]"));
+    assert_eq!(ll.inner.live_keys(), 0);
+    assert_eq!(
+        w.kinds(),
+        vec![
+            AuditEventKind::CredentialRequested,
+            AuditEventKind::CredentialIssued,
+            AuditEventKind::CredentialRevoked,
+            AuditEventKind::CredentialDenied
+        ]
+    );
+    let denied = w.last(AuditEventKind::CredentialDenied);
+    assert_eq!(denied.rule.as_deref(), Some("bots.ci.deny[0]"));
 }
