@@ -293,8 +293,10 @@ impl Provider for GithubTokens {
                 min_ttl: subject.min_ttl,
                 reason: subject.reason,
             }),
-            Resource::Litellm { .. } => Err(IssueError::Internal(
-                "a LiteLLM approval reached the GitHub provider".into(),
+            // Another kind's approval never reaches this provider (the service dispatches
+            // on the resource).
+            _ => Err(IssueError::Internal(
+                "another kind's approval reached the GitHub provider".into(),
             )),
         }
     }

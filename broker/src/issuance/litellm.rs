@@ -173,8 +173,10 @@ impl Provider for LitellmKeys {
                 workspace: subject.workspace,
                 reason: subject.reason,
             }),
-            Resource::Github { .. } => Err(IssueError::Internal(
-                "a GitHub approval reached the LiteLLM provider".into(),
+            // Another kind's approval never reaches this provider (the service dispatches
+            // on the resource).
+            _ => Err(IssueError::Internal(
+                "another kind's approval reached the LiteLLM provider".into(),
             )),
         }
     }
