@@ -1,7 +1,8 @@
-//! What the audit log says about a credential handed out: how it was approved
-//! ([`Approval`]) and the one constructor of the `credential_issued` event. A leaf module, so
-//! both the issuance service and the key service (which also serves the provisioner and admin
-//! routes) build that event the same way.
+//! What the audit log says about a credential handed out or refused: how it was approved
+//! ([`Approval`]), the one constructor of the `credential_issued` event, and the one rule for a
+//! refusal's `detail`. A leaf module, so the issuance service, the key service (which also
+//! serves the provisioner and admin routes), the approval service and the HTTP edge's own
+//! refusals all use the same ones.
 
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 
@@ -57,4 +58,13 @@ pub fn credential_issued(
     e.expires_at = Some(expires_at);
     approval.stamp(&mut e);
     e
+}
+
+/// Longest refusal `detail` in the audit log, in characters: an error's message can carry
+/// upstream text or a long policy explanation.
+pub const MAX_DENIAL_DETAIL_CHARS: usize = 300;
+
+/// A refusal's `detail`: the message, cut to [`MAX_DENIAL_DETAIL_CHARS`] characters.
+pub fn denial_detail(message: &str) -> String {
+    message.chars().take(MAX_DENIAL_DETAIL_CHARS).collect()
 }

@@ -167,13 +167,12 @@ fn refusal_event(state: &AppState, caller: &str, ip: Option<String>, e: &SeedErr
         .map(|s| s.replace(' ', "_"));
     ev.detail = Some(format!(
         "litellm key-provisioner API: {}",
-        e.body
-            .get("detail")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .chars()
-            .take(300)
-            .collect::<String>()
+        crate::issued::denial_detail(
+            e.body
+                .get("detail")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+        )
     ));
     ev
 }

@@ -828,7 +828,7 @@ impl Approvals {
             }
         };
         e.code = Some(error.code().as_str().to_string());
-        e.detail = Some(error.to_string().chars().take(300).collect());
+        e.detail = Some(crate::issued::denial_detail(&error.to_string()));
         if let Err(err) = self.audit.record(vec![e]).await {
             tracing::error!(error = %err, "audit log write failed for a refused decision");
         }

@@ -1,26 +1,20 @@
 //! The audit events and metric labels of an issue, built in one place for every kind and path:
-//! the request, its refusal (one rule for the refusal's `detail`), and the outcome's label.
-//! `credential_issued` itself is built by [`crate::issued::credential_issued`].
+//! the request, its refusal (the one rule for the refusal's `detail`, [`denial_detail`]), and
+//! the outcome's label. `credential_issued` itself is built by
+//! [`crate::issued::credential_issued`].
 
 use botcreds_proto::CredentialRequest;
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 
 use super::IssueError;
 use crate::identity::Caller;
+pub use crate::issued::{MAX_DENIAL_DETAIL_CHARS, denial_detail};
 use crate::policy::Outcome;
 
-/// Longest refusal `detail` in the audit log, in characters: an error's message can carry
-/// upstream text or a long policy explanation.
-pub const MAX_DENIAL_DETAIL_CHARS: usize = 300;
 /// Raw input kept on the refusal of a request that did not validate: at most this many
 /// repositories and permissions, each cut to `MAX_RAW_CHARS`.
 const MAX_RAW_ITEMS: usize = 20;
 const MAX_RAW_CHARS: usize = 120;
-
-/// The refusal's `detail`: the message, cut to [`MAX_DENIAL_DETAIL_CHARS`] characters.
-pub fn denial_detail(message: &str) -> String {
-    message.chars().take(MAX_DENIAL_DETAIL_CHARS).collect()
-}
 
 /// The `botcreds_decisions_total` label of a policy outcome.
 pub fn outcome_label(outcome: Outcome) -> &'static str {
