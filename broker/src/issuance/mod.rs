@@ -181,35 +181,47 @@ impl Issuance {
     ) -> Result<Answer, IssueError> {
         let started = Instant::now();
         let bot = self.policy.current().bot_for(caller).map(str::to_string);
-        if request.kind == Some(CredentialKind::LitellmKey) {
-            let Some(litellm) = &self.litellm else {
-                let e = IssueError::InvalidKind(
-                    "credential kind litellm_key is not served by this broker ([litellm] is not \
-                     configured)"
-                        .into(),
-                );
-                return Err(self
-                    .refuse_unvalidated(caller, bot.as_deref(), None, e)
-                    .await);
-            };
-            return match litellm.validate(&request) {
-                Ok(ask) => {
-                    self.decide(litellm, caller, ask, &request, &wait, started)
+        let bot = bot.as_deref();
+        match request.kind {
+            Some(CredentialKind::LitellmKey) => match &self.litellm {
+                Some(p) => {
+                    self.validate(p, caller, bot, &request, &wait, started)
                         .await
                 }
-                Err(e) => Err(self
-                    .refuse_unvalidated(caller, bot.as_deref(), None, e)
-                    .await),
-            };
-        }
-        match self.github.validate(&request) {
-            Ok(ask) => {
-                self.decide(&self.github, caller, ask, &request, &wait, started)
+                None => {
+                    let e = IssueError::InvalidKind(
+                        "credential kind litellm_key is not served by this broker ([litellm] is \
+                         not configured)"
+                            .into(),
+                    );
+                    Err(self.refuse_unvalidated(caller, bot, None, e).await)
+                }
+            },
+            // GitHub's validation refuses a missing kind and the kinds not served yet.
+            _ => {
+                self.validate(&self.github, caller, bot, &request, &wait, started)
                     .await
             }
-            Err(e) => Err(self
-                .refuse_unvalidated(caller, bot.as_deref(), Some(&request), e)
-                .await),
+        }
+    }
+
+    /// Validate a request of `provider`'s kind, then decide it; a request that does not
+    /// validate is refused and audited (with its raw repositories and permissions, bounded).
+    async fn validate<P: Provider>(
+        &self,
+        provider: &P,
+        caller: &Caller,
+        bot: Option<&str>,
+        request: &CredentialRequest,
+        wait: &Wait,
+        started: Instant,
+    ) -> Result<Answer, IssueError> {
+        match provider.validate(request) {
+            Ok(ask) => {
+                self.decide(provider, caller, ask, request, wait, started)
+                    .await
+            }
+            Err(e) => Err(self.refuse_unvalidated(caller, bot, Some(request), e).await),
         }
     }
 
