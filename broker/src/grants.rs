@@ -146,6 +146,25 @@ pub enum IssueError {
     ReplaceLimited { retry_after_secs: u64 },
 }
 
+impl IssueError {
+    /// The stable error code: GitHub's refusal's, or `replace_rate_limited`.
+    pub fn code(&self) -> botcreds_proto::ErrorCode {
+        match self {
+            IssueError::Github(e) => e.code(),
+            IssueError::ReplaceLimited { .. } => botcreds_proto::ErrorCode::ReplaceRateLimited,
+        }
+    }
+
+    /// Seconds after which asking again may succeed (GitHub's rate limit, or the bucket's).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            IssueError::Github(GithubError::RateLimited { retry_after_secs })
+            | IssueError::ReplaceLimited { retry_after_secs } => Some(*retry_after_secs),
+            IssueError::Github(_) => None,
+        }
+    }
+}
+
 /// How often one caller may have the token of one scope replaced (`replaces`): a bucket of
 /// `burst` replacements that regains one every `interval`. Each replacement is a mint, and
 /// mints spend the App's rate limit.

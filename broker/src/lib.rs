@@ -14,6 +14,8 @@ pub mod dev;
 pub mod error;
 pub mod grants;
 pub mod identity;
+pub mod issuance;
+pub mod issued;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

@@ -209,7 +209,7 @@ pub async fn run(
             issuer.clone(),
             config.approvals.clone(),
         )
-        .map_err(|e| ServeError::Config(format!("loading approval requests: {}", e.message)))?,
+        .map_err(|e| ServeError::Config(format!("loading approval requests: {e}")))?,
     );
     // Keys, grants and pending requests from before end if the policy in force denies them.
     approvals
@@ -229,6 +229,29 @@ pub async fn run(
         ),
         None => None,
     };
+    let issuance = Arc::new(crate::issuance::Issuance::new(
+        crate::issuance::IssuanceParts {
+            policy: policy.clone(),
+            approvals: approvals.clone(),
+            audit: audit.clone(),
+            metrics: metrics.clone(),
+            clock: edges.clock.clone(),
+            github: crate::issuance::GithubTokens::new(
+                issuer.clone(),
+                audit.clone(),
+                edges.clock.clone(),
+                metrics.clone(),
+                config.limits.max_github_ttl,
+                config
+                    .github
+                    .as_ref()
+                    .map(|g| g.default_min_ttl)
+                    .unwrap_or(Duration::from_secs(600)),
+            ),
+            litellm: keys.clone().map(crate::issuance::LitellmKeys::new),
+            request_timeout: config.limits.request_timeout,
+        },
+    ));
     let state = AppState(Arc::new(StateInner {
         policy: policy.clone(),
         issuer,
@@ -240,14 +263,10 @@ pub async fn run(
         metrics: metrics.clone(),
         clock: edges.clock.clone(),
         limits: config.limits.clone(),
-        default_min_ttl: config
-            .github
-            .as_ref()
-            .map(|g| g.default_min_ttl)
-            .unwrap_or(Duration::from_secs(600)),
         approvals: approvals.clone(),
         mtls: mtls.clone(),
         keys: keys.clone(),
+        issuance,
     }));
 
     let mut started = AuditEvent::new(

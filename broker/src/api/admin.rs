@@ -21,12 +21,30 @@ use botcreds_proto::{ErrorCode, RepoName, Ttl};
 use super::AppState;
 use super::extract::{AdminCaller, json_body};
 use crate::approvals::RevokeTarget;
-use crate::approvals::api::{approver, query_map};
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
 use crate::policy::Resource;
 use crate::store::AuditFilter;
+
+/// The deciding admin as the approval service sees them: how decisions record them, and
+/// whose requests their own identity makes under the current policy (self-approval check).
+pub fn approver(state: &AppState, caller: &Caller) -> crate::approvals::Approver {
+    let bot = state.policy.current().bot_for(caller).map(str::to_string);
+    crate::approvals::Approver::new(
+        actor(caller),
+        crate::approvals::owner_of(bot.as_deref(), caller),
+    )
+}
+
+/// Query parameters as a map, with a rejection turned into `invalid_filter`.
+pub fn query_map(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidFilter, format!("bad query: {e}")))
+}
 
 /// Most audit events one query returns.
 const MAX_AUDIT_LIMIT: usize = 10_000;

@@ -176,7 +176,7 @@ pub async fn audit_unauthenticated(state: &AppState, peer: SocketAddr, error: &A
     );
     e.client_ip = Some(peer.ip().to_string());
     e.code = Some(error.code.as_str().to_string());
-    e.detail = Some(error.message.chars().take(300).collect());
+    e.detail = Some(crate::issued::denial_detail(&error.message));
     state.metrics.request(None, error.code.as_str());
     if let Err(err) = state.audit.record_refusal(peer.ip(), e).await {
         tracing::error!(error = %err, "audit log write failed for a refusal");

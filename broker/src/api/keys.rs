@@ -1,10 +1,9 @@
-//! LiteLLM key routes: `POST /v1/credentials` for `litellm_key` (dispatched here from
-//! `credentials.rs`), `POST /v1/credentials/release`, the admin key routes for the CLI
+//! LiteLLM key routes: `POST /v1/credentials/release`, the admin key routes for the CLI
 //! (`/v1/keys`), and the key-provisioner API (`/api/v1/keys/*`), wire-compatible with the
-//! key-provisioner design's scripts: its bodies and its `{"error": "..."}` error shape.
+//! key-provisioner design's scripts: its bodies and its `{"error": "..."}` error shape. A bot's
+//! `POST /v1/credentials` for a `litellm_key` is the issuance service's (`issuance/litellm.rs`).
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -12,12 +11,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Json, Router};
+use botcreds_proto::ErrorCode;
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::{
-    IssuedKey, KeyList, KeyRevoked, LitellmCredential, ServiceKeyRequest, ServiceKeyResponse,
-    UserKeyRequest, UserKeyResponse, WorkspaceInfo, WorkspaceKeyRequest, WorkspaceKeyResponse,
+    IssuedKey, KeyList, KeyRevoked, ServiceKeyRequest, ServiceKeyResponse, UserKeyRequest,
+    UserKeyResponse, WorkspaceInfo, WorkspaceKeyRequest, WorkspaceKeyResponse,
 };
-use botcreds_proto::{CredentialKind, CredentialRequest, ErrorCode, Ttl};
 use serde_json::json;
 
 use super::AppState;
@@ -25,20 +24,15 @@ use super::extract::{AdminCaller, Authenticated, PeerAddr, json_body};
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
-use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration, scope_part};
+use crate::issuance::litellm::{DEFAULT_MIN_REMAINING, workspace_field};
+use crate::keys::scopes::{check_name, name_part, parse_budget, parse_duration};
 use crate::keys::{
-    IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin, Revoker,
+    IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyError, KeyService, OnExisting, Origin,
 };
-use crate::policy::{Outcome, Request, Resource};
 use crate::secret::Secret;
 
 /// Header of the key-provisioner scripts' shared secret.
 pub const PROVISIONER_HEADER: &str = "x-provisioner-secret";
-/// Longest workspace field (bytes).
-const MAX_FIELD_BYTES: usize = 128;
-/// A live key handed out again must have at least this long left (or what the request's
-/// `ttl` asks); otherwise it is rotated.
-const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(600);
 /// The scopes `/api/v1/keys/service` issues.
 const SERVICE_SCOPES: &[&str] = &["ci", "agent:review", "agent:write"];
 
@@ -173,13 +167,12 @@ fn refusal_event(state: &AppState, caller: &str, ip: Option<String>, e: &SeedErr
         .map(|s| s.replace(' ', "_"));
     ev.detail = Some(format!(
         "litellm key-provisioner API: {}",
-        e.body
-            .get("detail")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .chars()
-            .take(300)
-            .collect::<String>()
+        crate::issued::denial_detail(
+            e.body
+                .get("detail")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+        )
     ));
     ev
 }
@@ -235,15 +228,8 @@ fn peer_ip(caller: &Result<Caller, ApiError>) -> Option<String> {
 }
 
 fn field(name: &str, value: Option<String>) -> Result<String, ApiError> {
-    let v = value.unwrap_or_default();
-    let v = v.trim();
-    if v.is_empty() || v.len() > MAX_FIELD_BYTES || v.chars().any(char::is_control) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidWorkspace,
-            format!("{name} must be 1 to {MAX_FIELD_BYTES} bytes of printable text"),
-        ));
-    }
-    Ok(v.to_string())
+    workspace_field(name, value.as_deref())
+        .map_err(|message| ApiError::new(ErrorCode::InvalidWorkspace, message))
 }
 
 fn workspace_info(r: WorkspaceKeyRequest) -> Result<WorkspaceInfo, ApiError> {
@@ -285,6 +271,7 @@ async fn workspace_key(
         )
         .await
         .map(|k| (k, info))
+        .map_err(ApiError::from)
     }
     .await;
     let (k, info) = match result {
@@ -436,6 +423,7 @@ async fn user_key(
             reason: None,
         })
         .await
+        .map_err(ApiError::from)
     }
     .await;
     let k = match result {
@@ -517,7 +505,7 @@ async fn service_key(
             ..Default::default()
         };
         let ask = service_ask(keys, request, SERVICE_SCOPES, origin)?;
-        keys.issue(ask).await
+        keys.issue(ask).await.map_err(ApiError::from)
     }
     .await;
     let k = match result {
@@ -560,8 +548,8 @@ async fn revoke_named(
     let (keys, actor, _) = provisioner_gate(&state, peer, &headers, &caller).await?;
     match keys.revoke_by_name(&name, &actor).await {
         Ok(r) => Ok(Json(r)),
-        Err(e) if e.code == ErrorCode::KeyNotFound => Err(SeedError::not_found(&name)),
-        Err(e) => Err(SeedError::from(e)),
+        Err(KeyError::NotFound(_)) => Err(SeedError::not_found(&name)),
+        Err(e) => Err(SeedError::from(ApiError::from(e))),
     }
 }
 
@@ -683,252 +671,6 @@ async fn release(
     Ok(Json(released))
 }
 
-/// Audit a refused `litellm_key` request (after `before`, in one flush) and count it.
-async fn refuse(
-    state: &AppState,
-    caller: &Caller,
-    bot: Option<&str>,
-    mut before: Vec<AuditEvent>,
-    rule: Option<&str>,
-    error: ApiError,
-) -> ApiError {
-    let mut denied = AuditEvent::new(
-        AuditEventKind::CredentialDenied,
-        rfc3339_millis(state.clock.now()),
-    );
-    denied.bot = bot.map(str::to_string);
-    denied.caller = Some(caller.describe());
-    denied.client_ip = Some(caller.address.ip().to_string());
-    denied.code = Some(error.code.as_str().to_string());
-    denied.rule = rule.map(str::to_string);
-    denied.detail = Some(error.message.chars().take(300).collect());
-    state.metrics.request(bot, error.code.as_str());
-    before.push(denied);
-    if let Err(e) = state.audit.record(before).await {
-        tracing::error!(error = %e, "audit log write failed for a refusal");
-    }
-    error
-}
-
-/// What a `litellm_key` request asks for, validated.
-pub(crate) struct LitellmAsk {
-    pub scope: String,
-    /// Life the handed-out key must still have.
-    pub min_remaining: Duration,
-    pub workspace: Option<WorkspaceInfo>,
-    pub reason: Option<String>,
-}
-
-fn validate(keys: &KeyService, r: &CredentialRequest) -> Result<LitellmAsk, ApiError> {
-    if !r.repositories.is_empty() || !r.permissions.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "`repositories` and `permissions` belong to github_token requests, not litellm_key",
-        ));
-    }
-    let Some(scope) = r.scope.as_deref() else {
-        return Err(ApiError::new(
-            ErrorCode::InvalidScope,
-            "a litellm_key request names its scope (workspace, user, ci, agent:review, agent:write)",
-        ));
-    };
-    let spec = keys.scopes().lookup(scope)?;
-    let min_remaining = match &r.ttl {
-        None => DEFAULT_MIN_REMAINING.min(spec.lifetime / 2),
-        Some(raw) => {
-            let ttl: Ttl = raw
-                .parse()
-                .map_err(|e| ApiError::new(ErrorCode::InvalidTtl, format!("{e}")))?;
-            if ttl.as_duration() > spec.lifetime {
-                return Err(ApiError::new(
-                    ErrorCode::TtlTooLong,
-                    format!(
-                        "ttl {ttl} is longer than the {scope} scope's lifetime of {}",
-                        Ttl::from_secs(spec.lifetime.as_secs())
-                    ),
-                ));
-            }
-            ttl.as_duration()
-        }
-    };
-    let workspace = match (scope, &r.workspace) {
-        ("workspace", None) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidWorkspace,
-                "a workspace key names its workspace (workspace_id, workspace_name, coder_user, \
-                 coder_user_id)",
-            ));
-        }
-        ("workspace", Some(w)) => Some(workspace_info(WorkspaceKeyRequest {
-            workspace_id: Some(w.workspace_id.clone()),
-            workspace_name: Some(w.workspace_name.clone()),
-            coder_user: Some(w.coder_user.clone()),
-            coder_user_id: Some(w.coder_user_id.clone()),
-        })?),
-        (_, Some(_)) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "`workspace` belongs to workspace-scope requests only",
-            ));
-        }
-        (_, None) => None,
-    };
-    let reason = match &r.reason {
-        Some(t) if t.len() > 1024 || t.chars().any(char::is_control) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidReason,
-                "the reason must be at most 1024 bytes of printable text",
-            ));
-        }
-        other => other.clone(),
-    };
-    Ok(LitellmAsk {
-        scope: scope.to_string(),
-        min_remaining,
-        workspace,
-        reason,
-    })
-}
-
-/// `POST /v1/credentials` with `"kind": "litellm_key"`: decided by the policy's
-/// `litellm_scope` rules; a request needing a human goes through the approval flow like a
-/// GitHub one. A live key of the same bot and scope with enough life left is answered again
-/// (`replaces` forces a new one); a workspace key is per workspace.
-pub async fn issue_for_bot(
-    state: &AppState,
-    caller: Caller,
-    request: CredentialRequest,
-) -> Result<Response, ApiError> {
-    let bot = state.policy.current().bot_for(&caller).map(str::to_string);
-    let Some(keys) = keys_of(state) else {
-        return Err(refuse(
-            state,
-            &caller,
-            bot.as_deref(),
-            Vec::new(),
-            None,
-            not_served(),
-        )
-        .await);
-    };
-    let ask = match validate(keys, &request) {
-        Ok(a) => a,
-        Err(e) => return Err(refuse(state, &caller, bot.as_deref(), Vec::new(), None, e).await),
-    };
-    let decision = state.policy.current().decide_with(
-        &caller,
-        &Request::Litellm { scope: &ask.scope },
-        &state.approvals.remembered(),
-    );
-    state.metrics.decision(match decision.outcome {
-        Outcome::Allow => "allow",
-        Outcome::RequireApproval => "approval",
-        Outcome::Deny => "deny",
-    });
-    let bot = decision.bot.clone();
-    let mut requested = AuditEvent::new(
-        AuditEventKind::CredentialRequested,
-        rfc3339_millis(state.clock.now()),
-    );
-    requested.bot = bot.clone();
-    requested.caller = Some(caller.describe());
-    requested.client_ip = Some(caller.address.ip().to_string());
-    requested.reason = ask.reason.clone();
-    requested.detail = Some(format!("litellm_key scope {}", ask.scope));
-    match decision.outcome {
-        Outcome::Allow => {}
-        Outcome::Deny => {
-            let e = ApiError::new(
-                ErrorCode::PolicyDenied,
-                format!("denied by policy: {}", decision.explanation),
-            )
-            .with_rule(decision.rule.clone());
-            return Err(refuse(
-                state,
-                &caller,
-                bot.as_deref(),
-                vec![requested],
-                Some(&decision.rule),
-                e,
-            )
-            .await);
-        }
-        Outcome::RequireApproval => {
-            // A live grant, or an approval request (see approvals/api.rs).
-            let ask = crate::approvals::api::ApprovalAsk {
-                resource: Resource::Litellm { scope: ask.scope },
-                min_ttl: ask.min_remaining,
-                reason: ask.reason,
-                workspace: ask.workspace,
-            };
-            return crate::approvals::api::require_approval(
-                state,
-                &caller,
-                &decision,
-                requested,
-                ask,
-                request.wait.as_deref(),
-                request.replaces.as_deref(),
-            )
-            .await;
-        }
-    }
-    let resource = Resource::Litellm {
-        scope: ask.scope.clone(),
-    };
-    let answer = hand_out(
-        state,
-        &caller,
-        bot.clone(),
-        ask,
-        request.replaces.clone(),
-        &decision.rule,
-        None,
-        vec![requested],
-    )
-    .await?;
-    // Decided again now the key exists: the issue may have waited on LiteLLM or on another
-    // issue, and a reload meanwhile lists the keys before this one was written, so a deny it
-    // added is enforced here: the key is revoked and nothing is answered.
-    if let Some(e) = crate::approvals::api::denied_now(state, &caller, &resource) {
-        tracing::info!(bot = bot.as_deref().unwrap_or("-"), credential_id = %answer.credential_id, "LiteLLM key refused: the policy now denies it");
-        if let Err(err) = keys
-            .revoke_by_credential_id(&answer.credential_id, Revoker::Policy)
-            .await
-        {
-            tracing::error!(credential_id = %answer.credential_id, code = %err.code, error = %err.message, "could not revoke a key the policy now denies");
-        }
-        let rule = e.rule.clone();
-        return Err(refuse(
-            state,
-            &caller,
-            bot.as_deref(),
-            Vec::new(),
-            rule.as_deref(),
-            e,
-        )
-        .await);
-    }
-    Ok(Json(answer).into_response())
-}
-
-/// Who holds a bot-path key: the key-name part and the holder id. A policy bot is itself; a
-/// caller no bot matches is named by what cannot be renamed (a tailnet node's stable id), so a
-/// node renamed like a bot never lands on that bot's key name.
-fn key_holder(caller: &Caller, bot: Option<&str>) -> (String, String) {
-    if let Some(b) = bot {
-        return (b.to_string(), format!("bot:{b}"));
-    }
-    match &caller.via {
-        CallerVia::Tailnet(t) => (
-            format!("node-{}", t.stable_id),
-            format!("node:{}", t.stable_id),
-        ),
-        CallerVia::ApiKey { bot } => (format!("api_key-{bot}"), format!("api_key:{bot}")),
-        CallerVia::Mtls { bot, .. } => (format!("mtls-{bot}"), format!("mtls:{bot}")),
-    }
-}
-
 /// Whether a presented bearer value is one of the broker's own credentials: an API key of ours
 /// (by format or by hash), the provisioner secret, or a LiteLLM key (`sk-...`).
 fn is_our_credential(state: &AppState, keys: &KeyService, token: &Secret) -> bool {
@@ -937,99 +679,4 @@ fn is_our_credential(state: &AppState, keys: &KeyService, token: &Secret) -> boo
         || t.starts_with("sk-")
         || state.api_keys.verify(t).is_some()
         || keys.provisioner_secret_matches(t.as_bytes())
-}
-
-fn not_served() -> ApiError {
-    ApiError::new(
-        ErrorCode::InvalidKind,
-        "credential kind litellm_key is not served by this broker ([litellm] is not configured)",
-    )
-}
-
-/// Issue (or answer again) the key of an allowed, granted or approved `litellm_key` request,
-/// under the bot's key name, and build the answer. `approval` is `None` for a policy allow,
-/// else `("grant" | "manual", request id)`; `before` are audit events to record in the same
-/// flush (the request), also on a refusal.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn hand_out(
-    state: &AppState,
-    caller: &Caller,
-    bot: Option<String>,
-    ask: LitellmAsk,
-    replaces: Option<String>,
-    rule: &str,
-    approval: Option<(&str, &str)>,
-    before: Vec<AuditEvent>,
-) -> Result<LitellmCredential, ApiError> {
-    let Some(keys) = keys_of(state) else {
-        return Err(refuse(
-            state,
-            caller,
-            bot.as_deref(),
-            before,
-            Some(rule),
-            not_served(),
-        )
-        .await);
-    };
-    let (owner, owner_id) = key_holder(caller, bot.as_deref());
-    let origin = Origin {
-        created_by: owner.clone(),
-        owner: owner_id,
-        bot: bot.clone(),
-        caller: caller.describe(),
-        client_ip: Some(caller.address.ip().to_string()),
-        approval: approval.map(|(how, _)| how.to_string()),
-        request_id: approval.map(|(_, id)| id.to_string()),
-        ..Default::default()
-    };
-    let result = match ask.workspace {
-        Some(info) => {
-            keys.issue_workspace(info, origin, ask.min_remaining, replaces, before.clone())
-                .await
-        }
-        None => {
-            keys.issue(KeyAsk {
-                scope: ask.scope.clone(),
-                name: format!("{}.{}", name_part(&owner), scope_part(&ask.scope)),
-                budget_usd: None,
-                lifetime: None,
-                origin,
-                on_existing: OnExisting::Reuse {
-                    min_remaining: ask.min_remaining,
-                    rejected: replaces,
-                },
-                preamble: before.clone(),
-                reason: ask.reason.clone(),
-            })
-            .await
-        }
-    };
-    let k = match result {
-        Ok(k) => k,
-        Err(e) => return Err(refuse(state, caller, bot.as_deref(), before, Some(rule), e).await),
-    };
-    state.metrics.request(bot.as_deref(), "issued");
-    let answer = LitellmCredential {
-        kind: CredentialKind::LitellmKey,
-        credential_id: k.record.credential_id.clone(),
-        key: k.key.expose().to_string(),
-        name: k.record.name.clone(),
-        scope: k.record.scope.clone(),
-        budget_usd: k.record.budget_usd,
-        budget_period: k.record.budget_period.clone(),
-        rpm_limit: k.record.rpm_limit,
-        models: k.record.models.clone(),
-        expires_at: k.record.expires_at.clone(),
-        base_url: keys.tool_base_url(),
-        bot: bot.unwrap_or_default(),
-    };
-    tracing::info!(
-        bot = answer.bot.as_str(),
-        credential_id = %answer.credential_id,
-        reused = k.reused,
-        approval = approval.map_or("auto", |(how, _)| how),
-        "LiteLLM key handed out"
-    );
-    Ok(answer)
 }

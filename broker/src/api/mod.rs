@@ -8,13 +8,13 @@
 pub mod admin;
 pub mod credentials;
 pub mod enroll;
-mod error_map;
+mod errors;
 pub mod extract;
 pub mod health;
 pub mod keys;
+pub mod requests;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
@@ -51,14 +51,14 @@ pub struct StateInner {
     pub metrics: Metrics,
     pub clock: SharedClock,
     pub limits: Limits,
-    /// Lifetime a token must still have when a request names no `ttl`.
-    pub default_min_ttl: Duration,
     /// Approval requests, grants, remembered rules and revocation.
     pub approvals: Arc<crate::approvals::Approvals>,
     /// The CA, enrollment and revocation, when `[tls]` is configured.
     pub mtls: Option<Arc<crate::tls::Mtls>>,
     /// LiteLLM virtual keys, when `[litellm]` is configured.
     pub keys: Option<Arc<crate::keys::KeyService>>,
+    /// Every credential handed to a bot: decided, minted and audited.
+    pub issuance: Arc<crate::issuance::Issuance>,
 }
 
 impl std::ops::Deref for AppState {
@@ -92,7 +92,7 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
                 .timeout(limits.request_timeout),
         )
         // Long-polls hold requests for minutes: outside the timeout and concurrency limit.
-        .merge(crate::approvals::api::long_poll_routes())
+        .merge(requests::long_poll_routes())
         .with_state(state)
 }
 

@@ -8,10 +8,11 @@
 //! released, so of two concurrent decisions exactly one wins and a failed write changes
 //! nothing. Audit events and [`ApprovalEvent`]s follow each change.
 //!
-//! `api.rs` holds the bot-facing HTTP side (`POST /v1/credentials` when approval is needed,
-//! `GET /v1/requests/{id}`); `revoke.rs` the revocation; `api/admin.rs` the admin routes.
+//! This module decides and records approval requests; it mints nothing. The bot-facing side
+//! (a request that needs approval, `GET /v1/requests/{id}`) is the issuance service
+//! (`issuance/`); `revoke.rs` the revocation; `api/admin.rs` the admin routes.
 
-pub mod api;
+mod error;
 mod records;
 mod revoke;
 #[cfg(test)]
@@ -21,24 +22,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use botcreds_proto::Ttl;
 use botcreds_proto::approval::{
     ApprovalRequestView, ApprovalState, DecisionAnswer, GrantView, RememberedRuleView,
 };
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::WorkspaceInfo;
-use botcreds_proto::{ErrorCode, Ttl};
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, watch};
 
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
-use crate::error::ApiError;
 use crate::grants::TokenIssuer;
 use crate::policy::Request;
 use crate::policy::remembered::{RememberedRule, RememberedRules, Resource};
 use crate::store::Store;
 
+pub use error::ApprovalError;
 use records::{GrantRecord, RequestRecord, parse_time};
 pub use revoke::{PolicyEnforced, RevokeTarget};
 
@@ -215,16 +216,17 @@ pub struct Approvals {
     events: broadcast::Sender<ApprovalEvent>,
 }
 
-fn store_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(format!("approval store: {e}"))
+fn store_error(e: impl std::fmt::Display) -> ApprovalError {
+    ApprovalError::Store(e.to_string())
 }
 
-fn unknown_request(id: &str) -> ApiError {
-    let shown: String = id.chars().take(40).collect();
-    ApiError::new(
-        ErrorCode::UnknownRequest,
-        format!("no approval request {shown:?}"),
-    )
+fn unknown_request(id: &str) -> ApprovalError {
+    ApprovalError::UnknownRequest(id.chars().take(40).collect())
+}
+
+/// Whose requests and grants a caller's are: its policy bot, else its description.
+pub fn owner_of(bot: Option<&str>, caller: &crate::identity::Caller) -> String {
+    bot.map_or_else(|| caller.describe(), str::to_string)
 }
 
 /// A new id: `prefix` and 8 base32 characters (40 random bits).
@@ -241,21 +243,17 @@ pub(crate) fn new_id(prefix: &str) -> String {
 }
 
 /// Check a deny reason: at most 4 KiB, printable (newline and tab allowed).
-pub fn validate_deny_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
+pub fn validate_deny_reason(reason: Option<&str>) -> Result<Option<String>, ApprovalError> {
     let Some(r) = reason else { return Ok(None) };
     if r.len() > MAX_DENY_REASON_BYTES {
-        return Err(ApiError::new(
-            ErrorCode::InvalidDenyReason,
-            format!(
-                "the deny reason has {} bytes; at most {MAX_DENY_REASON_BYTES} are allowed",
-                r.len()
-            ),
-        ));
+        return Err(ApprovalError::InvalidDenyReason(format!(
+            "the deny reason has {} bytes; at most {MAX_DENY_REASON_BYTES} are allowed",
+            r.len()
+        )));
     }
     if r.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(ApiError::new(
-            ErrorCode::InvalidDenyReason,
-            "the deny reason has control characters (only newline and tab are allowed)",
+        return Err(ApprovalError::InvalidDenyReason(
+            "the deny reason has control characters (only newline and tab are allowed)".into(),
         ));
     }
     let r = r.trim();
@@ -271,7 +269,7 @@ impl Approvals {
         clock: SharedClock,
         issuer: Arc<TokenIssuer>,
         config: ApprovalsConfig,
-    ) -> Result<Approvals, ApiError> {
+    ) -> Result<Approvals, ApprovalError> {
         let now = clock.now();
         let mut book = Book::default();
         for (key, bytes) in store.list_docs(NS_REQUESTS).map_err(store_error)? {
@@ -377,7 +375,7 @@ impl Approvals {
 
     /// Pending requests, oldest first. Requests whose timeout passed but that the sweeper has
     /// not reached yet are left out.
-    pub fn pending(&self) -> Result<Vec<ApprovalRequestView>, ApiError> {
+    pub fn pending(&self) -> Result<Vec<ApprovalRequestView>, ApprovalError> {
         let now = self.clock.now();
         let book = self.book();
         let mut out: Vec<ApprovalRequestView> = book
@@ -411,7 +409,7 @@ impl Approvals {
     }
 
     /// One request, in whatever state.
-    pub fn get(&self, id: &str) -> Result<ApprovalRequestView, ApiError> {
+    pub fn get(&self, id: &str) -> Result<ApprovalRequestView, ApprovalError> {
         self.book()
             .requests
             .get(id)
@@ -420,7 +418,7 @@ impl Approvals {
     }
 
     /// One request of `owner` (the bot asking about it); another owner's is unknown.
-    pub fn get_owned(&self, owner: &str, id: &str) -> Result<ApprovalRequestView, ApiError> {
+    pub fn get_owned(&self, owner: &str, id: &str) -> Result<ApprovalRequestView, ApprovalError> {
         let book = self.book();
         match book.requests.get(id) {
             Some(e) if e.record.owner == owner => Ok(e.record.view.clone()),
@@ -432,13 +430,10 @@ impl Approvals {
     pub fn resource_of(
         &self,
         id: &str,
-    ) -> Result<(Resource, Duration, Option<WorkspaceInfo>), ApiError> {
+    ) -> Result<(Resource, Duration, Option<WorkspaceInfo>), ApprovalError> {
         let book = self.book();
         let e = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
-        let resource = e
-            .record
-            .resource()
-            .ok_or_else(|| ApiError::internal("stored approval request does not parse"))?;
+        let resource = e.record.resource().ok_or(ApprovalError::Unreadable)?;
         Ok((
             resource,
             Duration::from_secs(e.record.min_ttl_secs),
@@ -447,7 +442,7 @@ impl Approvals {
     }
 
     /// Create an approval request, or join the identical pending one of the same owner.
-    pub async fn request(&self, new: NewRequest) -> Result<Requested, ApiError> {
+    pub async fn request(&self, new: NewRequest) -> Result<Requested, ApprovalError> {
         let now = self.clock.now();
         let resource_wire = new.resource.to_wire();
         let key = records::dedupe_key(&new.owner, &resource_wire, new.workspace.as_ref());
@@ -471,21 +466,10 @@ impl Approvals {
                     (m + usize::from(e.record.owner == new.owner), a + 1)
                 });
             if mine >= self.config.max_pending_per_bot {
-                return Err(ApiError::new(
-                    ErrorCode::TooManyPending,
-                    format!(
-                        "{} approval requests of yours are already pending; wait for decisions",
-                        mine
-                    ),
-                )
-                .with_retry_after(60));
+                return Err(ApprovalError::TooManyPendingForOwner(mine));
             }
             if all >= self.config.max_pending {
-                return Err(ApiError::new(
-                    ErrorCode::TooManyPending,
-                    "too many approval requests are pending on this broker; wait for decisions",
-                )
-                .with_retry_after(60));
+                return Err(ApprovalError::TooManyPending);
             }
             let id = loop {
                 let id = new_id("apr_");
@@ -559,7 +543,7 @@ impl Approvals {
         by: &Approver,
         id: &str,
         remember: bool,
-    ) -> Result<DecisionAnswer, ApiError> {
+    ) -> Result<DecisionAnswer, ApprovalError> {
         self.approve_checked(by, id, remember, None).await
     }
 
@@ -572,7 +556,7 @@ impl Approvals {
         id: &str,
         remember: bool,
         expect_bot: Option<&str>,
-    ) -> Result<DecisionAnswer, ApiError> {
+    ) -> Result<DecisionAnswer, ApprovalError> {
         let actor = by.actor.as_str();
         // A request's owner never changes, so this check outside the decision lock holds.
         let own = {
@@ -587,13 +571,10 @@ impl Approvals {
         if let Some(view) = own
             && !self.config.allow_self_approval
         {
-            let error = ApiError::new(
-                ErrorCode::SelfApproval,
-                format!(
-                    "{actor} made request {id} (as {}), so another admin must approve it",
-                    by.owner
-                ),
-            );
+            let error = ApprovalError::SelfApproval(format!(
+                "{actor} made request {id} (as {}), so another admin must approve it",
+                by.owner
+            ));
             self.refuse_decision(by, Ok(&view), &error).await;
             return Err(error);
         }
@@ -603,17 +584,11 @@ impl Approvals {
             self.decidable(&mut book, id, expect_bot, now)?;
             let entry = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
             let mut record = entry.record.clone();
-            let resource = record
-                .resource()
-                .ok_or_else(|| ApiError::internal("stored approval request does not parse"))?;
+            let resource = record.resource().ok_or(ApprovalError::Unreadable)?;
             let remembered = match (remember, &record.view.bot) {
                 (false, _) => None,
                 (true, None) => {
-                    return Err(ApiError::new(
-                        ErrorCode::InvalidRequest,
-                        "this caller matches no policy bot, so there is no bot to remember a \
-                         rule for; approve without remembering",
-                    ));
+                    return Err(ApprovalError::NoBotToRemember);
                 }
                 (true, Some(bot)) => Some(RememberedRuleView {
                     rule_id: new_id("rem_"),
@@ -685,7 +660,10 @@ impl Approvals {
             &decided.request,
             Some(actor),
         )];
-        events[0].approval = Some("manual".into());
+        let how = crate::issued::Approval::Manual {
+            request_id: decided.request.request_id.clone(),
+        };
+        events[0].approval = Some(how.as_str().to_string());
         if let Some(g) = &decided.grant {
             events[0].expires_at = Some(g.expires_at.clone());
             events[0].detail = Some(format!("grant {}", g.grant_id));
@@ -717,7 +695,7 @@ impl Approvals {
         actor: &str,
         id: &str,
         reason: Option<&str>,
-    ) -> Result<DecisionAnswer, ApiError> {
+    ) -> Result<DecisionAnswer, ApprovalError> {
         self.deny_checked(actor, id, reason, None).await
     }
 
@@ -728,7 +706,7 @@ impl Approvals {
         id: &str,
         reason: Option<&str>,
         expect_bot: Option<&str>,
-    ) -> Result<DecisionAnswer, ApiError> {
+    ) -> Result<DecisionAnswer, ApprovalError> {
         let reason = validate_deny_reason(reason)?;
         let now = self.clock.now();
         let view = {
@@ -793,7 +771,7 @@ impl Approvals {
                 Some(reason.chars().take(MAX_DENY_REASON_BYTES / 4).collect());
             if let Err(e) = self.persist_request(&record) {
                 // Still pending, and approving it is refused at the mint (policy_denied).
-                tracing::error!(request_id = %id, code = %e.code, "could not persist a denial");
+                tracing::error!(request_id = %id, code = %e.code(), error = %e, "could not persist a denial");
                 continue;
             }
             book.pending_by_key.remove(&record.dedupe_key());
@@ -835,7 +813,7 @@ impl Approvals {
         &self,
         by: &Approver,
         subject: Result<&ApprovalRequestView, &str>,
-        error: &ApiError,
+        error: &ApprovalError,
     ) {
         let mut e = match subject {
             Ok(v) => self.event(AuditEventKind::ApprovalRefused, v, Some(&by.actor)),
@@ -849,12 +827,12 @@ impl Approvals {
                 e
             }
         };
-        e.code = Some(error.code.as_str().to_string());
-        e.detail = Some(error.message.chars().take(300).collect());
+        e.code = Some(error.code().as_str().to_string());
+        e.detail = Some(crate::issued::denial_detail(&error.to_string()));
         if let Err(err) = self.audit.record(vec![e]).await {
             tracing::error!(error = %err, "audit log write failed for a refused decision");
         }
-        tracing::warn!(actor = %by.actor, code = %error.code, "approval decision refused");
+        tracing::warn!(actor = %by.actor, code = %error.code(), "approval decision refused");
     }
 
     /// Approve every pending request of `bot`.
@@ -863,15 +841,12 @@ impl Approvals {
         by: &Approver,
         bot: &str,
         remember: bool,
-    ) -> Result<Vec<DecisionAnswer>, ApiError> {
+    ) -> Result<Vec<DecisionAnswer>, ApprovalError> {
         if by.owner == bot && !self.config.allow_self_approval {
-            let error = ApiError::new(
-                ErrorCode::SelfApproval,
-                format!(
-                    "{} is {bot} itself, so another admin must approve its requests",
-                    by.actor
-                ),
-            );
+            let error = ApprovalError::SelfApproval(format!(
+                "{} is {bot} itself, so another admin must approve its requests",
+                by.actor
+            ));
             self.refuse_decision(by, Err(bot), &error).await;
             return Err(error);
         }
@@ -886,11 +861,7 @@ impl Approvals {
             match self.approve_checked(by, &id, remember, Some(bot)).await {
                 Ok(d) => out.push(d),
                 // Decided or expired meanwhile: not this command's to report.
-                Err(e)
-                    if matches!(
-                        e.code,
-                        ErrorCode::AlreadyDecided | ErrorCode::RequestExpired
-                    ) => {}
+                Err(ApprovalError::AlreadyDecided(_) | ApprovalError::Expired { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -905,44 +876,38 @@ impl Approvals {
         id: &str,
         expect_bot: Option<&str>,
         now: OffsetDateTime,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ApprovalError> {
         let entry = book.requests.get(id).ok_or_else(|| unknown_request(id))?;
         if let Some(bot) = expect_bot
             && entry.record.view.bot.as_deref() != Some(bot)
         {
-            return Err(ApiError::new(
-                ErrorCode::WrongBot,
-                format!(
-                    "request {id} belongs to {}, not {bot}",
-                    entry
-                        .record
-                        .view
-                        .bot
-                        .as_deref()
-                        .unwrap_or("a caller matching no bot")
-                ),
-            ));
+            return Err(ApprovalError::WrongBot(format!(
+                "request {id} belongs to {}, not {bot}",
+                entry
+                    .record
+                    .view
+                    .bot
+                    .as_deref()
+                    .unwrap_or("a caller matching no bot")
+            )));
         }
         match entry.record.view.state {
             ApprovalState::Pending if entry.expires <= now => {
                 // The sweeper publishes the expiry; here it only must not be approved.
-                Err(ApiError::new(
-                    ErrorCode::RequestExpired,
-                    format!("request {id} expired at {}", entry.record.view.expires_at),
-                ))
+                Err(ApprovalError::Expired {
+                    id: id.to_string(),
+                    at: entry.record.view.expires_at.clone(),
+                })
             }
             ApprovalState::Pending => Ok(()),
-            ApprovalState::Expired => Err(ApiError::new(
-                ErrorCode::RequestExpired,
-                format!("request {id} expired at {}", entry.record.view.expires_at),
-            )),
-            s => Err(ApiError::new(
-                ErrorCode::AlreadyDecided,
-                format!(
-                    "request {id} is already {s} (by {})",
-                    entry.record.view.decided_by.as_deref().unwrap_or("someone")
-                ),
-            )),
+            ApprovalState::Expired => Err(ApprovalError::Expired {
+                id: id.to_string(),
+                at: entry.record.view.expires_at.clone(),
+            }),
+            s => Err(ApprovalError::AlreadyDecided(format!(
+                "request {id} is already {s} (by {})",
+                entry.record.view.decided_by.as_deref().unwrap_or("someone")
+            ))),
         }
     }
 
@@ -968,7 +933,7 @@ impl Approvals {
                 record.view.decided_by = Some("clock".into());
                 record.view.decided_at = Some(rfc3339(now));
                 if let Err(e) = self.persist_request(&record) {
-                    tracing::error!(request_id = %id, code = %e.code, "could not persist an expiry; retrying on the next sweep");
+                    tracing::error!(request_id = %id, code = %e.code(), error = %e, "could not persist an expiry; retrying on the next sweep");
                     continue;
                 }
                 book.pending_by_key.remove(&record.dedupe_key());
@@ -1046,7 +1011,7 @@ impl Approvals {
         &self,
         id: &str,
         wait: Duration,
-    ) -> Result<ApprovalRequestView, ApiError> {
+    ) -> Result<ApprovalRequestView, ApprovalError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let (mut rx, expires) = {
@@ -1078,7 +1043,7 @@ impl Approvals {
     }
 
     /// Mark an approved request `ISSUED` with the first credential issued under it.
-    pub fn mark_issued(&self, id: &str, credential_id: &str) -> Result<(), ApiError> {
+    pub fn mark_issued(&self, id: &str, credential_id: &str) -> Result<(), ApprovalError> {
         let mut book = self.book();
         let Some(entry) = book.requests.get(id) else {
             return Err(unknown_request(id));
@@ -1129,14 +1094,16 @@ impl Approvals {
     }
 
     /// Remove a remembered rule.
-    pub async fn forget(&self, actor: &str, rule_id: &str) -> Result<RememberedRuleView, ApiError> {
+    pub async fn forget(
+        &self,
+        actor: &str,
+        rule_id: &str,
+    ) -> Result<RememberedRuleView, ApprovalError> {
         let removed = {
             let mut book = self.book();
             let Some(pos) = book.remembered.iter().position(|r| r.rule_id == rule_id) else {
-                let shown: String = rule_id.chars().take(40).collect();
-                return Err(ApiError::new(
-                    ErrorCode::UnknownRule,
-                    format!("no remembered rule {shown:?}"),
+                return Err(ApprovalError::UnknownRule(
+                    rule_id.chars().take(40).collect(),
                 ));
             };
             self.store
@@ -1166,15 +1133,20 @@ impl Approvals {
         Ok(removed)
     }
 
-    fn persist_request(&self, record: &RequestRecord) -> Result<(), ApiError> {
+    fn persist_request(&self, record: &RequestRecord) -> Result<(), ApprovalError> {
         self.put_doc(NS_REQUESTS, &record.view.request_id, record)
     }
 
-    fn persist_grant(&self, grant: &GrantRecord) -> Result<(), ApiError> {
+    fn persist_grant(&self, grant: &GrantRecord) -> Result<(), ApprovalError> {
         self.put_doc(NS_GRANTS, &grant.view.grant_id, grant)
     }
 
-    fn put_doc<T: serde::Serialize>(&self, ns: &str, key: &str, value: &T) -> Result<(), ApiError> {
+    fn put_doc<T: serde::Serialize>(
+        &self,
+        ns: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ApprovalError> {
         let bytes = serde_json::to_vec(value).map_err(store_error)?;
         self.store.put_doc(ns, key, &bytes).map_err(store_error)
     }
@@ -1210,7 +1182,8 @@ impl Approvals {
     }
 }
 
-fn fill_resource(e: &mut AuditEvent, resource: &botcreds_proto::approval::ApprovalResource) {
+/// Fill an event's resource fields: a token's repositories and permissions, or a key's scope.
+pub fn fill_resource(e: &mut AuditEvent, resource: &botcreds_proto::approval::ApprovalResource) {
     match resource {
         botcreds_proto::approval::ApprovalResource::GithubToken {
             repositories,

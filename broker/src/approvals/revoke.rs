@@ -9,15 +9,15 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use botcreds_proto::RepoName;
 use botcreds_proto::approval::{GrantView, RevokeAnswer, RevokedCredential};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::KeyStatus;
-use botcreds_proto::{ErrorCode, RepoName};
 
+use super::ApprovalError;
 use super::records::GrantRecord;
 use super::{Approvals, NS_GRANTS};
 use crate::clock::{rfc3339, rfc3339_millis};
-use crate::error::ApiError;
 use crate::grants::{HandedOut, IssuedToken};
 use crate::policy::remembered::Resource;
 use crate::policy::{Outcome, Policy, Request};
@@ -43,7 +43,7 @@ async fn revoke_denied_keys(policy: &Policy, keys: &crate::keys::KeyService) -> 
     let listed = match keys.list() {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(code = %e.code, error = %e.message, "could not list LiteLLM keys to enforce the policy");
+            tracing::error!(code = %e.code(), error = %e, "could not list LiteLLM keys to enforce the policy");
             return Vec::new();
         }
     };
@@ -67,7 +67,7 @@ async fn revoke_denied_keys(policy: &Policy, keys: &crate::keys::KeyService) -> 
             // Ended meanwhile.
             Ok(None) => {}
             Err(e) => {
-                tracing::error!(credential_id = %k.credential_id, code = %e.code, error = %e.message, "could not revoke a LiteLLM key the policy now denies");
+                tracing::error!(credential_id = %k.credential_id, code = %e.code(), error = %e, "could not revoke a LiteLLM key the policy now denies");
             }
         }
     }
@@ -92,7 +92,7 @@ impl Approvals {
         &self,
         actor: &str,
         target: &RevokeTarget,
-    ) -> Result<RevokeAnswer, ApiError> {
+    ) -> Result<RevokeAnswer, ApprovalError> {
         let now = self.clock.now();
         let mut holders = self.holders(now)?;
         let picked: Vec<HandedOut> = match target {
@@ -126,10 +126,8 @@ impl Approvals {
         if let RevokeTarget::Credential(id) = target
             && picked.is_empty()
         {
-            let shown: String = id.chars().take(40).collect();
-            return Err(ApiError::new(
-                ErrorCode::UnknownCredential,
-                format!("the broker holds no live credential {shown:?}"),
+            return Err(ApprovalError::UnknownCredential(
+                id.chars().take(40).collect(),
             ));
         }
 
@@ -329,7 +327,7 @@ impl Approvals {
             Err(e) => {
                 // Minting re-decides against the current policy too, so a grant left live
                 // here still hands out nothing the policy denies.
-                tracing::error!(code = %e.code, error = %e.message, "could not end grants the reloaded policy denies");
+                tracing::error!(code = %e.code(), error = %e, "could not end grants the reloaded policy denies");
                 return Vec::new();
             }
         };
@@ -359,7 +357,7 @@ impl Approvals {
         actor: &str,
         owner: &str,
         resource: &Resource,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, ApprovalError> {
         let now = self.clock.now();
         let ended = self.end_grants(actor, now, |g| {
             g.owner == owner && g.resource().as_ref() == Some(resource)
@@ -380,7 +378,7 @@ impl Approvals {
         actor: &str,
         now: time::OffsetDateTime,
         pick: impl Fn(&GrantRecord) -> bool,
-    ) -> Result<Vec<GrantView>, ApiError> {
+    ) -> Result<Vec<GrantView>, ApprovalError> {
         let mut book = self.book();
         let chosen: Vec<String> = book
             .grants
@@ -429,7 +427,7 @@ impl Approvals {
     fn holders(
         &self,
         now: time::OffsetDateTime,
-    ) -> Result<HashMap<String, BTreeSet<String>>, ApiError> {
+    ) -> Result<HashMap<String, BTreeSet<String>>, ApprovalError> {
         let filter = AuditFilter {
             since: Some(rfc3339_millis(now - time::Duration::hours(2))),
             event: Some(AuditEventKind::CredentialIssued),
@@ -438,7 +436,7 @@ impl Approvals {
         let events = self
             .audit
             .read(&filter)
-            .map_err(|e| ApiError::internal(format!("reading the audit log: {e}")))?;
+            .map_err(|e| ApprovalError::AuditRead(e.to_string()))?;
         let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
         for e in events {
             if let (Some(id), Some(bot)) = (e.token_id, e.bot.or(e.caller)) {

@@ -230,7 +230,7 @@ async fn concurrent_approvals_exactly_one_wins() {
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => wins += 1,
-            Err(e) => assert_eq!(e.code, ErrorCode::AlreadyDecided),
+            Err(e) => assert_eq!(e.code(), ErrorCode::AlreadyDecided),
         }
     }
     assert_eq!(wins, 1);
@@ -267,7 +267,7 @@ async fn expiry_follows_the_clock() {
         .approve(&admin("a"), &id, false)
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::RequestExpired);
+    assert_eq!(e.code(), ErrorCode::RequestExpired);
     assert_eq!(w.approvals.sweep().await, 1);
     assert_eq!(w.approvals.sweep().await, 0);
     let v = w.approvals.get(&id).unwrap();
@@ -276,7 +276,7 @@ async fn expiry_follows_the_clock() {
     let ev = rx.recv().await.unwrap();
     assert_eq!(ev.kind, AuditEventKind::ApprovalExpired);
     let e = w.approvals.deny("a", &id, None).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::RequestExpired);
+    assert_eq!(e.code(), ErrorCode::RequestExpired);
     assert_eq!(events(&w, AuditEventKind::ApprovalExpired), 1);
     assert!(w.approvals.grants(true).is_empty());
 }
@@ -330,7 +330,7 @@ async fn caps_on_pending_requests() {
         .request(ask("ci", &["acme/c"], &["contents:read"]))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::TooManyPending);
+    assert_eq!(e.code(), ErrorCode::TooManyPending);
     // Joining an existing request is not a new one.
     assert!(
         !w.approvals
@@ -348,7 +348,7 @@ async fn caps_on_pending_requests() {
         .request(ask("third", &["acme/c"], &["contents:read"]))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::TooManyPending);
+    assert_eq!(e.code(), ErrorCode::TooManyPending);
     assert_eq!(w.approvals.pending().unwrap().len(), 3);
 }
 
@@ -369,27 +369,27 @@ async fn bad_decisions_change_nothing() {
         .approvals
         .approve(&admin("a"), "apr_nosuchid", false)
         .await;
-    assert_eq!(e.unwrap_err().code, ErrorCode::UnknownRequest);
+    assert_eq!(e.unwrap_err().code(), ErrorCode::UnknownRequest);
     let e = w.approvals.deny("a", "apr_nosuchid", None).await;
-    assert_eq!(e.unwrap_err().code, ErrorCode::UnknownRequest);
+    assert_eq!(e.unwrap_err().code(), ErrorCode::UnknownRequest);
     let e = w
         .approvals
         .approve_checked(&admin("a"), &id, false, Some("deploy"))
         .await;
-    assert_eq!(e.unwrap_err().code, ErrorCode::WrongBot);
+    assert_eq!(e.unwrap_err().code(), ErrorCode::WrongBot);
     let e = w
         .approvals
         .deny_checked("a", &id, None, Some("deploy"))
         .await;
-    assert_eq!(e.unwrap_err().code, ErrorCode::WrongBot);
+    assert_eq!(e.unwrap_err().code(), ErrorCode::WrongBot);
     let huge = "x".repeat(100 * 1024);
     let e = w.approvals.deny("a", &id, Some(&huge)).await;
-    assert_eq!(e.unwrap_err().code, ErrorCode::InvalidDenyReason);
+    assert_eq!(e.unwrap_err().code(), ErrorCode::InvalidDenyReason);
     let e = w.approvals.deny("a", &id, Some("bad\u{1b}[31m")).await;
-    assert_eq!(e.unwrap_err().code, ErrorCode::InvalidDenyReason);
+    assert_eq!(e.unwrap_err().code(), ErrorCode::InvalidDenyReason);
     // Another bot cannot see it.
     let e = w.approvals.get_owned("deploy", &id).unwrap_err();
-    assert_eq!(e.code, ErrorCode::UnknownRequest);
+    assert_eq!(e.code(), ErrorCode::UnknownRequest);
     assert_eq!(w.approvals.get_owned("ci", &id).unwrap(), before);
 
     assert_eq!(w.approvals.get(&id).unwrap(), before);
@@ -414,7 +414,7 @@ async fn bad_decisions_change_nothing() {
         .approve(&admin("b"), &id, false)
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::AlreadyDecided);
+    assert_eq!(e.code(), ErrorCode::AlreadyDecided);
     assert_eq!(w.approvals.get(&id).unwrap().state, ApprovalState::Denied);
 }
 
@@ -446,7 +446,7 @@ async fn remember_and_forget() {
     assert_eq!(events(&w, AuditEventKind::RuleRemembered), 1);
 
     let e = w.approvals.forget("ops", "rem_nosuchid").await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::UnknownRule);
+    assert_eq!(e.code(), ErrorCode::UnknownRule);
     w.approvals.forget("ops", &rule.rule_id).await.unwrap();
     assert!(w.approvals.remembered().covering("ci", &req).is_none());
     assert!(w.approvals.remembered_views().is_empty());
@@ -541,7 +541,7 @@ async fn revoking_kills_tokens_and_ends_grants() {
         .revoke("ops", &RevokeTarget::Credential("tok_000000000000".into()))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::UnknownCredential);
+    assert_eq!(e.code(), ErrorCode::UnknownCredential);
     assert!(w.github.is_live(&issued.token.token));
 
     let answer = w
@@ -833,7 +833,7 @@ async fn an_admin_may_not_approve_its_own_bots_request() {
         .view
         .request_id;
     let me = Approver::new("api_key:ci", "ci");
-    let cases: Vec<(&str, Result<usize, ApiError>)> = vec![
+    let cases: Vec<(&str, Result<usize, ApprovalError>)> = vec![
         (
             "approve",
             w.approvals.approve(&me, &id, false).await.map(|_| 1),
@@ -859,7 +859,7 @@ async fn an_admin_may_not_approve_its_own_bots_request() {
     ];
     for (what, result) in cases {
         let e = result.err().unwrap_or_else(|| panic!("{what}: approved"));
-        assert_eq!(e.code, ErrorCode::SelfApproval, "{what}: {}", e.message);
+        assert_eq!(e.code(), ErrorCode::SelfApproval, "{what}: {}", e);
     }
     assert_eq!(w.approvals.get(&id).unwrap().state, ApprovalState::Pending);
     assert_eq!(w.approvals.pending().unwrap().len(), 1);
@@ -1120,7 +1120,7 @@ async fn a_reloaded_policy_denies_the_pending_requests_it_denies() {
         .approve(&admin("ops"), &web, false)
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::AlreadyDecided);
+    assert_eq!(e.code(), ErrorCode::AlreadyDecided);
     assert!(w.approvals.grants(true).is_empty());
     // Persisted: a restart does not bring it back.
     let again = Approvals::load(

@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use botcreds_proto::ErrorCode;
 use serde_json::Value;
 
+use super::KeyError;
 use super::config::CoderConfig;
-use crate::error::ApiError;
 use crate::secret::Secret;
 
 /// Who a session token belongs to.
@@ -65,7 +64,7 @@ impl CoderClient {
 
     /// The workspace `id` as Coder has it; `None` when Coder knows none (404) or no token is
     /// configured. Coder refusing the broker's token is an upstream error.
-    pub async fn workspace(&self, id: &str) -> Result<Option<CoderWorkspace>, ApiError> {
+    pub async fn workspace(&self, id: &str) -> Result<Option<CoderWorkspace>, KeyError> {
         let Some(token) = &self.token else {
             return Ok(None);
         };
@@ -87,37 +86,30 @@ impl CoderClient {
             .await
             .map_err(|e| {
                 tracing::warn!(coder = %self.base, timeout = e.is_timeout(), "Coder unreachable");
-                ApiError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    format!(
-                        "Coder at {} could not be reached to confirm the workspace",
-                        self.base
-                    ),
-                )
+                KeyError::CoderUnavailable(format!(
+                    "Coder at {} could not be reached to confirm the workspace",
+                    self.base
+                ))
             })?;
         let status = response.status().as_u16();
         match status {
             200..=299 => {}
             404 => return Ok(None),
             401 | 403 => {
-                return Err(ApiError::new(
-                    ErrorCode::UpstreamError,
-                    "Coder refused the broker's token ([coder] token_file) when reading a workspace",
-                ));
+                return Err(KeyError::CoderError("Coder refused the broker's token ([coder] token_file) when reading a workspace".into()));
             }
             _ => {
-                return Err(ApiError::new(
-                    ErrorCode::UpstreamError,
-                    format!("Coder answered {status} when reading a workspace"),
-                ));
+                return Err(KeyError::CoderError(format!(
+                    "Coder answered {status} when reading a workspace"
+                )));
             }
         }
         let bytes = response
             .bytes()
             .await
-            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer broke off"))?;
+            .map_err(|_| KeyError::CoderError("Coder's answer broke off".into()))?;
         let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer is not JSON"))?;
+            .map_err(|_| KeyError::CoderError("Coder's answer is not JSON".into()))?;
         let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
         match (
             field("id"),
@@ -131,21 +123,16 @@ impl CoderClient {
                 owner_id,
                 owner_name,
             })),
-            _ => Err(ApiError::new(
-                ErrorCode::UpstreamError,
-                "Coder's workspace has no id, name or owner",
+            _ => Err(KeyError::CoderError(
+                "Coder's workspace has no id, name or owner".into(),
             )),
         }
     }
 
     /// The user the token belongs to; `invalid_session_token` when Coder refuses it.
-    pub async fn current_user(&self, token: &Secret) -> Result<CoderUser, ApiError> {
-        let refused = || {
-            ApiError::new(
-                ErrorCode::InvalidSessionToken,
-                "Coder did not accept the session token",
-            )
-        };
+    pub async fn current_user(&self, token: &Secret) -> Result<CoderUser, KeyError> {
+        let refused =
+            || KeyError::InvalidSessionToken("Coder did not accept the session token".into());
         if token.is_empty() || token.expose().len() > 4096 {
             return Err(refused());
         }
@@ -157,30 +144,26 @@ impl CoderClient {
             .await
             .map_err(|e| {
                 tracing::warn!(coder = %self.base, timeout = e.is_timeout(), "Coder unreachable");
-                ApiError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    format!(
-                        "Coder at {} could not be reached to check the session",
-                        self.base
-                    ),
-                )
+                KeyError::CoderUnavailable(format!(
+                    "Coder at {} could not be reached to check the session",
+                    self.base
+                ))
             })?;
         let status = response.status().as_u16();
         if status == 401 || status == 403 {
             return Err(refused());
         }
         if !(200..300).contains(&status) {
-            return Err(ApiError::new(
-                ErrorCode::UpstreamError,
-                format!("Coder answered {status} when checking the session"),
-            ));
+            return Err(KeyError::CoderError(format!(
+                "Coder answered {status} when checking the session"
+            )));
         }
         let bytes = response
             .bytes()
             .await
-            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer broke off"))?;
+            .map_err(|_| KeyError::CoderError("Coder's answer broke off".into()))?;
         let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| ApiError::new(ErrorCode::UpstreamError, "Coder's answer is not JSON"))?;
+            .map_err(|_| KeyError::CoderError("Coder's answer is not JSON".into()))?;
         let field = |k: &str| {
             v.get(k)
                 .and_then(Value::as_str)
@@ -189,9 +172,8 @@ impl CoderClient {
         };
         match (field("id"), field("username")) {
             (Some(id), Some(username)) => Ok(CoderUser { id, username }),
-            _ => Err(ApiError::new(
-                ErrorCode::UpstreamError,
-                "Coder's user has no id or username",
+            _ => Err(KeyError::CoderError(
+                "Coder's user has no id or username".into(),
             )),
         }
     }

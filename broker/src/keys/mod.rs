@@ -7,6 +7,7 @@
 
 pub mod coder;
 pub mod config;
+mod error;
 pub mod record;
 pub mod scopes;
 mod service;
@@ -20,6 +21,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+pub use error::KeyError;
 pub use service::{
     IssuedLitellmKey, KEY_PROVISIONER, KeyAsk, KeyService, OnExisting, Origin, Released, Revoker,
     SweepReport,

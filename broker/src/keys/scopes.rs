@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use botcreds_proto::{ErrorCode, Ttl};
+use botcreds_proto::Ttl;
 
-use crate::error::ApiError;
+use super::KeyError;
 
 /// Longest lifetime any scope may be configured with.
 const MAX_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
@@ -194,16 +194,13 @@ impl ScopeTable {
     }
 
     /// A scope named by a request, or `invalid_scope`.
-    pub fn lookup(&self, name: &str) -> Result<&ScopeSpec, ApiError> {
+    pub fn lookup(&self, name: &str) -> Result<&ScopeSpec, KeyError> {
         self.scopes.get(name).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidScope,
-                format!(
-                    "unknown LiteLLM scope {:?}; the scopes are {}",
-                    name.chars().take(64).collect::<String>(),
-                    botcreds_proto::litellm::LITELLM_SCOPES.join(", ")
-                ),
-            )
+            KeyError::InvalidScope(format!(
+                "unknown LiteLLM scope {:?}; the scopes are {}",
+                name.chars().take(64).collect::<String>(),
+                botcreds_proto::litellm::LITELLM_SCOPES.join(", ")
+            ))
         })
     }
 
@@ -214,8 +211,8 @@ impl ScopeTable {
 
 /// A requested budget: a JSON number (or a numeric string, `$` allowed), positive, at most the
 /// scope's budget.
-pub fn parse_budget(value: &serde_json::Value, scope: &ScopeSpec) -> Result<f64, ApiError> {
-    let bad = |why: String| ApiError::new(ErrorCode::InvalidBudget, why);
+pub fn parse_budget(value: &serde_json::Value, scope: &ScopeSpec) -> Result<f64, KeyError> {
+    let bad = |why: String| KeyError::InvalidBudget(why);
     let n = match value {
         serde_json::Value::Number(n) => n.as_f64(),
         serde_json::Value::String(s) => s.trim().trim_start_matches('$').parse::<f64>().ok(),
@@ -239,26 +236,23 @@ pub fn parse_budget(value: &serde_json::Value, scope: &ScopeSpec) -> Result<f64,
 }
 
 /// A requested lifetime: like `30m` or `2h`, at most the scope's lifetime.
-pub fn parse_duration(raw: &str, scope: &ScopeSpec) -> Result<Duration, ApiError> {
+pub fn parse_duration(raw: &str, scope: &ScopeSpec) -> Result<Duration, KeyError> {
     let ttl: Ttl = raw
         .trim()
         .parse()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidDuration, format!("{e}")))?;
+        .map_err(|e| KeyError::InvalidDuration(format!("{e}")))?;
     if ttl.as_duration() > scope.lifetime {
-        return Err(ApiError::new(
-            ErrorCode::InvalidDuration,
-            format!(
-                "duration {ttl} is longer than the {} scope's lifetime of {}",
-                scope.name,
-                Ttl::from_secs(scope.lifetime.as_secs())
-            ),
-        ));
+        return Err(KeyError::InvalidDuration(format!(
+            "duration {ttl} is longer than the {} scope's lifetime of {}",
+            scope.name,
+            Ttl::from_secs(scope.lifetime.as_secs())
+        )));
     }
     Ok(ttl.as_duration())
 }
 
 /// A key name: 1–128 bytes of letters, digits and `. _ - @ +`.
-pub fn check_name(name: &str) -> Result<(), ApiError> {
+pub fn check_name(name: &str) -> Result<(), KeyError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && name
@@ -268,14 +262,11 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(
-            ErrorCode::InvalidKeyName,
-            format!(
-                "key name {:?} must be 1 to {MAX_NAME_BYTES} bytes of letters, digits and . _ - @ + \
+        Err(KeyError::InvalidKeyName(format!(
+            "key name {:?} must be 1 to {MAX_NAME_BYTES} bytes of letters, digits and . _ - @ + \
                  (no \"..\")",
-                name.chars().take(64).collect::<String>()
-            ),
-        ))
+            name.chars().take(64).collect::<String>()
+        )))
     }
 }
 
@@ -321,6 +312,7 @@ pub fn scope_part(scope: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use botcreds_proto::ErrorCode;
     use serde_json::json;
 
     #[test]
@@ -430,7 +422,7 @@ mod tests {
             json!(10.01),
         ] {
             let e = parse_budget(&bad, ci).unwrap_err();
-            assert_eq!(e.code, ErrorCode::InvalidBudget, "{bad}");
+            assert_eq!(e.code(), ErrorCode::InvalidBudget, "{bad}");
         }
     }
 
@@ -442,7 +434,7 @@ mod tests {
         assert_eq!(parse_duration("1h", ci).unwrap().as_secs(), 3600);
         for bad in ["2h", "soon", "", "-1h", "0s"] {
             let e = parse_duration(bad, ci).unwrap_err();
-            assert_eq!(e.code, ErrorCode::InvalidDuration, "{bad}");
+            assert_eq!(e.code(), ErrorCode::InvalidDuration, "{bad}");
         }
     }
 
@@ -459,7 +451,7 @@ mod tests {
         let long = "a".repeat(129);
         for bad in ["", "a b", "a/b", "..", "a..b", "ключ", long.as_str()] {
             assert_eq!(
-                check_name(bad).unwrap_err().code,
+                check_name(bad).unwrap_err().code(),
                 ErrorCode::InvalidKeyName,
                 "{bad}"
             );

@@ -13,18 +13,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use botcreds_proto::ErrorCode;
 use botcreds_proto::approval::RevokedCredential;
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::{KeyRevoked, KeyStatus, KeySummary, WorkspaceInfo};
 use serde_json::json;
 use time::OffsetDateTime;
 
+use super::KeyError;
 use super::record::{KeyRecord, NAMESPACE, credential_id_for};
 use super::scopes::{ScopeSpec, ScopeTable, check_name};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
-use crate::error::ApiError;
+use crate::issued::{Approval, credential_issued};
 use crate::providers::litellm::{
     GenerateKey, GeneratedKey, LitellmApi, LitellmError, LitellmStats,
 };
@@ -47,10 +47,8 @@ pub struct Origin {
     /// `api_key:ci`, `tailnet:node (id)`, `provisioner`, `coder:alice`.
     pub caller: String,
     pub client_ip: Option<String>,
-    /// How the issue was decided for the audit log: `auto` (the default), `grant` or `manual`.
-    pub approval: Option<String>,
-    /// The approval request the key is issued under, if any.
-    pub request_id: Option<String>,
+    /// How the issue was decided, for the audit log (`auto` by default).
+    pub approval: Approval,
     /// The stable holder of the key (see [`Origin::owner_id`]); empty: derived from `bot` or
     /// `caller`.
     pub owner: String,
@@ -67,12 +65,6 @@ impl Origin {
         } else {
             self.caller.clone()
         }
-    }
-
-    /// Mark an issue event with how it was decided.
-    fn stamp(&self, ev: &mut AuditEvent) {
-        ev.approval = Some(self.approval.clone().unwrap_or_else(|| "auto".into()));
-        ev.request_id = self.request_id.clone();
     }
 }
 
@@ -200,13 +192,16 @@ impl std::fmt::Debug for KeyService {
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(format!("key store: {e}"))
+fn store_error(e: impl std::fmt::Display) -> KeyError {
+    KeyError::Store(e.to_string())
 }
 
-fn upstream_error(e: &LitellmError, doing: &str) -> ApiError {
+fn upstream_error(e: &LitellmError, doing: &'static str) -> KeyError {
     tracing::warn!(error = %e, code = %e.code(), "LiteLLM {doing} failed");
-    ApiError::new(e.code(), format!("{doing}: {e}"))
+    KeyError::Upstream {
+        doing,
+        source: e.clone(),
+    }
 }
 
 impl KeyService {
@@ -270,7 +265,7 @@ impl KeyService {
         a.ct_eq(&b).into()
     }
 
-    fn records(&self) -> Result<Vec<KeyRecord>, ApiError> {
+    fn records(&self) -> Result<Vec<KeyRecord>, KeyError> {
         let docs = self.store.list_docs(NAMESPACE).map_err(store_error)?;
         let mut out = Vec::with_capacity(docs.len());
         for (id, bytes) in docs {
@@ -282,7 +277,7 @@ impl KeyService {
         Ok(out)
     }
 
-    fn put(&self, r: &KeyRecord) -> Result<(), ApiError> {
+    fn put(&self, r: &KeyRecord) -> Result<(), KeyError> {
         let bytes = serde_json::to_vec(r).map_err(store_error)?;
         self.store
             .put_doc(NAMESPACE, &r.credential_id, &bytes)
@@ -314,8 +309,22 @@ impl KeyService {
         e
     }
 
+    /// `credential_issued` for a key handed out under `origin` (new or answered again).
+    fn issued_event(&self, r: &KeyRecord, origin: &Origin) -> AuditEvent {
+        let mut e = credential_issued(
+            rfc3339_millis(self.clock.now()),
+            origin.caller.clone(),
+            &origin.approval,
+            r.credential_id.clone(),
+            r.expires_at.clone(),
+        );
+        e.bot = r.bot.clone();
+        e.detail = Some(format!("litellm_key {} scope {}", r.name, r.scope));
+        e
+    }
+
     /// Every record, newest first, as the list shows them.
-    pub fn list(&self) -> Result<Vec<KeySummary>, ApiError> {
+    pub fn list(&self) -> Result<Vec<KeySummary>, KeyError> {
         let now = self.clock.now();
         let mut records = self.records()?;
         records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.name.cmp(&b.name)));
@@ -336,7 +345,7 @@ impl KeyService {
     }
 
     /// Issue a key (or answer / rotate the live one of that name, per `ask.on_existing`).
-    pub async fn issue(&self, ask: KeyAsk) -> Result<IssuedLitellmKey, ApiError> {
+    pub async fn issue(&self, ask: KeyAsk) -> Result<IssuedLitellmKey, KeyError> {
         let _guard = self.ops.lock().await;
         self.issue_locked(ask).await
     }
@@ -351,7 +360,7 @@ impl KeyService {
         min_remaining: Duration,
         rejected: Option<String>,
         preamble: Vec<AuditEvent>,
-    ) -> Result<IssuedLitellmKey, ApiError> {
+    ) -> Result<IssuedLitellmKey, KeyError> {
         self.confirm_workspace(&info).await?;
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
@@ -369,14 +378,11 @@ impl KeyService {
         if let Some(r) = mine
             && r.owner_id() != origin.owner_id()
         {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "workspace {:?} has a live key issued to another holder; it is not handed \
+            return Err(KeyError::Forbidden(format!(
+                "workspace {:?} has a live key issued to another holder; it is not handed \
                      out, rotated or replaced for you",
-                    info.workspace_id.chars().take(128).collect::<String>()
-                ),
-            ));
+                info.workspace_id.chars().take(128).collect::<String>()
+            )));
         }
         let name = match mine {
             Some(r) => r.name.clone(),
@@ -388,12 +394,9 @@ impl KeyService {
                 } else if held_by(&qualified).is_none() {
                     qualified
                 } else {
-                    return Err(ApiError::new(
-                        ErrorCode::KeyExists,
-                        format!(
-                            "live keys named {plain:?} and {qualified:?} belong to other workspaces"
-                        ),
-                    ));
+                    return Err(KeyError::Exists(format!(
+                        "live keys named {plain:?} and {qualified:?} belong to other workspaces"
+                    )));
                 }
             }
         };
@@ -418,11 +421,11 @@ impl KeyService {
 
     /// With a Coder token configured, the workspace must exist in Coder with this name and
     /// owner; the request's word alone names no workspace.
-    async fn confirm_workspace(&self, info: &WorkspaceInfo) -> Result<(), ApiError> {
+    async fn confirm_workspace(&self, info: &WorkspaceInfo) -> Result<(), KeyError> {
         let Some(coder) = self.coder.as_ref().filter(|c| c.confirms_workspaces()) else {
             return Ok(());
         };
-        let refuse = |why: String| Err(ApiError::new(ErrorCode::InvalidWorkspace, why));
+        let refuse = |why: String| Err(KeyError::InvalidWorkspace(why));
         let id: String = info.workspace_id.chars().take(128).collect();
         match coder.workspace(&info.workspace_id).await? {
             None => refuse(format!("Coder knows no workspace {id:?}")),
@@ -441,7 +444,7 @@ impl KeyService {
         }
     }
 
-    async fn issue_locked(&self, ask: KeyAsk) -> Result<IssuedLitellmKey, ApiError> {
+    async fn issue_locked(&self, ask: KeyAsk) -> Result<IssuedLitellmKey, KeyError> {
         let spec = self.scopes.lookup(&ask.scope)?.clone();
         check_name(&ask.name)?;
         let now = self.clock.now();
@@ -458,24 +461,18 @@ impl KeyService {
             if ask.on_existing != OnExisting::Conflict
                 && (old.owner_id() != ask.origin.owner_id() || old.scope != ask.scope)
             {
-                return Err(ApiError::new(
-                    ErrorCode::KeyExists,
-                    format!(
-                        "a live key named {:?} (scope {}) belongs to another holder; revoke it \
+                return Err(KeyError::Exists(format!(
+                    "a live key named {:?} (scope {}) belongs to another holder; revoke it \
                          or ask under another name",
-                        old.name, old.scope
-                    ),
-                ));
+                    old.name, old.scope
+                )));
             }
             match &ask.on_existing {
                 OnExisting::Conflict => {
-                    return Err(ApiError::new(
-                        ErrorCode::KeyExists,
-                        format!(
-                            "a live key named {:?} exists (scope {}, expires {}); revoke or rotate it",
-                            old.name, old.scope, old.expires_at
-                        ),
-                    ));
+                    return Err(KeyError::Exists(format!(
+                        "a live key named {:?} exists (scope {}, expires {}); revoke or rotate it",
+                        old.name, old.scope, old.expires_at
+                    )));
                 }
                 OnExisting::Reuse {
                     min_remaining,
@@ -486,16 +483,15 @@ impl KeyService {
                         && rejected.as_deref() != Some(old.credential_id.as_str());
                     if fresh && let Some(key) = self.plaintext(&old.credential_id) {
                         let mut events = ask.preamble.clone();
-                        let mut ev =
-                            self.event(AuditEventKind::CredentialIssued, &old, &ask.origin.caller);
+                        let mut ev = self.issued_event(&old, &ask.origin);
                         ev.reused = true;
                         ev.client_ip = ask.origin.client_ip.clone();
                         ev.reason = ask.reason.clone();
-                        ask.origin.stamp(&mut ev);
                         events.push(ev);
-                        self.audit.record(events).await.map_err(|e| {
-                            ApiError::internal(format!("audit log write failed: {e}"))
-                        })?;
+                        self.audit
+                            .record(events)
+                            .await
+                            .map_err(|e| KeyError::Audit(e.to_string()))?;
                         return Ok(IssuedLitellmKey {
                             key,
                             record: old,
@@ -551,7 +547,9 @@ impl KeyService {
             let mut ev = self.event(AuditEventKind::CredentialRevoked, old, &ask.origin.caller);
             ev.detail = Some(format!(
                 "litellm_key {} scope {}: deleted for a rotation whose new key failed ({})",
-                old.name, old.scope, e.code
+                old.name,
+                old.scope,
+                e.code()
             ));
             if let Err(err) = self.audit.record(vec![ev]).await {
                 tracing::error!(error = %err, "audit log write failed for a failed rotation");
@@ -566,7 +564,7 @@ impl KeyService {
         spec: &ScopeSpec,
         now: OffsetDateTime,
         replaced: Option<&KeyRecord>,
-    ) -> Result<IssuedLitellmKey, ApiError> {
+    ) -> Result<IssuedLitellmKey, KeyError> {
         let lifetime = ask.lifetime.unwrap_or(spec.lifetime).min(spec.lifetime);
         let lifetime_secs = lifetime.as_secs().max(1);
         let budget = ask
@@ -656,24 +654,24 @@ impl KeyService {
                     "litellm_key {} scope {} replaces {}",
                     record.name, record.scope, old.credential_id
                 ));
+                o.approval.stamp(&mut ev);
                 ev
             }
-            None => self.event(AuditEventKind::CredentialIssued, &record, &o.caller),
+            None => self.issued_event(&record, o),
         };
         ev.client_ip = o.client_ip.clone();
         ev.reason = ask.reason.clone();
-        o.stamp(&mut ev);
         events.push(ev);
         if let Err(e) = self.audit.record(events).await {
             self.roll_back(&generated).await;
             let _ = self.store.delete_doc(NAMESPACE, &credential_id);
-            return Err(ApiError::internal(format!("audit log write failed: {e}")));
+            return Err(KeyError::Audit(e.to_string()));
         }
         if let Some(old) = replaced {
             let mut old = old.clone();
             old.replaced_by = Some(credential_id.clone());
             if let Err(e) = self.put(&old) {
-                tracing::warn!(error = %e.message, "could not link the rotated key to its successor");
+                tracing::warn!(error = %e, "could not link the rotated key to its successor");
             }
         }
         self.live
@@ -724,7 +722,7 @@ impl KeyService {
         actor: &str,
         why: &str,
         upstream: Upstream,
-    ) -> Result<(KeyRecord, Option<LitellmError>), ApiError> {
+    ) -> Result<(KeyRecord, Option<LitellmError>), KeyError> {
         let upstream = match upstream {
             Upstream::Delete => self.delete_upstream(&r).await.err(),
             Upstream::AlreadyDeleted => None,
@@ -766,7 +764,7 @@ impl KeyService {
 
     /// Revoke the live key named `name`: deleted in LiteLLM at once. If LiteLLM cannot delete
     /// it the key stays live and the error says why (nothing changed).
-    pub async fn revoke_by_name(&self, name: &str, actor: &str) -> Result<KeyRevoked, ApiError> {
+    pub async fn revoke_by_name(&self, name: &str, actor: &str) -> Result<KeyRevoked, KeyError> {
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let found = self
@@ -774,13 +772,10 @@ impl KeyService {
             .into_iter()
             .find(|r| r.name == name && r.is_live(now));
         let Some(r) = found else {
-            return Err(ApiError::new(
-                ErrorCode::KeyNotFound,
-                format!(
-                    "no live key is named {:?}",
-                    name.chars().take(128).collect::<String>()
-                ),
-            ));
+            return Err(KeyError::NotFound(format!(
+                "no live key is named {:?}",
+                name.chars().take(128).collect::<String>()
+            )));
         };
         self.delete_upstream(&r)
             .await
@@ -803,7 +798,7 @@ impl KeyService {
 
     /// Rotate the live key named `name`: a new key with the same name, scope, budget and
     /// lifetime; the old one deleted in LiteLLM.
-    pub async fn rotate(&self, name: &str, actor: &str) -> Result<IssuedLitellmKey, ApiError> {
+    pub async fn rotate(&self, name: &str, actor: &str) -> Result<IssuedLitellmKey, KeyError> {
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let found = self
@@ -811,13 +806,10 @@ impl KeyService {
             .into_iter()
             .find(|r| r.name == name && r.is_live(now));
         let Some(old) = found else {
-            return Err(ApiError::new(
-                ErrorCode::KeyNotFound,
-                format!(
-                    "no live key is named {:?}",
-                    name.chars().take(128).collect::<String>()
-                ),
-            ));
+            return Err(KeyError::NotFound(format!(
+                "no live key is named {:?}",
+                name.chars().take(128).collect::<String>()
+            )));
         };
         let origin = Origin {
             created_by: old.created_by.clone(),
@@ -849,14 +841,9 @@ impl KeyService {
         credential_id: &str,
         caller: &str,
         bot: Option<&str>,
-    ) -> Result<Released, ApiError> {
+    ) -> Result<Released, KeyError> {
         let _guard = self.ops.lock().await;
-        let unknown = || {
-            ApiError::new(
-                ErrorCode::UnknownCredential,
-                "the broker holds no LiteLLM key with this id issued to you",
-            )
-        };
+        let unknown = || KeyError::UnknownCredential;
         let found = self
             .records()?
             .into_iter()
@@ -917,7 +904,7 @@ impl KeyService {
         &self,
         id: &str,
         by: Revoker<'_>,
-    ) -> Result<Option<RevokedCredential>, ApiError> {
+    ) -> Result<Option<RevokedCredential>, KeyError> {
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let Some(r) = self
@@ -940,7 +927,7 @@ impl KeyService {
     }
 
     /// The live key with credential id `id` (`lk_...`), if any.
-    pub fn live_record(&self, id: &str) -> Result<Option<KeyRecord>, ApiError> {
+    pub fn live_record(&self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
         let now = self.clock.now();
         Ok(self
             .records()?
@@ -953,7 +940,7 @@ impl KeyService {
         &self,
         bot: &str,
         actor: &str,
-    ) -> Result<Vec<RevokedCredential>, ApiError> {
+    ) -> Result<Vec<RevokedCredential>, KeyError> {
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let mut out = Vec::new();
@@ -978,7 +965,7 @@ impl KeyService {
 
     /// One sweep: expire keys past their expiry (deleted in LiteLLM, marked expired), retry
     /// deletions that failed before, forget records ended more than a week ago.
-    pub async fn sweep_once(&self) -> Result<SweepReport, ApiError> {
+    pub async fn sweep_once(&self) -> Result<SweepReport, KeyError> {
         let _guard = self.ops.lock().await;
         let now = self.clock.now();
         let mut report = SweepReport::default();

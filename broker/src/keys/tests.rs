@@ -244,7 +244,7 @@ async fn issue_records_metadata_and_never_the_key() {
         .issue(ask("ci", "github-actions-main", OnExisting::Conflict))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::KeyExists);
+    assert_eq!(e.code(), ErrorCode::KeyExists);
     assert_eq!(w.docs(), 1);
     assert_eq!(w.keys.live_per_scope()["ci"], 1);
 }
@@ -267,7 +267,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ),
     ];
     for (a, code) in cases {
-        assert_eq!(w.keys.issue(a).await.unwrap_err().code, code);
+        assert_eq!(w.keys.issue(a).await.unwrap_err().code(), code);
     }
     w.api.down.store(true, Ordering::SeqCst);
     let e = w
@@ -275,7 +275,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .issue(ask("ci", "x", OnExisting::Conflict))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::UpstreamUnavailable);
+    assert_eq!(e.code(), ErrorCode::UpstreamUnavailable);
     assert_eq!(w.docs(), 0);
     assert!(w.events().is_empty());
     assert_eq!(w.api.inner.live_keys(), 0);
@@ -367,13 +367,13 @@ async fn rotate_keeps_the_name_and_revokes_the_old_key() {
     assert_eq!(status(&old.record.credential_id), KeyStatus::Revoked);
     assert_eq!(status(&new.record.credential_id), KeyStatus::Active);
     assert_eq!(
-        w.keys.rotate("nothing", "a").await.unwrap_err().code,
+        w.keys.rotate("nothing", "a").await.unwrap_err().code(),
         ErrorCode::KeyNotFound
     );
     // LiteLLM down: the rotation fails and the old key stays as it was.
     w.api.down.store(true, Ordering::SeqCst);
     assert_eq!(
-        w.keys.rotate("code-gen-bot", "a").await.unwrap_err().code,
+        w.keys.rotate("code-gen-bot", "a").await.unwrap_err().code(),
         ErrorCode::UpstreamUnavailable
     );
     w.api.down.store(false, Ordering::SeqCst);
@@ -401,7 +401,7 @@ async fn revoke_deletes_upstream_and_strict_revoke_changes_nothing_when_litellm_
         .revoke_by_name("pr-review", "admin")
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::UpstreamUnavailable);
+    assert_eq!(e.code(), ErrorCode::UpstreamUnavailable);
     assert_eq!(w.keys.list().unwrap()[0].status, KeyStatus::Active);
     w.api.down.store(false, Ordering::SeqCst);
     let r = w.keys.revoke_by_name("pr-review", "admin").await.unwrap();
@@ -420,7 +420,7 @@ async fn revoke_deletes_upstream_and_strict_revoke_changes_nothing_when_litellm_
             .revoke_by_name("pr-review", "admin")
             .await
             .unwrap_err()
-            .code,
+            .code(),
         ErrorCode::KeyNotFound
     );
     assert_eq!(
@@ -528,7 +528,7 @@ async fn release_only_by_the_holder() {
         .release(id, "api_key:other", Some("other"))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::UnknownCredential);
+    assert_eq!(e.code(), ErrorCode::UnknownCredential);
     let r = w
         .keys
         .release(id, "api_key:ops", Some("ops"))
@@ -537,7 +537,11 @@ async fn release_only_by_the_holder() {
     assert!(r.released && r.deleted_upstream);
     assert_eq!(w.api.inner.live_keys(), 0);
     assert_eq!(
-        w.keys.release("lk_nope", "x", None).await.unwrap_err().code,
+        w.keys
+            .release("lk_nope", "x", None)
+            .await
+            .unwrap_err()
+            .code(),
         ErrorCode::UnknownCredential
     );
 }
@@ -603,7 +607,7 @@ async fn a_key_that_cannot_be_recorded_is_deleted_in_litellm_again() {
         .issue(ask("ci", "a", OnExisting::Conflict))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::Internal);
+    assert_eq!(e.code(), ErrorCode::Internal);
     assert_eq!(w.api.inner.live_keys(), 0);
     w.store.fail_docs.store(false, Ordering::SeqCst);
 
@@ -613,7 +617,7 @@ async fn a_key_that_cannot_be_recorded_is_deleted_in_litellm_again() {
         .issue(ask("ci", "a", OnExisting::Conflict))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::Internal);
+    assert_eq!(e.code(), ErrorCode::Internal);
     assert_eq!(w.api.inner.live_keys(), 0);
     assert_eq!(w.docs(), 0);
     w.store.fail_audit.store(false, Ordering::SeqCst);
@@ -675,8 +679,9 @@ async fn issue_events_say_how_the_key_was_decided_and_live_record_finds_it() {
         .await
         .unwrap();
     let mut approved = ask("agent:write", "ci.agent-write", reuse);
-    approved.origin.approval = Some("grant".into());
-    approved.origin.request_id = Some("apr_abcdefgh".into());
+    approved.origin.approval = crate::issued::Approval::Grant {
+        request_id: "apr_abcdefgh".into(),
+    };
     let again = w.keys.issue(approved).await.unwrap();
     assert!(again.reused);
     let issued: Vec<(Option<String>, Option<String>)> = w
@@ -877,7 +882,7 @@ async fn keys_of_other_holders_are_never_handed_out_rotated_or_replaced() {
         let e = result
             .map(|k| k.record.name)
             .expect_err(&format!("{}: the attack got a key", row.name));
-        assert_eq!(e.code, row.code, "{}: {}", row.name, e.message);
+        assert_eq!(e.code(), row.code, "{}: {}", row.name, e);
         assert_eq!(w.keys.list().unwrap(), before, "{}", row.name);
         assert_eq!(w.api.sent.lock().unwrap().len(), minted, "{}", row.name);
         assert!(

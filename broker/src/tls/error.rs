@@ -1,7 +1,7 @@
 //! Why an mTLS operation (enrollment, renewal, revocation, a request's certificate check) was
 //! refused or failed. Each refusal has its stable error code ([`MtlsError::code`]); the
 //! message is what the client is told and what the refusal's audit event records.
-//! `api/error_map.rs` turns these into HTTP answers and logs the internal ones.
+//! `api/errors.rs` turns these into HTTP answers and logs the internal ones.
 
 use botcreds_proto::ErrorCode;
 

@@ -133,7 +133,7 @@ impl FromRequestParts<Pages> for WebAdmin {
         if crate::identity::admin::is_admin(&state.admin, &caller) {
             Ok(WebAdmin {
                 actor: crate::api::admin::actor(&caller),
-                approver: crate::approvals::api::approver(&state.app, &caller),
+                approver: crate::api::admin::approver(&state.app, &caller),
             })
         } else {
             tracing::warn!(caller = %caller.describe(), path = %parts.uri.path(), "non-admin caller on the approval page");
@@ -228,7 +228,7 @@ fn unknown(who: &str, id: &str) -> Response {
 async fn list(State(state): State<Pages>, admin: WebAdmin) -> Response {
     let pending = match state.approvals.pending() {
         Ok(p) => p,
-        Err(e) => return api_error_page(Some(&admin.actor), &e),
+        Err(e) => return api_error_page(Some(&admin.actor), &ApiError::from(e)),
     };
     let mut body = html::pending_list(&pending[..pending.len().min(MAX_LISTED)], state.clock.now());
     if pending.len() > MAX_LISTED {
@@ -256,7 +256,7 @@ async fn show(
     }
     let request = match state.approvals.get(&id) {
         Ok(r) => r,
-        Err(e) => return api_error_page(Some(&admin.actor), &e),
+        Err(e) => return api_error_page(Some(&admin.actor), &ApiError::from(e)),
     };
     let now = state.clock.now();
     let token = state.web.key.token(&admin.actor, now.unix_timestamp());
@@ -377,7 +377,7 @@ async fn approve(
             tracing::info!(actor = %admin.actor, request_id = %id, remember, "approved on the web page");
             see_request(&id)
         }
-        Err(e) => api_error_page(Some(&admin.actor), &e),
+        Err(e) => api_error_page(Some(&admin.actor), &ApiError::from(e)),
     }
 }
 
@@ -407,7 +407,7 @@ async fn deny(
             tracing::info!(actor = %admin.actor, request_id = %id, "denied on the web page");
             see_request(&id)
         }
-        Err(e) => api_error_page(Some(&admin.actor), &e),
+        Err(e) => api_error_page(Some(&admin.actor), &ApiError::from(e)),
     }
 }
 
