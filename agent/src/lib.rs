@@ -7,6 +7,7 @@
 pub mod atomic;
 pub mod broker_client;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
@@ -18,6 +19,7 @@ pub mod outputs;
 pub mod peer;
 pub mod refresh;
 pub mod secret;
+pub mod slot;
 pub mod socket;
 pub mod status;
 pub mod systemd;
