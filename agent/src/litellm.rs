@@ -7,7 +7,8 @@
 //! before expiry), check (`check_interval`), retry after a failure, or expiry. While the broker
 //! is down the files stay as they are until the key's own expiry, also across agent restarts.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -20,18 +21,19 @@ use botcreds_proto::litellm::LitellmCredential;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::Notify;
 
-use crate::broker_client::{BrokerError, Released};
+use crate::broker_client::{BrokerError, CredentialBroker, Released};
 use crate::cache::{DiskCache, ReadError};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::credentials::time_to_unix as to_unix;
-use crate::credentials::{Credentials, rfc3339};
+use crate::credentials::{Credentials, Edges, rfc3339};
 use crate::litellm_config::LitellmEntry;
 use crate::outputs::{self, FileSpec, KeyMaterial, Outcome, OutputKind};
 use crate::peer::AllowList;
-use crate::refresh::{self, EXPIRY_MARGIN, Retry};
+use crate::refresh::{self, EXPIRY_MARGIN};
 use crate::secret::Secret;
+use crate::slot::{self, Held, Kind, Slot, State as SlotState, lock};
 
 /// `GET` on the agent's socket: every `[[litellm]]` entry's state, as JSON.
 pub const LITELLM_STATUS_PATH: &str = "/v1/litellm/status";
@@ -195,7 +197,7 @@ pub struct OnChangeStatus {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct KeyRecord {
+pub struct KeyRecord {
     format: u32,
     /// The entry's identity (scope and workspace); must match the file name.
     identity: String,
@@ -223,10 +225,10 @@ pub fn cache_file_name(entry: &LitellmEntry) -> String {
 // ---------------------------------------------------------------------------------------------
 // The held key.
 
+/// What a held key carries besides its id and times.
 #[derive(Clone)]
-struct Held {
+pub struct KeyValue {
     key: Secret,
-    credential_id: String,
     name: String,
     scope: String,
     budget_usd: f64,
@@ -234,12 +236,9 @@ struct Held {
     rpm_limit: u32,
     models: Vec<String>,
     base_url: String,
-    expires_at: SystemTime,
-    fetched_at: SystemTime,
-    refresh_at: SystemTime,
 }
 
-impl Held {
+impl Held<Key> {
     fn record(&self, identity: &str) -> KeyRecord {
         KeyRecord {
             format: KEY_CACHE_FORMAT,
@@ -340,7 +339,7 @@ fn validate_answer(
     cred: LitellmCredential,
     entry: &LitellmEntry,
     now: SystemTime,
-) -> Result<Held, BrokerError> {
+) -> Result<Held<Key>, BrokerError> {
     let bad = |detail: String| BrokerError::BadAnswer {
         status: 200,
         detail,
@@ -394,15 +393,17 @@ fn validate_answer(
         .map_err(|why| bad(format!("the key expires at {}: {why}", cred.expires_at)))?;
     Ok(Held {
         refresh_at: refresh_at(entry, now, expires_at, rand::random()),
-        key: Secret::new(cred.key),
+        value: KeyValue {
+            key: Secret::new(cred.key),
+            name: cred.name,
+            scope: cred.scope,
+            budget_usd: cred.budget_usd,
+            budget_period: cred.budget_period,
+            rpm_limit: cred.rpm_limit,
+            models: cred.models,
+            base_url: cred.base_url,
+        },
         credential_id: cred.credential_id,
-        name: cred.name,
-        scope: cred.scope,
-        budget_usd: cred.budget_usd,
-        budget_period: cred.budget_period,
-        rpm_limit: cred.rpm_limit,
-        models: cred.models,
-        base_url: cred.base_url,
         expires_at,
         fetched_at: now,
     })
@@ -418,35 +419,28 @@ pub struct Litellm {
 }
 
 struct Inner {
-    /// For its broker client (one client, one identity for the whole agent).
+    /// For the broker and clock (one client, one identity for the whole agent) and the time of
+    /// the last contact.
     credentials: Credentials,
     disk: DiskCache,
-    slots: Vec<Arc<Slot>>,
+    slots: Vec<Arc<Slot<Key>>>,
     /// Bumped after every step an entry takes (an answer, a file change, an `on_change` run),
     /// so that a watcher can wait for the next one instead of polling.
     steps: tokio::sync::watch::Sender<u64>,
 }
 
-struct Slot {
+/// The key of one `[[litellm]]` entry: the [`Kind`] of the agent's LiteLLM slots.
+pub struct Key {
     entry: LitellmEntry,
-    file_name: String,
-    state: Mutex<SlotState>,
-    wake: Notify,
     /// Held by the blocking thread that writes the files: one writer per entry at a time,
     /// even while a stopping agent's task is being aborted.
     files: Arc<Mutex<()>>,
     on_change_lock: tokio::sync::Mutex<()>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
-#[derive(Default)]
-struct SlotState {
-    held: Option<Held>,
-    last_refresh: Option<SystemTime>,
+/// A LiteLLM slot's own state.
+pub struct KeyState {
     last_check: Option<SystemTime>,
-    failures: u32,
-    retry_at: Option<SystemTime>,
-    last_error: Option<(SystemTime, String)>,
     /// Per output, in `entry.outputs()` order: state, when changed, error.
     outputs: Vec<OutputState>,
     on_change: Option<OnChangeStatus>,
@@ -459,38 +453,35 @@ struct OutputState {
     error: Option<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind; keep going.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Litellm {
     /// Loads cached keys, writes them to their files, and starts one task per entry. Must be
     /// called inside the tokio runtime, after [`Credentials::start`] (which cleans the cache
-    /// directory of temp files).
+    /// directory of temp files); asks the broker through the credentials' edges.
     pub fn start(config: Arc<Config>, credentials: Credentials, disk: DiskCache) -> Litellm {
-        let slots: Vec<Arc<Slot>> = config
+        let slots: Vec<Arc<Slot<Key>>> = config
             .litellm
             .iter()
             .map(|entry| {
-                Arc::new(Slot {
-                    file_name: cache_file_name(entry),
-                    entry: entry.clone(),
-                    state: Mutex::new(SlotState {
-                        outputs: vec![
-                            OutputState {
-                                state: "pending",
-                                ..OutputState::default()
-                            };
-                            entry.outputs().len()
-                        ],
-                        ..SlotState::default()
-                    }),
-                    wake: Notify::new(),
-                    files: Arc::new(Mutex::new(())),
-                    on_change_lock: tokio::sync::Mutex::new(()),
-                    task: Mutex::new(None),
-                })
+                let outputs = vec![
+                    OutputState {
+                        state: "pending",
+                        ..OutputState::default()
+                    };
+                    entry.outputs().len()
+                ];
+                Arc::new(Slot::new(
+                    Key {
+                        entry: entry.clone(),
+                        files: Arc::new(Mutex::new(())),
+                        on_change_lock: tokio::sync::Mutex::new(()),
+                    },
+                    cache_file_name(entry),
+                    KeyState {
+                        last_check: None,
+                        outputs,
+                        on_change: None,
+                    },
+                ))
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -502,11 +493,7 @@ impl Litellm {
         inner.load_cache();
         for slot in &inner.slots {
             let (for_task, supervised) = (inner.clone(), slot.clone());
-            let task = tokio::spawn(refresh::supervise(
-                format!("LiteLLM key {}", slot.entry.scope),
-                move || run_slot(for_task.clone(), supervised.clone()),
-            ));
-            *lock(&slot.task) = Some(task.abort_handle());
+            slot.spawn(move || run_slot(for_task.clone(), supervised.clone()));
         }
         Litellm { inner }
     }
@@ -518,7 +505,7 @@ impl Litellm {
 
     /// Every entry's state, for `GET /v1/litellm/status`.
     pub fn status(&self) -> Vec<LitellmKeyStatus> {
-        let now = SystemTime::now();
+        let now = self.inner.now();
         self.inner.slots.iter().map(|s| s.status(now)).collect()
     }
 
@@ -528,14 +515,12 @@ impl Litellm {
     /// and a restarted agent uses it again).
     pub async fn shutdown(&self, bound: Duration) {
         for slot in &self.inner.slots {
-            if let Some(task) = lock(&slot.task).take() {
-                task.abort();
-            }
+            slot.abort();
         }
         let mut releases = tokio::task::JoinSet::new();
         for slot in &self.inner.slots {
-            let held = lock(&slot.state).held.clone();
-            let Some(held) = held.filter(|_| slot.entry.release_on_stop) else {
+            let held = slot.state().held.clone();
+            let Some(held) = held.filter(|_| slot.kind.entry.release_on_stop) else {
                 continue;
             };
             let inner = self.inner.clone();
@@ -557,8 +542,12 @@ impl Litellm {
 }
 
 impl Inner {
-    fn broker(&self) -> &crate::broker_client::BrokerClient {
-        self.credentials.broker()
+    fn edges(&self) -> &Edges {
+        self.credentials.edges()
+    }
+
+    fn now(&self) -> SystemTime {
+        self.edges().clock.now()
     }
 
     fn step_done(&self) {
@@ -566,47 +555,41 @@ impl Inner {
     }
 
     fn load_cache(self: &Arc<Self>) {
-        let now = SystemTime::now();
+        let now = self.now();
         for slot in &self.slots {
+            let entry = &slot.kind.entry;
             if std::fs::symlink_metadata(self.disk.dir().join(&slot.file_name)).is_err() {
                 continue;
             }
             let text = match self.disk.read_private(&slot.file_name) {
                 Ok(text) => text,
                 Err(ReadError::Refused(reason)) => {
-                    tracing::warn!(scope = %slot.entry.scope, file = %slot.file_name, "cached LiteLLM key {reason}; fetching anew");
+                    tracing::warn!(scope = %entry.scope, file = %slot.file_name, "cached LiteLLM key {reason}; fetching anew");
                     continue;
                 }
                 Err(ReadError::Corrupt(reason)) => {
-                    tracing::warn!(scope = %slot.entry.scope, file = %slot.file_name, "cached LiteLLM key {reason}; removed, fetching anew");
+                    tracing::warn!(scope = %entry.scope, file = %slot.file_name, "cached LiteLLM key {reason}; removed, fetching anew");
                     let _ = self.disk.remove(&slot.file_name);
                     continue;
                 }
             };
             let record = match serde_json::from_str::<KeyRecord>(&text) {
-                Ok(r) if r.format == KEY_CACHE_FORMAT && r.identity == slot.entry.identity() => r,
+                Ok(r) if r.format == KEY_CACHE_FORMAT && r.identity == entry.identity() => r,
                 Ok(_) => {
                     let _ = self.disk.remove(&slot.file_name);
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(scope = %slot.entry.scope, file = %slot.file_name, error = %e, "cached LiteLLM key is corrupt; removed, fetching anew");
+                    tracing::warn!(scope = %entry.scope, file = %slot.file_name, error = %e, "cached LiteLLM key is corrupt; removed, fetching anew");
                     let _ = self.disk.remove(&slot.file_name);
                     continue;
                 }
             };
-            let checked = refresh::record_times(
-                record.expires_at,
-                record.fetched_at,
-                None,
-                refresh::MAX_LITELLM_KEY_LIFE,
-                now,
-            )
-            .and_then(|times| {
-                // The cache is the agent's own, but what it holds goes into files users
-                // source: the same checks as for a broker answer.
+            // The cache is the agent's own, but what it holds goes into files users source: the
+            // same checks as for a broker answer.
+            let checked = (|| {
                 if !plain_key(record.key.expose()) {
-                    return Err("the key has characters a LiteLLM key cannot have".into());
+                    return Err("the key has characters a LiteLLM key cannot have".to_string());
                 }
                 plain_base_url(&record.base_url)
                     .map_err(|why| format!("base_url is not a plain http(s) URL: {why}"))?;
@@ -615,26 +598,11 @@ impl Inner {
                     &record.name,
                     &record.budget_period,
                     &record.models,
-                )?;
-                Ok(times)
-            });
-            let (expires_at, fetched_at) = match checked {
-                Ok((expires_at, fetched_at, _)) => (expires_at, fetched_at),
-                Err(reason) => {
-                    tracing::warn!(scope = %slot.entry.scope, file = %slot.file_name, "cached LiteLLM key is out of range ({reason}); removed, fetching anew");
-                    let _ = self.disk.remove(&slot.file_name);
-                    continue;
-                }
-            };
-            if !refresh::servable(expires_at, now) {
-                // Expired while the agent was down: never written again.
-                let _ = self.disk.remove(&slot.file_name);
-                continue;
-            }
-            let held = Held {
-                refresh_at: refresh_at(&slot.entry, fetched_at, expires_at, rand::random()),
+                )
+            })();
+            let times = (record.expires_at, record.fetched_at, None);
+            let value = KeyValue {
                 key: record.key,
-                credential_id: record.credential_id,
                 name: record.name,
                 scope: record.scope,
                 budget_usd: record.budget_usd,
@@ -642,18 +610,35 @@ impl Inner {
                 rpm_limit: record.rpm_limit,
                 models: record.models,
                 base_url: record.base_url,
-                expires_at,
-                fetched_at,
+            };
+            // Times first, as a broker answer's are checked first.
+            let loaded = match slot::from_cache(&slot.kind, value, record.credential_id, times, now)
+            {
+                Ok(loaded) => checked.map(|()| loaded),
+                Err(reason) => Err(reason),
+            };
+            let held = match loaded {
+                Ok(Some((held, _))) => held,
+                Ok(None) => {
+                    // Expired while the agent was down: never written again.
+                    let _ = self.disk.remove(&slot.file_name);
+                    continue;
+                }
+                Err(reason) => {
+                    tracing::warn!(scope = %entry.scope, file = %slot.file_name, "cached LiteLLM key is out of range ({reason}); removed, fetching anew");
+                    let _ = self.disk.remove(&slot.file_name);
+                    continue;
+                }
             };
             tracing::info!(
-                scope = %slot.entry.scope,
+                scope = %entry.scope,
                 name = %held.name,
                 credential_id = %held.credential_id,
-                expires_at = %rfc3339(expires_at),
+                expires_at = %rfc3339(held.expires_at),
                 "loaded cached LiteLLM key"
             );
-            let mut st = lock(&slot.state);
-            st.last_refresh = Some(fetched_at);
+            let mut st = slot.state();
+            st.last_refresh = Some(held.fetched_at);
             st.held = Some(held);
         }
         // Keys of entries no longer configured.
@@ -666,78 +651,35 @@ impl Inner {
         }
     }
 
-    async fn store_cache(&self, slot: &Slot, held: &Held) {
-        let json = match serde_json::to_vec(&held.record(&slot.entry.identity())) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!(scope = %slot.entry.scope, error = %e, "cannot encode the LiteLLM key for the cache");
-                return;
-            }
-        };
-        let disk = self.disk.clone();
-        let name = slot.file_name.clone();
-        match tokio::task::spawn_blocking(move || disk.store_bytes(&name, &json)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(scope = %slot.entry.scope, error = %e, "cannot write the cache file; the key is held in memory only")
-            }
-            Err(e) => {
-                tracing::warn!(scope = %slot.entry.scope, error = %e, "cache write task failed")
-            }
-        }
-    }
-
-    async fn remove_cache(&self, slot: &Slot) {
-        let disk = self.disk.clone();
-        let name = slot.file_name.clone();
-        match tokio::task::spawn_blocking(move || disk.remove(&name)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(scope = %slot.entry.scope, error = %e, "cannot remove the cache file")
-            }
-            Err(e) => {
-                tracing::warn!(scope = %slot.entry.scope, error = %e, "cache removal task failed")
-            }
-        }
-    }
-
     /// One broker call for `slot`: a first key, a refresh, or a check.
-    async fn ask(self: &Arc<Self>, slot: &Arc<Slot>, step: Step) {
-        let held_id = lock(&slot.state)
-            .held
-            .as_ref()
-            .map(|h| h.credential_id.clone());
+    async fn ask(self: &Arc<Self>, slot: &Arc<Slot<Key>>, step: Step) {
+        let held_id = slot.state().held.as_ref().map(|h| h.credential_id.clone());
         let replaces = match step {
             Step::Refresh => held_id.clone(),
             _ => None,
         };
-        let entry = &slot.entry;
-        let result = self
-            .broker()
-            .litellm_key(
-                &entry.scope,
-                entry.workspace.as_ref(),
-                entry.reason.as_deref(),
+        let entry = &slot.kind.entry;
+        let edges = self.edges();
+        let (now, result) = slot
+            .ask(
+                edges.broker.as_ref(),
+                edges.clock.as_ref(),
                 replaces.as_deref(),
             )
             .await;
-        let now = SystemTime::now();
         if result
             .as_ref()
             .map_or_else(BrokerError::broker_answered, |_| true)
         {
             self.credentials.record_broker_contact(now);
         }
-        match result.and_then(|cred| validate_answer(cred, entry, now)) {
+        match result {
             Ok(new) => {
                 let same = held_id.as_deref() == Some(new.credential_id.as_str());
                 let store = {
-                    let mut st = lock(&slot.state);
+                    let mut st = slot.state();
                     let earlier_failures = st.failures;
-                    st.last_check = Some(now);
-                    st.failures = 0;
-                    st.retry_at = None;
-                    st.last_error = None;
+                    st.extra.last_check = Some(now);
                     let mut store = !same;
                     if !same {
                         st.last_refresh = Some(now);
@@ -750,28 +692,10 @@ impl Inner {
                         h.refresh_at = new.refresh_at;
                         store = true;
                     }
-                    let current = st.held.clone();
-                    if let Some(h) = &current
-                        && h.refresh_at <= now
-                    {
-                        // Due again at once (a key shorter-lived than the refresh window, or a
-                        // refresh answered with the key held): ask again with growing backoff,
-                        // not in a tight loop.
-                        st.failures = earlier_failures.saturating_add(1);
-                        st.retry_at = Some(refresh::later(
-                            now,
-                            refresh::backoff(st.failures, Retry::Soon, rand::random()),
-                        ));
-                        let left = h.expires_at.duration_since(now).unwrap_or_default();
-                        st.last_error = Some((
-                            now,
-                            format!(
-                                "the broker handed out a key with only {}s left, within its refresh window",
-                                left.as_secs()
-                            ),
-                        ));
-                    }
-                    current.filter(|_| store)
+                    // Due again at once (a key shorter-lived than the refresh window, or a
+                    // refresh answered with the key held): backs off, no tight loop.
+                    st.succeeded(&slot.kind, now, earlier_failures);
+                    st.held.clone().filter(|_| store)
                 };
                 if same {
                     tracing::debug!(scope = %entry.scope, credential_id = %new.credential_id, "the broker confirms the LiteLLM key held");
@@ -786,101 +710,73 @@ impl Inner {
                     );
                 }
                 if let Some(held) = store {
-                    self.store_cache(slot, &held).await;
+                    slot.store_cache(&self.disk, &held).await;
                 }
                 self.sync_files(slot).await;
             }
-            Err(e) => {
-                let dropped = {
-                    let mut st = lock(&slot.state);
-                    st.failures = st.failures.saturating_add(1);
-                    let delay = refresh::retry_delay(
-                        st.failures,
-                        e.retry(),
-                        e.retry_after(),
-                        rand::random(),
+            Err(e) => match slot.failed(now, &e).dropped {
+                Some(held) => {
+                    tracing::warn!(
+                        scope = %entry.scope,
+                        credential_id = %held.credential_id,
+                        error = %e,
+                        "the broker refuses this LiteLLM key now; removing it from the files"
                     );
-                    st.retry_at = Some(refresh::later(now, delay));
-                    st.last_error = Some((now, e.to_string()));
-                    if e.revokes_access() {
-                        st.held.take()
-                    } else {
-                        None
-                    }
-                };
-                match dropped {
-                    Some(held) => {
-                        tracing::warn!(
-                            scope = %entry.scope,
-                            credential_id = %held.credential_id,
-                            error = %e,
-                            "the broker refuses this LiteLLM key now; removing it from the files"
-                        );
-                        self.remove_cache(slot).await;
-                        self.sync_files(slot).await;
-                    }
-                    None => {
-                        let held = lock(&slot.state).held.is_some();
-                        tracing::warn!(
-                            scope = %entry.scope,
-                            error = %e,
-                            "asking the broker for the LiteLLM key failed{}",
-                            if held { "; the files keep the key held until it expires" } else { "" }
-                        );
-                    }
+                    slot.remove_cache(&self.disk).await;
+                    self.sync_files(slot).await;
                 }
-            }
+                None => {
+                    let held = slot.state().held.is_some();
+                    tracing::warn!(
+                        scope = %entry.scope,
+                        error = %e,
+                        "asking the broker for the LiteLLM key failed{}",
+                        if held { "; the files keep the key held until it expires" } else { "" }
+                    );
+                }
+            },
         }
     }
 
     /// Drops a key that reached its expiry margin without a replacement.
-    async fn expire(&self, slot: &Arc<Slot>) {
-        let dropped = {
-            let mut st = lock(&slot.state);
-            match &st.held {
-                Some(h) if !refresh::servable(h.expires_at, SystemTime::now()) => st.held.take(),
-                _ => None,
-            }
-        };
-        if let Some(held) = dropped {
+    async fn expire(&self, slot: &Arc<Slot<Key>>) {
+        if let Some(held) = slot.take_expired(self.now()) {
             tracing::warn!(
-                scope = %slot.entry.scope,
+                scope = %slot.kind.entry.scope,
                 credential_id = %held.credential_id,
                 "LiteLLM key expired without a refresh; removed it from the files"
             );
-            self.remove_cache(slot).await;
+            slot.remove_cache(&self.disk).await;
             self.sync_files(slot).await;
         }
     }
 
     /// Brings every file of `slot` in line with the key held (or its absence), and runs
     /// `on_change` (in the background) when any file changed.
-    async fn sync_files(&self, slot: &Arc<Slot>) {
-        let held = lock(&slot.state)
-            .held
-            .clone()
-            .filter(|h| refresh::servable(h.expires_at, SystemTime::now()));
+    async fn sync_files(&self, slot: &Arc<Slot<Key>>) {
+        let held = slot.servable(self.now());
         let has_key = held.is_some();
-        let entry = slot.entry.clone();
-        let files = slot.files.clone();
+        let entry = slot.kind.entry.clone();
+        let files = slot.kind.files.clone();
         let results = tokio::task::spawn_blocking(move || {
             let _one_writer = lock(&files);
             write_files(&entry, held.as_ref())
         })
         .await;
+        let scope = &slot.kind.entry.scope;
         let results = match results {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(scope = %slot.entry.scope, error = %e, "writing the key files failed");
+                tracing::warn!(scope = %scope, error = %e, "writing the key files failed");
                 return;
             }
         };
-        let now = SystemTime::now();
+        let now = self.now();
         let mut changed = false;
         {
-            let mut st = lock(&slot.state);
+            let mut st = slot.state();
             for (i, result) in results.into_iter().enumerate() {
-                let Some(out) = st.outputs.get_mut(i) else {
+                let Some(out) = st.extra.outputs.get_mut(i) else {
                     continue;
                 };
                 match result {
@@ -894,7 +790,7 @@ impl Inner {
                     }
                     Err(message) => {
                         if out.error.as_deref() != Some(message.as_str()) {
-                            tracing::warn!(scope = %slot.entry.scope, error = %message, "cannot update a LiteLLM key file");
+                            tracing::warn!(scope = %scope, error = %message, "cannot update a LiteLLM key file");
                         }
                         out.state = "error";
                         out.error = Some(message);
@@ -904,32 +800,39 @@ impl Inner {
         }
         if changed {
             let event = if has_key { "updated" } else { "removed" };
-            tracing::info!(scope = %slot.entry.scope, event, "LiteLLM key files changed");
-            if slot.entry.on_change.is_some() {
-                tokio::spawn(run_on_change(slot.clone(), event, self.steps.clone()));
+            tracing::info!(scope = %scope, event, "LiteLLM key files changed");
+            if slot.kind.entry.on_change.is_some() {
+                tokio::spawn(run_on_change(
+                    slot.clone(),
+                    event,
+                    self.steps.clone(),
+                    self.edges().clock.clone(),
+                ));
             }
         }
     }
 
     /// Revokes `held` at the broker; on success (or 404), removes it from files and cache.
-    async fn release(&self, slot: &Arc<Slot>, held: &Held, bound: Duration) {
+    async fn release(&self, slot: &Arc<Slot<Key>>, held: &Held<Key>, bound: Duration) {
+        let scope = &slot.kind.entry.scope;
         match self
-            .broker()
+            .edges()
+            .broker
             .release_credential(&held.credential_id, bound)
             .await
         {
             Ok(outcome) => {
                 tracing::info!(
-                    scope = %slot.entry.scope,
+                    scope = %scope,
                     name = %held.name,
                     credential_id = %held.credential_id,
                     already = outcome == Released::AlreadyGone,
                     "released the LiteLLM key at the broker"
                 );
-                lock(&slot.state).held = None;
-                self.remove_cache(slot).await;
-                let entry = slot.entry.clone();
-                let files = slot.files.clone();
+                slot.state().held = None;
+                slot.remove_cache(&self.disk).await;
+                let entry = slot.kind.entry.clone();
+                let files = slot.kind.files.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     let _one_writer = lock(&files);
                     write_files(&entry, None)
@@ -937,7 +840,7 @@ impl Inner {
                 .await;
             }
             Err(e) => tracing::warn!(
-                scope = %slot.entry.scope,
+                scope = %scope,
                 credential_id = %held.credential_id,
                 error = %e,
                 "cannot release the LiteLLM key at the broker; it stays valid until it expires"
@@ -947,7 +850,7 @@ impl Inner {
 }
 
 /// Writes (or clears) every file of `entry`; one result per output, errors as text.
-fn write_files(entry: &LitellmEntry, held: Option<&Held>) -> Vec<Result<Outcome, String>> {
+fn write_files(entry: &LitellmEntry, held: Option<&Held<Key>>) -> Vec<Result<Outcome, String>> {
     let spec = FileSpec {
         mode: entry.mode,
         group: entry.group,
@@ -971,16 +874,18 @@ fn write_files(entry: &LitellmEntry, held: Option<&Held>) -> Vec<Result<Outcome,
 /// Runs the entry's `on_change` command (one run at a time per entry), bounded by its timeout.
 /// Its environment says what happened; the key itself is never passed.
 async fn run_on_change(
-    slot: Arc<Slot>,
+    slot: Arc<Slot<Key>>,
     event: &'static str,
     steps: tokio::sync::watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
 ) {
-    let Some(argv) = slot.entry.on_change.clone() else {
+    let entry = &slot.kind.entry;
+    let Some(argv) = entry.on_change.clone() else {
         return;
     };
-    let _one_at_a_time = slot.on_change_lock.lock().await;
+    let _one_at_a_time = slot.kind.on_change_lock.lock().await;
     let (name, expires, key) = {
-        let st = lock(&slot.state);
+        let st = slot.state();
         let h = st.held.as_ref();
         (
             h.map(|h| h.name.clone()).unwrap_or_default(),
@@ -990,22 +895,22 @@ async fn run_on_change(
     };
     let vars = [
         ("BOTCREDS_LITELLM_EVENT", event.to_string()),
-        ("BOTCREDS_LITELLM_SCOPE", slot.entry.scope.clone()),
+        ("BOTCREDS_LITELLM_SCOPE", entry.scope.clone()),
         ("BOTCREDS_LITELLM_KEY_NAME", name),
         ("BOTCREDS_LITELLM_EXPIRES_AT", expires),
         (
             "BOTCREDS_LITELLM_KEY_FILE",
-            slot.entry.key_file.display().to_string(),
+            entry.key_file.display().to_string(),
         ),
     ];
-    let started = SystemTime::now();
-    let (ok, result) = run_command(&argv, &vars, slot.entry.on_change_timeout, key.as_ref()).await;
+    let started = clock.now();
+    let (ok, result) = run_command(&argv, &vars, entry.on_change_timeout, key.as_ref()).await;
     if ok {
-        tracing::info!(scope = %slot.entry.scope, event, "on_change ran: {result}");
+        tracing::info!(scope = %entry.scope, event, "on_change ran: {result}");
     } else {
-        tracing::warn!(scope = %slot.entry.scope, event, "on_change failed: {result}");
+        tracing::warn!(scope = %entry.scope, event, "on_change failed: {result}");
     }
-    lock(&slot.state).on_change = Some(OnChangeStatus {
+    slot.state().extra.on_change = Some(OnChangeStatus {
         at: rfc3339(started),
         ok,
         result,
@@ -1167,54 +1072,82 @@ fn redact(text: &str, key: Option<&Secret>) -> String {
 
 /// An entry's life: write what the cache holds, then sleep until the next deadline and do
 /// what is due, forever.
-async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot>) {
-    let cached = lock(&slot.state).held.is_some();
+async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot<Key>>) {
+    let cached = slot.state().held.is_some();
     if cached {
         inner.sync_files(&slot).await;
         inner.step_done();
     }
     loop {
-        let now = SystemTime::now();
-        let (at, step) = next_step(now, &slot.plan());
-        if at > now {
-            let delay = at.duration_since(now).unwrap_or_default();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = slot.wake.notified() => {}
-            }
-            continue;
-        }
-        match step {
+        match slot.due(inner.edges().clock.as_ref()).await {
             Step::Expire => inner.expire(&slot).await,
-            Step::Fetch | Step::Refresh | Step::Check => inner.ask(&slot, step).await,
+            step @ (Step::Fetch | Step::Refresh | Step::Check) => inner.ask(&slot, step).await,
         }
         inner.step_done();
     }
 }
 
-impl Slot {
-    fn plan(&self) -> Plan {
-        let st = lock(&self.state);
-        Plan {
-            expires_at: st.held.as_ref().map(|h| h.expires_at),
-            refresh_at: st.held.as_ref().map(|h| h.refresh_at),
-            next_check: st.held.as_ref().map(|h| {
-                refresh::later(
-                    st.last_check.unwrap_or(h.fetched_at).max(h.fetched_at),
-                    self.entry.check_interval,
-                )
-            }),
-            retry_at: st.retry_at,
-        }
+impl Kind for Key {
+    type Value = KeyValue;
+    type Extra = KeyState;
+    type Step = Step;
+    type Answer = LitellmCredential;
+    type Record = KeyRecord;
+    type Status = LitellmKeyStatus;
+
+    const MAX_LIFE: Duration = refresh::MAX_LITELLM_KEY_LIFE;
+    const NOUN: &'static str = "key";
+
+    fn scope(&self) -> &dyn Display {
+        &self.entry.scope
     }
 
-    fn status(&self, now: SystemTime) -> LitellmKeyStatus {
-        let (next_at, _) = next_step(now, &self.plan());
-        let st = lock(&self.state);
-        let servable = st
-            .held
-            .as_ref()
-            .filter(|h| refresh::servable(h.expires_at, now));
+    fn task_name(&self) -> String {
+        format!("LiteLLM key {}", self.entry.scope)
+    }
+
+    async fn ask<'a>(
+        &'a self,
+        broker: &'a dyn CredentialBroker,
+        replaces: Option<&'a str>,
+    ) -> Result<LitellmCredential, BrokerError> {
+        let entry = &self.entry;
+        broker
+            .litellm_key(
+                &entry.scope,
+                entry.workspace.as_ref(),
+                entry.reason.as_deref(),
+                replaces,
+            )
+            .await
+    }
+
+    fn check(&self, answer: LitellmCredential, now: SystemTime) -> Result<Held<Key>, BrokerError> {
+        validate_answer(answer, &self.entry, now)
+    }
+
+    fn refresh_at(&self, fetched_at: SystemTime, expires_at: SystemTime, unit: f64) -> SystemTime {
+        refresh_at(&self.entry, fetched_at, expires_at, unit)
+    }
+
+    fn next_step(&self, now: SystemTime, st: &SlotState<Key>) -> Option<(SystemTime, Step)> {
+        Some(next_step(now, &self.plan(st)))
+    }
+
+    fn due_again(&self, left: Duration) -> String {
+        format!(
+            "the broker handed out a key with only {}s left, within its refresh window",
+            left.as_secs()
+        )
+    }
+
+    fn record(&self, held: &Held<Key>, _st: &SlotState<Key>) -> KeyRecord {
+        held.record(&self.entry.identity())
+    }
+
+    fn status(&self, now: SystemTime, st: &SlotState<Key>) -> LitellmKeyStatus {
+        let (next_at, _) = next_step(now, &self.plan(st));
+        let servable = st.servable(now);
         let state = match servable {
             None => CredentialState::Missing,
             Some(_) if st.failures > 0 => CredentialState::ServingFromCache,
@@ -1233,7 +1166,7 @@ impl Slot {
             credential_id: servable.map(|h| h.credential_id.clone()),
             expires_at: servable.map(|h| rfc3339(h.expires_at)),
             last_refresh: st.last_refresh.map(rfc3339),
-            last_check: st.last_check.map(rfc3339),
+            last_check: st.extra.last_check.map(rfc3339),
             next_refresh: Some(rfc3339(next_at.max(now))),
             last_error: st.last_error.as_ref().map(|(_, e)| e.clone()),
             last_error_at: st.last_error.as_ref().map(|(at, _)| rfc3339(*at)),
@@ -1243,7 +1176,7 @@ impl Slot {
                 .entry
                 .outputs()
                 .into_iter()
-                .zip(st.outputs.iter())
+                .zip(st.extra.outputs.iter())
                 .map(|((kind, path), out)| OutputStatus {
                     kind: kind.to_string(),
                     path: path.display().to_string(),
@@ -1252,7 +1185,26 @@ impl Slot {
                     error: out.error.clone(),
                 })
                 .collect(),
-            on_change: st.on_change.clone(),
+            on_change: st.extra.on_change.clone(),
+        }
+    }
+}
+
+impl Key {
+    fn plan(&self, st: &SlotState<Key>) -> Plan {
+        Plan {
+            expires_at: st.held.as_ref().map(|h| h.expires_at),
+            refresh_at: st.held.as_ref().map(|h| h.refresh_at),
+            next_check: st.held.as_ref().map(|h| {
+                refresh::later(
+                    st.extra
+                        .last_check
+                        .unwrap_or(h.fetched_at)
+                        .max(h.fetched_at),
+                    self.entry.check_interval,
+                )
+            }),
+            retry_at: st.retry_at,
         }
     }
 }
@@ -1919,9 +1871,7 @@ coder_user_id = "usr-def456"
         }
 
         fn task_alive(litellm: &Litellm) -> bool {
-            lock(&litellm.inner.slots[0].task)
-                .as_ref()
-                .is_some_and(|t| !t.is_finished())
+            litellm.inner.slots[0].task_alive()
         }
 
         /// A broker answering 429 with `retry_after` = u64::MAX overflowed the retry time and

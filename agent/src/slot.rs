@@ -92,6 +92,15 @@ impl<K: Kind> Clone for Held<K> {
     }
 }
 
+/// A held credential reads as its value (`held.name` for a key's name).
+impl<K: Kind> std::ops::Deref for Held<K> {
+    type Target = K::Value;
+
+    fn deref(&self) -> &K::Value {
+        &self.value
+    }
+}
+
 /// What a slot knows, behind its lock.
 pub struct State<K: Kind> {
     pub held: Option<Held<K>>,
