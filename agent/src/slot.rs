@@ -345,6 +345,9 @@ impl<K: Kind> Slot<K> {
     }
 }
 
+/// A credential loaded from the cache, and when it was last used.
+pub type Cached<K> = (Held<K>, Option<SystemTime>);
+
 /// Times of a cache record as Unix seconds: expiry, fetch, last use.
 pub type RecordTimes = (i64, i64, Option<i64>);
 
@@ -357,7 +360,7 @@ pub fn from_cache<K: Kind>(
     credential_id: String,
     (expires_at, fetched_at, last_used): RecordTimes,
     now: SystemTime,
-) -> Result<Option<(Held<K>, Option<SystemTime>)>, String> {
+) -> Result<Option<Cached<K>>, String> {
     let (expires_at, fetched_at, last_used) =
         refresh::record_times(expires_at, fetched_at, last_used, K::MAX_LIFE, now)?;
     if !refresh::servable(expires_at, now) {
