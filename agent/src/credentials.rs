@@ -1288,3 +1288,208 @@ mod erase_and_slot_tests {
         creds.shutdown();
     }
 }
+
+#[cfg(test)]
+mod simulated_time_tests {
+    //! Refresh, retry and expiry on simulated time: a fake broker in the process and tokio's
+    //! paused clock, so an hour of a token's life passes in milliseconds.
+    use std::path::Path;
+
+    use super::*;
+    use crate::broker_client::Auth;
+    use crate::fake_broker::{Logs, edges, until};
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    /// Credentials for `acme/web` (`entry` adds keys to its `[[github]]` entry) on `edges`.
+    fn start(dir: &Path, entry: &str, edges: &Edges) -> Credentials {
+        let toml = format!(
+            "broker = \"http://127.0.0.1:9\"\ncache_dir = {:?}\nsocket = \"/nonexistent/agent.sock\"\n\
+             [[github]]\nrepositories = [\"acme/web\"]\npermissions = [\"contents:read\"]\n{entry}\n",
+            dir.join("cache").display().to_string()
+        );
+        let config = Arc::new(Config::parse(&toml, Path::new("agent.toml")).unwrap());
+        let disk = DiskCache::open(&config.cache_dir).unwrap();
+        let client = Arc::new(
+            BrokerClient::new(&config.broker, Auth::Tailnet, Duration::from_secs(5)).unwrap(),
+        );
+        Credentials::start_with(config, client, edges.clone(), disk)
+    }
+
+    fn request() -> Description {
+        Description {
+            protocol: Some("https".into()),
+            host: Some("github.com".into()),
+            path: Some("acme/web".into()),
+            ..Description::default()
+        }
+    }
+
+    fn cache_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("cache")).unwrap().count()
+    }
+
+    fn status(creds: &Credentials) -> CredentialStatus {
+        creds.status().into_iter().next().unwrap()
+    }
+
+    /// The agent refreshes a token `refresh_before` ahead of its expiry, so git never waits:
+    /// over several lifetimes, every token is replaced while it still lives.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_refreshed_before_they_expire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(90 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        let mut seen: Vec<(String, SystemTime)> = Vec::new();
+        until("five tokens", 10 * MIN, || {
+            let now = edges.clock.now();
+            let st = status(&creds);
+            if !seen.is_empty() {
+                assert_ne!(st.state, CredentialState::Missing, "a gap at {now:?}");
+            }
+            if let Some(id) = st.credential_id.clone()
+                && seen.last().is_none_or(|(last, _)| *last != id)
+            {
+                seen.push((id, now));
+            }
+            seen.len() >= 5
+        })
+        .await;
+        assert_eq!(broker.st().tokens_minted as usize, seen.len());
+        assert!(status(&creds).failures == 0);
+        creds.shutdown();
+    }
+
+    /// e2e `a_running_agent_never_hands_out_an_expired_token`, on simulated time: with the
+    /// broker down, the held token is dropped (memory and disk) once less than a minute is
+    /// left, and git gets the broker's failure instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_past_its_expiry_margin_is_dropped_while_the_broker_is_down() {
+        let (logs, _guard) = Logs::capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(90 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Credential { token, .. } => assert_eq!(token.expose(), "ghs_fake0001"),
+            other => panic!("{other:?}"),
+        }
+        broker.set_down(true);
+        until("the token's expiry margin", 5 * MIN, || {
+            logs.contains("credential expired without a refresh; dropped it")
+        })
+        .await;
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Refused { message, .. } => {
+                assert!(message.contains("broker unreachable"), "{message}")
+            }
+            other => panic!("handed out an expired token: {other:?}"),
+        }
+        let st = status(&creds);
+        assert_eq!(st.state, CredentialState::Missing, "{st:#?}");
+        assert_eq!(st.credential_id, None);
+        assert_eq!(st.expires_at, None);
+        assert_eq!(
+            cache_files(tmp.path()),
+            0,
+            "the expired token left the disk too"
+        );
+        creds.shutdown();
+    }
+
+    /// e2e `an_expired_cached_token_is_not_served_after_a_restart`, on simulated time: a
+    /// token served from memory while the broker is down is on disk; an agent started once its
+    /// last minute has begun neither loads nor serves it, and deletes the file.
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_cached_token_is_not_loaded_after_a_restart() {
+        let (logs, _guard) = Logs::capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(90 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        until("the first fetch", MIN, || {
+            logs.contains("credential fetched")
+        })
+        .await;
+        broker.set_down(true);
+        let expires_at = status(&creds).expires_at.expect("a servable token");
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Credential { expires_at: e, .. } => assert_eq!(rfc3339(e), expires_at),
+            other => panic!("{other:?}"),
+        }
+        creds.shutdown();
+        assert_eq!(cache_files(tmp.path()), 1, "the token is on disk");
+
+        // The agent is down while the token's last minute begins.
+        let expires = SystemTime::from(OffsetDateTime::parse(&expires_at, &Rfc3339).unwrap());
+        let unservable_from = expires - MIN + Duration::from_secs(2);
+        tokio::time::sleep(unservable_from.duration_since(edges.clock.now()).unwrap()).await;
+
+        let before = logs.text().len();
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        assert!(
+            !logs.text()[before..].contains("loaded cached credential"),
+            "{}",
+            logs.text()
+        );
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Refused { message, .. } => {
+                assert!(message.contains("broker unreachable"), "{message}")
+            }
+            other => panic!("handed out an expired cached token: {other:?}"),
+        }
+        assert_eq!(status(&creds).state, CredentialState::Missing);
+        assert_eq!(
+            cache_files(tmp.path()),
+            0,
+            "the expired cache file was deleted at startup"
+        );
+        creds.shutdown();
+    }
+
+    /// e2e `status_shows_reachability_and_serving_from_cache_during_an_outage` (the
+    /// credential's part), on simulated time: refreshes that fail while the broker is down
+    /// show as serving from cache with the error and the next try, and git still gets the
+    /// token.
+    #[tokio::test(start_paused = true)]
+    async fn failing_refreshes_serve_from_the_cache_and_show_it() {
+        let (logs, _guard) = Logs::capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(340 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"5m\"", &edges);
+        assert!(matches!(
+            creds.git_get(&request(), 0).await,
+            GitAnswer::Credential { .. }
+        ));
+        let web = status(&creds);
+        assert!(
+            matches!(
+                web.state,
+                CredentialState::Fresh | CredentialState::Refreshing
+            ),
+            "{web:#?}"
+        );
+        assert!(web.credential_id.is_some() && web.expires_at.is_some());
+        assert_eq!(web.failures, 0);
+
+        broker.set_down(true);
+        until("a failed refresh", 5 * MIN, || {
+            logs.contains("refresh failed; serving the cached credential until it expires")
+        })
+        .await;
+        let web = status(&creds);
+        assert_eq!(web.state, CredentialState::ServingFromCache, "{web:#?}");
+        assert!(web.credential_id.is_some() && web.expires_at.is_some());
+        assert!(web.failures >= 1);
+        assert!(
+            web.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("broker unreachable")),
+            "{web:#?}"
+        );
+        assert!(web.next_refresh.is_some(), "it keeps retrying");
+        assert!(matches!(
+            creds.git_get(&request(), 0).await,
+            GitAnswer::Credential { .. }
+        ));
+        creds.shutdown();
+    }
+}

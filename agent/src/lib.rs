@@ -12,6 +12,8 @@ pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod enroll;
+#[cfg(test)]
+mod fake_broker;
 pub mod litellm;
 pub mod litellm_config;
 pub mod local_client;

@@ -290,11 +290,11 @@ impl<K: Kind> Slot<K> {
         }
     }
 
-    /// Takes the held credential if it is no longer servable at `now`.
+    /// Takes the held credential if it has reached its expiry margin at `now`.
     pub fn take_expired(&self, now: SystemTime) -> Option<Held<K>> {
         let mut st = self.state();
         match &st.held {
-            Some(h) if !refresh::servable(h.expires_at, now) => st.held.take(),
+            Some(h) if refresh::past_margin(h.expires_at, now) => st.held.take(),
             _ => None,
         }
     }

@@ -847,4 +847,154 @@ coder_user_id = "usr-def456"
             }
         }
     }
+
+    /// e2e `broker_outage_and_agent_restart_keep_the_key_and_refresh_replaces_it_in_time`, on
+    /// simulated time: a fake broker in the process and tokio's paused clock.
+    mod simulated_time {
+        use std::path::Path;
+
+        use super::*;
+        use crate::broker_client::{Auth, BrokerClient};
+        use crate::credentials::Edges;
+        use crate::fake_broker::{Logs, edges, until};
+
+        const SEC: Duration = Duration::from_secs(1);
+
+        /// One `ci` entry checked every 2 s, its key file under `dir/out`.
+        fn start(dir: &Path, edges: &Edges) -> (Credentials, Litellm) {
+            let toml = format!(
+                r#"
+broker = "http://127.0.0.1:9"
+cache_dir = "{d}/cache"
+socket = "{d}/agent.sock"
+[[litellm]]
+scope = "ci"
+key_file = "{d}/out/ci.key"
+check_interval = "2s"
+"#,
+                d = dir.display()
+            );
+            let config = Arc::new(Config::parse(&toml, Path::new("agent.toml")).unwrap());
+            let disk = DiskCache::open(&config.cache_dir).unwrap();
+            let client = Arc::new(
+                BrokerClient::new(&config.broker, Auth::Tailnet, Duration::from_secs(5)).unwrap(),
+            );
+            let creds =
+                Credentials::start_with(config.clone(), client, edges.clone(), disk.clone());
+            let litellm = Litellm::start(config, creds.clone(), disk);
+            (creds, litellm)
+        }
+
+        fn key_in(p: &Path) -> String {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn outage_and_restart_keep_the_key_and_refresh_replaces_it_in_time() {
+            let (logs, _guard) = Logs::capture();
+            let tmp = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(tmp.path().join("out")).unwrap();
+            let key_file = tmp.path().join("out/ci.key");
+            let (edges, broker) = edges(Duration::from_secs(3600), 150 * SEC);
+            let (creds, litellm) = start(tmp.path(), &edges);
+            until("the first key in the file", 60 * SEC, || {
+                key_in(&key_file) == "sk-fake-1"
+            })
+            .await;
+            assert!(
+                !litellm.status()[0].release_on_stop,
+                "only workspace keys are released by default"
+            );
+
+            // The broker goes away: checks fail, the file keeps the working key.
+            broker.set_down(true);
+            until("a failed check", 60 * SEC, || {
+                logs.contains("asking the broker for the LiteLLM key failed")
+            })
+            .await;
+            assert_eq!(key_in(&key_file), "sk-fake-1");
+            let st = litellm.status().remove(0);
+            assert_eq!(st.state, CredentialState::ServingFromCache, "{st:?}");
+            assert!(
+                st.last_error
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("broker unreachable"),
+                "{st:?}"
+            );
+
+            // The agent restarts while the broker is still down: the cached key stays.
+            litellm.shutdown(Duration::from_secs(5)).await;
+            creds.shutdown();
+            assert_eq!(key_in(&key_file), "sk-fake-1");
+            let before = logs.text().len();
+            let (creds, litellm) = start(tmp.path(), &edges);
+            until(
+                "the cached key loaded, then a failed check",
+                60 * SEC,
+                || {
+                    let new = logs.text()[before..].to_string();
+                    new.contains("loaded cached LiteLLM key")
+                        && new.contains("asking the broker for the LiteLLM key failed")
+                },
+            )
+            .await;
+            assert_eq!(key_in(&key_file), "sk-fake-1");
+
+            // The broker comes back without the old key's plaintext: it replaces the key at
+            // the next check.
+            broker.st().key = None;
+            broker.set_down(false);
+            until("the new key in the file", 60 * SEC, || {
+                key_in(&key_file) == "sk-fake-2"
+            })
+            .await;
+            assert_eq!(litellm.status()[0].failures, 0);
+
+            // The 150 s key is refreshed ahead of its expiry, the file never without a key.
+            until("the refreshed key in the file", 300 * SEC, || {
+                let key = key_in(&key_file);
+                assert!(!key.is_empty(), "the key file lost its key");
+                key == "sk-fake-3"
+            })
+            .await;
+            let (old, replaced_at) = broker.st().rotated.last().cloned().unwrap();
+            assert_eq!(old.n, 2, "the refresh replaced the key held");
+            assert!(
+                replaced_at < old.expires_at,
+                "replaced at {replaced_at:?}, after it expired"
+            );
+            let half_life = old.expires_at.duration_since(old.created_at).unwrap() / 2;
+            assert!(
+                old.expires_at.duration_since(replaced_at).unwrap() > half_life,
+                "replaced with less than half its life left: not by the refresh window"
+            );
+            let st = litellm.status().remove(0);
+            let written = st.outputs[0]
+                .changed_at
+                .as_deref()
+                .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+                .map(SystemTime::from)
+                .unwrap_or_else(|| panic!("no changed_at for the key file: {st:?}"));
+            assert!(
+                written < old.expires_at,
+                "the new key reached the file late"
+            );
+            let text = logs.text();
+            assert!(
+                !text.contains("expired without a refresh") && !text.contains("refuses this"),
+                "the key file went without a key in between: {text}"
+            );
+            litellm.shutdown(Duration::from_secs(5)).await;
+            creds.shutdown();
+            assert!(
+                !logs.contains("released the LiteLLM key"),
+                "a ci key is kept"
+            );
+            assert_eq!(key_in(&key_file), "sk-fake-3", "kept for the next start");
+        }
+    }
 }
