@@ -58,11 +58,9 @@ impl Clock for TokioClock {
     }
 
     fn sleep_until(&self, at: SystemTime) -> Sleep {
-        let after = at.duration_since(self.start).unwrap_or_default();
-        let deadline = self
-            .origin
-            .checked_add(after)
-            .unwrap_or_else(|| self.origin + crate::refresh::BACKOFF_CAP * 1_000_000);
-        Box::pin(tokio::time::sleep_until(deadline))
+        // Bounded so that the instant arithmetic cannot overflow (a plan may say 9999).
+        const FAR: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 86_400);
+        let after = at.duration_since(self.start).unwrap_or_default().min(FAR);
+        Box::pin(tokio::time::sleep_until(self.origin + after))
     }
 }
