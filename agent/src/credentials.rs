@@ -183,6 +183,13 @@ impl Kind for Token {
         )
     }
 
+    fn accept(&self, st: &mut State<Token>, new: &Held<Token>, now: SystemTime) -> bool {
+        st.held = Some(new.clone());
+        st.extra.rejected = None;
+        st.last_refresh = Some(now);
+        true
+    }
+
     fn record(&self, held: &Held<Token>, st: &State<Token>) -> CacheRecord {
         CacheRecord {
             format: CACHE_FORMAT,
@@ -752,39 +759,29 @@ async fn fetch(
     }
     let rejected = slot.state().extra.rejected.clone();
     let (now, result) = slot
-        .ask(
+        .fetch(
             inner.edges.broker.as_ref(),
             inner.edges.clock.as_ref(),
+            &inner.disk,
             rejected.as_deref(),
         )
         .await;
-    let _disk = slot.disk_lock.lock().await;
     match result {
         Ok(held) => {
             inner.record_contact(now);
-            {
-                let mut st = slot.state();
-                let earlier_failures = st.failures;
-                st.held = Some(held.clone());
-                st.extra.rejected = None;
-                st.last_refresh = Some(now);
-                st.succeeded(&slot.kind, now, earlier_failures);
-            }
             tracing::info!(
                 scope = %slot.kind.scope,
                 credential_id = %held.credential_id,
                 expires_at = %rfc3339(held.expires_at),
                 "credential fetched"
             );
-            slot.store_cache(&inner.disk, &held).await;
             slot.wake.notify_one();
             Ok(Some(held))
         }
-        Err(e) => {
+        Err(slot::Refused { error: e, failed }) => {
             if e.broker_answered() {
                 inner.record_contact(now);
             }
-            let failed = slot.failed(now, &e);
             if let Some(held) = failed.dropped {
                 tracing::warn!(
                     scope = %slot.kind.scope,
@@ -792,7 +789,6 @@ async fn fetch(
                     error = %e,
                     "the broker refuses this credential now; dropped the cached copy"
                 );
-                slot.remove_cache(&inner.disk).await;
             } else if failed.still_held {
                 tracing::warn!(
                     scope = %slot.kind.scope,

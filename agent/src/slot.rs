@@ -65,6 +65,9 @@ pub trait Kind: Send + Sync + Sized + 'static {
     /// Why a credential that is due for refresh the moment it arrives is suspicious (shown as
     /// the last error while the slot backs off); `left` is its remaining life.
     fn due_again(&self, left: Duration) -> String;
+    /// Takes a checked answer that arrived at `now` into the state (the held credential and the
+    /// kind's own bookkeeping); whether the cache file must be written.
+    fn accept(&self, state: &mut State<Self>, new: &Held<Self>, now: SystemTime) -> bool;
     /// The cache record of `held`.
     fn record(&self, held: &Held<Self>, state: &State<Self>) -> Self::Record;
     /// The status row at `now`.
@@ -151,6 +154,12 @@ pub struct Failed<K: Kind> {
     pub still_held: bool,
     pub failures: u32,
     pub retry_in: Duration,
+}
+
+/// A failed [`Slot::fetch`]: the broker's error and what the slot did about it.
+pub struct Refused<K: Kind> {
+    pub error: BrokerError,
+    pub failed: Failed<K>,
 }
 
 /// One credential a kind keeps fresh.
@@ -257,8 +266,44 @@ impl<K: Kind> Slot<K> {
         }
     }
 
+    /// One broker call and what follows from it, under the disk lock: an answer accepted
+    /// (the cache file written when the kind says so), or a failure recorded (the cache file
+    /// removed when the broker took access away). Returns the time the answer arrived.
+    pub async fn fetch(
+        &self,
+        broker: &dyn CredentialBroker,
+        clock: &dyn Clock,
+        disk: &DiskCache,
+        replaces: Option<&str>,
+    ) -> (SystemTime, Result<Held<K>, Refused<K>>) {
+        let (now, result) = self.ask(broker, clock, replaces).await;
+        let _disk = self.disk_lock.lock().await;
+        match result {
+            Ok(new) => {
+                let store = {
+                    let mut st = self.state();
+                    let earlier_failures = st.failures;
+                    let store = self.kind.accept(&mut st, &new, now);
+                    st.succeeded(&self.kind, now, earlier_failures);
+                    st.held.clone().filter(|_| store)
+                };
+                if let Some(held) = &store {
+                    self.store_cache(disk, held).await;
+                }
+                (now, Ok(new))
+            }
+            Err(error) => {
+                let failed = self.failed(now, &error);
+                if failed.dropped.is_some() {
+                    self.remove_cache(disk).await;
+                }
+                (now, Err(Refused { error, failed }))
+            }
+        }
+    }
+
     /// One broker call: the answer, checked, and the time it arrived.
-    pub async fn ask(
+    async fn ask(
         &self,
         broker: &dyn CredentialBroker,
         clock: &dyn Clock,
@@ -271,7 +316,7 @@ impl<K: Kind> Slot<K> {
 
     /// Records a failed broker call at `now`: the retry time (backoff, or what the broker
     /// asked for, bounded) and the error; drops the credential if the broker took access away.
-    pub fn failed(&self, now: SystemTime, e: &BrokerError) -> Failed<K> {
+    fn failed(&self, now: SystemTime, e: &BrokerError) -> Failed<K> {
         let mut st = self.state();
         st.failures = st.failures.saturating_add(1);
         let delay = refresh::retry_delay(st.failures, e.retry(), e.retry_after(), rand::random());

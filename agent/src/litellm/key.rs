@@ -317,6 +317,30 @@ impl Kind for Key {
         )
     }
 
+    fn accept(&self, st: &mut SlotState<Key>, new: &Held<Key>, now: SystemTime) -> bool {
+        st.extra.last_check = Some(now);
+        let same = st
+            .held
+            .as_ref()
+            .is_some_and(|h| h.credential_id == new.credential_id);
+        if !same {
+            st.last_refresh = Some(now);
+            st.held = Some(new.clone());
+            return true;
+        }
+        match st.held.as_mut() {
+            Some(h) if h.expires_at != new.expires_at => {
+                // The broker extended the life of the key held.
+                h.expires_at = new.expires_at;
+                h.refresh_at = new.refresh_at;
+                true
+            }
+            // Confirmed as it is: nothing to write. (Due again at once, a key shorter-lived
+            // than its refresh window, backs off: see `State::succeeded`.)
+            _ => false,
+        }
+    }
+
     fn record(&self, held: &Held<Key>, _st: &SlotState<Key>) -> KeyRecord {
         held.record(&self.entry.identity())
     }

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::broker_client::{BrokerError, Released};
+use crate::broker_client::Released;
 use crate::cache::{DiskCache, ReadError};
 use crate::config::Config;
 use crate::credentials::{Credentials, Edges, rfc3339};
@@ -244,43 +244,22 @@ impl Inner {
         let entry = &slot.kind.entry;
         let edges = self.edges();
         let (now, result) = slot
-            .ask(
+            .fetch(
                 edges.broker.as_ref(),
                 edges.clock.as_ref(),
+                &self.disk,
                 replaces.as_deref(),
             )
             .await;
         if result
             .as_ref()
-            .map_or_else(BrokerError::broker_answered, |_| true)
+            .map_or_else(|r| r.error.broker_answered(), |_| true)
         {
             self.credentials.record_broker_contact(now);
         }
         match result {
             Ok(new) => {
-                let same = held_id.as_deref() == Some(new.credential_id.as_str());
-                let store = {
-                    let mut st = slot.state();
-                    let earlier_failures = st.failures;
-                    st.extra.last_check = Some(now);
-                    let mut store = !same;
-                    if !same {
-                        st.last_refresh = Some(now);
-                        st.held = Some(new.clone());
-                    } else if let Some(h) = st.held.as_mut()
-                        && h.expires_at != new.expires_at
-                    {
-                        // The broker extended the life of the key held.
-                        h.expires_at = new.expires_at;
-                        h.refresh_at = new.refresh_at;
-                        store = true;
-                    }
-                    // Due again at once (a key shorter-lived than the refresh window, or a
-                    // refresh answered with the key held): backs off, no tight loop.
-                    st.succeeded(&slot.kind, now, earlier_failures);
-                    st.held.clone().filter(|_| store)
-                };
-                if same {
+                if held_id.as_deref() == Some(new.credential_id.as_str()) {
                     tracing::debug!(scope = %entry.scope, credential_id = %new.credential_id, "the broker confirms the LiteLLM key held");
                 } else {
                     tracing::info!(
@@ -292,12 +271,9 @@ impl Inner {
                         "LiteLLM key fetched"
                     );
                 }
-                if let Some(held) = store {
-                    slot.store_cache(&self.disk, &held).await;
-                }
                 self.sync_files(slot).await;
             }
-            Err(e) => match slot.failed(now, &e).dropped {
+            Err(slot::Refused { error: e, failed }) => match failed.dropped {
                 Some(held) => {
                     tracing::warn!(
                         scope = %entry.scope,
@@ -305,7 +281,6 @@ impl Inner {
                         error = %e,
                         "the broker refuses this LiteLLM key now; removing it from the files"
                     );
-                    slot.remove_cache(&self.disk).await;
                     self.sync_files(slot).await;
                 }
                 None => {
