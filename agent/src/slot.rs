@@ -6,8 +6,8 @@
 //! away), expire it, sleep until the next deadline, write and remove its cache file.
 //!
 //! What differs per kind is one [`Kind`] implementation: how to ask the broker and check the
-//! answer, when a credential is refreshed, what the cache record holds, how its task plans its
-//! next step, and what status shows. What a kind does with a step (serve git, write key files)
+//! answer, how an answer is taken in, when a credential is refreshed, what the cache record
+//! holds, how its task plans its next step, and what status shows. What a kind does with a step (serve git, write key files)
 //! stays in its module, which drives its slots with these pieces.
 
 use std::fmt::Display;
