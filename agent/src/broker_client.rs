@@ -297,6 +297,72 @@ fn awaiting_approval(bytes: &[u8]) -> BrokerError {
     }
 }
 
+/// A future a [`CredentialBroker`] hands out; boxed so that `dyn CredentialBroker` works.
+pub type BrokerFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, BrokerError>> + Send + 'a>>;
+
+/// What the agent's credential slots ask of the broker: the seam between them and HTTP, so
+/// that their refresh, retry and expiry behaviour is tested in-process against a fake broker.
+/// [`BrokerClient`] is the real one.
+pub trait CredentialBroker: Send + Sync + 'static {
+    /// See [`BrokerClient::github_token`].
+    fn github_token<'a>(
+        &'a self,
+        scope: &'a Scope,
+        entry: &'a GithubEntry,
+        replaces: Option<&'a str>,
+    ) -> BrokerFuture<'a, Issued>;
+    /// See [`BrokerClient::litellm_key`].
+    fn litellm_key<'a>(
+        &'a self,
+        scope: &'a str,
+        workspace: Option<&'a botcreds_proto::litellm::WorkspaceInfo>,
+        reason: Option<&'a str>,
+        replaces: Option<&'a str>,
+    ) -> BrokerFuture<'a, botcreds_proto::litellm::LitellmCredential>;
+    /// See [`BrokerClient::release_credential`].
+    fn release_credential<'a>(
+        &'a self,
+        credential_id: &'a str,
+        timeout: Duration,
+    ) -> BrokerFuture<'a, Released>;
+}
+
+impl CredentialBroker for BrokerClient {
+    fn github_token<'a>(
+        &'a self,
+        scope: &'a Scope,
+        entry: &'a GithubEntry,
+        replaces: Option<&'a str>,
+    ) -> BrokerFuture<'a, Issued> {
+        Box::pin(BrokerClient::github_token(self, scope, entry, replaces))
+    }
+
+    fn litellm_key<'a>(
+        &'a self,
+        scope: &'a str,
+        workspace: Option<&'a botcreds_proto::litellm::WorkspaceInfo>,
+        reason: Option<&'a str>,
+        replaces: Option<&'a str>,
+    ) -> BrokerFuture<'a, botcreds_proto::litellm::LitellmCredential> {
+        Box::pin(BrokerClient::litellm_key(
+            self, scope, workspace, reason, replaces,
+        ))
+    }
+
+    fn release_credential<'a>(
+        &'a self,
+        credential_id: &'a str,
+        timeout: Duration,
+    ) -> BrokerFuture<'a, Released> {
+        Box::pin(BrokerClient::release_credential(
+            self,
+            credential_id,
+            timeout,
+        ))
+    }
+}
+
 /// A client for one broker.
 pub struct BrokerClient {
     http: HttpSlot,

@@ -1,14 +1,15 @@
-//! The credentials this agent holds, in memory and in the disk cache: git's `get` and `erase`,
-//! and one task per credential that sleeps until its next deadline to refresh, retry, expire or
-//! forget it.
+//! The GitHub tokens this agent holds, in memory and in the disk cache: git's `get` and
+//! `erase`, and one [`Slot`] per credential whose task sleeps until its next deadline to
+//! refresh, retry, expire or forget it.
 //!
-//! Two locks per credential, for two different waits: `fetch_lock` makes concurrent fetches of
-//! one credential share a single broker call; `disk_lock` orders every change of the held
-//! credential with its disk write, so memory and disk never disagree about which token is
-//! current, without making an `erase` wait for a slow broker.
+//! Two locks per credential (the slot's), for two different waits: `fetch_lock` makes
+//! concurrent fetches of one credential share a single broker call; `disk_lock` orders every
+//! change of the held credential with its disk write, so memory and disk never disagree about
+//! which token is current, without making an `erase` wait for a slow broker.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use botcreds_proto::agent::{CredentialSource, CredentialState, CredentialStatus};
@@ -16,13 +17,14 @@ use botcreds_proto::git_credential::Description;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::Notify;
 
-use crate::broker_client::{BrokerClient, BrokerError};
+use crate::broker_client::{BrokerClient, BrokerError, CredentialBroker, Issued};
 use crate::cache::{CACHE_FORMAT, CacheRecord, DiskCache};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, GithubEntry, Resolved, Scope};
-use crate::refresh::{self, Action, Retry, Timeline};
+use crate::refresh::{self, Action, Timeline};
 use crate::secret::Secret;
+use crate::slot::{self, Held, Kind, Slot, State, lock};
 
 /// Replacements of one credential that git's `erase` may cause within [`REPLACEMENT_WINDOW`]:
 /// more rejections than that are a loop (or a local user minting tokens), not a revoked token.
@@ -61,6 +63,14 @@ pub enum SlotLimit {
     Total { limit: usize },
 }
 
+/// The outside world of the agent's credential tasks: the broker they ask and the clock they
+/// plan by. The daemon uses the real ones; tests swap in fakes.
+#[derive(Clone)]
+pub struct Edges {
+    pub broker: Arc<dyn CredentialBroker>,
+    pub clock: Arc<dyn Clock>,
+}
+
 /// The agent's credentials: a cheap handle to shared state.
 #[derive(Clone)]
 pub struct Credentials {
@@ -69,50 +79,193 @@ pub struct Credentials {
 
 struct Inner {
     config: Arc<Config>,
-    broker: BrokerClient,
+    /// The HTTP client, for what is not a credential (the status probe, mTLS renewal).
+    client: Arc<BrokerClient>,
+    edges: Edges,
     disk: DiskCache,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Mutex<HashMap<String, Arc<Slot<Token>>>>,
     /// When the broker last answered a credential request (even with a refusal).
     last_contact: Mutex<Option<SystemTime>>,
 }
 
-/// One credential the agent holds or tracks, keyed by its scope.
-struct Slot {
+/// A GitHub token of one scope: the [`Kind`] of the agent's GitHub slots.
+pub struct Token {
     scope: Scope,
-    file_name: String,
     entry: GithubEntry,
     source: CredentialSource,
     /// The uid whose request created this per-repository slot (`[limits]`).
     owner: Option<u32>,
-    state: Mutex<SlotState>,
-    fetch_lock: tokio::sync::Mutex<()>,
-    disk_lock: tokio::sync::Mutex<()>,
-    wake: Notify,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
+    idle_timeout: Duration,
 }
 
+/// A GitHub slot's own state.
 #[derive(Default)]
-struct SlotState {
-    held: Option<Held>,
+pub struct TokenState {
     /// The id of a credential git reported rejected; sent with the next request so that the
     /// broker does not hand the same one back from its reuse cache.
     rejected: Option<String>,
-    last_refresh: Option<SystemTime>,
     last_used: Option<SystemTime>,
-    failures: u32,
-    retry_at: Option<SystemTime>,
-    last_error: Option<(SystemTime, String)>,
     /// When git's `erase` last made the agent drop this credential (within the window).
     replacements: Vec<SystemTime>,
 }
 
-#[derive(Clone)]
-struct Held {
-    token: Secret,
-    credential_id: String,
-    expires_at: SystemTime,
-    fetched_at: SystemTime,
-    refresh_at: SystemTime,
+impl Kind for Token {
+    type Value = Secret;
+    type Extra = TokenState;
+    type Step = Action;
+    type Answer = Issued;
+    type Record = CacheRecord;
+    type Status = CredentialStatus;
+
+    const MAX_LIFE: Duration = refresh::MAX_GITHUB_TOKEN_LIFE;
+    const NOUN: &'static str = "credential";
+
+    fn scope(&self) -> &dyn Display {
+        &self.scope
+    }
+
+    fn task_name(&self) -> String {
+        format!("credential {}", self.scope)
+    }
+
+    async fn ask<'a>(
+        &'a self,
+        broker: &'a dyn CredentialBroker,
+        replaces: Option<&'a str>,
+    ) -> Result<Issued, BrokerError> {
+        broker
+            .github_token(&self.scope, &self.entry, replaces)
+            .await
+    }
+
+    fn check(&self, issued: Issued, now: SystemTime) -> Result<Held<Token>, BrokerError> {
+        let bad = |detail: String| BrokerError::BadAnswer {
+            status: 200,
+            detail,
+        };
+        if !refresh::servable(issued.expires_at, now) {
+            return Err(bad(format!(
+                "the credential expires at {}, less than a minute from now (check the clocks)",
+                rfc3339(issued.expires_at)
+            )));
+        }
+        refresh::check_lifetime(issued.expires_at, now, refresh::MAX_GITHUB_TOKEN_LIFE).map_err(
+            |why| {
+                bad(format!(
+                    "the GitHub token expires at {}: {why}",
+                    rfc3339(issued.expires_at)
+                ))
+            },
+        )?;
+        Ok(Held {
+            refresh_at: self.refresh_at(now, issued.expires_at, rand::random()),
+            value: issued.token,
+            credential_id: issued.credential_id,
+            expires_at: issued.expires_at,
+            fetched_at: now,
+        })
+    }
+
+    fn refresh_at(&self, _fetched_at: SystemTime, expires_at: SystemTime, unit: f64) -> SystemTime {
+        let before = self.entry.refresh_before;
+        refresh::refresh_at(expires_at, before, refresh::refresh_jitter(before, unit))
+    }
+
+    fn next_step(&self, now: SystemTime, st: &State<Token>) -> Option<(SystemTime, Action)> {
+        refresh::next_action(now, &self.timeline(st), self.idle_timeout)
+    }
+
+    fn due_again(&self, left: Duration) -> String {
+        format!(
+            "the broker handed out a token with only {}m left, less than refresh_before ({}m)",
+            left.as_secs() / 60,
+            self.entry.refresh_before.as_secs() / 60
+        )
+    }
+
+    fn accept(&self, st: &mut State<Token>, new: &Held<Token>, now: SystemTime) -> bool {
+        st.held = Some(new.clone());
+        st.extra.rejected = None;
+        st.last_refresh = Some(now);
+        true
+    }
+
+    fn record(&self, held: &Held<Token>, st: &State<Token>) -> CacheRecord {
+        CacheRecord {
+            format: CACHE_FORMAT,
+            protocol: self.scope.protocol.clone(),
+            host: self.scope.host.clone(),
+            repositories: self
+                .scope
+                .repositories
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            permissions: self
+                .scope
+                .permissions
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            credential_id: held.credential_id.clone(),
+            token: held.value.clone(),
+            expires_at: time_to_unix(held.expires_at),
+            fetched_at: time_to_unix(held.fetched_at),
+            last_used: st.extra.last_used.map(time_to_unix),
+        }
+    }
+
+    fn status(&self, now: SystemTime, st: &State<Token>) -> CredentialStatus {
+        let next = self.next_step(now, st);
+        let servable = st.servable(now);
+        let state = match servable {
+            None => CredentialState::Missing,
+            Some(h) if now >= h.refresh_at && st.failures > 0 => CredentialState::ServingFromCache,
+            Some(h) if now >= h.refresh_at => CredentialState::Refreshing,
+            Some(_) => CredentialState::Fresh,
+        };
+        CredentialStatus {
+            protocol: self.scope.protocol.clone(),
+            host: self.scope.host.clone(),
+            repositories: self
+                .scope
+                .repositories
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            permissions: self
+                .scope
+                .permissions
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            source: self.source,
+            state,
+            credential_id: servable.map(|h| h.credential_id.clone()),
+            expires_at: servable.map(|h| rfc3339(h.expires_at)),
+            last_refresh: st.last_refresh.map(rfc3339),
+            next_refresh: match next {
+                Some((at, Action::Fetch)) => Some(rfc3339(at.max(now))),
+                _ => None,
+            },
+            last_used: st.extra.last_used.map(rfc3339),
+            last_error: st.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_error_at: st.last_error.as_ref().map(|(at, _)| rfc3339(*at)),
+            failures: st.failures,
+        }
+    }
+}
+
+impl Token {
+    fn timeline(&self, st: &State<Token>) -> Timeline {
+        Timeline {
+            expires_at: st.held.as_ref().map(|h| h.expires_at),
+            refresh_at: st.held.as_ref().map(|h| h.refresh_at),
+            retry_at: st.retry_at,
+            always_fresh: self.source == CredentialSource::Config,
+            last_used: st.extra.last_used,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -123,18 +276,30 @@ enum Purpose {
     Refresh,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind; keep serving.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Credentials {
-    /// Loads the disk cache, tracks every configured credential and starts their tasks.
-    /// Must be called inside the tokio runtime.
+    /// Loads the disk cache, tracks every configured credential and starts their tasks, asking
+    /// `broker` on the system clock. Must be called inside the tokio runtime.
     pub fn start(config: Arc<Config>, broker: BrokerClient, disk: DiskCache) -> Credentials {
+        let client = Arc::new(broker);
+        let edges = Edges {
+            broker: client.clone(),
+            clock: Arc::new(SystemClock),
+        };
+        Credentials::start_with(config, client, edges, disk)
+    }
+
+    /// [`Credentials::start`] with the broker and clock the tasks use given (`client` serves
+    /// only the status probe and the mTLS renewal).
+    pub fn start_with(
+        config: Arc<Config>,
+        client: Arc<BrokerClient>,
+        edges: Edges,
+        disk: DiskCache,
+    ) -> Credentials {
         let inner = Arc::new(Inner {
             config,
-            broker,
+            client,
+            edges,
             disk,
             slots: Mutex::new(HashMap::new()),
             last_contact: Mutex::new(None),
@@ -150,7 +315,12 @@ impl Credentials {
     }
 
     pub fn broker(&self) -> &BrokerClient {
-        &self.inner.broker
+        &self.inner.client
+    }
+
+    /// The broker and clock the credential tasks use (shared with the LiteLLM keys).
+    pub fn edges(&self) -> &Edges {
+        &self.inner.edges
     }
 
     pub fn last_contact(&self) -> Option<SystemTime> {
@@ -221,7 +391,7 @@ impl Credentials {
         } else {
             CredentialSource::Config
         };
-        let now = SystemTime::now();
+        let now = self.inner.now();
         let slot = match self.inner.slot(scope, entry, source, Some(now), Some(uid)) {
             Ok(slot) => slot,
             Err(limit) => {
@@ -231,15 +401,15 @@ impl Credentials {
         };
         if let Some(held) = slot.servable(now) {
             return GitAnswer::Credential {
-                token: held.token,
+                token: held.value,
                 expires_at: held.expires_at,
             };
         }
         let fetch = tokio::spawn(fetch(self.inner.clone(), slot.clone(), Purpose::Git));
-        let what = describe_repos(&slot.scope);
+        let what = describe_repos(&slot.kind.scope);
         match tokio::time::timeout(self.inner.config.helper_timeout, fetch).await {
             Ok(Ok(Ok(Some(held)))) => GitAnswer::Credential {
-                token: held.token,
+                token: held.value,
                 expires_at: held.expires_at,
             },
             Ok(Ok(Ok(None))) => refused(
@@ -286,44 +456,45 @@ impl Credentials {
             return Ok(());
         };
         let Some(password) = d.password.as_deref() else {
-            tracing::info!(scope = %slot.scope, "git sent erase without a password; keeping the credential");
+            tracing::info!(scope = %slot.kind.scope, "git sent erase without a password; keeping the credential");
             return Ok(());
         };
         let _disk = slot.disk_lock.lock().await;
-        let now = SystemTime::now();
+        let now = self.inner.now();
         let dropped = {
-            let mut st = lock(&slot.state);
+            let mut st = slot.state();
             let matches = st.held.as_ref().is_some_and(|h| {
-                bool::from(password.as_bytes().ct_eq(h.token.expose().as_bytes()))
+                bool::from(password.as_bytes().ct_eq(h.value.expose().as_bytes()))
             });
-            st.replacements
+            st.extra
+                .replacements
                 .retain(|at| now.duration_since(*at).unwrap_or_default() < REPLACEMENT_WINDOW);
             if !matches {
                 None
-            } else if st.replacements.len() >= MAX_REPLACEMENTS {
+            } else if st.extra.replacements.len() >= MAX_REPLACEMENTS {
                 tracing::warn!(
-                    scope = %slot.scope,
+                    scope = %slot.kind.scope,
                     limit = MAX_REPLACEMENTS,
                     window_s = REPLACEMENT_WINDOW.as_secs(),
                     "git reported the credential as rejected again; too many replacements, keeping it"
                 );
                 None
             } else {
-                st.replacements.push(now);
+                st.extra.replacements.push(now);
                 let taken = st.held.take();
                 if let Some(h) = &taken {
-                    st.rejected = Some(h.credential_id.clone());
+                    st.extra.rejected = Some(h.credential_id.clone());
                 }
                 taken
             }
         };
         if let Some(held) = dropped {
             tracing::info!(
-                scope = %slot.scope,
+                scope = %slot.kind.scope,
                 credential_id = %held.credential_id,
                 "git reported the credential as rejected; dropped it, the next request fetches a new one"
             );
-            self.inner.remove_file(&slot).await;
+            slot.remove_cache(&self.inner.disk).await;
             slot.wake.notify_one();
         }
         Ok(())
@@ -331,21 +502,16 @@ impl Credentials {
 
     /// Every tracked credential, for `GET /v1/status`.
     pub fn status(&self) -> Vec<CredentialStatus> {
-        let now = SystemTime::now();
-        let mut slots: Vec<Arc<Slot>> = lock(&self.inner.slots).values().cloned().collect();
-        slots.sort_by(|a, b| a.scope.cmp(&b.scope));
-        slots
-            .iter()
-            .map(|slot| slot.status(now, self.inner.config.idle_timeout))
-            .collect()
+        let now = self.inner.now();
+        let mut slots: Vec<Arc<Slot<Token>>> = lock(&self.inner.slots).values().cloned().collect();
+        slots.sort_by(|a, b| a.kind.scope.cmp(&b.kind.scope));
+        slots.iter().map(|slot| slot.status(now)).collect()
     }
 
     /// Stops every credential's task.
     pub fn shutdown(&self) {
         for slot in lock(&self.inner.slots).values() {
-            if let Some(task) = lock(&slot.task).take() {
-                task.abort();
-            }
+            slot.abort();
         }
     }
 }
@@ -374,6 +540,10 @@ fn describe_repos(scope: &Scope) -> String {
 }
 
 impl Inner {
+    fn now(&self) -> SystemTime {
+        self.edges.clock.now()
+    }
+
     fn load_disk_cache(self: &Arc<Self>) {
         let (loaded, problems) = match self.disk.load() {
             Ok(v) => v,
@@ -390,7 +560,7 @@ impl Inner {
                 p.reason
             );
         }
-        let now = SystemTime::now();
+        let now = self.now();
         for l in loaded {
             let record = l.record;
             let Ok(scope) = record.scope() else { continue };
@@ -399,44 +569,37 @@ impl Inner {
                 let _ = self.disk.remove(&l.file_name);
                 continue;
             };
-            let (expires_at, fetched_at, last_used) = match refresh::record_times(
-                record.expires_at,
-                record.fetched_at,
-                record.last_used,
-                refresh::MAX_GITHUB_TOKEN_LIFE,
+            let times = (record.expires_at, record.fetched_at, record.last_used);
+            // Checked before a slot is tracked: a record out of range must not take a
+            // per-repository place.
+            let kind = self.token(scope.clone(), entry, CredentialSource::Config, None);
+            let (held, last_used) = match slot::from_cache(
+                &kind,
+                record.token,
+                record.credential_id,
+                times,
                 now,
             ) {
-                Ok(times) => times,
+                Ok(Some(loaded)) => loaded,
+                Ok(None) => {
+                    let _ = self.disk.remove(&l.file_name);
+                    continue;
+                }
                 Err(reason) => {
                     tracing::warn!(scope = %scope, file = %l.file_name, "cached credential has times out of range ({reason}); removed, fetching anew");
                     let _ = self.disk.remove(&l.file_name);
                     continue;
                 }
             };
-            if !refresh::servable(expires_at, now) {
-                let _ = self.disk.remove(&l.file_name);
-                continue;
-            }
             let source = if per_repository {
                 CredentialSource::Path
             } else {
                 CredentialSource::Config
             };
-            let held = Held {
-                refresh_at: refresh::refresh_at(
-                    expires_at,
-                    entry.refresh_before,
-                    refresh::refresh_jitter(entry.refresh_before, rand::random()),
-                ),
-                token: record.token,
-                credential_id: record.credential_id,
-                expires_at,
-                fetched_at,
-            };
             tracing::info!(
                 scope = %scope,
                 credential_id = %held.credential_id,
-                expires_at = %rfc3339(expires_at),
+                expires_at = %rfc3339(held.expires_at),
                 "loaded cached credential"
             );
             let slot = match self.slot(scope, entry, source, None, None) {
@@ -447,12 +610,28 @@ impl Inner {
                     continue;
                 }
             };
-            let mut st = lock(&slot.state);
+            let mut st = slot.state();
             st.last_refresh = Some(held.fetched_at);
-            st.last_used = last_used;
+            st.extra.last_used = last_used;
             st.held = Some(held);
             drop(st);
             slot.wake.notify_one();
+        }
+    }
+
+    fn token(
+        &self,
+        scope: Scope,
+        entry: &GithubEntry,
+        source: CredentialSource,
+        owner: Option<u32>,
+    ) -> Token {
+        Token {
+            scope,
+            entry: entry.clone(),
+            source,
+            owner,
+            idle_timeout: self.config.idle_timeout,
         }
     }
 
@@ -466,18 +645,18 @@ impl Inner {
         source: CredentialSource,
         used: Option<SystemTime>,
         owner: Option<u32>,
-    ) -> Result<Arc<Slot>, SlotLimit> {
+    ) -> Result<Arc<Slot<Token>>, SlotLimit> {
         let file_name = scope.cache_file_name();
         let mut slots = lock(&self.slots);
         if source == CredentialSource::Path && !slots.contains_key(&file_name) {
             let limits = self.config.limits;
             let per_repository = slots
                 .values()
-                .filter(|s| s.source == CredentialSource::Path);
+                .filter(|s| s.kind.source == CredentialSource::Path);
             let (total, mine) = per_repository.fold((0, 0), |(total, mine), s| {
                 (
                     total + 1,
-                    mine + usize::from(owner.is_some() && s.owner == owner),
+                    mine + usize::from(owner.is_some() && s.kind.owner == owner),
                 )
             });
             if let Some(uid) = owner
@@ -497,110 +676,43 @@ impl Inner {
         let slot = slots
             .entry(file_name.clone())
             .or_insert_with(|| {
-                let slot = Arc::new(Slot {
-                    scope,
+                let slot = Arc::new(Slot::new(
+                    self.token(scope, entry, source, owner),
                     file_name,
-                    entry: entry.clone(),
-                    source,
-                    owner,
-                    state: Mutex::new(SlotState::default()),
-                    fetch_lock: tokio::sync::Mutex::new(()),
-                    disk_lock: tokio::sync::Mutex::new(()),
-                    wake: Notify::new(),
-                    task: Mutex::new(None),
-                });
-                let (inner, supervised) = (self.clone(), slot.clone());
-                let task = tokio::spawn(refresh::supervise(
-                    format!("credential {}", slot.scope),
-                    move || run_slot(inner.clone(), supervised.clone()),
+                    TokenState::default(),
                 ));
-                *lock(&slot.task) = Some(task.abort_handle());
+                let (inner, supervised) = (self.clone(), slot.clone());
+                slot.spawn(move || run_slot(inner.clone(), supervised.clone()));
                 slot
             })
             .clone();
         drop(slots);
         if let Some(now) = used {
-            lock(&slot.state).last_used = Some(now);
+            slot.state().extra.last_used = Some(now);
             // Being used can turn an idle credential back into one that is kept fresh.
             slot.wake.notify_one();
         }
         Ok(slot)
     }
 
-    async fn store_file(&self, slot: &Slot, held: &Held, last_used: Option<SystemTime>) {
-        let record = CacheRecord {
-            format: CACHE_FORMAT,
-            protocol: slot.scope.protocol.clone(),
-            host: slot.scope.host.clone(),
-            repositories: slot
-                .scope
-                .repositories
-                .iter()
-                .map(|r| r.to_string())
-                .collect(),
-            permissions: slot
-                .scope
-                .permissions
-                .iter()
-                .map(|p| p.to_string())
-                .collect(),
-            credential_id: held.credential_id.clone(),
-            token: held.token.clone(),
-            expires_at: time_to_unix(held.expires_at),
-            fetched_at: time_to_unix(held.fetched_at),
-            last_used: last_used.map(time_to_unix),
-        };
-        let disk = self.disk.clone();
-        let name = slot.file_name.clone();
-        let result = tokio::task::spawn_blocking(move || disk.store(&name, &record)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(
-                scope = %slot.scope,
-                error = %e,
-                "cannot write the cache file; the credential is held in memory only"
-            ),
-            Err(e) => tracing::warn!(scope = %slot.scope, error = %e, "cache write task failed"),
-        }
-    }
-
-    async fn remove_file(&self, slot: &Slot) {
-        let disk = self.disk.clone();
-        let name = slot.file_name.clone();
-        match tokio::task::spawn_blocking(move || disk.remove(&name)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(scope = %slot.scope, error = %e, "cannot remove the cache file")
-            }
-            Err(e) => tracing::warn!(scope = %slot.scope, error = %e, "cache removal task failed"),
-        }
-    }
-
-    async fn expire(&self, slot: &Slot) {
+    async fn expire(&self, slot: &Slot<Token>) {
         let _disk = slot.disk_lock.lock().await;
-        let dropped = {
-            let mut st = lock(&slot.state);
-            match &st.held {
-                Some(h) if !refresh::servable(h.expires_at, SystemTime::now()) => st.held.take(),
-                _ => None,
-            }
-        };
-        if let Some(held) = dropped {
+        if let Some(held) = slot.take_expired(self.now()) {
             tracing::info!(
-                scope = %slot.scope,
+                scope = %slot.kind.scope,
                 credential_id = %held.credential_id,
                 "credential expired without a refresh; dropped it"
             );
-            self.remove_file(slot).await;
+            slot.remove_cache(&self.disk).await;
         }
     }
 
     /// Removes an unused per-repository slot; false if it became wanted again meanwhile.
-    fn forget(&self, slot: &Arc<Slot>) -> bool {
+    fn forget(&self, slot: &Arc<Slot<Token>>) -> bool {
         let mut slots = lock(&self.slots);
-        let now = SystemTime::now();
+        let now = self.now();
         let due = matches!(
-            refresh::next_action(now, &slot.timeline(), self.config.idle_timeout),
+            slot.next_step(now),
             Some((at, Action::Forget)) if at <= now
         );
         if due
@@ -609,7 +721,7 @@ impl Inner {
                 .is_some_and(|s| Arc::ptr_eq(s, slot))
         {
             slots.remove(&slot.file_name);
-            lock(&slot.task).take();
+            slot.release_task();
             return true;
         }
         false
@@ -620,80 +732,15 @@ impl Inner {
     }
 }
 
-impl Slot {
-    fn servable(&self, now: SystemTime) -> Option<Held> {
-        lock(&self.state)
-            .held
-            .as_ref()
-            .filter(|h| refresh::servable(h.expires_at, now))
-            .cloned()
-    }
-
-    fn timeline(&self) -> Timeline {
-        let st = lock(&self.state);
-        Timeline {
-            expires_at: st.held.as_ref().map(|h| h.expires_at),
-            refresh_at: st.held.as_ref().map(|h| h.refresh_at),
-            retry_at: st.retry_at,
-            always_fresh: self.source == CredentialSource::Config,
-            last_used: st.last_used,
-        }
-    }
-
-    fn status(&self, now: SystemTime, idle_timeout: Duration) -> CredentialStatus {
-        let next = refresh::next_action(now, &self.timeline(), idle_timeout);
-        let st = lock(&self.state);
-        let servable = st
-            .held
-            .as_ref()
-            .filter(|h| refresh::servable(h.expires_at, now));
-        let state = match servable {
-            None => CredentialState::Missing,
-            Some(h) if now >= h.refresh_at && st.failures > 0 => CredentialState::ServingFromCache,
-            Some(h) if now >= h.refresh_at => CredentialState::Refreshing,
-            Some(_) => CredentialState::Fresh,
-        };
-        CredentialStatus {
-            protocol: self.scope.protocol.clone(),
-            host: self.scope.host.clone(),
-            repositories: self
-                .scope
-                .repositories
-                .iter()
-                .map(|r| r.to_string())
-                .collect(),
-            permissions: self
-                .scope
-                .permissions
-                .iter()
-                .map(|p| p.to_string())
-                .collect(),
-            source: self.source,
-            state,
-            credential_id: servable.map(|h| h.credential_id.clone()),
-            expires_at: servable.map(|h| rfc3339(h.expires_at)),
-            last_refresh: st.last_refresh.map(rfc3339),
-            next_refresh: match next {
-                Some((at, Action::Fetch)) => Some(rfc3339(at.max(now))),
-                _ => None,
-            },
-            last_used: st.last_used.map(rfc3339),
-            last_error: st.last_error.as_ref().map(|(_, e)| e.clone()),
-            last_error_at: st.last_error.as_ref().map(|(at, _)| rfc3339(*at)),
-            failures: st.failures,
-        }
-    }
-}
-
 /// One broker call for `slot`, shared by everyone who needs it at the same moment. `Ok(None)`:
 /// a refresh that is no longer due once the lock was ours (a fetch for git just did it).
 async fn fetch(
     inner: Arc<Inner>,
-    slot: Arc<Slot>,
+    slot: Arc<Slot<Token>>,
     purpose: Purpose,
-) -> Result<Option<Held>, BrokerError> {
+) -> Result<Option<Held<Token>>, BrokerError> {
     let _fetching = slot.fetch_lock.lock().await;
-    let now = SystemTime::now();
+    let now = inner.now();
     match purpose {
         Purpose::Git => {
             if let Some(held) = slot.servable(now) {
@@ -702,7 +749,7 @@ async fn fetch(
         }
         Purpose::Refresh => {
             let due = matches!(
-                refresh::next_action(now, &slot.timeline(), inner.config.idle_timeout),
+                slot.next_step(now),
                 Some((at, Action::Fetch)) if at <= now
             );
             if !due {
@@ -710,132 +757,52 @@ async fn fetch(
             }
         }
     }
-    let rejected = lock(&slot.state).rejected.clone();
-    let result = inner
-        .broker
-        .github_token(&slot.scope, &slot.entry, rejected.as_deref())
+    let rejected = slot.state().extra.rejected.clone();
+    let (now, result) = slot
+        .fetch(
+            inner.edges.broker.as_ref(),
+            inner.edges.clock.as_ref(),
+            &inner.disk,
+            rejected.as_deref(),
+        )
         .await;
-    let now = SystemTime::now();
-    let result = result.and_then(|issued| {
-        let bad = |detail: String| BrokerError::BadAnswer {
-            status: 200,
-            detail,
-        };
-        if !refresh::servable(issued.expires_at, now) {
-            return Err(bad(format!(
-                "the credential expires at {}, less than a minute from now (check the clocks)",
-                rfc3339(issued.expires_at)
-            )));
-        }
-        refresh::check_lifetime(issued.expires_at, now, refresh::MAX_GITHUB_TOKEN_LIFE).map_err(
-            |why| {
-                bad(format!(
-                    "the GitHub token expires at {}: {why}",
-                    rfc3339(issued.expires_at)
-                ))
-            },
-        )?;
-        Ok(issued)
-    });
-    let _disk = slot.disk_lock.lock().await;
     match result {
-        Ok(issued) => {
+        Ok(held) => {
             inner.record_contact(now);
-            let refresh_before = slot.entry.refresh_before;
-            let held = Held {
-                refresh_at: refresh::refresh_at(
-                    issued.expires_at,
-                    refresh_before,
-                    refresh::refresh_jitter(refresh_before, rand::random()),
-                ),
-                token: issued.token,
-                credential_id: issued.credential_id,
-                expires_at: issued.expires_at,
-                fetched_at: now,
-            };
-            let last_used = {
-                let mut st = lock(&slot.state);
-                st.held = Some(held.clone());
-                st.rejected = None;
-                st.last_refresh = Some(now);
-                if held.refresh_at <= now {
-                    // Already due again: a broker handing back a short-lived token must not
-                    // make us ask again in a tight loop.
-                    st.failures = st.failures.saturating_add(1);
-                    st.retry_at = Some(refresh::later(
-                        now,
-                        refresh::backoff(st.failures, Retry::Soon, rand::random()),
-                    ));
-                    let left = held.expires_at.duration_since(now).unwrap_or_default();
-                    st.last_error = Some((
-                        now,
-                        format!(
-                            "the broker handed out a token with only {}m left, less than refresh_before ({}m)",
-                            left.as_secs() / 60,
-                            refresh_before.as_secs() / 60
-                        ),
-                    ));
-                } else {
-                    st.failures = 0;
-                    st.retry_at = None;
-                    st.last_error = None;
-                }
-                st.last_used
-            };
             tracing::info!(
-                scope = %slot.scope,
+                scope = %slot.kind.scope,
                 credential_id = %held.credential_id,
                 expires_at = %rfc3339(held.expires_at),
                 "credential fetched"
             );
-            inner.store_file(&slot, &held, last_used).await;
             slot.wake.notify_one();
             Ok(Some(held))
         }
-        Err(e) => {
+        Err(slot::Refused { error: e, failed }) => {
             if e.broker_answered() {
                 inner.record_contact(now);
             }
-            let (dropped, still_held, failures, retry_in) = {
-                let mut st = lock(&slot.state);
-                st.failures = st.failures.saturating_add(1);
-                let delay =
-                    refresh::retry_delay(st.failures, e.retry(), e.retry_after(), rand::random());
-                st.retry_at = Some(refresh::later(now, delay));
-                st.last_error = Some((now, e.to_string()));
-                let dropped = if e.revokes_access() {
-                    st.held.take()
-                } else {
-                    None
-                };
-                let still_held = st
-                    .held
-                    .as_ref()
-                    .is_some_and(|h| refresh::servable(h.expires_at, now));
-                (dropped, still_held, st.failures, delay)
-            };
-            if let Some(held) = dropped {
+            if let Some(held) = failed.dropped {
                 tracing::warn!(
-                    scope = %slot.scope,
+                    scope = %slot.kind.scope,
                     credential_id = %held.credential_id,
                     error = %e,
                     "the broker refuses this credential now; dropped the cached copy"
                 );
-                inner.remove_file(&slot).await;
-            } else if still_held {
+            } else if failed.still_held {
                 tracing::warn!(
-                    scope = %slot.scope,
+                    scope = %slot.kind.scope,
                     error = %e,
-                    failures,
-                    retry_in_s = retry_in.as_secs(),
+                    failures = failed.failures,
+                    retry_in_s = failed.retry_in.as_secs(),
                     "refresh failed; serving the cached credential until it expires"
                 );
             } else {
                 tracing::warn!(
-                    scope = %slot.scope,
+                    scope = %slot.kind.scope,
                     error = %e,
-                    failures,
-                    retry_in_s = retry_in.as_secs(),
+                    failures = failed.failures,
+                    retry_in_s = failed.retry_in.as_secs(),
                     "fetching the credential failed"
                 );
             }
@@ -846,29 +813,18 @@ async fn fetch(
 }
 
 /// A credential's life: sleep until the next deadline (or a wake-up), do what is due, repeat.
-async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot>) {
+async fn run_slot(inner: Arc<Inner>, slot: Arc<Slot<Token>>) {
     loop {
-        let now = SystemTime::now();
-        match refresh::next_action(now, &slot.timeline(), inner.config.idle_timeout) {
-            Some((at, action)) if at <= now => match action {
-                Action::Fetch => {
-                    let _ = fetch(inner.clone(), slot.clone(), Purpose::Refresh).await;
-                }
-                Action::Expire => inner.expire(&slot).await,
-                Action::Forget => {
-                    if inner.forget(&slot) {
-                        return;
-                    }
-                }
-            },
-            Some((at, _)) => {
-                let delay = at.duration_since(now).unwrap_or_default();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = slot.wake.notified() => {}
+        match slot.due(inner.edges.clock.as_ref()).await {
+            Action::Fetch => {
+                let _ = fetch(inner.clone(), slot.clone(), Purpose::Refresh).await;
+            }
+            Action::Expire => inner.expire(&slot).await,
+            Action::Forget => {
+                if inner.forget(&slot) {
+                    return;
                 }
             }
-            None => slot.wake.notified().await,
         }
     }
 }
@@ -965,9 +921,7 @@ permissions = ["contents:read"]
     }
 
     fn task_alive(creds: &Credentials) -> bool {
-        lock(&creds.inner.slots)
-            .values()
-            .all(|s| lock(&s.task).as_ref().is_some_and(|t| !t.is_finished()))
+        lock(&creds.inner.slots).values().all(|s| s.task_alive())
     }
 
     /// The credential tasks have no step signal: poll the status, bounded.
@@ -1327,6 +1281,211 @@ mod erase_and_slot_tests {
             minted <= 1 + MAX_REPLACEMENTS as u32,
             "30 erase+get rounds minted {minted} tokens"
         );
+        creds.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod simulated_time_tests {
+    //! Refresh, retry and expiry on simulated time: a fake broker in the process and tokio's
+    //! paused clock, so an hour of a token's life passes in milliseconds.
+    use std::path::Path;
+
+    use super::*;
+    use crate::broker_client::Auth;
+    use crate::fake_broker::{Logs, edges, until};
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    /// Credentials for `acme/web` (`entry` adds keys to its `[[github]]` entry) on `edges`.
+    fn start(dir: &Path, entry: &str, edges: &Edges) -> Credentials {
+        let toml = format!(
+            "broker = \"http://127.0.0.1:9\"\ncache_dir = {:?}\nsocket = \"/nonexistent/agent.sock\"\n\
+             [[github]]\nrepositories = [\"acme/web\"]\npermissions = [\"contents:read\"]\n{entry}\n",
+            dir.join("cache").display().to_string()
+        );
+        let config = Arc::new(Config::parse(&toml, Path::new("agent.toml")).unwrap());
+        let disk = DiskCache::open(&config.cache_dir).unwrap();
+        let client = Arc::new(
+            BrokerClient::new(&config.broker, Auth::Tailnet, Duration::from_secs(5)).unwrap(),
+        );
+        Credentials::start_with(config, client, edges.clone(), disk)
+    }
+
+    fn request() -> Description {
+        Description {
+            protocol: Some("https".into()),
+            host: Some("github.com".into()),
+            path: Some("acme/web".into()),
+            ..Description::default()
+        }
+    }
+
+    fn cache_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("cache")).unwrap().count()
+    }
+
+    fn status(creds: &Credentials) -> CredentialStatus {
+        creds.status().into_iter().next().unwrap()
+    }
+
+    /// The agent refreshes a token `refresh_before` ahead of its expiry, so git never waits:
+    /// over several lifetimes, every token is replaced while it still lives.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_refreshed_before_they_expire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(90 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        let mut seen: Vec<(String, SystemTime)> = Vec::new();
+        until("five tokens", 10 * MIN, || {
+            let now = edges.clock.now();
+            let st = status(&creds);
+            if !seen.is_empty() {
+                assert_ne!(st.state, CredentialState::Missing, "a gap at {now:?}");
+            }
+            if let Some(id) = st.credential_id.clone()
+                && seen.last().is_none_or(|(last, _)| *last != id)
+            {
+                seen.push((id, now));
+            }
+            seen.len() >= 5
+        })
+        .await;
+        assert_eq!(broker.st().tokens_minted as usize, seen.len());
+        assert!(status(&creds).failures == 0);
+        creds.shutdown();
+    }
+
+    /// e2e `a_running_agent_never_hands_out_an_expired_token`, on simulated time: with the
+    /// broker down, the held token is dropped (memory and disk) once less than a minute is
+    /// left, and git gets the broker's failure instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_past_its_expiry_margin_is_dropped_while_the_broker_is_down() {
+        let (logs, _guard) = Logs::capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(90 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Credential { token, .. } => assert_eq!(token.expose(), "ghs_fake0001"),
+            other => panic!("{other:?}"),
+        }
+        broker.set_down(true);
+        until("the token's expiry margin", 5 * MIN, || {
+            logs.contains("credential expired without a refresh; dropped it")
+        })
+        .await;
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Refused { message, .. } => {
+                assert!(message.contains("broker unreachable"), "{message}")
+            }
+            other => panic!("handed out an expired token: {other:?}"),
+        }
+        let st = status(&creds);
+        assert_eq!(st.state, CredentialState::Missing, "{st:#?}");
+        assert_eq!(st.credential_id, None);
+        assert_eq!(st.expires_at, None);
+        assert_eq!(
+            cache_files(tmp.path()),
+            0,
+            "the expired token left the disk too"
+        );
+        creds.shutdown();
+    }
+
+    /// e2e `an_expired_cached_token_is_not_served_after_a_restart`, on simulated time: a
+    /// token served from memory while the broker is down is on disk; an agent started once its
+    /// last minute has begun neither loads nor serves it, and deletes the file.
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_cached_token_is_not_loaded_after_a_restart() {
+        let (logs, _guard) = Logs::capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(90 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        until("the first fetch", MIN, || {
+            logs.contains("credential fetched")
+        })
+        .await;
+        broker.set_down(true);
+        let expires_at = status(&creds).expires_at.expect("a servable token");
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Credential { expires_at: e, .. } => assert_eq!(rfc3339(e), expires_at),
+            other => panic!("{other:?}"),
+        }
+        creds.shutdown();
+        assert_eq!(cache_files(tmp.path()), 1, "the token is on disk");
+
+        // The agent is down while the token's last minute begins.
+        let expires = SystemTime::from(OffsetDateTime::parse(&expires_at, &Rfc3339).unwrap());
+        let unservable_from = expires - MIN + Duration::from_secs(2);
+        tokio::time::sleep(unservable_from.duration_since(edges.clock.now()).unwrap()).await;
+
+        let before = logs.text().len();
+        let creds = start(tmp.path(), "refresh_before = \"1m\"", &edges);
+        assert!(
+            !logs.text()[before..].contains("loaded cached credential"),
+            "{}",
+            logs.text()
+        );
+        match creds.git_get(&request(), 0).await {
+            GitAnswer::Refused { message, .. } => {
+                assert!(message.contains("broker unreachable"), "{message}")
+            }
+            other => panic!("handed out an expired cached token: {other:?}"),
+        }
+        assert_eq!(status(&creds).state, CredentialState::Missing);
+        assert_eq!(
+            cache_files(tmp.path()),
+            0,
+            "the expired cache file was deleted at startup"
+        );
+        creds.shutdown();
+    }
+
+    /// e2e `status_shows_reachability_and_serving_from_cache_during_an_outage` (the
+    /// credential's part), on simulated time: refreshes that fail while the broker is down
+    /// show as serving from cache with the error and the next try, and git still gets the
+    /// token.
+    #[tokio::test(start_paused = true)]
+    async fn failing_refreshes_serve_from_the_cache_and_show_it() {
+        let (logs, _guard) = Logs::capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (edges, broker) = edges(340 * Duration::from_secs(1), MIN);
+        let creds = start(tmp.path(), "refresh_before = \"5m\"", &edges);
+        assert!(matches!(
+            creds.git_get(&request(), 0).await,
+            GitAnswer::Credential { .. }
+        ));
+        let web = status(&creds);
+        assert!(
+            matches!(
+                web.state,
+                CredentialState::Fresh | CredentialState::Refreshing
+            ),
+            "{web:#?}"
+        );
+        assert!(web.credential_id.is_some() && web.expires_at.is_some());
+        assert_eq!(web.failures, 0);
+
+        broker.set_down(true);
+        until("a failed refresh", 5 * MIN, || {
+            logs.contains("refresh failed; serving the cached credential until it expires")
+        })
+        .await;
+        let web = status(&creds);
+        assert_eq!(web.state, CredentialState::ServingFromCache, "{web:#?}");
+        assert!(web.credential_id.is_some() && web.expires_at.is_some());
+        assert!(web.failures >= 1);
+        assert!(
+            web.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("broker unreachable")),
+            "{web:#?}"
+        );
+        assert!(web.next_refresh.is_some(), "it keeps retrying");
+        assert!(matches!(
+            creds.git_get(&request(), 0).await,
+            GitAnswer::Credential { .. }
+        ));
         creds.shutdown();
     }
 }

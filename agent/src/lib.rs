@@ -7,10 +7,13 @@
 pub mod atomic;
 pub mod broker_client;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod enroll;
+#[cfg(test)]
+mod fake_broker;
 pub mod litellm;
 pub mod litellm_config;
 pub mod local_client;
@@ -18,6 +21,7 @@ pub mod outputs;
 pub mod peer;
 pub mod refresh;
 pub mod secret;
+pub mod slot;
 pub mod socket;
 pub mod status;
 pub mod systemd;

@@ -43,6 +43,16 @@ pub fn servable(expires_at: SystemTime, now: SystemTime) -> bool {
         .is_ok_and(|left| left >= EXPIRY_MARGIN)
 }
 
+/// Whether a credential expiring at `expires_at` has reached its expiry margin at `now`: from
+/// that instant on a task drops it. The same instant the planners schedule `Expire` for, so a
+/// task woken exactly then acts instead of planning the same step again (with a clock that
+/// stands still, as in tests, that was an endless loop).
+pub fn past_margin(expires_at: SystemTime, now: SystemTime) -> bool {
+    expires_at
+        .checked_sub(EXPIRY_MARGIN)
+        .is_none_or(|margin| now >= margin)
+}
+
 /// The jitter for one fetched credential; `unit` is a uniform random number in `[0, 1)`.
 pub fn refresh_jitter(refresh_before: Duration, unit: f64) -> Duration {
     MAX_REFRESH_JITTER
@@ -309,6 +319,23 @@ mod tests {
         assert!(!servable(now + Duration::from_secs(59), now));
         assert!(!servable(now, now));
         assert!(!servable(t(0) - MIN, now), "already expired");
+    }
+
+    /// The expiry the planner schedules is the instant a task drops the credential.
+    #[test]
+    fn the_planned_expiry_is_past_the_margin() {
+        let timeline = Timeline {
+            expires_at: Some(t(60)),
+            refresh_at: Some(t(20)),
+            retry_at: Some(t(70)),
+            always_fresh: true,
+            last_used: None,
+        };
+        let (at, action) = next_action(t(59), &timeline, 60 * MIN).unwrap();
+        assert_eq!(action, Action::Expire);
+        assert!(past_margin(t(60), at), "due at {at:?} but kept");
+        assert!(!past_margin(t(60), at - Duration::from_nanos(1)));
+        assert!(past_margin(SystemTime::UNIX_EPOCH, t(0)));
     }
 
     #[test]
