@@ -115,8 +115,7 @@ impl Auth {
 }
 
 fn read_key_file(path: &Path) -> Result<Secret, String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    read_key_file_as(path, unsafe { libc::geteuid() })
+    read_key_file_as(path, rustix::process::geteuid().as_raw())
 }
 
 /// Largest key file read.
@@ -724,19 +723,19 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&good, &link).unwrap();
         let fifo = tmp.path().join("fifo");
-        let cpath = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let me = rustix::process::geteuid().as_raw();
         // A 0600 key of another user: as root, a file chowned away; otherwise our own file
         // seen by an agent running as another (non-root) uid.
         let foreign = tmp.path().join("foreign");
         fs::copy(&good, &foreign).unwrap();
         let (foreign_owner, agent_uid) = if me == 0 {
-            let c = std::ffi::CString::new(foreign.to_str().unwrap()).unwrap();
-            // SAFETY: a valid C string.
-            assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
+            std::os::unix::fs::chown(&foreign, Some(4242), Some(4242)).unwrap();
             (4242, 0)
         } else {
             (me, me + 1)

@@ -125,8 +125,7 @@ impl DiskCache {
                 path: dir.to_path_buf(),
             });
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::geteuid() };
+        let uid = rustix::process::geteuid().as_raw();
         if meta.uid() != uid {
             return Err(CacheError::NotOwned {
                 path: dir.to_path_buf(),

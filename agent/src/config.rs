@@ -407,8 +407,7 @@ impl Config {
                 }
             }
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let own_uid = unsafe { libc::geteuid() };
+        let own_uid = rustix::process::geteuid().as_raw();
         let allow = AllowList::new(own_uid, uids, gids, member_uids);
 
         let duration = |v: Option<Ttl>, default: Duration| v.map_or(default, Ttl::as_duration);

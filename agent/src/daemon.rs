@@ -40,31 +40,25 @@ pub enum AgentError {
 /// Raises the soft limit on open files to the hard limit (each socket connection, cache file
 /// and broker connection is one), and returns the limit in force.
 fn raise_fd_limit() -> u64 {
-    // SAFETY: rlimit is plain old data; getrlimit/setrlimit only read and write it.
-    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is RLIM_INFINITY, which libc spells u64::MAX.
+    let (soft, hard) = (
+        limit.current.unwrap_or(u64::MAX),
+        limit.maximum.unwrap_or(u64::MAX),
+    );
+    if soft < hard {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
         };
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            tracing::debug!(
-                from = limit.rlim_cur,
-                to = raised.rlim_cur,
-                "raised the open-file limit"
-            );
-            return raised.rlim_cur;
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+            return hard;
         }
-        tracing::warn!(
-            soft = limit.rlim_cur,
-            hard = limit.rlim_max,
-            "cannot raise the open-file limit"
-        );
+        tracing::warn!(soft, hard, "cannot raise the open-file limit");
     }
-    limit.rlim_cur
+    soft
 }
 
 /// Socket connections the open-file limit leaves room for: half of it, so that cache files,

@@ -3,7 +3,6 @@
 //! It talks only to a server that is the agent ([`check_server`], `SO_PEERCRED`).
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -126,22 +125,7 @@ pub fn check_server(socket: &Path, server_uid: u32) -> Result<(), String> {
 
 /// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
 fn server_uid(stream: &UnixStream) -> io::Result<u32> {
-    // SAFETY: ucred is plain old data; getsockopt writes at most `len` bytes into it.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
 }
 
 /// Sends one request with `Connection: close` and reads the answer, all before `deadline`.
@@ -353,8 +337,7 @@ mod tests {
     /// socket directory nobody else can change, is the agent.
     #[test]
     fn only_root_or_the_owner_of_a_safe_socket_directory_is_the_agent() {
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = rustix::process::geteuid().as_raw();
         let stranger = if me == 0 { 4242 } else { me + 1 };
         let tmp = tempfile::tempdir().unwrap();
         let mode = |p: &Path, m: u32| {

@@ -923,8 +923,11 @@ mod tests {
     fn group_is_set_when_configured() {
         const NOGROUP: u32 = 65534;
         let tmp = tempfile::tempdir().unwrap();
-        // SAFETY: getegid has no preconditions.
-        assert_ne!(unsafe { libc::getegid() }, NOGROUP, "pick another group");
+        assert_ne!(
+            rustix::process::getegid().as_raw(),
+            NOGROUP,
+            "pick another group"
+        );
         let m = models();
         let spec = FileSpec {
             mode: 0o640,

@@ -49,6 +49,8 @@ pub struct Group {
 }
 
 /// The uid of a user name, `None` when there is no such user.
+// The user database goes through NSS (getpwnam_r), which only libc offers; rustix does not.
+#[allow(unsafe_code)]
 pub fn lookup_user(name: &str) -> io::Result<Option<u32>> {
     let cname = CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
@@ -79,6 +81,8 @@ pub fn lookup_user(name: &str) -> io::Result<Option<u32>> {
 }
 
 /// A group's gid and member names, `None` when there is no such group.
+// As lookup_user: getgrnam_r through NSS, only in libc.
+#[allow(unsafe_code)]
 pub fn lookup_group(name: &str) -> io::Result<Option<Group>> {
     let cname = CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;

@@ -150,8 +150,7 @@ pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
         .recursive(true)
         .mode(0o755)
         .create(dir)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    check_socket_dir(dir, unsafe { libc::geteuid() })?;
+    check_socket_dir(dir, rustix::process::geteuid().as_raw())?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -177,11 +176,10 @@ pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
     let staged = private.path.join(name);
     // Bind with a umask that already gives 0660, so there is no moment at which the socket is
     // open to everyone; chmod afterwards in case the umask was stricter.
-    // SAFETY: umask has no preconditions; this runs before the agent starts other threads
-    // that create files.
-    let old = unsafe { libc::umask(0o117) };
+    // This runs before the agent starts other threads that create files.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
     let listener = UnixListener::bind(&staged);
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = listener?;
     // Inside our own 0700 directory: nobody else can have swapped `staged`.
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
@@ -204,7 +202,10 @@ impl PrivateDir {
             .into_os_string()
             .into_vec();
         template.push(0);
+        // No safe wrapper offers mkdtemp (rustix does not), and its 0700 directory with a
+        // random name made in one step is what this needs.
         // SAFETY: template is a NUL-terminated buffer mkdtemp rewrites in place.
+        #[allow(unsafe_code)]
         let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
         if made.is_null() {
             return Err(io::Error::last_os_error());
@@ -285,8 +286,7 @@ pub async fn serve(
     limits: ServeLimits,
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let own_uid = unsafe { libc::geteuid() };
+    let own_uid = rustix::process::geteuid().as_raw();
     let counts = Arc::new(Mutex::new(Counts::default()));
     let mut refusals_logged: HashMap<u32, Instant> = HashMap::new();
     let mut connections = tokio::task::JoinSet::new();
@@ -629,8 +629,7 @@ mod dir_tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("run");
         std::fs::create_dir(&dir).unwrap();
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = rustix::process::geteuid().as_raw();
         let stranger = if me == 0 { 4242 } else { me + 1 };
         if me == 0 {
             std::os::unix::fs::chown(&dir, Some(stranger), None).unwrap();

@@ -26,6 +26,9 @@ pub fn notify(state: &str) {
 
 #[cfg(test)]
 mod tests {
+    // Setting the variable `notify` reads is the point of the test; edition 2024 makes that
+    // `unsafe` because another thread could read the environment at the same time.
+    #[allow(unsafe_code)]
     #[test]
     fn sends_a_datagram_to_the_notify_socket() {
         let tmp = tempfile::tempdir().unwrap();
@@ -34,6 +37,7 @@ mod tests {
         // SAFETY: this is the only test that touches NOTIFY_SOCKET.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         super::notify("READY=1");
+        // SAFETY: as above.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let mut buf = [0u8; 64];
         let n = receiver.recv(&mut buf).unwrap();

@@ -4,6 +4,14 @@
 //! process) — or feeds the agent hostile broker text, and checks that root's git still gets
 //! its credential and the attacker gets nothing. Needs root: the tests fail (they never skip)
 //! otherwise.
+// The attacker children call fork, setuid and raw socket syscalls through libc; each block
+// says why it is sound.
+#![allow(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod support;
 

@@ -1,6 +1,11 @@
 //! Negative-security tests of what the agent writes for LiteLLM keys: whatever a compromised or
 //! buggy broker puts into an answer, the files the agent writes must not run code, follow a
 //! user's symlink to a root-only file, or leak it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::path::Path;
 use std::process::Command;
@@ -481,8 +486,9 @@ async fn on_change_ends_with_the_command_even_if_an_escaped_child_holds_its_stde
     .await;
     let pid = read_pid(&pidfile);
     // The escaped child is this test's to end.
-    // SAFETY: plain syscall on the pid this test's command started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
     assert!(ok, "{result}");
     assert_eq!(result, "exit status 0");
 }

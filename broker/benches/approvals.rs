@@ -1,6 +1,11 @@
 //! Approval service latency on a sled data directory: listing 10,000 pending requests as the
 //! admin route answers them, and the time from an approval to the waiting bot holding its
 //! token. Run with `cargo bench -p botcreds-broker --bench approvals`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark setup: a failure ends the run"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;

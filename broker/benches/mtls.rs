@@ -4,6 +4,11 @@
 //! simulated GitHub (token reuse after the first mint) and a WhoIs that answers from memory, so
 //! the difference is the TLS handshake and the certificate check.
 //! Run with `cargo bench -p botcreds-broker --bench mtls`; numbers are in docs/benchmarks.md.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark setup: a failure ends the run"
+)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};

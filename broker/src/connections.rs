@@ -204,25 +204,20 @@ impl Drop for Busy {
 /// Raise this process's open-file limit to its hard limit (cheap, and each connection is a
 /// file descriptor); answers the soft limit now in force, if it could be read.
 pub fn raise_file_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own; a failure leaves it untouched.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return None;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is RLIM_INFINITY, which libc spells u64::MAX.
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current < limit.maximum.unwrap_or(u64::MAX) {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
         };
-        // SAFETY: setrlimit only reads the struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit.rlim_cur = limit.rlim_max;
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return Some(limit.maximum.unwrap_or(u64::MAX));
         }
     }
-    Some(limit.rlim_cur)
+    Some(current)
 }
 
 /// File descriptors kept free of connections: the store, the audit log, tailscaled's socket,

@@ -1,5 +1,10 @@
 //! Policy engine benchmarks: `decide()` (bot lookup included) and `Policy::parse` on a policy of
 //! 10,000 bots with 10 rules each. Run with `cargo bench -p botcreds-policy --bench policy`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark setup: a failure ends the run"
+)]
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

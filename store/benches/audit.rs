@@ -1,5 +1,10 @@
 //! Audit log throughput on a sled data directory: how well group commit turns concurrent `record` calls into
 //! few fsyncs. Run with `cargo bench -p botcreds-store --bench audit`; results are in events per second.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark setup: a failure ends the run"
+)]
 
 use std::sync::Arc;
 

@@ -85,6 +85,10 @@ impl AuditLog {
         // HTTP layer's concurrency limit admitted and that is now waiting for its answer.
         let (tx, rx) = mpsc::unbounded_channel();
         let writer_store = Arc::clone(&store);
+        #[allow(
+            clippy::expect_used,
+            reason = "as std::thread::spawn does, at startup only"
+        )]
         let writer = std::thread::Builder::new()
             .name("botcreds-audit".to_owned())
             .spawn(move || run_writer(&*writer_store, rx))

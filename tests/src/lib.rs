@@ -13,7 +13,11 @@
 //! - [`webhook_sink`]: a webhook receiver that verifies the broker's signatures; [`webdriver`]:
 //!   a WebDriver client for Chromium.
 //! - [`fixtures`]: paths and loaders for `tests/fixtures/**`, the test app key, JWT signing.
-
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a double or launcher that cannot do its job fails the test using it"
+)]
 // The repository objects GitHub returns have ~90 fields; `serde_json::json!` recurses per field.
 #![recursion_limit = "256"]
 

@@ -6,6 +6,11 @@
 //! The agent connects from 127.0.0.1, which the fake tailscaled maps to the tagged node
 //! `bot-host` (`tag:bots`). The git server listens on `127.0.0.1:PORT`: that is the host the
 //! agent's `[[github]]` entries name, while the GitHub the broker talks to is the fake GitHub.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::IpAddr;
 use std::sync::Arc;

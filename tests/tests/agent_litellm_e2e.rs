@@ -5,6 +5,11 @@
 //!
 //! The agent connects from 127.0.0.1 (the tagged node `bot-host`, `tag:bots`); the admin from
 //! 127.0.0.2 (`admin-desk`, `tag:admin`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;

@@ -1,6 +1,11 @@
 //! End-to-end: human approvals through the real `botcreds` binary — bots asking and waiting
 //! over HTTP, admins deciding with the `botcreds` CLI (tailnet identity of 127.0.0.1, or an
 //! admin API key), against the fake GitHub and the fake tailscaled.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::IpAddr;
 use std::process::Stdio;

@@ -1,5 +1,10 @@
 //! End-to-end: the real `botcreds` binary against the fake GitHub and the fake tailscaled.
 //! Bots connect from distinct loopback addresses that the fake tailscaled maps to nodes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::IpAddr;
 use std::time::Duration;

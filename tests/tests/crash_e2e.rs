@@ -3,6 +3,11 @@
 //! every approval document readable), every token a client was answered with must have its
 //! durable `credential_issued` event, and approval requests pending before the crash must still
 //! be pending after it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,10 @@
 //! Tests of the fake LiteLLM itself: it must answer as the reference and its fixtures say, or
 //! the broker's LiteLLM suites prove nothing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::BTreeSet;
 

@@ -1,5 +1,10 @@
 //! Tests of the test doubles themselves: the fake GitHub and the fake tailscaled must answer exactly
 //! as the reference and its fixtures say, or every end-to-end suite built on them proves nothing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

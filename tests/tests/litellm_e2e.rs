@@ -3,6 +3,11 @@
 //! on disk or in the log on every LiteLLM backend (the fake, and the real proxy when
 //! `BOTCREDS_REAL_LITELLM_URL` names one); the approval flow's waits, the sweeper, a dead LiteLLM
 //! and tailnet users' keys through the fake alone.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::BTreeSet;
 use std::process::Stdio;

@@ -1,6 +1,11 @@
 //! End-to-end mTLS: the real broker with `[tls]`, the real admin CLI creating join tokens and
 //! revoking certificates, and the real agent enrolling (key made on the host); then requests
 //! over mTLS, the attacks the listener must refuse, and revocation across a restart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

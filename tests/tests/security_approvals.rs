@@ -4,6 +4,11 @@
 //! replacement flooding, and concurrent identical requests. Each refusal is a table row: what is tried, the stable code
 //! it must be refused with, and the audit events it may add — pending requests, grants,
 //! remembered rules and GitHub's mint count must not change.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::IpAddr;
 use std::process::Stdio;

@@ -7,6 +7,11 @@
 //! error code it must be refused with, and the check that nothing stored changed: pending
 //! approvals, grants, remembered rules, GitHub's mint count, LiteLLM's keys, client
 //! certificates — and that the audit log grew by refusal events only.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

@@ -6,6 +6,11 @@
 //!
 //! Each refusal case names its input, the code it must get, and checks that nothing stored
 //! changed (the store's documents and the audit log's non-refusal events).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

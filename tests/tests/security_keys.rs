@@ -4,6 +4,11 @@
 //! to Coder) with the refusal (or the separate key) it must get, and proof that nothing the
 //! victim holds changed: the victim's key still lives in LiteLLM, and the broker's key list is
 //! what it was apart from the attacker's own new key.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::BTreeMap;
 

@@ -5,6 +5,11 @@
 //!
 //! The browser always connects from 127.0.0.1; the fake tailscaled says who that is (an admin
 //! in one world, a non-admin in another). Bots and other admins use other loopback addresses.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -196,8 +196,10 @@ impl ProcessGroup {
     /// Kills the group, once.
     fn kill(&mut self) {
         if let Some(pgid) = self.0.take() {
-            // SAFETY: plain syscall; `pgid` > 1 is the group this run created.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            // `pgid` > 1 is the group this run created.
+            if let Some(pgid) = rustix::process::Pid::from_raw(pgid) {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
         }
     }
 }

@@ -4,6 +4,11 @@
 //! show as a dropped connection); the test git server; and the agent process itself.
 //! A [`World`] dropped at the end of a passing test fails it if the stand-in saw a violation.
 #![allow(dead_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 #[path = "../../../tests/src/git_server.rs"]
 pub mod git_server;
@@ -358,9 +363,9 @@ permissions = ["contents:read"]
     /// SIGTERM, and the agent exits cleanly and removes its socket.
     pub async fn stop_agent(&mut self) {
         let mut agent = self.agent.take().expect("agent running");
-        let pid = agent.child.id().expect("pid") as i32;
-        // SAFETY: pid is our own child's.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let pid = rustix::process::Pid::from_raw(agent.child.id().expect("pid") as i32)
+            .expect("a child's pid is positive");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
         let status = agent.child.wait().await.unwrap();
         // The log is complete once the pipe reaches end of file.
         agent.drain.await.unwrap();
@@ -461,8 +466,7 @@ permissions = ["contents:read"]
 /// Fails (never skips) a test that needs root: it runs processes as other uids. A skipped
 /// check would report ok for something that was not checked.
 pub fn require_root(why: &str) {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "this test needs root ({why}) and runs as uid {euid}: run the agent suites as root"
