@@ -418,7 +418,7 @@ mod tests {
         let path = dir.path().join("data");
         let mut first: Vec<AuditEvent> = (0..3).map(issued).collect();
         {
-            let store = SledStore::open(&path).unwrap();
+            let store = reopen(&path).unwrap();
             store.append_audit(&mut first).unwrap();
             store
                 .put_credential(&conformance::credential("c1"))
@@ -426,7 +426,7 @@ mod tests {
             store.put_doc("rules", "r1", b"remembered").unwrap();
             store.flush().unwrap();
         }
-        let store = SledStore::open(&path).unwrap();
+        let store = reopen(&path).unwrap();
         let mut second: Vec<AuditEvent> = (3..5).map(issued).collect();
         store.append_audit(&mut second).unwrap();
         assert_eq!(second.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
@@ -555,9 +555,38 @@ mod tests {
     }
 
     /// Write events the way brokers before the file log did: into sled's `audit` and `audit_by_time` trees.
+    /// Open a data directory this test had open a moment ago. sled's background threads hold
+    /// its file lock for a moment after the handle is dropped (a new process never sees that),
+    /// so a lock still held is waited out — a readiness wait, bounded, not a timing claim.
+    fn reopen(path: &Path) -> Result<SledStore, StoreError> {
+        for _ in 0..1000 {
+            match SledStore::open(path) {
+                Err(StoreError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => return other,
+            }
+        }
+        SledStore::open(path)
+    }
+
+    /// The raw sled database under a data directory (as an older broker wrote it), waiting out
+    /// a lock still held by the previous handle's threads like [`reopen`].
+    fn raw_sled(path: &Path) -> ::sled::Db {
+        for _ in 0..1000 {
+            match ::sled::Config::new().path(path).open() {
+                Err(::sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => return other.unwrap(),
+            }
+        }
+        ::sled::Config::new().path(path).open().unwrap()
+    }
+
     fn write_old_sled_log(path: &Path, events: &mut [AuditEvent]) -> Vec<Vec<u8>> {
         ensure_private_dir(path).unwrap();
-        let db = ::sled::Config::new().path(path).open().unwrap();
+        let db = raw_sled(path);
         let audit = db.open_tree(AUDIT_TREE).unwrap();
         let by_time = db.open_tree(AUDIT_BY_TIME_TREE).unwrap();
         let mut head = ChainHead::genesis();
@@ -589,7 +618,7 @@ mod tests {
         let mut events: Vec<AuditEvent> = (0..50).map(issued).collect();
         write_old_sled_log(&path, &mut events);
 
-        let store = SledStore::open(&path).unwrap();
+        let store = reopen(&path).unwrap();
         assert!(old_trees_are_empty(&store));
         assert_eq!(store.read_audit(&AuditFilter::default()).unwrap(), events);
         assert_eq!(
@@ -604,7 +633,7 @@ mod tests {
         assert_eq!(next[0].seq, 51);
         drop(store);
         // Opening again moves nothing twice.
-        let store = SledStore::open(&path).unwrap();
+        let store = reopen(&path).unwrap();
         assert_eq!(store.read_audit(&AuditFilter::default()).unwrap().len(), 51);
         assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
     }
@@ -624,7 +653,7 @@ mod tests {
             };
             log.append_records(&records[..4], head, None).unwrap();
         }
-        let store = SledStore::open(&path).unwrap();
+        let store = reopen(&path).unwrap();
         assert!(old_trees_are_empty(&store));
         assert_eq!(store.read_audit(&AuditFilter::default()).unwrap(), events);
         assert_eq!(store.verify_audit_chain().unwrap().first_broken, None);
@@ -636,16 +665,16 @@ mod tests {
         let path = dir.path().join("data");
         // A file log that is not a prefix of the sled log (say, a broker downgraded after the move).
         {
-            let store = SledStore::open(&path).unwrap();
+            let store = reopen(&path).unwrap();
             let mut other: Vec<AuditEvent> = (100..103).map(issued).collect();
             store.append_audit(&mut other).unwrap();
         }
         let mut events: Vec<AuditEvent> = (0..5).map(issued).collect();
         write_old_sled_log(&path, &mut events);
-        let err = SledStore::open(&path).unwrap_err();
+        let err = reopen(&path).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
         assert!(err.to_string().contains("left as it was"), "{err}");
-        let db = ::sled::Config::new().path(&path).open().unwrap();
+        let db = raw_sled(&path);
         assert_eq!(db.open_tree(AUDIT_TREE).unwrap().len(), 5);
     }
 
