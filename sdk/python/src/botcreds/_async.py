@@ -11,7 +11,7 @@ import random
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import httpx
 
@@ -94,6 +94,45 @@ class AsyncBrokerClient:
         except StopIteration as done:
             return done.value
 
+    @overload
+    async def get_credentials(
+        self,
+        repo: str | Sequence[str] | None = ...,
+        permissions: Sequence[str] = ...,
+        reason: str | None = ...,
+        wait_for_approval: Literal[True] = ...,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        repositories: Sequence[str] | None = ...,
+    ) -> Credentials: ...
+
+    @overload
+    async def get_credentials(
+        self,
+        repo: str | Sequence[str] | None,
+        permissions: Sequence[str],
+        reason: str | None,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        repositories: Sequence[str] | None = ...,
+    ) -> Credentials | PendingApproval: ...
+
+    @overload
+    async def get_credentials(
+        self,
+        repo: str | Sequence[str] | None = ...,
+        permissions: Sequence[str] = ...,
+        reason: str | None = ...,
+        *,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        repositories: Sequence[str] | None = ...,
+    ) -> Credentials | PendingApproval: ...
+
     async def get_credentials(
         self,
         repo: str | Sequence[str] | None = None,
@@ -117,6 +156,42 @@ class AsyncBrokerClient:
             request, bot_id=self.bot_id, wait_for_approval=wait_for_approval, timeout=timeout
         )
         return cast("Credentials | PendingApproval", await self._drive(flow))
+
+    @overload
+    async def get_litellm_key(
+        self,
+        scope: str,
+        reason: str | None = ...,
+        wait_for_approval: Literal[True] = ...,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        workspace: Mapping[str, str] | None = ...,
+    ) -> LitellmKey: ...
+
+    @overload
+    async def get_litellm_key(
+        self,
+        scope: str,
+        reason: str | None,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        workspace: Mapping[str, str] | None = ...,
+    ) -> LitellmKey | PendingApproval: ...
+
+    @overload
+    async def get_litellm_key(
+        self,
+        scope: str,
+        reason: str | None = ...,
+        *,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        workspace: Mapping[str, str] | None = ...,
+    ) -> LitellmKey | PendingApproval: ...
 
     async def get_litellm_key(
         self,
@@ -218,8 +293,7 @@ class AsyncBrokerClient:
 
     def __repr__(self) -> str:
         return (
-            f"AsyncBrokerClient(broker_url={self.broker_url!r}, bot_id={self.bot_id!r}, "
-            f"auth={self._auth!r})"
+            f"AsyncBrokerClient(broker_url={self.broker_url!r}, bot_id={self.bot_id!r}, auth={self._auth!r})"
         )
 
 

@@ -199,9 +199,7 @@ def credential_body(request: CredentialRequest, replaces: str | None) -> dict[st
 def poll_request(pending: PendingApproval, wait: float) -> HttpRequest:
     path = f"/v1/requests/{quote(pending.request_id, safe='')}"
     seconds = max(1, int(wait))
-    return HttpRequest(
-        "GET", path, params={"wait": f"{seconds}s"}, read_timeout=seconds + POLL_SLACK
-    )
+    return HttpRequest("GET", path, params={"wait": f"{seconds}s"}, read_timeout=seconds + POLL_SLACK)
 
 
 # --- answers -----------------------------------------------------------------------------------
@@ -313,14 +311,10 @@ def credential_flow(
     resp = yield HttpRequest("POST", "/v1/credentials", body=credential_body(request, replaces))
     outcome = interpret(resp, request, bot_id)
     if isinstance(outcome, PendingApproval):
-        log.info(
-            "botcreds: approval request %s is pending (rule %s)", outcome.request_id, outcome.rule
-        )
+        log.info("botcreds: approval request %s is pending (rule %s)", outcome.request_id, outcome.rule)
         if not wait_for_approval:
             return outcome
-        return (
-            yield from wait_flow(outcome, bot_id=bot_id, deadline=deadline, poll_wait=poll_wait)
-        )
+        return (yield from wait_flow(outcome, bot_id=bot_id, deadline=deadline, poll_wait=poll_wait))
     return outcome
 
 
@@ -349,9 +343,7 @@ def wait_flow(
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**failures, e.retry_after or BACKOFF_CAP)
             if remaining is not None:
                 delay = min(delay, max(0.0, remaining))
-            log.warning(
-                "botcreds: waiting for %s: %s; again in %.0fs", pending.request_id, e, delay
-            )
+            log.warning("botcreds: waiting for %s: %s; again in %.0fs", pending.request_id, e, delay)
             yield Sleep(delay)
             continue
         if resp.status == 400 and poll_wait > 1:
@@ -375,9 +367,7 @@ def poll_flow(pending: PendingApproval, *, bot_id: str | None) -> Flow:
 
 
 def release_flow(key: LitellmKey) -> Flow:
-    resp = yield HttpRequest(
-        "POST", "/v1/credentials/release", body={"credential_id": key.credential_id}
-    )
+    resp = yield HttpRequest("POST", "/v1/credentials/release", body={"credential_id": key.credential_id})
     if resp.status != 200:
         raise error_for(resp)
     data = _json(resp)

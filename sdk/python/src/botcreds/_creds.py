@@ -102,12 +102,7 @@ class Credentials:
 
     def __init__(self, answer: Mapping[str, Any], request: CredentialRequest) -> None:
         token = answer["token"]
-        if (
-            not isinstance(token, str)
-            or not token
-            or not token.isascii()
-            or not token.isprintable()
-        ):
+        if not isinstance(token, str) or not token or not token.isascii() or not token.isprintable():
             raise ValueError("the token is not printable ASCII")
         if "'" in token or " " in token:
             raise ValueError("the token has characters a token never has")
@@ -313,9 +308,7 @@ def monotonic() -> float:
     return time.monotonic()
 
 
-def as_repositories(
-    repo: str | Sequence[str] | None, repositories: Sequence[str] | None
-) -> tuple[str, ...]:
+def as_repositories(repo: str | Sequence[str] | None, repositories: Sequence[str] | None) -> tuple[str, ...]:
     """``repo="o/r"`` (the seed's keyword) or ``repositories=[...]`` (several of one owner)."""
     names: list[str] = []
     if isinstance(repo, str):

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import httpx
 
@@ -117,6 +117,45 @@ class BrokerClient:
 
     # --- credentials ---------------------------------------------------------------------------
 
+    @overload
+    def get_credentials(
+        self,
+        repo: str | Sequence[str] | None = ...,
+        permissions: Sequence[str] = ...,
+        reason: str | None = ...,
+        wait_for_approval: Literal[True] = ...,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        repositories: Sequence[str] | None = ...,
+    ) -> Credentials: ...
+
+    @overload
+    def get_credentials(
+        self,
+        repo: str | Sequence[str] | None,
+        permissions: Sequence[str],
+        reason: str | None,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        repositories: Sequence[str] | None = ...,
+    ) -> Credentials | PendingApproval: ...
+
+    @overload
+    def get_credentials(
+        self,
+        repo: str | Sequence[str] | None = ...,
+        permissions: Sequence[str] = ...,
+        reason: str | None = ...,
+        *,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        repositories: Sequence[str] | None = ...,
+    ) -> Credentials | PendingApproval: ...
+
     def get_credentials(
         self,
         repo: str | Sequence[str] | None = None,
@@ -150,6 +189,42 @@ class BrokerClient:
                 )
             ),
         )
+
+    @overload
+    def get_litellm_key(
+        self,
+        scope: str,
+        reason: str | None = ...,
+        wait_for_approval: Literal[True] = ...,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        workspace: Mapping[str, str] | None = ...,
+    ) -> LitellmKey: ...
+
+    @overload
+    def get_litellm_key(
+        self,
+        scope: str,
+        reason: str | None,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        *,
+        workspace: Mapping[str, str] | None = ...,
+    ) -> LitellmKey | PendingApproval: ...
+
+    @overload
+    def get_litellm_key(
+        self,
+        scope: str,
+        reason: str | None = ...,
+        *,
+        wait_for_approval: bool,
+        ttl: str | float | timedelta | None = ...,
+        timeout: float | None = ...,
+        workspace: Mapping[str, str] | None = ...,
+    ) -> LitellmKey | PendingApproval: ...
 
     def get_litellm_key(
         self,
