@@ -9,7 +9,8 @@
 See docs/sdk-python.md.
 """
 
-from ._async import AsyncBrokerClient, AsyncSession
+from typing import TYPE_CHECKING, Any
+
 from ._core import VERSION as __version__
 from ._creds import Attribution, CredentialRequest, Credentials, LitellmKey, PendingApproval
 from ._errors import (
@@ -23,6 +24,20 @@ from ._errors import (
     SessionClosed,
 )
 from ._sync import BrokerClient, Session
+
+if TYPE_CHECKING:
+    from ._async import AsyncBrokerClient, AsyncSession
+
+
+def __getattr__(name: str) -> Any:
+    # The async client is imported on first use: asyncio alone costs tens of milliseconds at
+    # import, which a synchronous bot would pay for nothing.
+    if name in ("AsyncBrokerClient", "AsyncSession"):
+        from . import _async
+
+        return getattr(_async, name)
+    raise AttributeError(f"module 'botcreds' has no attribute {name!r}")
+
 
 __all__ = [
     "ApprovalDenied",

@@ -52,6 +52,8 @@ class AsyncBrokerClient:
         self.bot_id = bot_id
         self._auth = "api_key" if api_key else ("mtls" if (mtls_dir or client_cert) else "tailnet")
         ctx = _core.tls_context(mtls_dir, client_cert, client_key, ca_bundle)
+        if ctx is None and self.broker_url.startswith("http://"):
+            ctx = _core.plain_http_context()
         self._request_timeout = request_timeout
         self._http = httpx.AsyncClient(
             base_url=self.broker_url,
