@@ -333,3 +333,17 @@ def test_the_async_twin(world: World) -> None:
                 world.github.state.token_lifetime = 3600
 
     asyncio.run(main())
+
+
+def test_mtls_with_the_agents_enrolled_certificate(world: World, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    world.enroll("sdk-cert-bot", state)
+    with BrokerClient(f"https://{world.broker.tls_addr}", "sdk-cert-bot", mtls_dir=state) as c:
+        assert c.whoami()["via"] == "mtls"
+        creds = c.get_credentials(repo="sdk-org/app", permissions=["contents:read"])
+        assert creds.bot == "sdk-cert-bot" and world.github.state.is_live(creds.token)
+    # Without the certificate the listener lets nobody in.
+    anon = BrokerClient(f"https://{world.broker.tls_addr}", ca_bundle=state / "ca.pem")
+    with pytest.raises(BrokerUnavailable):
+        anon.get_credentials(repo="sdk-org/app", permissions=["contents:read"])
+    anon.close()

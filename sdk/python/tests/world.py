@@ -209,6 +209,8 @@ class BrokerProcess:
         self.logs: list[str] = []
         self._ready = threading.Event()
         self.addr = ""
+        self.tls_addr = ""
+        self._tls_ready = threading.Event()
         self.banner: dict[str, str] = {}
         self.proc = subprocess.Popen(
             [str(botcreds_binary()), *args],
@@ -233,6 +235,10 @@ class BrokerProcess:
             if m and not self.dev:
                 self.addr = m.group(1)
                 self._ready.set()
+            m = re.search(r"botcreds mTLS listening.*addr=(\S+)", line)
+            if m:
+                self.tls_addr = m.group(1)
+                self._tls_ready.set()
             m = re.match(r"\s+(API key|Admin key|Listening on):\s+(\S+)", line)
             if m:
                 self.banner[m.group(1)] = m.group(2)
@@ -265,6 +271,11 @@ bots:
       - repo: "sdk-org/sensitive-*"
     deny:
       - repo: "sdk-org/infrastructure"
+  sdk-cert-bot:
+    identity: { type: mtls }
+    auto_approve:
+      - repo: "sdk-org/app"
+        permissions: [contents:read]
   sdk-hasty-bot:
     identity: { type: api_key }
     approval_timeout: 2s
@@ -284,6 +295,30 @@ class World:
     hasty_key: str
     admin_key: str
     dir: Path
+
+    def enroll(self, bot: str, state_dir: Path) -> None:
+        """Enroll like a host does: a join token from the admin CLI, then
+        ``botcreds-agent enroll`` writes ``client.pem`` and ``ca.pem`` to ``state_dir``."""
+        created = self.cli("enroll", "create", "--bot", bot, "--ttl", "10m", "--json")
+        assert created.returncode == 0, created.stderr
+        token = json.loads(created.stdout)["token"]
+        agent = botcreds_binary().with_name("botcreds-agent")
+        done = subprocess.run(
+            [
+                str(agent),
+                "enroll",
+                "--broker",
+                self.broker.url,
+                "--token",
+                token,
+                "--state-dir",
+                str(state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {
@@ -317,6 +352,9 @@ def start_world(tmp: Path) -> World:
         f'api_url = "{github.url}"',
         "[admin]",
         'api_key_bots = ["sdk-admin"]',
+        "[tls]",
+        'listen = ["127.0.0.1:0"]',
+        'server_names = ["localhost", "127.0.0.1"]',
     ]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RUST_LOG": "info"}
     for i, (bot, value) in enumerate(keys.items()):
@@ -324,4 +362,7 @@ def start_world(tmp: Path) -> World:
         env[f"SDK_TEST_KEY_{i}"] = value
     (tmp / "broker.toml").write_text("\n".join(toml) + "\n")
     broker = BrokerProcess(["serve", "--config", str(tmp / "broker.toml")], env, tmp)
+    if not broker._tls_ready.wait(30):
+        broker.stop()
+        raise RuntimeError("the broker's mTLS listener did not start:\n" + "\n".join(broker.logs))
     return World(github, broker, keys["sdk-bot"], keys["sdk-hasty-bot"], keys["sdk-admin"], tmp)
