@@ -87,6 +87,7 @@ def main():
                 ("process: curl", lambda: timed(lambda: subprocess.run(curl, capture_output=True, check=True), calls // 4)),
                 ("process: python -c get_credentials", lambda: timed(lambda: subprocess.run(proc_py, capture_output=True, check=True, env=env), calls // 4)),
                 ("process: python -c 'import botcreds'", lambda: timed(lambda: subprocess.run([py, "-c", "import botcreds"], check=True, env=env), calls // 4)),
+                ("process: python -c 'import httpx'", lambda: timed(lambda: subprocess.run([py, "-c", "import httpx"], check=True, env=env), calls // 4)),
                 ("process: python -c pass", lambda: timed(lambda: subprocess.run([py, "-c", "pass"], check=True, env=env), calls // 4)),
             ]
             k = r % len(steps)
