@@ -269,6 +269,25 @@ def test_a_session_refreshes_short_lived_tokens_unnoticed(client: BrokerClient, 
         world.github.state.token_lifetime = 3600
 
 
+def test_a_session_surfaces_refresh_errors_on_access(client: BrokerClient, world: World) -> None:
+    world.github.state.token_lifetime = 24
+    try:
+        with client.session(repo="sdk-org/session-c", permissions=["contents:read"]) as session:
+            world.github.state.fail_mints = True
+            # While the token lives the caller keeps getting it; once it is about to expire and
+            # refreshing keeps failing, access raises the refresh error instead of a dead token.
+            deadline = time.monotonic() + 60
+            with pytest.raises(BrokerUnavailable) as err:
+                while time.monotonic() < deadline:
+                    assert world.github.state.is_live(session.token)
+                    time.sleep(0.2)
+            assert err.value.status == 502
+            assert session.refreshes == 0
+    finally:
+        world.github.state.fail_mints = False
+        world.github.state.token_lifetime = 3600
+
+
 def test_refresh_with_a_rejected_token_replaces_it(client: BrokerClient, world: World) -> None:
     creds = client.get_credentials(repo="sdk-org/app", permissions=["issues:write"])
     assert isinstance(creds, Credentials)

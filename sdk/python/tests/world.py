@@ -31,6 +31,8 @@ class GithubState:
     live: dict[str, datetime] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
     mints: int = 0
+    #: While set, mints answer 500 (GitHub failing).
+    fail_mints: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def is_live(self, token: str) -> bool:
@@ -100,6 +102,9 @@ def _make_handler(gh: FakeGithub) -> type[BaseHTTPRequestHandler]:
                 self._json(200, {"id": INSTALLATION_ID, "suspended_at": None})
             elif method == "POST" and path == f"/app/installations/{INSTALLATION_ID}/access_tokens":
                 body = json.loads(self._body() or b"{}")
+                if gh.state.fail_mints:
+                    self._json(500, {"message": "Server Error"})
+                    return
                 token = "ghs_" + secrets.token_hex(18)
                 now = datetime.now(timezone.utc).replace(microsecond=0)
                 with gh.state.lock:
