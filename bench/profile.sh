@@ -46,20 +46,25 @@ perf record -g -F 999 -p "$pid" -o "$out/perf.data" -- sleep "$seconds" 2>"$out/
 wait $wrk_pid
 cat "$out/wrk.txt"
 perf report -i "$out/perf.data" --no-children --sort symbol --stdio --percent-limit 0.7 -g none \
-  2>/dev/null | grep -v '^#' | grep -v '^$' | head -45 | tee "$out/top.txt"
-# Cost classes by self time (symbol name patterns).
+  2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//; s/ *$//' | head -45 | tee "$out/top.txt"
+# Self time by thread, then cost classes by self time (symbol name patterns), over all threads.
+perf report -i "$out/perf.data" --no-children --sort comm --stdio -g none 2>/dev/null |
+  grep '%' | grep -v '^#' | sed 's/ *$//' | tee "$out/threads.txt"
 perf report -i "$out/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null |
   awk '/%/ && $1 ~ /%$/ { p = $1; sub("%", "", p); line = $0;
-    c = "other";
-    if (line ~ /futex|schedule|__switch_to|finish_task_switch|try_to_wake_up|_raw_spin_unlock_irq|pick_next|enqueue_task|dequeue_task|update_curr|psi_|select_task_rq|ttwu|do_idle|cpuidle|park|unpark|wake/) c = "scheduler, futex, wake-ups";
-    else if (line ~ /malloc|free|_int_|realloc|cfree|arena|tcache|memalign/) c = "malloc/free";
+    c = "other (broker, axum, tower code)";
+    if (line ~ /futex|schedule|__switch_to|finish_task_switch|try_to_wake_up|_raw_spin_unlock_irq|pick_next|enqueue_task|dequeue_task|update_curr|psi_|select_task_rq|ttwu|do_idle|cpuidle|wake|park|sched_yield|do_sched_yield/) c = "context switches, futex, wake-ups";
+    else if (line ~ /tokio::runtime|tokio::sync|mio::/) c = "tokio runtime and channels";
+    else if (line ~ /malloc|free|_int_|realloc|cfree|arena|tcache|memalign|unlink_chunk|alloc::alloc/) c = "malloc/free";
     else if (line ~ /sled::/) c = "sled";
-    else if (line ~ /fdatasync|fsync|jbd2|ext4|xfs|blk_|nvme|virtio_blk|file_write|generic_perform_write|iomap/) c = "write, fdatasync, filesystem";
-    else if (line ~ /tcp_|ip_|__dev_queue|loopback|net_rx|skb|sock_|epoll|ep_poll|__sys_sendto|__sys_recvfrom|inet_/) c = "TCP, epoll";
-    else if (line ~ /serde_json|serde::|Serializer|Deserializer|itoa|ryu|zmij/) c = "JSON";
-    else if (line ~ /sha2|Sha256|sha256|compress256|hex::/) c = "SHA-256, hex";
-    else if (line ~ /hyper|http::|httparse|h2::/) c = "hyper, http";
+    else if (line ~ /fdatasync|fsync|sync_data|jbd2|ext4|xfs|blk_|nvme|virtio|iowrite|file_write|generic_perform_write|iomap|filemap|folio|writeback|pwrite|vfs_write[^v]/) c = "write, fdatasync, filesystem, disk";
+    else if (line ~ /tcp_|ip_|__dev_queue|loopback|net_rx|netif|skb|sock_|epoll|ep_poll|sendto|recvfrom|inet_|softirq|writev|__libc_recv|__GI___libc_write|vfs_writev/) c = "TCP over loopback, epoll, syscalls";
+    else if (line ~ /serde_json|serde::|serde_core|Serializer|Deserializer|itoa|ryu|zmij/) c = "JSON";
+    else if (line ~ /sha2|Sha256|sha256|compress256|digest_blocks|hex::/) c = "SHA-256, hex";
+    else if (line ~ /hyper|http::|httparse|h2::|bytes::/) c = "hyper, http, bytes";
+    else if (line ~ /core::fmt|alloc::fmt|Display|pad_integral/) c = "string formatting";
     else if (line ~ /memcpy|memmove|memset|memcmp|strlen/) c = "memcpy/memset";
+    else if (line ~ /\[k\]/) c = "other kernel";
     sum[c] += p }
     END { for (c in sum) printf "%6.1f%%  %s\n", sum[c], c }' | sort -rn | tee "$out/classes.txt"
 echo "perf data: $out/perf.data (perf report -i $out/perf.data)"

@@ -13,16 +13,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
-use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{AuditFilter, Store, StoreError};
 
 /// Most events one batch takes from the queue; bounds the latency of the requests at its front.
 const MAX_BATCH_EVENTS: usize = 4096;
-/// How often the writer yields its CPU and looks at the queue again before it sleeps (see
-/// `next_after_idle`); a handful of yields cost a few microseconds when the broker is idle.
-const IDLE_YIELDS: usize = 4;
 /// Event slots the writer keeps allocated between batches.
 const KEPT_EVENTS: usize = 256;
 /// Peers whose refusal windows are tracked at once; beyond it, new peers share one window
@@ -382,15 +378,7 @@ impl RefusalWindow {
 fn run_writer(store: &dyn Store, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut events: Vec<AuditEvent> = Vec::new();
-    loop {
-        let first = match queue.try_recv() {
-            Ok(first) => first,
-            Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => match next_after_idle(&mut queue) {
-                Some(first) => first,
-                None => break,
-            },
-        };
+    while let Some(first) = queue.blocking_recv() {
         let mut count = first.events.len();
         batch.push(first);
         while count < MAX_BATCH_EVENTS {
@@ -405,22 +393,6 @@ fn run_writer(store: &dyn Store, mut queue: mpsc::UnboundedReceiver<Pending>) {
         commit(store, &mut batch, &mut events, count);
     }
     tracing::debug!("audit writer stopped");
-}
-
-/// Wait for the next queued request once the queue ran empty. Under load the next one is usually
-/// being prepared on a runtime worker at this moment, so the writer first gives its CPU away a few
-/// times and looks again: a request that arrives meanwhile is taken without the writer having slept,
-/// which saves the futex sleep and wake-up on both sides of the hand-off. Only then it sleeps.
-fn next_after_idle(queue: &mut mpsc::UnboundedReceiver<Pending>) -> Option<Pending> {
-    for _ in 0..IDLE_YIELDS {
-        std::thread::yield_now();
-        match queue.try_recv() {
-            Ok(next) => return Some(next),
-            Err(TryRecvError::Disconnected) => return None,
-            Err(TryRecvError::Empty) => {}
-        }
-    }
-    queue.blocking_recv()
 }
 
 /// Append one batch and answer all of its waiters, all with success or all with the same error.
