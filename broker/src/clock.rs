@@ -37,19 +37,6 @@ impl Clock for OffsetClock {
 
 pub type SharedClock = Arc<dyn Clock>;
 
-/// RFC 3339 in UTC with second precision, as GitHub writes it (`2026-02-17T15:00:00Z`).
-pub fn rfc3339(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
-/// RFC 3339 in UTC with millisecond precision (audit timestamps); lives with the audit event type.
-pub use botcreds_proto::audit::rfc3339_millis;
+/// RFC 3339 in UTC with second (`rfc3339`, as GitHub writes it) or millisecond (`rfc3339_millis`, audit
+/// timestamps) precision; they live with the audit event type.
+pub use botcreds_proto::audit::{rfc3339, rfc3339_millis};

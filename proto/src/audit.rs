@@ -79,17 +79,66 @@ impl AuditEventKind {
 /// An audit timestamp: RFC 3339 in UTC with millisecond precision (`2026-02-17T14:00:00.000Z`). All
 /// stored timestamps have this one form, so byte-wise comparison orders them.
 pub fn rfc3339_millis(t: time::OffsetDateTime) -> String {
+    rfc3339_utc(t, true)
+}
+
+/// RFC 3339 in UTC with second precision, as GitHub writes it (`2026-02-17T15:00:00Z`); credential
+/// expiry times in answers and audit events.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    rfc3339_utc(t, false)
+}
+
+/// Both forms, written digit by digit: two of them are formatted on every credential request, and
+/// `format!` costs several times more.
+fn rfc3339_utc(t: time::OffsetDateTime, millis: bool) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+    let year = t.year();
+    let Ok(year) = u16::try_from(year) else {
+        // Years before 0 (or beyond the 4 digits below) keep `format!`'s rendering.
+        return rfc3339_fmt(t, millis);
+    };
+    if year > 9999 {
+        return rfc3339_fmt(t, millis);
+    }
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let digits = |out: &mut [u8], mut value: u16| {
+        for slot in out.iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    digits(&mut out[0..4], year);
+    digits(&mut out[5..7], u16::from(u8::from(t.month())));
+    digits(&mut out[8..10], u16::from(t.day()));
+    digits(&mut out[11..13], u16::from(t.hour()));
+    digits(&mut out[14..16], u16::from(t.minute()));
+    digits(&mut out[17..19], u16::from(t.second()));
+    let text = if millis {
+        digits(&mut out[20..23], t.millisecond());
+        &out[..]
+    } else {
+        out[19] = b'Z';
+        &out[..20]
+    };
+    // Only ASCII digits and separators were written.
+    String::from_utf8_lossy(text).into_owned()
+}
+
+fn rfc3339_fmt(t: time::OffsetDateTime, millis: bool) -> String {
+    let date = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
         t.year(),
         u8::from(t.month()),
         t.day(),
         t.hour(),
         t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+        t.second()
+    );
+    if millis {
+        format!("{date}.{:03}Z", t.millisecond())
+    } else {
+        format!("{date}Z")
+    }
 }
 
 /// One audit record. Optional fields are left out of the JSON when empty.
@@ -165,6 +214,41 @@ impl AuditEvent {
             reused: false,
             detail: None,
             hash: String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[test]
+    fn timestamps_are_fixed_width_utc() {
+        let t = datetime!(2026-02-07 09:05:03.042 +02:00);
+        assert_eq!(rfc3339_millis(t), "2026-02-07T07:05:03.042Z");
+        assert_eq!(rfc3339(t), "2026-02-07T07:05:03Z");
+        for t in [
+            datetime!(0001-01-01 00:00:00 UTC),
+            datetime!(9999-12-31 23:59:59.999 UTC),
+            datetime!(2026-12-02 15:00:30.633 UTC),
+            datetime!(2024-02-29 12:00:00.5 -07:30),
+        ] {
+            let utc = t.to_offset(time::UtcOffset::UTC);
+            assert_eq!(rfc3339_millis(t), rfc3339_fmt(utc, true), "{t}");
+            assert_eq!(rfc3339(t), rfc3339_fmt(utc, false), "{t}");
+            // And what a standard RFC 3339 parser reads back is the same instant.
+            let parsed = time::OffsetDateTime::parse(
+                &rfc3339_millis(t),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap();
+            assert_eq!(
+                parsed,
+                t.replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+                    .unwrap()
+            );
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::{AuditFilter, Store, StoreError};
 
 /// Most events one batch takes from the queue; bounds the latency of the requests at its front.
 const MAX_BATCH_EVENTS: usize = 4096;
+/// Event slots the writer keeps allocated between batches.
+const KEPT_EVENTS: usize = 256;
 /// Peers whose refusal windows are tracked at once; beyond it, new peers share one window
 /// (under the unspecified address), so a flood from many addresses cannot grow the table.
 const MAX_REFUSAL_PEERS: usize = 16_384;
@@ -379,6 +381,7 @@ impl RefusalWindow {
 
 fn run_writer(store: &dyn Store, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::new();
+    let mut events: Vec<AuditEvent> = Vec::new();
     while let Some(first) = queue.blocking_recv() {
         let mut count = first.events.len();
         batch.push(first);
@@ -391,39 +394,50 @@ fn run_writer(store: &dyn Store, mut queue: mpsc::UnboundedReceiver<Pending>) {
                 Err(_) => break,
             }
         }
-        commit(store, &mut batch, count);
+        commit(store, &mut batch, &mut events, count);
     }
     tracing::debug!("audit writer stopped");
 }
 
 /// Append one batch and answer all of its waiters, all with success or all with the same error.
-fn commit(store: &dyn Store, batch: &mut Vec<Pending>, count: usize) {
-    let mut events = Vec::with_capacity(count);
-    let mut waiters = Vec::with_capacity(batch.len());
-    for pending in batch.drain(..) {
-        waiters.push((pending.events.len(), pending.reply));
-        events.extend(pending.events);
+///
+/// The events travel in `events` (kept between batches) and go back to each waiter in the vector it
+/// sent them in, so a batch allocates nothing per request and each vector is freed by the thread that
+/// allocated it.
+fn commit(store: &dyn Store, batch: &mut Vec<Pending>, events: &mut Vec<AuditEvent>, count: usize) {
+    events.clear();
+    events.reserve(count);
+    let mut lens = Vec::with_capacity(batch.len());
+    for pending in batch.iter_mut() {
+        lens.push(pending.events.len());
+        events.append(&mut pending.events);
     }
-    match store.append_audit(&mut events) {
+    match store.append_audit(events) {
         Ok(()) => {
             tracing::debug!(
                 events = count,
-                requests = waiters.len(),
+                requests = batch.len(),
                 "audit batch committed"
             );
-            let mut events = events.into_iter();
-            for (len, reply) in waiters {
+            let mut stamped = events.drain(..);
+            for (mut pending, len) in batch.drain(..).zip(lens) {
+                pending.events.extend(stamped.by_ref().take(len));
                 // A waiter that gave up still had its events recorded; nobody is left to tell.
-                let _ = reply.send(Ok(events.by_ref().take(len).collect()));
+                let _ = pending.reply.send(Ok(pending.events));
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, events = count, requests = waiters.len(), "audit batch failed");
+            tracing::error!(error = %e, events = count, requests = batch.len(), "audit batch failed");
             let e = Arc::new(e);
-            for (_, reply) in waiters {
-                let _ = reply.send(Err(AuditError::Store(Arc::clone(&e))));
+            for pending in batch.drain(..) {
+                let _ = pending.reply.send(Err(AuditError::Store(Arc::clone(&e))));
             }
+            events.clear();
         }
+    }
+    if events.capacity() > KEPT_EVENTS {
+        // A burst grew it; do not keep that memory for good.
+        *events = Vec::new();
     }
 }
 

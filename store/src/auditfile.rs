@@ -23,7 +23,7 @@ use botcreds_proto::audit::AuditEvent;
 
 use super::{
     AuditFilter, ChainHead, ChainReport, ChainWalk, GENESIS_HASH, HASH_HEX_LEN, StoreError,
-    decode_event, lock, normalize_since, seal, split_record,
+    decode_event, lock, normalize_since, split_record,
 };
 
 /// Start a new segment once the current one would grow past this.
@@ -34,6 +34,8 @@ const LINE_MIDDLE: &[u8] = br#"","event":"#;
 const LINE_SUFFIX: &[u8] = b"}\n";
 const SEGMENT_SUFFIX: &str = ".jsonl";
 const SEGMENT_DIGITS: usize = 20;
+/// The largest batch buffer kept between batches (a burst may grow it further, once).
+const KEPT_BUFFER_BYTES: usize = 1024 * 1024;
 
 pub(super) struct AuditFile {
     dir: PathBuf,
@@ -58,6 +60,8 @@ struct Writer {
     /// Whether the active segment's directory entry is known to be durable.
     dir_synced: bool,
     head: ChainHead,
+    /// The last batch's line buffer, reused so a batch costs no allocation for its lines.
+    buffer: Vec<u8>,
 }
 
 #[derive(Clone, Debug)]
@@ -163,6 +167,7 @@ impl AuditFile {
                 dirty: false,
                 dir_synced,
                 head: head.clone(),
+                buffer: Vec::new(),
             }),
             index: Mutex::new(Index {
                 segments,
@@ -186,18 +191,26 @@ impl AuditFile {
         }
         let mut writer = lock(&self.writer);
         let mut next = writer.head.clone();
-        let mut lines = Vec::with_capacity(events.len() * 512);
+        let mut lines = std::mem::take(&mut writer.buffer);
+        lines.clear();
         let mut max_timestamp: Option<&str> = None;
         for event in events.iter_mut() {
-            let record = seal(event, &mut next)?;
-            push_line(&mut lines, &record);
+            if let Err(e) = seal_line(event, &mut next, &mut lines) {
+                writer.buffer = lines;
+                return Err(e);
+            }
         }
         for event in events.iter() {
             if max_timestamp.is_none_or(|max| event.timestamp.as_str() > max) {
                 max_timestamp = Some(&event.timestamp);
             }
         }
-        self.write_batch(&mut writer, &lines, next, max_timestamp)
+        let written = self.write_batch(&mut writer, &lines, next, max_timestamp);
+        // Keep the batch buffer for the next batch unless an unusually large batch grew it.
+        if lines.capacity() <= KEPT_BUFFER_BYTES {
+            writer.buffer = lines;
+        }
+        written
     }
 
     /// Append already sealed records (hash ‖ canonical JSON) that continue the chain, as one durable
@@ -644,6 +657,44 @@ fn scan_active(file: &File, path: &Path, first_seq: u64) -> Result<ActiveScan, S
         head,
         max_timestamp,
     })
+}
+
+/// Give `event` its place in the chain (as `store::seal` does) and append its line to `out`, serialising the
+/// canonical JSON straight into the batch buffer and hashing it there: no per-event allocation or copy.
+fn seal_line(
+    event: &mut AuditEvent,
+    head: &mut ChainHead,
+    out: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    let start = out.len();
+    event.seq = head.seq + 1;
+    event.hash.clear();
+    out.extend_from_slice(LINE_PREFIX);
+    let hash_at = out.len();
+    out.resize(hash_at + HASH_HEX_LEN, b'0');
+    out.extend_from_slice(LINE_MIDDLE);
+    let canonical_at = out.len();
+    if let Err(e) = serde_json::to_writer(&mut *out, &*event) {
+        out.truncate(start);
+        return Err(StoreError::Encode(e));
+    }
+    let digest = {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(head.hash.as_bytes());
+        hasher.update(&out[canonical_at..]);
+        hasher.finalize()
+    };
+    let hex = &mut out[hash_at..hash_at + HASH_HEX_LEN];
+    // 32 bytes always fit 64 hex digits.
+    hex::encode_to_slice(digest, hex).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let hash = std::str::from_utf8(hex).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    head.seq += 1;
+    head.hash.clear();
+    head.hash.push_str(hash);
+    event.hash.push_str(hash);
+    out.extend_from_slice(LINE_SUFFIX);
+    Ok(())
 }
 
 /// Append `{"hash":"…","event":…}\n` for a sealed record (hash ‖ canonical JSON).

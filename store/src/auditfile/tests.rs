@@ -343,3 +343,24 @@ fn torn_first_line_of_a_new_segment_continues_the_chain_of_the_one_before() {
         intact(2)
     );
 }
+
+#[test]
+fn a_line_sealed_in_the_batch_buffer_is_the_sealed_record_framed() {
+    // `append` serialises straight into its buffer; the result must be byte for byte what
+    // `seal` + `push_line` (the migration's and the tests' path) produce, with the same hash.
+    let mut head = ChainHead::genesis();
+    let mut by_record = ChainHead::genesis();
+    let mut out = b"earlier line\n".to_vec();
+    let mut expected = out.clone();
+    for second in 0..3 {
+        let mut a = issued(second);
+        a.reason = Some("needs \"quotes\" and \u{e9}".to_owned());
+        let mut b = a.clone();
+        seal_line(&mut a, &mut head, &mut out).unwrap();
+        let record = crate::seal(&mut b, &mut by_record).unwrap();
+        push_line(&mut expected, &record);
+        assert_eq!(a, b);
+        assert_eq!(head, by_record);
+    }
+    assert_eq!(out, expected);
+}
