@@ -54,8 +54,8 @@ impl BrokerBuilder {
         let env = TestEnv(env.into_iter().collect());
         let config = Config::load(&config_path, &env)
             .unwrap_or_else(|e| panic!("the test broker's config does not load: {e}"));
-        let edges = Edges::from_config(&config)
-            .unwrap_or_else(|e| panic!("the test broker's edges: {e}"));
+        let edges =
+            Edges::from_config(&config).unwrap_or_else(|e| panic!("the test broker's edges: {e}"));
         // Bound before the server runs: connections made meanwhile wait in the backlog.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local address");
@@ -100,6 +100,11 @@ impl InProcessBroker {
         self.dir.path().join("data")
     }
 
+    /// An HTTP client whose connections come from `source` (e.g. 127.0.0.2).
+    pub fn client_from(&self, source: std::net::IpAddr) -> reqwest::Client {
+        crate::broker::client_from(source)
+    }
+
     /// Shut down as SIGTERM would (drain, flush the audit log) and wait for the end.
     pub async fn stop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -108,7 +113,10 @@ impl InProcessBroker {
         if let Some(task) = self.task.take() {
             let ended = task.await.expect("the in-process broker's task");
             if let Err(e) = ended {
-                panic!("the in-process broker stopped with an error: {}", error_chain(&e));
+                panic!(
+                    "the in-process broker stopped with an error: {}",
+                    error_chain(&e)
+                );
             }
         }
     }

@@ -27,6 +27,7 @@ pub mod fake_tailscaled;
 pub mod fixtures;
 pub mod git_server;
 pub mod inprocess;
+pub mod scenes;
 pub mod webdriver;
 pub mod webhook_sink;
 pub mod world;

@@ -227,15 +227,22 @@ impl WorldBuilder {
     }
 
     /// Start the doubles and configure the broker against them.
-    async fn doubles(self) -> (FakeGithub, FakeTailscaled, Option<FakeLitellm>, BrokerBuilder) {
+    async fn doubles(
+        self,
+    ) -> (
+        FakeGithub,
+        FakeTailscaled,
+        Option<FakeLitellm>,
+        BrokerBuilder,
+    ) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let github = FakeGithub::start(self.github).await;
         let tailscaled = FakeTailscaled::start().await;
         for (addr, node) in &self.nodes {
             tailscaled.add_node(*addr, node.build());
         }
-        let mut broker = BrokerBuilder::new(&self.policy)
-            .github(&github.base_url(), crate::fixtures::APP_ID);
+        let mut broker =
+            BrokerBuilder::new(&self.policy).github(&github.base_url(), crate::fixtures::APP_ID);
         if self.tailscaled {
             broker = broker.tailscaled(tailscaled.socket_path());
         }

@@ -1,0 +1,7 @@
+//! The in-process API tests: the broker's handlers through `botcreds_broker::server::run` in
+//! the test's runtime (`botcreds_tests::inprocess`), against the same doubles the real-binary
+//! suites use. Each module holds the handler-level cases of one of those suites — validation
+//! tables, refusal codes, answer shapes — that need no real process, signal, crash, agent,
+//! browser or real LiteLLM.
+
+mod credentials;
