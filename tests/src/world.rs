@@ -93,6 +93,13 @@ pub async fn cli(url: &str, api_key: Option<&str>, args: &[&str]) -> CliRun {
     }
 }
 
+fn plain_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
+}
+
 /// What the world's helpers need of a broker, real or in-process.
 pub trait Broker {
     fn url(&self) -> &str;
@@ -125,7 +132,9 @@ pub struct WorldBuilder {
     github: FakeGithubConfig,
     nodes: Vec<(IpAddr, NodeBuilder)>,
     tailscaled: bool,
-    litellm: Option<(FakeLitellmConfig, String)>,
+    litellm_config: FakeLitellmConfig,
+    /// `[litellm]`'s extra keys when the broker serves LiteLLM keys.
+    litellm: Option<String>,
     coder: bool,
     coder_sessions: Vec<(String, String, String)>,
     broker: Vec<Configure>,
@@ -134,10 +143,14 @@ pub struct WorldBuilder {
 /// The doubles and the broker.
 pub struct World<B = BrokerProcess> {
     pub github: FakeGithub,
-    /// Always running; the broker asks it only unless [`WorldBuilder::no_tailscaled`].
+    /// Always running; the broker asks it unless [`WorldBuilder::no_tailscaled`].
     pub tailscaled: FakeTailscaled,
-    litellm: Option<FakeLitellm>,
+    /// Always running (with its fake Coder); the broker uses it only after
+    /// [`WorldBuilder::litellm`] (and Coder after [`WorldBuilder::coder`]).
+    pub litellm: FakeLitellm,
     pub broker: B,
+    /// A plain client (no proxy) for requests whose source address does not matter.
+    pub http: reqwest::Client,
 }
 
 impl World {
@@ -147,6 +160,7 @@ impl World {
             github: FakeGithubConfig::default(),
             nodes: Vec::new(),
             tailscaled: true,
+            litellm_config: FakeLitellmConfig::default(),
             litellm: None,
             coder: false,
             coder_sessions: Vec::new(),
@@ -182,11 +196,12 @@ impl WorldBuilder {
 
     /// [`WorldBuilder::litellm`] with the fake set up as `config`.
     pub fn litellm_with(mut self, config: FakeLitellmConfig, extra: &str) -> Self {
-        self.litellm = Some((config, extra.to_string()));
+        self.litellm_config = config;
+        self.litellm = Some(extra.to_string());
         self
     }
 
-    /// `[coder]` pointing at the fake LiteLLM's fake Coder (needs [`WorldBuilder::litellm`]).
+    /// `[coder]` pointing at the fake LiteLLM's fake Coder.
     pub fn coder(mut self) -> Self {
         self.coder = true;
         self
@@ -227,14 +242,7 @@ impl WorldBuilder {
     }
 
     /// Start the doubles and configure the broker against them.
-    async fn doubles(
-        self,
-    ) -> (
-        FakeGithub,
-        FakeTailscaled,
-        Option<FakeLitellm>,
-        BrokerBuilder,
-    ) {
+    async fn doubles(self) -> (FakeGithub, FakeTailscaled, FakeLitellm, BrokerBuilder) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let github = FakeGithub::start(self.github).await;
         let tailscaled = FakeTailscaled::start().await;
@@ -246,20 +254,16 @@ impl WorldBuilder {
         if self.tailscaled {
             broker = broker.tailscaled(tailscaled.socket_path());
         }
-        let litellm = match self.litellm {
-            Some((config, extra)) => {
-                let litellm = FakeLitellm::start(config).await;
-                broker = broker.litellm(&litellm.base_url(), litellm.master_key(), &extra);
-                if self.coder {
-                    broker = broker.toml(&format!("[coder]\nurl = \"{}\"\n\n", litellm.base_url()));
-                }
-                for (token, id, username) in &self.coder_sessions {
-                    litellm.add_coder_session(token, id, username);
-                }
-                Some(litellm)
-            }
-            None => None,
-        };
+        let litellm = FakeLitellm::start(self.litellm_config).await;
+        if let Some(extra) = &self.litellm {
+            broker = broker.litellm(&litellm.base_url(), litellm.master_key(), extra);
+        }
+        if self.coder {
+            broker = broker.toml(&format!("[coder]\nurl = \"{}\"\n\n", litellm.base_url()));
+        }
+        for (token, id, username) in &self.coder_sessions {
+            litellm.add_coder_session(token, id, username);
+        }
         for configure in self.broker {
             broker = configure(broker);
         }
@@ -274,6 +278,7 @@ impl WorldBuilder {
             tailscaled,
             litellm,
             broker: broker.start().await,
+            http: plain_client(),
         }
     }
 
@@ -285,18 +290,12 @@ impl WorldBuilder {
             tailscaled,
             litellm,
             broker: broker.start_in_process().await,
+            http: plain_client(),
         }
     }
 }
 
 impl<B: Broker> World<B> {
-    /// The fake LiteLLM; panics if the world has none.
-    pub fn litellm(&self) -> &FakeLitellm {
-        self.litellm
-            .as_ref()
-            .expect("this world has no LiteLLM (WorldBuilder::litellm)")
-    }
-
     /// The broker's URL of `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.broker.url())

@@ -596,7 +596,7 @@ async fn revoke_deletes_litellm_keys_by_id_and_by_bot() {
         .no_tailscaled()
         .start()
         .await;
-    let litellm = w.litellm().clone();
+    let litellm = w.litellm.clone();
     let key_of = |bot_key: &'static str| {
         let url = format!("{}/v1/credentials", w.broker.url);
         async move {

@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
+use botcreds_tests::broker::{BrokerBuilder, binary};
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
 use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig};
-use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use botcreds_tests::fake_tailscaled::NodeBuilder;
+use botcreds_tests::world::{World, call};
 use serde_json::{Value, json};
 
 /// Two bot names that share their first 60 characters.
@@ -55,32 +56,13 @@ const SECRET: &str = "provisioner-secret-sec-0123456789";
 const IMPOSTOR: &str = "127.0.0.5";
 const TAGGED: &str = "127.0.0.4";
 
-struct World {
-    _github: FakeGithub,
-    _tailscaled: FakeTailscaled,
-    litellm: FakeLitellm,
-    broker: BrokerProcess,
-    http: reqwest::Client,
-}
-
 async fn world() -> World {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let litellm = FakeLitellm::start(FakeLitellmConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    tailscaled.add_node(
-        IMPOSTOR.parse().unwrap(),
-        NodeBuilder::new("ws-a")
-            .login("mallory@example.com")
-            .build(),
-    );
-    tailscaled.add_node(
-        TAGGED.parse().unwrap(),
-        NodeBuilder::new("ci-runner").tags(["tag:ci"]).build(),
-    );
-    let broker = BrokerBuilder::new(&policy())
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
+    World::builder(&policy())
+        .node(
+            IMPOSTOR,
+            NodeBuilder::new("ws-a").login("mallory@example.com"),
+        )
+        .node(TAGGED, NodeBuilder::new("ci-runner").tags(["tag:ci"]))
         .api_key("ws-a", A_KEY)
         .api_key("ws-b", B_KEY)
         // An API key for a bot whose policy identity is a tag: never a way in.
@@ -88,32 +70,13 @@ async fn world() -> World {
         .api_key(LONG_ONE, LONG_ONE_KEY)
         .api_key(LONG_TWO, LONG_TWO_KEY)
         .api_key("ops", OPS_KEY)
-        .litellm(&litellm.base_url(), litellm.master_key(), "")
-        .toml(&format!(
-            "[coder]\nurl = \"{}\"\n\n[admin]\napi_key_bots = [\"ops\"]\n",
-            litellm.base_url()
-        ))
+        .litellm("")
+        .coder()
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
         .env("BOTCREDS_PROVISIONER_SECRET", SECRET)
+        .coder_session("coder-session-dev-0123456789", "usr-dev", "dev")
         .start()
-        .await;
-    litellm.add_coder_session("coder-session-dev-0123456789", "usr-dev", "dev");
-    World {
-        _github: github,
-        _tailscaled: tailscaled,
-        litellm,
-        broker,
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    }
-}
-
-async fn call(r: reqwest::RequestBuilder) -> (u16, Value) {
-    let resp = r.send().await.expect("broker reachable");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+        .await
 }
 
 /// What an attack is.
@@ -216,11 +179,13 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-impl World {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.broker.url)
-    }
+/// The suite's questions to its world.
+trait KeysWorld {
+    async fn key_list(&self) -> BTreeMap<String, (String, String)>;
+    async fn approve_and_poll(&self, from: &str, body: &Value) -> (u16, Value);
+}
 
+impl KeysWorld for World {
     /// The broker's key list, by credential id: (name, status).
     async fn key_list(&self) -> BTreeMap<String, (String, String)> {
         let (status, body) = call(self.http.get(self.url("/v1/keys")).bearer_auth(OPS_KEY)).await;
