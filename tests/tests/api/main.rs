@@ -4,4 +4,5 @@
 //! tables, refusal codes, answer shapes — that need no real process, signal, crash, agent,
 //! browser or real LiteLLM.
 
+mod attacks;
 mod credentials;
