@@ -326,7 +326,7 @@ impl<B: Broker> World<B> {
     }
 
     /// `botcreds ARGS` against this broker; see [`cli`].
-    pub async fn cli(&self, api_key: Option<&str>, args: &[&str]) -> CliRun {
+    pub async fn run_cli(&self, api_key: Option<&str>, args: &[&str]) -> CliRun {
         cli(self.broker.url(), api_key, args).await
     }
 }

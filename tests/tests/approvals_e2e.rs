@@ -78,7 +78,7 @@ async fn restart(w: World) -> World {
 
 /// Run `botcreds ARGS` against the broker (tailnet identity of 127.0.0.1 unless `api_key`).
 async fn cli_as(w: &World, api_key: Option<&str>, args: &[&str]) -> CliRun {
-    w.cli(api_key, args).await
+    w.run_cli(api_key, args).await
 }
 
 async fn cli(w: &World, args: &[&str]) -> CliRun {
