@@ -141,7 +141,7 @@ impl BrokerBuilder {
     pub async fn start(self) -> BrokerProcess {
         let open_file_limit = self.open_file_limit;
         let files = self.write_files();
-        let mut cmd = match open_file_limit {
+        let program = match open_file_limit {
             None => Command::new(binary("botcreds")),
             Some(files) => {
                 let mut sh = Command::new("sh");
@@ -151,18 +151,7 @@ impl BrokerBuilder {
                 sh
             }
         };
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&files.config_path)
-            .env("RUST_LOG", "info,botcreds_broker=debug")
-            .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in &files.env {
-            cmd.env(k, v);
-        }
+        let cmd = serve(program, &files.config_path, &files.env);
         let BrokerFiles {
             dir,
             config_path,
@@ -350,20 +339,11 @@ impl BrokerProcess {
 
     /// The command that starts this broker again on its own config and data.
     pub fn serve_command(&self) -> Command {
-        let mut cmd = Command::new(binary("botcreds"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,botcreds_broker=debug")
-            .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd
+        serve(
+            Command::new(binary("botcreds")),
+            &self.config_path,
+            &self.env,
+        )
     }
 
     /// `kill -9` the broker, then start it again on the same config and data directory (a new
@@ -470,6 +450,23 @@ impl BrokerProcess {
     pub fn client_from(&self, source: IpAddr) -> reqwest::Client {
         client_from(source)
     }
+}
+
+/// `botcreds serve` on `config` with `env`, its log on a pipe, killed when dropped.
+fn serve(mut cmd: Command, config: &Path, env: &[(String, String)]) -> Command {
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,botcreds_broker=debug")
+        .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 /// An HTTP client whose connections come from `source`.

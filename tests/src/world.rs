@@ -242,7 +242,7 @@ impl WorldBuilder {
     }
 
     /// Start the doubles and configure the broker against them.
-    async fn doubles(self) -> (FakeGithub, FakeTailscaled, FakeLitellm, BrokerBuilder) {
+    async fn doubles(self) -> World<BrokerBuilder> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let github = FakeGithub::start(self.github).await;
         let tailscaled = FakeTailscaled::start().await;
@@ -267,31 +267,39 @@ impl WorldBuilder {
         for configure in self.broker {
             broker = configure(broker);
         }
-        (github, tailscaled, litellm, broker)
+        World {
+            github,
+            tailscaled,
+            litellm,
+            broker,
+            http: plain_client(),
+        }
     }
 
     /// Start the doubles and the real `botcreds` binary.
     pub async fn start(self) -> World<BrokerProcess> {
-        let (github, tailscaled, litellm, broker) = self.doubles().await;
-        World {
-            github,
-            tailscaled,
-            litellm,
-            broker: broker.start().await,
-            http: plain_client(),
-        }
+        let (world, builder) = self.doubles().await.swap_broker(());
+        world.swap_broker(builder.start().await).0
     }
 
     /// Start the doubles and the broker in this process ([`crate::inprocess`]).
     pub async fn start_in_process(self) -> World<InProcessBroker> {
-        let (github, tailscaled, litellm, broker) = self.doubles().await;
-        World {
-            github,
-            tailscaled,
-            litellm,
-            broker: broker.start_in_process().await,
-            http: plain_client(),
-        }
+        let (world, builder) = self.doubles().await.swap_broker(());
+        world.swap_broker(builder.start_in_process().await).0
+    }
+}
+
+impl<B> World<B> {
+    /// The same doubles with `broker` in place of this one, which is handed back.
+    fn swap_broker<N>(self, broker: N) -> (World<N>, B) {
+        let world = World {
+            github: self.github,
+            tailscaled: self.tailscaled,
+            litellm: self.litellm,
+            broker,
+            http: self.http,
+        };
+        (world, self.broker)
     }
 }
 

@@ -891,13 +891,8 @@ const REVIEW_KEY: &str = "bck_secReviewBotKey0123456789abcdefg";
 /// and deletes the key already handed out (before, it stayed live until its expiry).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deny_added_after_a_litellm_approval_wins() {
-    let World {
-        github: _github,
-        tailscaled: _tailscaled,
-        litellm,
-        mut broker,
-        ..
-    } = litellm_world().await;
+    let w = litellm_world().await;
+    let (litellm, mut broker) = (w.litellm.clone(), w.broker);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = broker.url.clone();
     let call = |key: &'static str, method: &'static str, path: String, body: Option<Value>| {
@@ -996,13 +991,8 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
 /// is refused with `policy_denied` and the key minted for it is deleted in LiteLLM.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_during_an_in_flight_litellm_mint_wins() {
-    let World {
-        github: _github,
-        tailscaled: _tailscaled,
-        litellm,
-        mut broker,
-        ..
-    } = litellm_world().await;
+    let w = litellm_world().await;
+    let (litellm, mut broker) = (w.litellm.clone(), w.broker);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = |path: &str| format!("{}{path}", broker.url);
     let resp = http
