@@ -416,3 +416,89 @@ defaults:
         v["request_id"].as_str().unwrap().to_string()
     }
 }
+
+/// `security_keys` and `api::keys`: attacks on other holders' LiteLLM keys.
+pub mod keys {
+    use serde_json::{Value, json};
+
+    use crate::fake_tailscaled::NodeBuilder;
+    use crate::world::{World, WorldBuilder};
+
+    /// Two bot names that share their first 60 characters.
+    pub const LONG_ONE: &str = "build-farm-worker-with-a-very-long-descriptive-name-region-x-1";
+    pub const LONG_TWO: &str = "build-farm-worker-with-a-very-long-descriptive-name-region-x-2";
+
+    pub fn policy() -> String {
+        format!(
+            r#"
+bots:
+  ws-a:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: workspace }}, {{ litellm_scope: "agent:review" }}]
+  ws-b:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: workspace }}, {{ litellm_scope: "agent:review" }}]
+  tag-bot:
+    identity: {{ tag: "tag:ci" }}
+    auto_approve: [{{ litellm_scope: "agent:review" }}]
+  {LONG_ONE}:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: "agent:review" }}]
+  {LONG_TWO}:
+    identity: {{ type: api_key }}
+    auto_approve: [{{ litellm_scope: "agent:review" }}]
+  ops:
+    identity: {{ type: api_key }}
+defaults:
+  requires_approval: true
+"#
+        )
+    }
+
+    pub const A_KEY: &str = "bck_secWsAKey0123456789abcdefghijklm";
+    pub const B_KEY: &str = "bck_secWsBKey0123456789abcdefghijklm";
+    pub const TAG_BOT_KEY: &str = "bck_secTagBotKey0123456789abcdefghij";
+    pub const LONG_ONE_KEY: &str = "bck_secLongOneKey0123456789abcdefghi";
+    pub const LONG_TWO_KEY: &str = "bck_secLongTwoKey0123456789abcdefghi";
+    pub const OPS_KEY: &str = "bck_secOpsKey0123456789abcdefghijklm";
+    pub const SECRET: &str = "provisioner-secret-sec-0123456789";
+    /// An untagged tailnet node that matches no bot but is named like `ws-a`.
+    pub const IMPOSTOR: &str = "127.0.0.5";
+    pub const TAGGED: &str = "127.0.0.4";
+
+    /// ws-a, ws-b, tag-bot (tag and API key), the two long names and `ops` by API key; an
+    /// impostor node named `ws-a` and a tagged node; LiteLLM with Coder and the provisioner secret.
+    pub fn setup() -> WorldBuilder {
+        World::builder(&policy())
+            .node(
+                IMPOSTOR,
+                NodeBuilder::new("ws-a").login("mallory@example.com"),
+            )
+            .node(TAGGED, NodeBuilder::new("ci-runner").tags(["tag:ci"]))
+            .api_key("ws-a", A_KEY)
+            .api_key("ws-b", B_KEY)
+            // An API key for a bot whose policy identity is a tag: never a way in.
+            .api_key("tag-bot", TAG_BOT_KEY)
+            .api_key(LONG_ONE, LONG_ONE_KEY)
+            .api_key(LONG_TWO, LONG_TWO_KEY)
+            .api_key("ops", OPS_KEY)
+            .litellm("")
+            .coder()
+            .toml("[admin]\napi_key_bots = [\"ops\"]\n")
+            .env("BOTCREDS_PROVISIONER_SECRET", SECRET)
+            .coder_session("coder-session-dev-0123456789", "usr-dev", "dev")
+    }
+
+    pub fn ws(id: &str, name: &str, user: &str) -> Value {
+        json!({"workspace_id": id, "workspace_name": name, "coder_user": user, "coder_user_id": format!("usr-{user}")})
+    }
+
+    /// The code (or, on the provisioner API, the error in words) of an error answer.
+    pub fn error_of(body: &Value) -> String {
+        body.get("code")
+            .or_else(|| body.get("error"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }
+}

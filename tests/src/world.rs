@@ -3,7 +3,7 @@
 //! binary ([`WorldBuilder::start`]) or in this process ([`WorldBuilder::start_in_process`]);
 //! and the helpers the suites share (addresses, error codes, requests, the CLI).
 //!
-//! ```ignore
+//! ```text
 //! let w = World::builder(POLICY)
 //!     .node(CI, NodeBuilder::new("ci-bot-07").tags(["tag:ci"]))
 //!     .api_key("ops", OPS_KEY)

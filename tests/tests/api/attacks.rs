@@ -19,7 +19,7 @@ async fn world(limits: &str) -> World<InProcessBroker> {
 // ---------------------------------------------------------------------------------------------
 // Spoofed identities
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spoofed_identities_are_refused() {
     let w = world("").await;
     let ci_request = pending_request(&w).await;
@@ -223,7 +223,7 @@ fn admin_routes(id: &str) -> Vec<(&'static str, String, Option<Value>)> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_routes_refuse_everyone_but_admins() {
     let w = world("").await;
     let id = pending_request(&w).await;
@@ -332,7 +332,7 @@ async fn admin_routes_refuse_everyone_but_admins() {
 // ---------------------------------------------------------------------------------------------
 // Policy tricks
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn policy_tricks_neither_widen_nor_bypass_a_deny() {
     let w = world("").await;
     let ask = |repos: &[&str], perms: &[&str]| {
@@ -504,7 +504,7 @@ async fn form_token(w: &World<InProcessBroker>, from: &'static str, id: &str) ->
     html[start..].split('"').next().unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_approval_forms_change_nothing() {
     let w = world("").await;
     let id = pending_request(&w).await;
@@ -659,7 +659,7 @@ async fn forged_approval_forms_change_nothing() {
 // ---------------------------------------------------------------------------------------------
 // Key-provisioner API and Coder
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn provisioner_and_coder_refusals_mint_no_key() {
     let w = world("").await;
     // A key the provisioner holds, which nobody else may give back.
@@ -904,7 +904,7 @@ async fn join_token(w: &World<InProcessBroker>, bot: &str, ttl: &str) -> (String
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn enrollment_attacks_issue_no_certificate() {
     let w = world("").await;
     let enroll = |body: Value| req(UNKNOWN, "POST", "/v1/enroll").json(body);

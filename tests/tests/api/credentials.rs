@@ -36,7 +36,7 @@ async fn ask_with(w: &W, from: &str, body: Value, key: Option<&str>) -> (u16, Va
     w.ask_with(from, body, key).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tailnet_bot_gets_a_scoped_token_with_the_seed_json() {
     let w = world().await;
     let (status, body) = ask(
@@ -91,7 +91,7 @@ async fn tailnet_bot_gets_a_scoped_token_with_the_seed_json() {
     assert!(!info.allows("acme-corp/infra", "contents", "read"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_requests_reuse_one_token_and_whois_is_cached() {
     let w = world().await;
     let req = token_request(
@@ -158,7 +158,7 @@ async fn identical_requests_reuse_one_token_and_whois_is_cached() {
     assert_eq!(w.github.mint_count(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn policy_decisions_from_tailnet_identity() {
     let w = world().await;
     // deny beats auto_approve (acme-corp/* contents:read would allow it).
@@ -257,7 +257,7 @@ async fn policy_decisions_from_tailnet_identity() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_key_bot_and_bad_keys() {
     let w = world().await;
     let req = token_request(&["acme-corp/web"], &["contents:read"]);
@@ -306,7 +306,7 @@ async fn api_key_bot_and_bad_keys() {
     assert_eq!(who["tags"], json!(["tag:ci"]));
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_code_and_mints_nothing() {
     let w = world_with(FakeGithubConfig::default(), |b| {
         b.toml("[limits]\nrequest_timeout = \"2s\"\n")
@@ -398,7 +398,7 @@ async fn bad_input_gets_a_clear_code_and_mints_nothing() {
     assert_eq!(s, 200, "{b}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn github_failures_map_to_502_codes_without_half_issued_state() {
     let w = world().await;
     let req = token_request(&["acme-corp/web"], &["contents:read"]);
@@ -467,7 +467,7 @@ async fn github_failures_map_to_502_codes_without_half_issued_state() {
     assert_eq!(s, 200, "recovers when GitHub is back: {b}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tailscaled_down_is_identity_unavailable_but_api_keys_work() {
     let w = world().await;
     w.tailscaled.set_down(true).await;
@@ -482,7 +482,7 @@ async fn tailscaled_down_is_identity_unavailable_but_api_keys_work() {
     assert_eq!(s, 200, "{b}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ghes_long_tokens_and_metrics() {
     let config = FakeGithubConfig::default()
         .ghes()

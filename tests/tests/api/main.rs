@@ -2,7 +2,9 @@
 //! the test's runtime (`botcreds_tests::inprocess`), against the same doubles the real-binary
 //! suites use. Each module holds the handler-level cases of one of those suites — validation
 //! tables, refusal codes, answer shapes — that need no real process, signal, crash, agent,
-//! browser or real LiteLLM.
+//! browser or real LiteLLM: `credentials` (from `broker_e2e`), `attacks` (from
+//! `security_attacks`), `keys` (from `security_keys`).
 
 mod attacks;
 mod credentials;
+mod keys;
