@@ -139,6 +139,35 @@ impl BrokerBuilder {
 
     /// Write the files and start `botcreds serve`; returns once it listens.
     pub async fn start(self) -> BrokerProcess {
+        let open_file_limit = self.open_file_limit;
+        let files = self.write_files();
+        let program = match open_file_limit {
+            None => Command::new(binary("botcreds")),
+            Some(files) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+                    .arg(binary("botcreds"));
+                sh
+            }
+        };
+        let cmd = serve(program, &files.config_path, &files.env);
+        let BrokerFiles {
+            dir,
+            config_path,
+            policy_path,
+            env,
+        } = files;
+        let mut broker = BrokerProcess::spawn(cmd, dir, config_path, policy_path).await;
+        broker.env = env;
+        broker
+    }
+
+    /// Write `broker.toml`, the policy, the app key and the LiteLLM master key into a new
+    /// temporary directory: what both the real binary and an in-process broker
+    /// ([`crate::inprocess`]) start from. The open-file limit is the process's business and is
+    /// not part of the files.
+    pub fn write_files(self) -> BrokerFiles {
         let dir = tempfile::tempdir().expect("tempdir");
         let key_path = dir.path().join("app-key.pem");
         std::fs::copy(crate::fixtures::path("github/test-app-key.pem"), &key_path)
@@ -182,25 +211,6 @@ impl BrokerBuilder {
         let config_path = dir.path().join("broker.toml");
         std::fs::write(&config_path, &toml).expect("write config");
 
-        let mut cmd = match self.open_file_limit {
-            None => Command::new(binary("botcreds")),
-            Some(files) => {
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
-                    .arg(binary("botcreds"));
-                sh
-            }
-        };
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info,botcreds_broker=debug")
-            .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
         let mut env: Vec<(String, String)> = self
             .api_keys
             .iter()
@@ -208,13 +218,22 @@ impl BrokerBuilder {
             .map(|(i, (_, key))| (format!("BOTCREDS_TEST_KEY_{i}"), key.clone()))
             .collect();
         env.extend(self.env.iter().cloned());
-        for (k, v) in &env {
-            cmd.env(k, v);
+        BrokerFiles {
+            dir,
+            config_path,
+            policy_path,
+            env,
         }
-        let mut broker = BrokerProcess::spawn(cmd, dir, config_path, policy_path).await;
-        broker.env = env;
-        broker
     }
+}
+
+/// A broker's files, written by [`BrokerBuilder::write_files`], and the environment variables
+/// its config names (API keys, secrets given by variable).
+pub struct BrokerFiles {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub policy_path: PathBuf,
+    pub env: Vec<(String, String)>,
 }
 
 /// A running broker. Dropping it kills the process.
@@ -320,20 +339,11 @@ impl BrokerProcess {
 
     /// The command that starts this broker again on its own config and data.
     pub fn serve_command(&self) -> Command {
-        let mut cmd = Command::new(binary("botcreds"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,botcreds_broker=debug")
-            .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd
+        serve(
+            Command::new(binary("botcreds")),
+            &self.config_path,
+            &self.env,
+        )
     }
 
     /// `kill -9` the broker, then start it again on the same config and data directory (a new
@@ -341,14 +351,20 @@ impl BrokerProcess {
     pub async fn crash_and_restart(self) -> BrokerProcess {
         let mut old = self;
         old.kill9().await;
-        let cmd = old.serve_command();
+        old.start_again().await
+    }
+
+    /// Start the broker again on its config, data and environment after it stopped (a new
+    /// port: `url` and `addr` change). Panics with the log if it does not come up.
+    pub async fn start_again(self) -> BrokerProcess {
+        let cmd = self.serve_command();
         let BrokerProcess {
             dir,
             config_path,
             policy_path,
             env,
             ..
-        } = old;
+        } = self;
         let mut broker = BrokerProcess::spawn(cmd, dir, config_path, policy_path).await;
         broker.env = env;
         broker
@@ -434,6 +450,23 @@ impl BrokerProcess {
     pub fn client_from(&self, source: IpAddr) -> reqwest::Client {
         client_from(source)
     }
+}
+
+/// `botcreds serve` on `config` with `env`, its log on a pipe, killed when dropped.
+fn serve(mut cmd: Command, config: &Path, env: &[(String, String)]) -> Command {
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,botcreds_broker=debug")
+        .env_remove("BOTCREDS_GITHUB_PRIVATE_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 /// An HTTP client whose connections come from `source`.

@@ -13,6 +13,8 @@
 //! - [`webhook_sink`]: a webhook receiver that verifies the broker's signatures; [`webdriver`]:
 //!   a WebDriver client for Chromium.
 //! - [`fixtures`]: paths and loaders for `tests/fixtures/**`, the test app key, JWT signing.
+//! - [`world`]: the world the suites start (doubles + a broker, real or [`inprocess`]) and their
+//!   shared helpers.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -28,8 +30,11 @@ pub mod fake_litellm;
 pub mod fake_tailscaled;
 pub mod fixtures;
 pub mod git_server;
+pub mod inprocess;
+pub mod scenes;
 pub mod webdriver;
 pub mod webhook_sink;
+pub mod world;
 
 /// A hyper HTTP/1.1 server for an axum router that can be switched off and on again, so doubles
 /// can simulate an outage: while down, the listener is closed (new connections are refused, or

@@ -12,16 +12,16 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use botcreds_proto::agent::{AgentStatus, CredentialSource, CredentialState, CredentialStatus};
 use botcreds_tests::agent::{AgentBuilder, AgentHome, AgentProcess, GithubEntry, HttpPath, Output};
-use botcreds_tests::broker::{BrokerBuilder, BrokerProcess};
+use botcreds_tests::broker::BrokerProcess;
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig, TokenInfo};
 use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
 use botcreds_tests::git_server::GitServer;
+use botcreds_tests::world::World as BrokerWorld;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -121,16 +121,14 @@ impl World {
     }
 
     async fn with(setup: Setup) -> World {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let github = FakeGithub::start(setup.github).await;
-        let tailscaled = FakeTailscaled::start().await;
-        tailscaled.add_node(
-            AGENT_IP.parse::<IpAddr>().unwrap(),
-            NodeBuilder::new("bot-host").tags(["tag:bots"]).build(),
-        );
-        let broker = BrokerBuilder::new(setup.policy)
-            .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-            .tailscaled(tailscaled.socket_path())
+        let BrokerWorld {
+            github,
+            tailscaled,
+            broker,
+            ..
+        } = BrokerWorld::builder(setup.policy)
+            .github(setup.github)
+            .node(AGENT_IP, NodeBuilder::new("bot-host").tags(["tag:bots"]))
             .api_key("ops", OPS_KEY)
             .toml("[admin]\napi_key_bots = [\"ops\"]\n")
             .start()

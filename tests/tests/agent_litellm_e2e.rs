@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use botcreds_tests::agent::{AgentBuilder, AgentHome, AgentProcess};
-use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary, client_from};
-use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use botcreds_tests::broker::{BrokerProcess, binary, client_from};
+use botcreds_tests::fake_github::FakeGithub;
 use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig, LitellmBackend, run_tag};
 use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use botcreds_tests::world::World as BrokerWorld;
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -75,21 +76,16 @@ impl World {
 
     /// A world whose broker uses `backend` as its LiteLLM proxy.
     async fn on(backend: LitellmBackend) -> World {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let github = FakeGithub::start(FakeGithubConfig::default()).await;
-        let tailscaled = FakeTailscaled::start().await;
-        tailscaled.add_node(
-            ip(AGENT_IP),
-            NodeBuilder::new("bot-host").tags(["tag:bots"]).build(),
-        );
-        tailscaled.add_node(
-            ip(ADMIN_IP),
-            NodeBuilder::new("admin-desk").tags(["tag:admin"]).build(),
-        );
-        let broker = BrokerBuilder::new(POLICY)
-            .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-            .tailscaled(tailscaled.socket_path())
-            .litellm(&backend.url, &backend.master_key, "sweep_interval = \"1s\"")
+        let (url, master_key) = (backend.url.clone(), backend.master_key.clone());
+        let BrokerWorld {
+            github,
+            tailscaled,
+            broker,
+            ..
+        } = BrokerWorld::builder(POLICY)
+            .node(AGENT_IP, NodeBuilder::new("bot-host").tags(["tag:bots"]))
+            .node(ADMIN_IP, NodeBuilder::new("admin-desk").tags(["tag:admin"]))
+            .broker(move |b| b.litellm(&url, &master_key, "sweep_interval = \"1s\""))
             // Short-lived ci keys, so that a refresh comes within the test.
             .toml("[litellm.scopes.ci]\nlifetime = \"150s\"\n\n[admin]\ntags = [\"tag:admin\"]\n")
             .start()

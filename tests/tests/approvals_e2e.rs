@@ -7,19 +7,16 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::net::IpAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use botcreds_proto::approval::{
     ApprovalList, ApprovalRequestView, ApprovalState, AuditList, BotList, GrantList, PolicyView,
     RevokeAnswer,
 };
-use botcreds_proto::{ErrorBody, ErrorCode, GithubCredential};
-use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
-use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
-use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
-use serde::de::DeserializeOwned;
+use botcreds_proto::{ErrorCode, GithubCredential};
+use botcreds_tests::broker::binary;
+use botcreds_tests::fake_tailscaled::NodeBuilder;
+use botcreds_tests::world::{CliRun, World, WorldBuilder, code_of, ip};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -56,133 +53,40 @@ const STRANGER: &str = "127.0.0.4";
 const SCRIPT_KEY: &str = "bck_e2eScriptKey0123456789abcdefghij";
 const OPS_KEY: &str = "bck_e2eOpsAdminKey0123456789abcdefgh";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-struct World {
-    github: FakeGithub,
-    _tailscaled: FakeTailscaled,
-    broker: BrokerProcess,
-}
-
-fn builder(github: &FakeGithub, tailscaled: &FakeTailscaled) -> BrokerBuilder {
-    BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
+fn setup(policy: &str) -> WorldBuilder {
+    World::builder(policy)
         .api_key("script-bot", SCRIPT_KEY)
         .api_key("ops", OPS_KEY)
         .toml("[admin]\nusers = [\"alice@example.com\"]\napi_key_bots = [\"ops\"]\n")
 }
 
 async fn world() -> World {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    tailscaled.add_node(
-        ip(ADMIN),
-        NodeBuilder::new("alice-desk")
-            .login("alice@example.com")
-            .build(),
-    );
-    tailscaled.add_node(
-        ip(CI),
-        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
-    );
-    tailscaled.add_node(
-        ip(DEPLOY),
-        NodeBuilder::new("deploy-01").tags(["tag:deploy"]).build(),
-    );
-    tailscaled.add_node(
-        ip(STRANGER),
-        NodeBuilder::new("bobs-box")
-            .login("bob@example.com")
-            .build(),
-    );
-    let broker = builder(&github, &tailscaled).start().await;
-    World {
-        github,
-        _tailscaled: tailscaled,
-        broker,
-    }
+    setup(POLICY)
+        .node(
+            ADMIN,
+            NodeBuilder::new("alice-desk").login("alice@example.com"),
+        )
+        .node(CI, NodeBuilder::new("ci-bot-07").tags(["tag:ci"]))
+        .node(DEPLOY, NodeBuilder::new("deploy-01").tags(["tag:deploy"]))
+        .node(
+            STRANGER,
+            NodeBuilder::new("bobs-box").login("bob@example.com"),
+        )
+        .start()
+        .await
 }
 
 /// Stop the broker and start it again on the same data directory and config.
 async fn restart(w: World) -> World {
-    let World {
-        github,
-        _tailscaled: tailscaled,
-        mut broker,
-    } = w;
-    assert!(broker.stop().await.success());
-    let BrokerProcess {
-        dir,
-        config_path,
-        policy_path,
-        ..
-    } = broker;
-    let mut cmd = tokio::process::Command::new(binary("botcreds"));
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .env("RUST_LOG", "info,botcreds_broker=debug")
-        .env("BOTCREDS_TEST_KEY_0", SCRIPT_KEY)
-        .env("BOTCREDS_TEST_KEY_1", OPS_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let broker = BrokerProcess::try_spawn(&mut cmd, dir, config_path, policy_path)
-        .await
-        .unwrap_or_else(|f| panic!("restart failed: {}", f.logs));
-    World {
-        github,
-        _tailscaled: tailscaled,
-        broker,
-    }
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json<T: DeserializeOwned>(&self) -> T {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
-    }
-
-    fn ok(self) -> Run {
-        assert_eq!(
-            self.code, 0,
-            "stdout: {}\nstderr: {}",
-            self.stdout, self.stderr
-        );
-        self
-    }
+    w.restart().await
 }
 
 /// Run `botcreds ARGS` against the broker (tailnet identity of 127.0.0.1 unless `api_key`).
-async fn cli_as(w: &World, api_key: Option<&str>, args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(binary("botcreds"));
-    cmd.args(args)
-        .env("BOTCREDS_BROKER", &w.broker.url)
-        .env_remove("BOTCREDS_API_KEY")
-        .stdin(Stdio::null());
-    if let Some(k) = api_key {
-        cmd.env("BOTCREDS_API_KEY", k);
-    }
-    let out = cmd.output().await.expect("running botcreds");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+async fn cli_as(w: &World, api_key: Option<&str>, args: &[&str]) -> CliRun {
+    w.run_cli(api_key, args).await
 }
 
-async fn cli(w: &World, args: &[&str]) -> Run {
+async fn cli(w: &World, args: &[&str]) -> CliRun {
     cli_as(w, None, args).await
 }
 
@@ -214,12 +118,6 @@ async fn poll(w: &World, from: &str, id: &str, wait: &str) -> (u16, Value) {
 fn write_request(repo: &str) -> Value {
     json!({"kind": "github_token", "repositories": [repo], "permissions": ["contents:write"],
            "reason": "release 1.2"})
-}
-
-fn code_of(body: &Value) -> ErrorCode {
-    serde_json::from_value::<ErrorBody>(body.clone())
-        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
-        .code
 }
 
 fn credential(status: u16, body: Value) -> GithubCredential {
@@ -694,25 +592,16 @@ const OTHER_KEY: &str = "bck_e2eOtherBotKey0123456789abcdefghi";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn revoke_deletes_litellm_keys_by_id_and_by_bot() {
-    use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig};
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let litellm = FakeLitellm::start(FakeLitellmConfig::default()).await;
-    let broker = BrokerBuilder::new(LITELLM_POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+    let w = World::builder(LITELLM_POLICY)
         .api_key("review-bot", REVIEW_KEY)
         .api_key("other-bot", OTHER_KEY)
         .api_key("ops", OPS_KEY)
-        .litellm(&litellm.base_url(), litellm.master_key(), "")
         .toml("[admin]\napi_key_bots = [\"ops\"]\n")
+        .litellm("")
+        .no_tailscaled()
         .start()
         .await;
-    let tailscaled = FakeTailscaled::start().await;
-    let w = World {
-        github,
-        _tailscaled: tailscaled,
-        broker,
-    };
+    let litellm = w.litellm.clone();
     let key_of = |bot_key: &'static str| {
         let url = format!("{}/v1/credentials", w.broker.url);
         async move {

@@ -13,11 +13,12 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use botcreds_proto::{ErrorBody, ErrorCode};
+use botcreds_proto::ErrorCode;
 use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
 use botcreds_tests::fake_litellm::{FakeLitellm, FakeLitellmConfig, LitellmBackend, run_tag};
-use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use botcreds_tests::fake_tailscaled::NodeBuilder;
+use botcreds_tests::world::{World, call, code_of};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -52,67 +53,32 @@ const HAIKU: &str = "claude-haiku-3-5";
 const LAPTOP: &str = "127.0.0.3";
 const TAGGED: &str = "127.0.0.4";
 
-struct World {
-    _github: FakeGithub,
-    _tailscaled: FakeTailscaled,
-    litellm: FakeLitellm,
-    broker: BrokerProcess,
-    http: reqwest::Client,
-}
-
 async fn world(extra_litellm: &str) -> World {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let litellm = FakeLitellm::start(FakeLitellmConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    tailscaled.add_node(
-        LAPTOP.parse().unwrap(),
-        NodeBuilder::new("alice-laptop")
-            .login("alice@example.com")
-            .build(),
-    );
-    tailscaled.add_node(
-        TAGGED.parse().unwrap(),
-        NodeBuilder::new("ci-runner").tags(["tag:ci"]).build(),
-    );
-    let broker = BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
+    World::builder(POLICY)
+        .node(
+            LAPTOP,
+            NodeBuilder::new("alice-laptop").login("alice@example.com"),
+        )
+        .node(TAGGED, NodeBuilder::new("ci-runner").tags(["tag:ci"]))
         .api_key("review-bot", REVIEW_KEY)
         .api_key("other-bot", OTHER_KEY)
         .api_key("ops", OPS_KEY)
-        .litellm(&litellm.base_url(), litellm.master_key(), extra_litellm)
-        .toml(&format!(
-            "[coder]\nurl = \"{}\"\n\n[admin]\napi_key_bots = [\"ops\"]\n",
-            litellm.base_url()
-        ))
+        .litellm(extra_litellm)
+        .coder()
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
         .env("BOTCREDS_PROVISIONER_SECRET", SECRET)
         .start()
-        .await;
-    World {
-        _github: github,
-        _tailscaled: tailscaled,
-        litellm,
-        broker,
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    }
+        .await
 }
 
-async fn call(r: reqwest::RequestBuilder) -> (u16, Value) {
-    let resp = r.send().await.expect("broker reachable");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+/// The suite's requests to its world.
+trait KeysWorld {
+    async fn credential(&self, key: &str, body: Value) -> (u16, Value);
+    async fn provisioner(&self, path: &str, secret: Option<&str>, body: Value) -> (u16, Value);
+    async fn cli(&self, args: &[&str]) -> (i32, String, String);
 }
 
-impl World {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.broker.url)
-    }
-
+impl KeysWorld for World {
     async fn credential(&self, key: &str, body: Value) -> (u16, Value) {
         call(
             self.http
@@ -146,12 +112,6 @@ impl World {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
-}
-
-fn code_of(body: &Value) -> ErrorCode {
-    serde_json::from_value::<ErrorBody>(body.clone())
-        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
-        .code
 }
 
 fn keys_of(v: &Value) -> BTreeSet<&str> {

@@ -18,6 +18,7 @@ use botcreds_proto::audit::AuditEventKind;
 use botcreds_proto::enroll::{CertList, JoinToken};
 use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use botcreds_tests::world::World;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,27 +42,35 @@ const TLS_TOML: &str = "[admin]\napi_key_bots = [\"ops\"]\n\n[tls]\nlisten = [\"
     handshake_timeout = \"5s\"\n";
 const WAIT: Duration = Duration::from_secs(60);
 
-struct World {
-    _github: FakeGithub,
-    broker: BrokerProcess,
+/// The world (no tailnet identity: the bot is known by its client certificate) and the
+/// broker's mTLS listener.
+struct MtlsWorld {
+    world: World,
     tls: SocketAddr,
 }
 
-async fn world() -> World {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let mut broker = BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
+impl std::ops::Deref for MtlsWorld {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl std::ops::DerefMut for MtlsWorld {
+    fn deref_mut(&mut self) -> &mut World {
+        &mut self.world
+    }
+}
+
+async fn world() -> MtlsWorld {
+    let mut world = World::builder(POLICY)
+        .no_tailscaled()
         .api_key("ops", OPS_KEY)
         .toml(TLS_TOML)
         .start()
         .await;
-    let tls = tls_addr(&mut broker).await;
-    World {
-        _github: github,
-        broker,
-        tls,
-    }
+    let tls = tls_addr(&mut world.broker).await;
+    MtlsWorld { world, tls }
 }
 
 /// The mTLS listener's address, from the broker's readiness line.

@@ -10,7 +10,6 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -18,10 +17,10 @@ use botcreds_proto::approval::{
     ApprovalList, ApprovalRequestView, AuditList, GrantList, GrantView, PolicyView,
 };
 use botcreds_proto::audit::AuditEventKind;
-use botcreds_proto::{ErrorBody, ErrorCode, GithubCredential};
-use botcreds_tests::broker::{BrokerBuilder, BrokerProcess, binary};
-use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
-use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use botcreds_proto::{ErrorCode, GithubCredential};
+use botcreds_tests::broker::binary;
+use botcreds_tests::fake_tailscaled::NodeBuilder;
+use botcreds_tests::world::{World, code_of, ip};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -87,49 +86,30 @@ const OPS_NODE: &str = "127.0.0.5";
 /// `ops` is an admin (`[admin] api_key_bots`) and a policy bot at once.
 const OPS_KEY: &str = "bck_secOpsAdminKey0123456789abcdefghi";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-struct World {
-    github: FakeGithub,
-    _tailscaled: FakeTailscaled,
-    broker: BrokerProcess,
-}
-
 async fn world() -> World {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    tailscaled.add_node(
-        ip(ADMIN),
-        NodeBuilder::new("alice-desk")
-            .login("alice@example.com")
-            .build(),
-    );
-    tailscaled.add_node(
-        ip(CI),
-        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
-    );
-    tailscaled.add_node(
-        ip(OPS_NODE),
-        NodeBuilder::new("ops-box").tags(["tag:ops"]).build(),
-    );
-    let broker = BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
+    World::builder(POLICY)
+        .node(ADMIN, NodeBuilder::new("alice-desk").login("alice@example.com"))
+        .node(CI, NodeBuilder::new("ci-bot-07").tags(["tag:ci"]))
+        .node(OPS_NODE, NodeBuilder::new("ops-box").tags(["tag:ops"]))
         .api_key("ops", OPS_KEY)
         .toml(
             "[admin]\nusers = [\"alice@example.com\"]\ntags = [\"tag:ops\"]\napi_key_bots = [\"ops\"]\n",
         )
         .toml("[limits]\nreplace_burst = 2\nreplace_interval = \"10m\"\n")
         .start()
-        .await;
-    World {
-        github,
-        _tailscaled: tailscaled,
-        broker,
-    }
+        .await
+}
+
+/// review-bot and the `ops` admin by API key, LiteLLM keys, no tailnet identity.
+async fn litellm_world() -> World {
+    World::builder(LITELLM_POLICY)
+        .no_tailscaled()
+        .api_key("review-bot", REVIEW_KEY)
+        .api_key("ops", OPS_KEY)
+        .litellm("")
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
+        .start()
+        .await
 }
 
 /// Who sends a request: a tailnet node by its address, or the `ops` API key.
@@ -171,12 +151,6 @@ fn write_request(repo: &str) -> Value {
 
 fn read_request(repo: &str) -> Value {
     json!({"kind": "github_token", "repositories": [repo], "permissions": ["contents:read"]})
-}
-
-fn code_of(body: &Value) -> ErrorCode {
-    serde_json::from_value::<ErrorBody>(body.clone())
-        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
-        .code
 }
 
 fn credential(status: u16, body: Value) -> GithubCredential {
@@ -922,20 +896,8 @@ const REVIEW_KEY: &str = "bck_secReviewBotKey0123456789abcdefg";
 /// and deletes the key already handed out (before, it stayed live until its expiry).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deny_added_after_a_litellm_approval_wins() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let litellm = botcreds_tests::fake_litellm::FakeLitellm::start(
-        botcreds_tests::fake_litellm::FakeLitellmConfig::default(),
-    )
-    .await;
-    let mut broker = BrokerBuilder::new(LITELLM_POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .api_key("review-bot", REVIEW_KEY)
-        .api_key("ops", OPS_KEY)
-        .litellm(&litellm.base_url(), litellm.master_key(), "")
-        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
-        .start()
-        .await;
+    let w = litellm_world().await;
+    let (litellm, mut broker) = (w.litellm.clone(), w.broker);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = broker.url.clone();
     let call = |key: &'static str, method: &'static str, path: String, body: Option<Value>| {
@@ -1034,20 +996,8 @@ async fn a_deny_added_after_a_litellm_approval_wins() {
 /// is refused with `policy_denied` and the key minted for it is deleted in LiteLLM.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_during_an_in_flight_litellm_mint_wins() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let litellm = botcreds_tests::fake_litellm::FakeLitellm::start(
-        botcreds_tests::fake_litellm::FakeLitellmConfig::default(),
-    )
-    .await;
-    let mut broker = BrokerBuilder::new(LITELLM_POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .api_key("review-bot", REVIEW_KEY)
-        .api_key("ops", OPS_KEY)
-        .litellm(&litellm.base_url(), litellm.master_key(), "")
-        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
-        .start()
-        .await;
+    let w = litellm_world().await;
+    let (litellm, mut broker) = (w.litellm.clone(), w.broker);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = |path: &str| format!("{}{path}", broker.url);
     let resp = http

@@ -12,12 +12,13 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use botcreds_tests::broker::{BrokerBuilder, BrokerProcess};
 use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
 use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use botcreds_tests::world::{World, ip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -41,10 +42,6 @@ defaults:
 
 /// The HTTP/2 client preface and an empty SETTINGS frame: what an h2c client sends first.
 const H2C_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// A TCP connection to `to` from the loopback address `from`.
 async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
@@ -121,16 +118,8 @@ async fn healthz_from(broker: &BrokerProcess, from: &str) -> reqwest::StatusCode
 }
 
 async fn plain_broker(extra_toml: &str) -> (FakeGithub, FakeTailscaled, BrokerProcess) {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    let broker = BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
-        .toml(extra_toml)
-        .start()
-        .await;
-    (github, tailscaled, broker)
+    let w = World::builder(POLICY).toml(extra_toml).start().await;
+    (w.github, w.tailscaled, w.broker)
 }
 
 /// h2c_connection_exhaustion: one peer's silent connections beyond the per-peer cap (128 by
@@ -181,13 +170,13 @@ async fn h2c_connection_exhaustion_is_capped_per_peer() {
 /// the limit (128 in all, 64 per peer), refuses the rest at once, and /healthz answers.
 #[tokio::test]
 async fn h2c_flood_at_a_low_open_file_limit_leaves_healthz_answering() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    let broker = BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
-        .open_file_limit(256)
+    let World {
+        broker,
+        github: _github,
+        tailscaled: _tailscaled,
+        ..
+    } = World::builder(POLICY)
+        .broker(|b| b.open_file_limit(256))
         .start()
         .await;
     let mut held = Vec::new();

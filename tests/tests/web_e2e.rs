@@ -11,16 +11,14 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use botcreds_proto::approval::WebhookEvent;
 use botcreds_proto::{ApprovalRequestView, GithubCredential};
-use botcreds_tests::broker::{BrokerBuilder, BrokerProcess};
-use botcreds_tests::fake_github::{FakeGithub, FakeGithubConfig};
-use botcreds_tests::fake_tailscaled::{FakeTailscaled, NodeBuilder};
+use botcreds_tests::fake_tailscaled::NodeBuilder;
 use botcreds_tests::webdriver::ChromeDriver;
 use botcreds_tests::webhook_sink::WebhookSink;
+use botcreds_tests::world::{World, ip};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -52,50 +50,29 @@ const WEBHOOK_SECRET: &str = "e2e-webhook-secret-0123456789";
 const SLACK_TOKEN: &str = "slackTOKENdoNotLog42";
 const PUBLIC_URL: &str = "http://botcreds.example.ts.net:8443";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-struct World {
-    github: FakeGithub,
-    _tailscaled: FakeTailscaled,
+/// The world and the two notification receivers.
+struct WebWorld {
+    world: World,
     hooks: WebhookSink,
     slack: WebhookSink,
-    broker: BrokerProcess,
+}
+
+impl std::ops::Deref for WebWorld {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl std::ops::DerefMut for WebWorld {
+    fn deref_mut(&mut self) -> &mut World {
+        &mut self.world
+    }
 }
 
 /// A broker whose browser address (127.0.0.1) is `browser_login`'s laptop; alice and carol
 /// are admins, bob is not.
-async fn world(browser_login: &str) -> World {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    let tailscaled = FakeTailscaled::start().await;
-    tailscaled.add_node(
-        ip(BROWSER),
-        NodeBuilder::new("browser-laptop")
-            .login(browser_login)
-            .build(),
-    );
-    tailscaled.add_node(
-        ip(CI),
-        NodeBuilder::new("ci-bot-07").tags(["tag:ci"]).build(),
-    );
-    tailscaled.add_node(
-        ip(BOB),
-        NodeBuilder::new("bob-laptop")
-            .login("bob@example.com")
-            .build(),
-    );
-    tailscaled.add_node(
-        ip(CAROL),
-        NodeBuilder::new("carol-laptop")
-            .login("carol@example.com")
-            .build(),
-    );
-    tailscaled.add_node(
-        ip(HASTY),
-        NodeBuilder::new("hasty-01").tags(["tag:hasty"]).build(),
-    );
+async fn world(browser_login: &str) -> WebWorld {
     let hooks = WebhookSink::start(Some(WEBHOOK_SECRET)).await;
     let slack = WebhookSink::start(None).await;
     let toml = format!(
@@ -120,9 +97,18 @@ webhook_url_env = "BOTCREDS_TEST_SLACK_URL"
 "#,
         hook = hooks.url(),
     );
-    let broker = BrokerBuilder::new(POLICY)
-        .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
-        .tailscaled(tailscaled.socket_path())
+    let world = World::builder(POLICY)
+        .node(
+            BROWSER,
+            NodeBuilder::new("browser-laptop").login(browser_login),
+        )
+        .node(CI, NodeBuilder::new("ci-bot-07").tags(["tag:ci"]))
+        .node(BOB, NodeBuilder::new("bob-laptop").login("bob@example.com"))
+        .node(
+            CAROL,
+            NodeBuilder::new("carol-laptop").login("carol@example.com"),
+        )
+        .node(HASTY, NodeBuilder::new("hasty-01").tags(["tag:hasty"]))
         .toml(&toml)
         .env("BOTCREDS_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
         .env(
@@ -131,12 +117,10 @@ webhook_url_env = "BOTCREDS_TEST_SLACK_URL"
         )
         .start()
         .await;
-    World {
-        github,
-        _tailscaled: tailscaled,
+    WebWorld {
+        world,
         hooks,
         slack,
-        broker,
     }
 }
 
