@@ -195,12 +195,19 @@ pub async fn run(
             .with_replace_limit(config.limits.replace),
     );
     let keys = key_service(&config, &edges, store.clone(), audit.clone())?;
-    let metrics = Metrics::with_collectors(
+    let deploy_keys = crate::issuance::DeployKeys::new(
         issuer.clone(),
-        keys.iter()
-            .map(|k| Box::new(crate::keys::KeyMetrics(k.clone())) as _)
-            .collect(),
+        audit.clone(),
+        edges.clock.clone(),
+        store.clone(),
+        config.limits.max_deploy_key_ttl,
     );
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = keys
+        .iter()
+        .map(|k| Box::new(crate::keys::KeyMetrics(k.clone())) as _)
+        .collect();
+    collectors.push(Box::new(deploy_keys.metrics()));
+    let metrics = Metrics::with_collectors(issuer.clone(), collectors);
     let approvals = Arc::new(
         crate::approvals::Approvals::load(
             store.clone(),
@@ -248,6 +255,7 @@ pub async fn run(
                     .map(|g| g.default_min_ttl)
                     .unwrap_or(Duration::from_secs(600)),
             ),
+            deploy_keys: deploy_keys.clone(),
             litellm: keys.clone().map(crate::issuance::LitellmKeys::new),
             request_timeout: config.limits.request_timeout,
         },
@@ -296,6 +304,7 @@ pub async fn run(
     let key_sweeper = keys
         .clone()
         .map(|k| tokio::spawn(k.run_sweeper(stop_rx.clone())));
+    let reaper = tokio::spawn(deploy_keys.run_reaper(stop_rx.clone()));
     let notifier = crate::notify::spawn(
         config.notify.clone(),
         approvals.subscribe(),
@@ -356,6 +365,7 @@ pub async fn run(
     if let Some(t) = key_sweeper {
         let _ = t.await;
     }
+    let _ = reaper.await;
     let _ = notifier.await;
     audit.shutdown();
     store.flush()?;

@@ -165,6 +165,12 @@ pub struct DeployKeyCredential {
     pub git: DeployKeyGit,
 }
 
+impl Drop for DeployKeyCredential {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.private_key);
+    }
+}
+
 impl std::fmt::Debug for DeployKeyCredential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeployKeyCredential")
