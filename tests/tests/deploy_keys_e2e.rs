@@ -24,11 +24,14 @@ bots:
       - kind: deploy_key
         repo: "acme-corp/web"
         permissions: [contents:write]
+  ops:
+    identity: { type: api_key }
 defaults:
   requires_approval: false
 "#;
 
 const KEY: &str = "bck_e2eDeployerBotKey0123456789abcdefg";
+const OPS_KEY: &str = "bck_e2eOpsAdminKey0123456789abcdefghij";
 /// Generous bounds for a loaded machine: a wait that runs out fails the test, nothing else.
 const WITHIN: Duration = Duration::from_secs(120);
 const DELETED: &str = "deploy key expired and deleted at GitHub";
@@ -38,6 +41,8 @@ async fn world() -> (FakeGithub, BrokerProcess) {
     let broker = BrokerBuilder::new(POLICY)
         .github(&github.base_url(), botcreds_tests::fixtures::APP_ID)
         .api_key("deployer", KEY)
+        .api_key("ops", OPS_KEY)
+        .toml("[admin]\napi_key_bots = [\"ops\"]\n")
         .start()
         .await;
     (github, broker)
@@ -215,5 +220,43 @@ async fn a_token_rule_does_not_allow_deploy_keys_and_bad_requests_change_nothing
     )
     .await;
     assert_eq!(status, 200, "{token}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn botcreds_revoke_deletes_a_deploy_key_at_github_at_once() {
+    let (github, mut broker) = world().await;
+    let (status, key) = ask(
+        &broker,
+        json!({"kind": "deploy_key", "repositories": ["acme-corp/web"],
+               "permissions": ["contents:write"], "ttl": "1h"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{key}");
+    let id = key["credential_id"].as_str().unwrap().to_string();
+    assert_eq!(github.deploy_keys().len(), 1);
+
+    let output = tokio::process::Command::new(botcreds_tests::broker::binary("botcreds"))
+        .args(["revoke", &id, "--broker", &broker.url])
+        .env("BOTCREDS_API_KEY", OPS_KEY)
+        .output()
+        .await
+        .expect("botcreds revoke runs");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(github.deploy_keys().is_empty(), "deleted at GitHub at once");
+    // Revoking it again: the broker holds no such key any more.
+    let again = reqwest::Client::new()
+        .post(format!("{}/v1/admin/revoke", broker.url))
+        .bearer_auth(OPS_KEY)
+        .json(&json!({"credential_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 404);
     broker.stop().await;
 }

@@ -76,6 +76,9 @@ struct Scheduled {
     credential_id: String,
     key_id: u64,
     repository: String,
+    /// `contents:read` or `contents:write`: what a revocation's grant end is about.
+    #[serde(default)]
+    permission: Option<String>,
     /// RFC 3339: when the key is deleted.
     expires_at: String,
     #[serde(default)]
@@ -86,6 +89,26 @@ struct Scheduled {
     /// RFC 3339: no new attempt before this.
     #[serde(default)]
     retry_at: Option<String>,
+}
+
+/// Which deploy keys a revocation deletes.
+#[derive(Clone, Copy, Debug)]
+pub enum RevokeKeys<'a> {
+    /// One key, by its `dk_...` id.
+    Credential(&'a str),
+    /// Every key handed to a bot.
+    Bot(&'a str),
+    /// Every key of a repository.
+    Repo(&'a RepoName),
+}
+
+/// A deploy key a revocation deleted (or could not delete yet: the reaper retries).
+#[derive(Clone, Debug)]
+pub struct RevokedKey {
+    pub credential: botcreds_proto::approval::RevokedCredential,
+    /// The bot it was handed to and what it was for, whose grant ends with it.
+    pub owner: Option<String>,
+    pub resource: Option<Resource>,
 }
 
 /// What one pass of the reaper did.
@@ -317,6 +340,77 @@ impl DeployKeys {
                 }
             }
         }
+    }
+
+    /// Delete the keys `target` names at GitHub now and audit `credential_revoked`. A key
+    /// GitHub does not confirm deleting stays scheduled, due now, so the reaper retries.
+    pub async fn revoke(&self, actor: &str, target: RevokeKeys<'_>) -> Vec<RevokedKey> {
+        let now = self.inner.clock.now();
+        let picked: Vec<Scheduled> = self
+            .scheduled()
+            .into_iter()
+            .filter(|s| match target {
+                RevokeKeys::Credential(id) => s.credential_id == id,
+                RevokeKeys::Bot(bot) => s.bot.as_deref() == Some(bot),
+                RevokeKeys::Repo(repo) => s.repository.eq_ignore_ascii_case(&repo.to_string()),
+            })
+            .collect();
+        let mut out = Vec::with_capacity(picked.len());
+        for mut s in picked {
+            let repo = s.repository.parse::<RepoName>();
+            let deleted = match &repo {
+                Ok(repo) => self.delete_at_github(repo, s.key_id).await,
+                Err(e) => Err(IssueError::Internal(format!("stored repository: {e}"))),
+            };
+            let error = match deleted {
+                Ok(()) => {
+                    self.unschedule(&s.credential_id);
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(credential_id = %s.credential_id, key_id = s.key_id, error = %e, "GitHub did not confirm deleting a revoked deploy key; the reaper retries");
+                    s.expires_at = rfc3339(now);
+                    s.retry_at = None;
+                    if let Err(e) = self.put(&s) {
+                        tracing::error!(credential_id = %s.credential_id, error = %e, "could not reschedule a revoked deploy key");
+                    }
+                    Some(e.to_string())
+                }
+            };
+            self.inner.wake.notify_one();
+            let mut e = self.event(AuditEventKind::CredentialRevoked, &s);
+            e.caller = Some(actor.to_string());
+            e.detail = Some(match &error {
+                None => format!("deploy key {} deleted at GitHub", s.key_id),
+                Some(err) => format!(
+                    "deploy key {}: GitHub did not confirm the deletion yet (retried): {err}",
+                    s.key_id
+                ),
+            });
+            if let Err(err) = self.inner.audit.record(vec![e]).await {
+                tracing::error!(error = %err, "audit log write failed for a revoked deploy key");
+            }
+            let resource = match (&repo, s.permission.as_deref().map(str::parse::<Permission>)) {
+                (Ok(repo), Some(Ok(permission))) => Some(Resource::DeployKey {
+                    repository: repo.clone(),
+                    permission,
+                }),
+                _ => None,
+            };
+            out.push(RevokedKey {
+                credential: botcreds_proto::approval::RevokedCredential {
+                    credential_id: s.credential_id.clone(),
+                    repositories: vec![s.repository.clone()],
+                    holders: s.bot.iter().cloned().collect(),
+                    expires_at: s.expires_at.clone(),
+                    revoked_upstream: error.is_none(),
+                    error,
+                },
+                owner: s.bot.clone(),
+                resource,
+            });
+        }
+        out
     }
 
     /// When the reaper should look again: the earliest expiry or retry in the schedule.
@@ -589,6 +683,7 @@ impl Provider for DeployKeys {
             credential_id: credential_id.clone(),
             key_id,
             repository: repo.to_string(),
+            permission: Some(ask.permission.to_string()),
             expires_at: rfc3339(expires_at),
             bot: m.bot.map(str::to_string),
             attempts: 0,

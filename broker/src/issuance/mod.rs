@@ -180,6 +180,11 @@ impl Issuance {
         rfc3339_millis(self.clock.now())
     }
 
+    /// The deploy-key provider (revocation deletes its keys at GitHub).
+    pub fn deploy_keys(&self) -> &DeployKeys {
+        &self.deploy_keys
+    }
+
     /// Hand `caller` the credential `request` asks for (`POST /v1/credentials`): issued, or
     /// an approval request to wait on, or a refusal — each one audited.
     pub async fn request(

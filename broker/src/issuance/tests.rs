@@ -980,3 +980,63 @@ async fn a_deploy_key_the_policy_refuses_before_the_answer_is_deleted() {
         Some("deploy_key")
     );
 }
+
+#[tokio::test]
+async fn revoking_deploy_keys_deletes_them_at_github_by_id_bot_or_repo() {
+    use super::deploy_key::RevokeKeys;
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, _) = w.sim.clone().unwrap();
+    let ci = caller("ci");
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(key_of(issued(
+            w.issuance
+                .request(
+                    &ci,
+                    deploy_key("acme/web", "contents:read", None),
+                    Wait::default(),
+                )
+                .await
+                .unwrap(),
+        )));
+    }
+    let unknown = w
+        .deploy_keys
+        .revoke(
+            "admin",
+            RevokeKeys::Credential("dk_000000000000000000000000"),
+        )
+        .await;
+    assert!(unknown.is_empty());
+    assert_eq!(sim.deploy_keys().len(), 3, "an unknown id deletes nothing");
+
+    let one = w
+        .deploy_keys
+        .revoke("admin", RevokeKeys::Credential(&keys[0].credential_id))
+        .await;
+    assert_eq!(one.len(), 1);
+    assert!(one[0].credential.revoked_upstream);
+    assert_eq!(sim.deploy_keys().len(), 2);
+    let revoked = w.last(AuditEventKind::CredentialRevoked);
+    assert_eq!(
+        revoked.token_id.as_deref(),
+        Some(keys[0].credential_id.as_str())
+    );
+    assert_eq!(revoked.kind.as_deref(), Some("deploy_key"));
+    assert_eq!(revoked.caller.as_deref(), Some("admin"));
+
+    let other = w
+        .deploy_keys
+        .revoke("admin", RevokeKeys::Bot("someone-else"))
+        .await;
+    assert!(other.is_empty());
+    let repo: botcreds_proto::RepoName = "acme/web".parse().unwrap();
+    let by_repo = w.deploy_keys.revoke("admin", RevokeKeys::Repo(&repo)).await;
+    assert_eq!(by_repo.len(), 2);
+    assert!(sim.deploy_keys().is_empty());
+    assert_eq!(
+        w.deploy_keys.scheduled_count(),
+        0,
+        "nothing left for the reaper"
+    );
+}
