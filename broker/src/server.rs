@@ -304,6 +304,8 @@ pub async fn run(
     let key_sweeper = keys
         .clone()
         .map(|k| tokio::spawn(k.run_sweeper(stop_rx.clone())));
+    // Keys from before end if the policy in force denies them.
+    deploy_keys.revoke_denied(&policy.current()).await;
     let reaper = tokio::spawn(deploy_keys.run_reaper(stop_rx.clone()));
     let notifier = crate::notify::spawn(
         config.notify.clone(),
@@ -621,6 +623,17 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
                     .approvals
                     .enforce_policy(&state.policy.current(), state.keys.as_deref())
                     .await;
+                let keys_deleted = state
+                    .issuance
+                    .deploy_keys()
+                    .revoke_denied(&state.policy.current())
+                    .await;
+                if !keys_deleted.is_empty() {
+                    tracing::info!(
+                        deploy_keys_deleted = keys_deleted.len(),
+                        "deploy keys the reloaded policy denies were deleted"
+                    );
+                }
                 tracing::info!(bots, credentials_revoked = ended.credentials_revoked.len(), grants_ended = ended.grants_ended.len(), requests_denied = ended.requests_denied.len(), path = %state.policy.path().display(), "policy reloaded");
                 state.metrics.policy_reload(true);
                 let mut e = AuditEvent::new(AuditEventKind::PolicyLoaded, now);

@@ -413,6 +413,38 @@ impl DeployKeys {
         out
     }
 
+    /// Delete every live key whose bot `policy` now denies it (deny wins over earlier allows,
+    /// approvals and grants): run at start and after each policy reload. Answers their ids.
+    pub async fn revoke_denied(&self, policy: &crate::policy::Policy) -> Vec<String> {
+        let denied: Vec<String> = self
+            .scheduled()
+            .into_iter()
+            .filter(|s| {
+                let (Some(bot), Some(Ok(repo)), Some(Ok(perm))) = (
+                    s.bot.as_deref(),
+                    Some(s.repository.parse::<RepoName>()),
+                    s.permission.as_deref().map(str::parse::<Permission>),
+                ) else {
+                    return false;
+                };
+                let request = crate::policy::Request::DeployKey {
+                    repositories: std::slice::from_ref(&repo),
+                    permissions: std::slice::from_ref(&perm),
+                };
+                policy.decide_for_bot(Some(bot), &request).outcome == crate::policy::Outcome::Deny
+            })
+            .map(|s| s.credential_id)
+            .collect();
+        let mut out = Vec::with_capacity(denied.len());
+        for id in denied {
+            for k in self.revoke("policy", RevokeKeys::Credential(&id)).await {
+                tracing::info!(credential_id = %k.credential.credential_id, "deploy key deleted: the policy now denies it");
+                out.push(k.credential.credential_id);
+            }
+        }
+        out
+    }
+
     /// When the reaper should look again: the earliest expiry or retry in the schedule.
     fn next_due(&self) -> Option<OffsetDateTime> {
         self.scheduled()

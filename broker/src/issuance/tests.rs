@@ -1040,3 +1040,37 @@ async fn revoking_deploy_keys_deletes_them_at_github_by_id_bot_or_repo() {
         "nothing left for the reaper"
     );
 }
+
+#[tokio::test]
+async fn a_reloaded_policy_that_denies_a_deploy_key_deletes_it() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, _) = w.sim.clone().unwrap();
+    let k = key_of(issued(
+        w.issuance
+            .request(
+                &caller("ci"),
+                deploy_key("acme/web", "contents:read", None),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    ));
+    // Still allowed: nothing happens.
+    assert!(
+        w.deploy_keys
+            .revoke_denied(&w.policy.current())
+            .await
+            .is_empty()
+    );
+    assert_eq!(sim.deploy_keys().len(), 1);
+    w.reload(&DEPLOY_KEY_POLICY.replace("- repo: \"acme/infra\"", "- repo: \"acme/web\""));
+    assert_eq!(
+        w.deploy_keys.revoke_denied(&w.policy.current()).await,
+        vec![k.credential_id.clone()]
+    );
+    assert!(sim.deploy_keys().is_empty());
+    assert_eq!(
+        w.last(AuditEventKind::CredentialRevoked).caller.as_deref(),
+        Some("policy")
+    );
+}
