@@ -38,6 +38,7 @@ use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
 use crate::grants::{Checked, TokenIssuer, TokenScope};
 use crate::issued::credential_issued;
 use crate::policy::remembered::Resource;
+use crate::providers::github::GithubError;
 use crate::secret::{Secret, sha256_hex};
 use crate::store::Store;
 
@@ -176,10 +177,12 @@ impl DeployKeys {
         DeployKeyMetrics(self.clone())
     }
 
-    /// An installation token with `administration:write` on `repo`, for the broker itself.
+    /// An installation token with `administration:write` on `repo`, for the broker itself;
+    /// `rejected` is the id of one GitHub refused as dead (replaced rather than reused).
     async fn admin_token<R>(
         &self,
         repo: &RepoName,
+        rejected: Option<&str>,
         recheck: impl Fn() -> Option<R>,
     ) -> Result<Checked<R>, IssueError> {
         let admin = Permission::new("administration", Level::Write)
@@ -190,22 +193,35 @@ impl DeployKeys {
         Ok(self
             .inner
             .issuer
-            .issue(&scope, ADMIN_TOKEN_MIN_TTL, None, HOLDER, recheck)
+            .issue(&scope, ADMIN_TOKEN_MIN_TTL, rejected, HOLDER, recheck)
             .await?)
     }
 
     /// Delete one key at GitHub now (404 = gone already).
     async fn delete_at_github(&self, repo: &RepoName, key_id: u64) -> Result<(), IssueError> {
-        let token = match self.admin_token(repo, || None::<Infallible>).await? {
-            Checked::Issued(i) => i.token.token,
-            Checked::Refused { refusal, .. } => match refusal {},
-        };
-        self.inner
-            .issuer
-            .github()
-            .delete_deploy_key(&token, repo, key_id)
-            .await
-            .map_err(|e| IssueError::Token(e.into()))
+        let mut rejected = None;
+        loop {
+            let token = match self
+                .admin_token(repo, rejected.as_deref(), || None::<Infallible>)
+                .await?
+            {
+                Checked::Issued(i) => i.token,
+                Checked::Refused { refusal, .. } => match refusal {},
+            };
+            match self
+                .inner
+                .issuer
+                .github()
+                .delete_deploy_key(&token.token, repo, key_id)
+                .await
+            {
+                // The cached token died at GitHub (revoked there): once more with a new one.
+                Err(GithubError::AuthFailed { .. }) if rejected.is_none() => {
+                    rejected = Some(token.credential_id);
+                }
+                other => return other.map_err(|e| IssueError::Token(e.into())),
+            }
+        }
     }
 
     fn put(&self, s: &Scheduled) -> Result<(), IssueError> {
@@ -672,7 +688,7 @@ impl Provider for DeployKeys {
         let repo = &ask.repository;
         // The recheck runs before the admin token's mint: nothing is created for a request
         // the policy in force refuses.
-        let token: Secret = match self.admin_token(repo, m.recheck).await? {
+        let mut token: Secret = match self.admin_token(repo, None, m.recheck).await? {
             Checked::Issued(i) => i.token.token,
             Checked::Refused { refusal, .. } => {
                 return Ok(Minted::Refused {
@@ -704,13 +720,30 @@ impl Provider for DeployKeys {
             .map_err(|e| IssueError::Internal(format!("encoding the private key: {e}")))?;
         drop(key);
         let title = format!("botcreds {} {credential_id}", m.bot.unwrap_or("-"));
-        let key_id = self
-            .inner
-            .issuer
-            .github()
+        let github = self.inner.issuer.github();
+        let key_id = match github
             .add_deploy_key(&token, repo, &title, &public_key, ask.read_only())
             .await
-            .map_err(|e| IssueError::Token(e.into()))?;
+        {
+            // The cached token died at GitHub (revoked there): once more with a new one.
+            Err(GithubError::AuthFailed { .. }) => {
+                let dead = crate::grants::credential_id_for(&token);
+                token = match self.admin_token(repo, Some(&dead), m.recheck).await? {
+                    Checked::Issued(i) => i.token.token,
+                    Checked::Refused { refusal, .. } => {
+                        return Ok(Minted::Refused {
+                            decision: refusal,
+                            before_recorded: false,
+                        });
+                    }
+                };
+                github
+                    .add_deploy_key(&token, repo, &title, &public_key, ask.read_only())
+                    .await
+            }
+            other => other,
+        }
+        .map_err(|e| IssueError::Token(e.into()))?;
         let scheduled = Scheduled {
             credential_id: credential_id.clone(),
             key_id,

@@ -1076,3 +1076,30 @@ async fn a_reloaded_policy_that_denies_a_deploy_key_deletes_it() {
         Some("policy")
     );
 }
+
+#[tokio::test]
+async fn a_broker_token_revoked_at_github_is_replaced_for_deploy_keys() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, clock) = w.sim.clone().unwrap();
+    let ci = caller("ci");
+    let ask = || deploy_key("acme/web", "contents:read", Some("10m"));
+    issued(
+        w.issuance
+            .request(&ci, ask(), Wait::default())
+            .await
+            .unwrap(),
+    );
+    // Someone revokes the broker's cached administration:write token at GitHub.
+    sim.revoke_all();
+    issued(
+        w.issuance
+            .request(&ci, ask(), Wait::default())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sim.deploy_keys().len(), 2);
+    sim.revoke_all();
+    clock.advance(601);
+    assert_eq!(w.deploy_keys.reap_once().await.deleted, 2);
+    assert!(sim.deploy_keys().is_empty());
+}

@@ -80,6 +80,13 @@ impl SimulatedGithub {
         tokens.revoked.contains_key(&key)
     }
 
+    /// Revoke every live token, as GitHub does when a token is revoked outside the broker.
+    pub fn revoke_all(&self) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let live: Vec<(String, OffsetDateTime)> = tokens.live.drain().collect();
+        tokens.revoked.extend(live);
+    }
+
     /// The deploy keys held now: `(id, owner/name)`, sorted by id.
     pub fn deploy_keys(&self) -> Vec<(u64, String)> {
         let keys = self.deploy_keys.lock().unwrap_or_else(|e| e.into_inner());
