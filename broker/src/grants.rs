@@ -569,6 +569,26 @@ mod tests {
         async fn revoke_installation_token(&self, token: &Secret) -> Result<(), GithubError> {
             self.inner.revoke_installation_token(token).await
         }
+        async fn add_deploy_key(
+            &self,
+            token: &Secret,
+            repo: &RepoName,
+            title: &str,
+            public_key: &str,
+            read_only: bool,
+        ) -> Result<u64, GithubError> {
+            self.inner
+                .add_deploy_key(token, repo, title, public_key, read_only)
+                .await
+        }
+        async fn delete_deploy_key(
+            &self,
+            token: &Secret,
+            repo: &RepoName,
+            key_id: u64,
+        ) -> Result<(), GithubError> {
+            self.inner.delete_deploy_key(token, repo, key_id).await
+        }
         async fn app_identity(&self) -> Result<crate::providers::github::AppIdentity, GithubError> {
             self.inner.app_identity().await
         }

@@ -21,6 +21,8 @@ pub struct RawLimits {
     max_concurrent_requests: usize,
     #[serde(default = "default_max_ttl")]
     max_github_ttl: Ttl,
+    #[serde(default = "default_max_deploy_key_ttl")]
+    max_deploy_key_ttl: Ttl,
     /// Replacements (`replaces`) of one token scope one bot may have at once.
     #[serde(default = "default_replace_burst")]
     replace_burst: u32,
@@ -47,6 +49,7 @@ impl Default for RawLimits {
             request_timeout: default_request_timeout(),
             max_concurrent_requests: default_concurrency(),
             max_github_ttl: default_max_ttl(),
+            max_deploy_key_ttl: default_max_deploy_key_ttl(),
             replace_burst: default_replace_burst(),
             replace_interval: default_replace_interval(),
             max_connections: default_max_connections(),
@@ -74,6 +77,9 @@ fn default_replace_interval() -> Ttl {
 fn default_max_ttl() -> Ttl {
     Ttl::from_secs(3000)
 }
+fn default_max_deploy_key_ttl() -> Ttl {
+    Ttl::from_secs(24 * 3600)
+}
 fn default_max_connections() -> usize {
     4096
 }
@@ -100,6 +106,8 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// The longest `ttl` a GitHub token request may ask for (tokens live one hour).
     pub max_github_ttl: Duration,
+    /// The longest `ttl` a deploy key may ask for (it is deleted at GitHub then).
+    pub max_deploy_key_ttl: Duration,
     /// How often one bot may have the token of one scope replaced (`replaces`).
     pub replace: ReplaceLimit,
     /// Open connections over all listeners; more are closed as soon as they are accepted.
@@ -155,6 +163,12 @@ impl RawLimits {
                 "GitHub installation tokens live at most 1h",
             ));
         }
+        if self.max_deploy_key_ttl.as_duration().is_zero() {
+            return Err(Invalid::new(
+                "limits.max_deploy_key_ttl",
+                "must be positive",
+            ));
+        }
         if self.replace_burst == 0 {
             return Err(Invalid::new(
                 "limits.replace_burst",
@@ -175,6 +189,7 @@ impl RawLimits {
             request_timeout: self.request_timeout.as_duration(),
             max_concurrent_requests: self.max_concurrent_requests,
             max_github_ttl: self.max_github_ttl.as_duration(),
+            max_deploy_key_ttl: self.max_deploy_key_ttl.as_duration(),
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
             idle_timeout: self.idle_timeout.as_duration(),

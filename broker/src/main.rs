@@ -102,6 +102,9 @@ enum PolicyCommand {
         /// A LiteLLM key scope instead of a GitHub request.
         #[arg(long)]
         scope: Option<String>,
+        /// The GitHub credential kind: github_token (default) or deploy_key.
+        #[arg(long, conflicts_with = "scope")]
+        kind: Option<String>,
     },
     /// The broker's live policy, with remembered rules marked (asks the broker).
     Show(cli::admin::PolicyShowArgs),
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
                     repositories,
                     permissions,
                     scope,
+                    kind,
                 },
         } => {
             let q = cli::policy::Question {
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
                 repositories: &repositories,
                 permissions: &permissions,
                 scope: scope.as_deref(),
+                kind: kind.as_deref(),
             };
             match cli::policy::explain(&policy, &q) {
                 Ok((_, text)) => {

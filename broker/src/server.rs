@@ -195,12 +195,19 @@ pub async fn run(
             .with_replace_limit(config.limits.replace),
     );
     let keys = key_service(&config, &edges, store.clone(), audit.clone())?;
-    let metrics = Metrics::with_collectors(
+    let deploy_keys = crate::issuance::DeployKeys::new(
         issuer.clone(),
-        keys.iter()
-            .map(|k| Box::new(crate::keys::KeyMetrics(k.clone())) as _)
-            .collect(),
+        audit.clone(),
+        edges.clock.clone(),
+        store.clone(),
+        config.limits.max_deploy_key_ttl,
     );
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = keys
+        .iter()
+        .map(|k| Box::new(crate::keys::KeyMetrics(k.clone())) as _)
+        .collect();
+    collectors.push(Box::new(deploy_keys.metrics()));
+    let metrics = Metrics::with_collectors(issuer.clone(), collectors);
     let approvals = Arc::new(
         crate::approvals::Approvals::load(
             store.clone(),
@@ -248,6 +255,7 @@ pub async fn run(
                     .map(|g| g.default_min_ttl)
                     .unwrap_or(Duration::from_secs(600)),
             ),
+            deploy_keys: deploy_keys.clone(),
             litellm: keys.clone().map(crate::issuance::LitellmKeys::new),
             request_timeout: config.limits.request_timeout,
         },
@@ -296,6 +304,9 @@ pub async fn run(
     let key_sweeper = keys
         .clone()
         .map(|k| tokio::spawn(k.run_sweeper(stop_rx.clone())));
+    // Keys from before end if the policy in force denies them.
+    deploy_keys.revoke_denied(&policy.current()).await;
+    let reaper = tokio::spawn(deploy_keys.run_reaper(stop_rx.clone()));
     let notifier = crate::notify::spawn(
         config.notify.clone(),
         approvals.subscribe(),
@@ -356,6 +367,7 @@ pub async fn run(
     if let Some(t) = key_sweeper {
         let _ = t.await;
     }
+    let _ = reaper.await;
     let _ = notifier.await;
     audit.shutdown();
     store.flush()?;
@@ -611,6 +623,17 @@ async fn watch_policy(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
                     .approvals
                     .enforce_policy(&state.policy.current(), state.keys.as_deref())
                     .await;
+                let keys_deleted = state
+                    .issuance
+                    .deploy_keys()
+                    .revoke_denied(&state.policy.current())
+                    .await;
+                if !keys_deleted.is_empty() {
+                    tracing::info!(
+                        deploy_keys_deleted = keys_deleted.len(),
+                        "deploy keys the reloaded policy denies were deleted"
+                    );
+                }
                 tracing::info!(bots, credentials_revoked = ended.credentials_revoked.len(), grants_ended = ended.grants_ended.len(), requests_denied = ended.requests_denied.len(), path = %state.policy.path().display(), "policy reloaded");
                 state.metrics.policy_reload(true);
                 let mut e = AuditEvent::new(AuditEventKind::PolicyLoaded, now);

@@ -7,7 +7,7 @@ use botcreds_proto::{Permission, RepoName};
 
 use super::glob::{RepoGlob, ScopeGlob};
 use super::remembered::RememberedRules;
-use super::{Bot, Decision, Outcome, Policy, Request};
+use super::{Bot, Decision, GithubKind, Outcome, Policy, Request};
 
 /// A compiled rule of one section.
 #[derive(Clone, Debug)]
@@ -15,6 +15,10 @@ pub(super) enum Rule {
     /// Meets GitHub requests only. At least one field is set (the loader checks); auto_approve
     /// rules have both.
     Github {
+        /// `None` (no `kind` in a deny / requires_approval rule): both GitHub kinds. An
+        /// auto_approve rule always has one (`github_token` unless it says otherwise), so a
+        /// token rule never allows a deploy key.
+        kind: Option<GithubKind>,
         repo: Option<RepoGlob>,
         permissions: Option<Vec<RulePermission>>,
     },
@@ -83,12 +87,17 @@ impl Rule {
     fn hits<'a>(&'a self, request: &Request<'a>) -> Option<Hit<'a>> {
         match (self, request) {
             (
-                Rule::Github { repo, permissions },
-                Request::Github {
-                    repositories,
-                    permissions: requested,
+                Rule::Github {
+                    kind,
+                    repo,
+                    permissions,
                 },
-            ) => {
+                request,
+            ) if request
+                .github_parts()
+                .is_some_and(|(k, _, _)| kind.is_none_or(|rk| rk == k)) =>
+            {
+                let (_, repositories, requested) = request.github_parts()?;
                 let repo = match repo {
                     None => None,
                     // A request for every repository includes whichever one the rule names.
@@ -130,14 +139,18 @@ impl Rule {
         match (self, request) {
             (
                 Rule::Github {
+                    kind,
                     repo: Some(glob),
                     permissions: Some(rule_perms),
                 },
-                Request::Github {
-                    repositories,
-                    permissions,
-                },
+                request,
             ) => {
+                let Some((asked_kind, repositories, permissions)) = request.github_parts() else {
+                    return false;
+                };
+                if kind.unwrap_or(GithubKind::Token) != asked_kind {
+                    return false;
+                }
                 let repos_ok = if repositories.is_empty() {
                     glob.matches_every_repository()
                 } else {
@@ -159,7 +172,14 @@ impl Rule {
 
     pub(super) fn describe(&self, out: &mut String) {
         match self {
-            Rule::Github { repo, permissions } => {
+            Rule::Github {
+                kind,
+                repo,
+                permissions,
+            } => {
+                if let Some(GithubKind::DeployKey) = kind {
+                    out.push_str("kind deploy_key ");
+                }
                 if let Some(glob) = repo {
                     out.push_str(glob.as_str());
                 }
@@ -349,6 +369,9 @@ fn explain_cover(rule: &Rule, request: &Request<'_>) -> String {
     match request {
         Request::Github { .. } => {
             out.push_str(" covers every requested repository and permission, so it is allowed")
+        }
+        Request::DeployKey { .. } => {
+            out.push_str(" covers the deploy key's repository and permission, so it is allowed")
         }
         Request::Litellm { scope } => {
             let _ = write!(out, " covers LiteLLM scope {scope}, so it is allowed");

@@ -51,6 +51,47 @@ pub enum Request<'a> {
     },
     /// A LiteLLM virtual key of one scope (`workspace`, `user`, `ci`, `agent:review`, `agent:write`).
     Litellm { scope: &'a str },
+    /// An SSH deploy key (`contents:read` or `contents:write` on one repository). Only rules
+    /// with `kind: deploy_key` allow it; `deny` and `requires_approval` rules without a kind
+    /// catch it as they catch tokens.
+    DeployKey {
+        repositories: &'a [RepoName],
+        permissions: &'a [Permission],
+    },
+}
+
+impl<'a> Request<'a> {
+    /// The GitHub kind, repositories and permissions of a GitHub request.
+    fn github_parts(self) -> Option<(GithubKind, &'a [RepoName], &'a [Permission])> {
+        match self {
+            Request::Github {
+                repositories,
+                permissions,
+            } => Some((GithubKind::Token, repositories, permissions)),
+            Request::DeployKey {
+                repositories,
+                permissions,
+            } => Some((GithubKind::DeployKey, repositories, permissions)),
+            Request::Litellm { .. } => None,
+        }
+    }
+}
+
+/// What a GitHub rule is about: a rule's `kind` (`github_token`, the default for
+/// `auto_approve`, or `deploy_key`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GithubKind {
+    Token,
+    DeployKey,
+}
+
+impl GithubKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GithubKind::Token => "github_token",
+            GithubKind::DeployKey => "deploy_key",
+        }
+    }
 }
 
 /// The verdict of the policy.

@@ -18,7 +18,7 @@ use serde_saphyr::{Location, Spanned};
 
 use super::decide::{Rule, RulePermission, Section};
 use super::glob::{RepoGlob, ScopeGlob};
-use super::{Bot, Defaults, Identity, Policy, PolicyError};
+use super::{Bot, Defaults, GithubKind, Identity, Policy, PolicyError};
 
 /// The file as written. Field names are the policy format; unknown ones are errors so a typo
 /// (`auto_aprove`) cannot silently drop a rule.
@@ -54,6 +54,9 @@ struct RawRule {
     permissions: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     litellm_scope: Option<Spanned<String>>,
+    /// `github_token` (the default) or `deploy_key`.
+    #[serde(default)]
+    kind: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -395,7 +398,29 @@ impl Builder<'_> {
 
     fn rule(&self, raw: &Spanned<RawRule>, section: Section) -> Result<Rule, PolicyError> {
         let r = &raw.value;
+        let kind = match &r.kind {
+            None => None,
+            Some(k) => Some(match k.value.as_str() {
+                "github_token" => GithubKind::Token,
+                "deploy_key" => GithubKind::DeployKey,
+                other => {
+                    return Err(self.err(
+                        &k.referenced,
+                        format!(
+                            "unknown rule kind {other:?}: github_token or deploy_key (LiteLLM \
+                             rules use litellm_scope)"
+                        ),
+                    ));
+                }
+            }),
+        };
         if let Some(scope) = &r.litellm_scope {
+            if let Some(k) = &r.kind {
+                return Err(self.err(
+                    &k.referenced,
+                    "a litellm_scope rule has no kind; kind is github_token or deploy_key",
+                ));
+            }
             if r.repo.is_some() || r.permissions.is_some() {
                 return Err(self.err(
                     &scope.referenced,
@@ -431,7 +456,16 @@ impl Builder<'_> {
                  approves more than it names",
             ));
         }
-        Ok(Rule::Github { repo, permissions })
+        // An auto_approve rule allows one kind only: a token rule must not allow deploy keys.
+        let kind = match section {
+            Section::AutoApprove => Some(kind.unwrap_or(GithubKind::Token)),
+            _ => kind,
+        };
+        Ok(Rule::Github {
+            kind,
+            repo,
+            permissions,
+        })
     }
 
     fn permissions(

@@ -22,6 +22,11 @@ pub enum Resource {
     Litellm {
         scope: String,
     },
+    /// An SSH deploy key: one repository, `contents:read` or `contents:write`.
+    DeployKey {
+        repository: RepoName,
+        permission: Permission,
+    },
 }
 
 /// A stored resource that no longer parses (a permission renamed in a later version).
@@ -55,6 +60,13 @@ impl Resource {
                 permissions,
             },
             Resource::Litellm { scope } => Request::Litellm { scope },
+            Resource::DeployKey {
+                repository,
+                permission,
+            } => Request::DeployKey {
+                repositories: std::slice::from_ref(repository),
+                permissions: std::slice::from_ref(permission),
+            },
         }
     }
 
@@ -82,13 +94,32 @@ impl Resource {
                         .all(|q| permissions.iter().any(|p| p.covers(q)))
             }
             (Resource::Litellm { scope }, Request::Litellm { scope: asked }) => scope == asked,
+            (
+                Resource::DeployKey {
+                    repository,
+                    permission,
+                },
+                Request::DeployKey {
+                    repositories: asked_repos,
+                    permissions: asked_perms,
+                },
+            ) => {
+                !asked_repos.is_empty()
+                    && !asked_perms.is_empty()
+                    && asked_repos.iter().all(|r| r == repository)
+                    && asked_perms.iter().all(|q| permission.covers(q))
+            }
             _ => false,
         }
     }
 
     /// Whether the resource reaches this repository.
     pub fn touches_repo(&self, repo: &RepoName) -> bool {
-        matches!(self, Resource::Github { repositories, .. } if repositories.contains(repo))
+        match self {
+            Resource::Github { repositories, .. } => repositories.contains(repo),
+            Resource::DeployKey { repository, .. } => repository == repo,
+            Resource::Litellm { .. } => false,
+        }
     }
 
     /// The wire form.
@@ -103,6 +134,13 @@ impl Resource {
             },
             Resource::Litellm { scope } => ApprovalResource::LitellmKey {
                 scope: scope.clone(),
+            },
+            Resource::DeployKey {
+                repository,
+                permission,
+            } => ApprovalResource::DeployKey {
+                repository: repository.to_string(),
+                permission: permission.to_string(),
             },
         }
     }
@@ -128,6 +166,17 @@ impl Resource {
             }
             ApprovalResource::LitellmKey { scope } => Ok(Resource::Litellm {
                 scope: scope.clone(),
+            }),
+            ApprovalResource::DeployKey {
+                repository,
+                permission,
+            } => Ok(Resource::DeployKey {
+                repository: repository
+                    .parse()
+                    .map_err(|e: botcreds_proto::RepoError| ResourceError(e.to_string()))?,
+                permission: permission
+                    .parse()
+                    .map_err(|e: botcreds_proto::PermissionError| ResourceError(e.to_string()))?,
             }),
         }
     }

@@ -620,3 +620,134 @@ fn load_from_file() {
     assert_eq!((err.line, err.column), (0, 0));
     assert!(err.message.starts_with("cannot open policy"), "{err}");
 }
+
+const DEPLOY_KEY_POLICY: &str = r#"
+bots:
+  b:
+    identity: { type: api_key }
+    auto_approve:
+      - repo: "myorg/*"
+        permissions: [contents:write]
+      - kind: deploy_key
+        repo: "myorg/keys-*"
+        permissions: [contents:read]
+    requires_approval:
+      - kind: deploy_key
+        repo: "myorg/ask-*"
+    deny:
+      - repo: "myorg/keys-secret"
+defaults:
+  requires_approval: false
+"#;
+
+#[test]
+fn deploy_keys_need_a_deploy_key_rule() {
+    let p = Policy::parse("p.yaml", DEPLOY_KEY_POLICY).unwrap();
+    let key = |repo: &str, perm: &str| {
+        let r = repos(&[repo]);
+        let q = perms(&[perm]);
+        p.decide_for_bot(
+            Some("b"),
+            &Request::DeployKey {
+                repositories: &r,
+                permissions: &q,
+            },
+        )
+    };
+    let token = |repo: &str, perm: &str| {
+        let r = repos(&[repo]);
+        let q = perms(&[perm]);
+        p.decide_for_bot(
+            Some("b"),
+            &Request::Github {
+                repositories: &r,
+                permissions: &q,
+            },
+        )
+    };
+    // A contents:write token rule allows the token, never a deploy key.
+    assert_eq!(token("myorg/web", "contents:write").outcome, Outcome::Allow);
+    let d = key("myorg/web", "contents:write");
+    assert_eq!(d.outcome, Outcome::Deny, "{}", d.explanation);
+    assert_eq!(d.rule, "defaults");
+    // The deploy_key rule allows read keys, and never write keys it does not name.
+    let d = key("myorg/keys-a", "contents:read");
+    assert_eq!(d.outcome, Outcome::Allow, "{}", d.explanation);
+    assert!(d.explanation.contains("deploy key"), "{}", d.explanation);
+    assert_eq!(key("myorg/keys-a", "contents:write").outcome, Outcome::Deny);
+    // ... nor does it allow tokens.
+    assert_eq!(
+        token("myorg/keys-a", "contents:read").outcome,
+        Outcome::Allow
+    );
+    let other = Policy::parse(
+        "p.yaml",
+        "bots:\n  b:\n    identity: { type: api_key }\n    auto_approve:\n      - kind: deploy_key\n        repo: \"o/*\"\n        permissions: [contents:read]\n",
+    )
+    .unwrap();
+    let r = repos(&["o/r"]);
+    let q = perms(&["contents:read"]);
+    let d = other.decide_for_bot(
+        Some("b"),
+        &Request::Github {
+            repositories: &r,
+            permissions: &q,
+        },
+    );
+    assert_ne!(
+        d.outcome,
+        Outcome::Allow,
+        "a deploy_key rule allows no token"
+    );
+    // A deny rule without a kind denies deploy keys too: deny wins.
+    let d = key("myorg/keys-secret", "contents:read");
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert!(d.rule.contains("deny"), "{}", d.rule);
+    // A requires_approval rule of kind deploy_key asks a human for keys only.
+    assert_eq!(
+        key("myorg/ask-x", "contents:read").outcome,
+        Outcome::RequireApproval
+    );
+    assert_eq!(
+        token("myorg/ask-x", "contents:read").outcome,
+        Outcome::Allow
+    );
+}
+
+#[test]
+fn rule_kinds_are_checked_at_load() {
+    for (yaml, needle) in [
+        (
+            "bots:\n  b:\n    identity: { type: api_key }\n    auto_approve:\n      - kind: ssh\n        repo: \"o/*\"\n        permissions: [contents:read]\n",
+            "unknown rule kind",
+        ),
+        (
+            "bots:\n  b:\n    identity: { type: api_key }\n    auto_approve:\n      - kind: deploy_key\n        litellm_scope: ci\n",
+            "litellm_scope rule has no kind",
+        ),
+    ] {
+        let e = Policy::parse("p.yaml", yaml).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+        assert!(e.contains("p.yaml:"), "{e}");
+    }
+}
+
+#[test]
+fn deploy_key_resources_cover_only_their_repository_and_level() {
+    let res = Resource::DeployKey {
+        repository: "o/r".parse().unwrap(),
+        permission: "contents:write".parse().unwrap(),
+    };
+    let r = repos(&["o/r"]);
+    let q = perms(&["contents:read"]);
+    assert!(res.covers(&Request::DeployKey {
+        repositories: &r,
+        permissions: &q
+    }));
+    assert!(!res.covers(&Request::Github {
+        repositories: &r,
+        permissions: &q
+    }));
+    let back = Resource::from_wire(&res.to_wire()).unwrap();
+    assert_eq!(back, res);
+}

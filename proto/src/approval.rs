@@ -57,6 +57,12 @@ pub enum ApprovalResource {
     },
     /// A LiteLLM virtual key of one scope.
     LitellmKey { scope: String },
+    /// An SSH deploy key: one `owner/name` repository (lower-case) and `contents:read` or
+    /// `contents:write`.
+    DeployKey {
+        repository: String,
+        permission: String,
+    },
 }
 
 impl ApprovalResource {
@@ -69,6 +75,10 @@ impl ApprovalResource {
                 permissions,
             } => format!("{} {}", repositories.join(","), permissions.join(",")),
             ApprovalResource::LitellmKey { scope } => format!("litellm {scope}"),
+            ApprovalResource::DeployKey {
+                repository,
+                permission,
+            } => format!("deploy key {repository} {permission}"),
         }
     }
 }

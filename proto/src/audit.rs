@@ -150,6 +150,10 @@ pub struct AuditEvent {
     /// RFC 3339, UTC, with sub-second precision.
     pub timestamp: String,
     pub event: AuditEventKind,
+    /// The credential kind when it is not a GitHub token or LiteLLM key named otherwise
+    /// (`deploy_key`); absent on older events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bot: Option<String>,
     /// How the caller was identified: `tailnet:<node>`, `api_key:<bot>`.
@@ -198,6 +202,7 @@ impl AuditEvent {
             seq: 0,
             timestamp,
             event,
+            kind: None,
             bot: None,
             caller: None,
             repo: None,

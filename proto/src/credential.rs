@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub enum CredentialKind {
     GithubToken,
     LitellmKey,
+    /// An SSH deploy key for one repository, deleted at GitHub when it expires.
+    DeployKey,
+    /// An early draft's name for `deploy_key`: refused with `invalid_kind` naming the kind to use.
     SshDeployKey,
 }
 
@@ -18,6 +21,7 @@ impl CredentialKind {
         match self {
             CredentialKind::GithubToken => "github_token",
             CredentialKind::LitellmKey => "litellm_key",
+            CredentialKind::DeployKey => "deploy_key",
             CredentialKind::SshDeployKey => "ssh_deploy_key",
         }
     }
@@ -126,6 +130,64 @@ impl std::fmt::Debug for GithubCredential {
     }
 }
 
+/// Ready-to-use git settings for a deploy key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployKeyGit {
+    /// `git@HOST:owner/repo.git`.
+    pub ssh_url: String,
+    /// For `GIT_SSH_COMMAND`, with `KEY_FILE` standing for where the caller saved the key:
+    /// `ssh -i KEY_FILE -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes`.
+    pub ssh_command: String,
+}
+
+/// An SSH deploy key as the broker hands it out, once: the broker keeps no copy of the
+/// private key, and deletes the key at GitHub at `expires_at`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployKeyCredential {
+    pub kind: CredentialKind,
+    /// Stable, non-secret id (`dk_` + a hash prefix of the public key).
+    pub credential_id: String,
+    /// GitHub's id of the deploy key on the repository.
+    pub key_id: u64,
+    /// The ed25519 private key, OpenSSH format.
+    pub private_key: String,
+    /// The public key line as registered at GitHub.
+    pub public_key: String,
+    /// RFC 3339, UTC: when the broker deletes the key at GitHub.
+    pub expires_at: String,
+    /// `owner/name`.
+    pub repository: String,
+    /// `true` for `contents:read`, `false` for `contents:write`.
+    pub read_only: bool,
+    /// `auto`, `grant` or `manual`.
+    pub approval: String,
+    pub bot: String,
+    pub git: DeployKeyGit,
+}
+
+impl Drop for DeployKeyCredential {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.private_key);
+    }
+}
+
+impl std::fmt::Debug for DeployKeyCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployKeyCredential")
+            .field("credential_id", &self.credential_id)
+            .field("key_id", &self.key_id)
+            .field("private_key", &"<redacted>")
+            .field("public_key", &self.public_key)
+            .field("expires_at", &self.expires_at)
+            .field("repository", &self.repository)
+            .field("read_only", &self.read_only)
+            .field("approval", &self.approval)
+            .field("bot", &self.bot)
+            .field("git", &self.git)
+            .finish()
+    }
+}
+
 /// `GET /v1/whoami`: how the broker sees the caller.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmI {
@@ -151,6 +213,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn deploy_key_kind_and_debug() {
+        let kind: CredentialKind = serde_json::from_str(r#""deploy_key""#).unwrap();
+        assert_eq!(kind, CredentialKind::DeployKey);
+        assert_eq!(kind.as_str(), "deploy_key");
+        let c = DeployKeyCredential {
+            kind,
+            credential_id: "dk_1".into(),
+            key_id: 7,
+            private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nsecretsecret".into(),
+            public_key: "ssh-ed25519 AAAA".into(),
+            expires_at: "2026-01-01T00:00:00Z".into(),
+            repository: "a/b".into(),
+            read_only: true,
+            approval: "auto".into(),
+            bot: "b".into(),
+            git: DeployKeyGit {
+                ssh_url: "git@github.com:a/b.git".into(),
+                ssh_command: "ssh -i KEY_FILE".into(),
+            },
+        };
+        assert!(!format!("{c:?}").contains("secret"));
     }
 
     #[test]

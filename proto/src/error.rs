@@ -81,6 +81,8 @@ error_codes! {
     GithubScopeRejected = ("github_scope_rejected", 502, "GitHub refused the repositories or permissions: the installation does not grant them."),
     GithubAuthFailed = ("github_auth_failed", 502, "GitHub refused the app's JWT: check app_id and the private key."),
     GithubRateLimited = ("github_rate_limited", 502, "GitHub's rate limit is exhausted; see retry_after."),
+    InvalidDeployKeyRequest = ("invalid_deploy_key_request", 400, "A deploy_key request must name exactly one repository and one permission, contents:read or contents:write."),
+    DeployKeyRejected = ("deploy_key_rejected", 502, "GitHub refused the deploy key (already in use, or the App lacks administration:write on the repository)."),
     InvalidScope = ("invalid_scope", 400, "The LiteLLM key scope is unknown, or not one this endpoint issues."),
     InvalidBudget = ("invalid_budget", 400, "The budget is not a positive number of US dollars, or exceeds the scope's budget."),
     InvalidDuration = ("invalid_duration", 400, "The duration is not like 30m or 2h, or is longer than the scope's lifetime."),

@@ -18,7 +18,10 @@ pub mod ttl;
 
 pub use approval::{ApprovalRequestView, ApprovalResource, ApprovalState, DecisionAnswer};
 pub use audit::{AuditEvent, AuditEventKind};
-pub use credential::{Attribution, CredentialKind, CredentialRequest, GitAccess, GithubCredential};
+pub use credential::{
+    Attribution, CredentialKind, CredentialRequest, DeployKeyCredential, DeployKeyGit, GitAccess,
+    GithubCredential,
+};
 pub use error::{ErrorBody, ErrorCode};
 pub use permission::{Level, Permission, PermissionError};
 pub use repo::{RepoError, RepoName};

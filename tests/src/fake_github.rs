@@ -29,6 +29,13 @@
 //! | `DELETE /installation/token` | the token | 204; 401 `error-401-bad-credentials.json` |
 //! | `GET /installation/repositories` (`per_page`, `page`, `Link`) | a token | 200 |
 //! | `GET /users/{login}` (`{slug}[bot]` and installation accounts) | none | 200; 404 |
+//! | `POST /repos/{owner}/{repo}/keys` (`key`, `title`, `read_only`) | a token with `administration:write` on the repo | 201 `deploy-key`; 403, 404, 422 (malformed, or key already in use on any repo) |
+//! | `GET /repos/{owner}/{repo}/keys` | same | 200 array of `deploy-key` |
+//! | `DELETE /repos/{owner}/{repo}/keys/{id}` | same | 204; 404 when no such key (a double delete) |
+//!
+//! A token reaching the repository without `administration:write` gets `403` "Resource not
+//! accessible by integration" with `x-accepted-github-permissions: administration=write`; a token
+//! not reaching the repository gets `404`. [`FakeGithub::deploy_keys`] lists the keys held.
 //!
 //! Every answer carries `x-ratelimit-{limit,remaining,used,reset,resource}`, `x-github-request-id`
 //! and `x-github-api-version-selected`. JSON bodies use `application/json; charset=utf-8`.
@@ -440,6 +447,33 @@ impl TokenInfo {
     }
 }
 
+/// A deploy key the fake holds (`POST /repos/{o}/{r}/keys`), until it is deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeployKey {
+    pub id: u64,
+    /// `owner/name` as the installation spells it.
+    pub repository: String,
+    /// The public key line as sent (`ssh-ed25519 AAAA... comment`).
+    pub key: String,
+    pub title: String,
+    pub read_only: bool,
+    pub created_at: String,
+}
+
+impl DeployKey {
+    /// The key type and base64 body, without the comment: what "already in use" compares.
+    fn material(&self) -> String {
+        key_material(&self.key)
+    }
+}
+
+fn key_material(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One request the fake answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -509,6 +543,8 @@ impl FakeGithub {
             verified_jwts: HashMap::new(),
             clock_skew_secs: 0,
             request_seq: 0,
+            deploy_keys: Vec::new(),
+            next_deploy_key_id: 71_000_001,
         };
         // Bodies carry URLs with the port, so bind before building the state and the router.
         let bound = SwitchableServer::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -707,6 +743,11 @@ impl FakeGithub {
         }
     }
 
+    /// The deploy keys the fake holds now, in creation order.
+    pub fn deploy_keys(&self) -> Vec<DeployKey> {
+        self.inner.shared.lock().deploy_keys.clone()
+    }
+
     /// The claims of the last JWT whose signature verified (whether or not its claims were accepted).
     pub fn last_jwt_claims(&self) -> Option<Value> {
         self.inner.shared.lock().last_jwt_claims.clone()
@@ -751,6 +792,8 @@ struct Ledger {
     verified_jwts: HashMap<String, Value>,
     clock_skew_secs: i64,
     request_seq: u64,
+    deploy_keys: Vec<DeployKey>,
+    next_deploy_key_id: u64,
 }
 
 #[derive(Clone)]
@@ -1461,6 +1504,11 @@ fn build_router(shared: Arc<Shared>, prefix: &'static str) -> Router {
         .route("/users/{user}", get(get_user))
         .route("/installation/token", delete(revoke_token))
         .route("/installation/repositories", get(list_token_repositories))
+        .route(
+            "/repos/{owner}/{repo}/keys",
+            post(create_deploy_key).get(list_deploy_keys),
+        )
+        .route("/repos/{owner}/{repo}/keys/{id}", delete(delete_deploy_key))
         .fallback(fallback_not_found)
         .method_not_allowed_fallback(fallback_not_found);
     let root = if prefix.is_empty() {
@@ -2090,4 +2138,180 @@ async fn list_token_repositories(
         "repositories": page.iter().map(|r| sh.repository_json(&installation, r)).collect::<Vec<_>>(),
     });
     with_link(json_response(StatusCode::OK, &body), link)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deploy keys (reference §4.5)
+
+impl Shared {
+    /// The repository `owner/repo` as its installation spells it, when `token` reaches it with
+    /// `administration:write`; else GitHub's refusal (404 outside the token, 403 without the
+    /// permission).
+    fn deploy_key_access(
+        &self,
+        headers: &HeaderMap,
+        owner: &str,
+        repo: &str,
+    ) -> Result<String, Box<Response>> {
+        let token = self.require_token(headers)?;
+        let st = self.lock();
+        let Some(info) = st.tokens.get(&token).map(|r| r.info(&st)) else {
+            return Err(Box::new(raw_json(
+                StatusCode::UNAUTHORIZED,
+                self.bodies.bad_credentials.clone(),
+            )));
+        };
+        let wanted = format!("{owner}/{repo}");
+        let Some(full) = info
+            .repositories
+            .iter()
+            .find(|r| r.eq_ignore_ascii_case(&wanted))
+            .cloned()
+        else {
+            return Err(Box::new(not_found(DEPLOY_KEYS_DOCS)));
+        };
+        if !info.allows(&full, "administration", "write") {
+            let mut response = basic_error(
+                StatusCode::FORBIDDEN,
+                "Resource not accessible by integration",
+                DEPLOY_KEYS_DOCS,
+            );
+            response.headers_mut().insert(
+                HeaderName::from_static("x-accepted-github-permissions"),
+                HeaderValue::from_static("administration=write"),
+            );
+            return Err(Box::new(response));
+        }
+        Ok(full)
+    }
+
+    fn deploy_key_json(&self, k: &DeployKey) -> Value {
+        json!({
+            "id": k.id,
+            "key": k.key,
+            "url": format!("{}/repos/{}/keys/{}", self.base_url, k.repository, k.id),
+            "title": k.title,
+            "verified": true,
+            "created_at": k.created_at,
+            "read_only": k.read_only,
+            "added_by": null,
+            "last_used": null,
+            "enabled": true,
+        })
+    }
+}
+
+const DEPLOY_KEYS_DOCS: &str =
+    "https://docs.github.com/rest/deploy-keys/deploy-keys#create-a-deploy-key";
+
+fn validation_failed(field: &str, code: &str, message: &str) -> Response {
+    json_response(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &json!({
+            "message": "Validation Failed",
+            "errors": [{"resource": "PublicKey", "code": code, "field": field, "message": message}],
+            "documentation_url": DEPLOY_KEYS_DOCS,
+            "status": "422",
+        }),
+    )
+}
+
+async fn create_deploy_key(
+    State(sh): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let repository = match sh.deploy_key_access(&headers, &owner, &repo) {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return basic_error(
+            StatusCode::BAD_REQUEST,
+            "Problems parsing JSON",
+            DEPLOY_KEYS_DOCS,
+        );
+    };
+    let Some(key) = body.get("key").and_then(Value::as_str) else {
+        return validation_failed("key", "missing_field", "key is missing");
+    };
+    let mut parts = key.split_whitespace();
+    let well_formed = matches!(
+        (parts.next(), parts.next()),
+        (Some("ssh-ed25519" | "ssh-rsa" | "ecdsa-sha2-nistp256"), Some(b)) if base64::engine::general_purpose::STANDARD.decode(b).is_ok()
+    );
+    if !well_formed {
+        return validation_failed(
+            "key",
+            "custom",
+            "key is invalid. You must supply a key in OpenSSH public key format",
+        );
+    }
+    let title = match body.get("title") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(t)) => t.clone(),
+        Some(_) => return validation_failed("title", "invalid", "title is invalid"),
+    };
+    // Anything but `true` is a read-write key (reference §4.5).
+    let read_only = body.get("read_only") == Some(&Value::Bool(true));
+    let mut st = sh.lock();
+    let material = key_material(key);
+    if st.deploy_keys.iter().any(|k| k.material() == material) {
+        return validation_failed("key", "custom", "key is already in use");
+    }
+    let id = st.next_deploy_key_id;
+    st.next_deploy_key_id += 1;
+    let record = DeployKey {
+        id,
+        repository,
+        key: key.to_owned(),
+        title,
+        read_only,
+        created_at: rfc3339(OffsetDateTime::now_utc()),
+    };
+    let json = sh.deploy_key_json(&record);
+    st.deploy_keys.push(record);
+    json_response(StatusCode::CREATED, &json)
+}
+
+async fn list_deploy_keys(
+    State(sh): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let repository = match sh.deploy_key_access(&headers, &owner, &repo) {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    let st = sh.lock();
+    let keys: Vec<Value> = st
+        .deploy_keys
+        .iter()
+        .filter(|k| k.repository == repository)
+        .map(|k| sh.deploy_key_json(k))
+        .collect();
+    json_response(StatusCode::OK, &Value::Array(keys))
+}
+
+async fn delete_deploy_key(
+    State(sh): State<Arc<Shared>>,
+    Path((owner, repo, id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let repository = match sh.deploy_key_access(&headers, &owner, &repo) {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return not_found(DEPLOY_KEYS_DOCS);
+    };
+    let mut st = sh.lock();
+    let before = st.deploy_keys.len();
+    st.deploy_keys
+        .retain(|k| !(k.id == id && k.repository == repository));
+    if st.deploy_keys.len() == before {
+        return not_found(DEPLOY_KEYS_DOCS);
+    }
+    StatusCode::NO_CONTENT.into_response()
 }

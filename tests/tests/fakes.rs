@@ -1572,3 +1572,163 @@ async fn cert_serves_the_pair_and_refuses_like_tailscaled() {
         Some("bot-broker.tailnet-1234.ts.net?type=pair")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deploy keys (reference §4.5)
+
+async fn token_for(github: &FakeGithub, repositories: &[&str], permissions: Value) -> String {
+    let minted = mint(
+        github,
+        INSTALLATION_ID,
+        Some(json!({"repositories": repositories, "permissions": permissions})),
+    )
+    .await;
+    assert_eq!(
+        minted.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&minted.body)
+    );
+    minted.json()["token"].as_str().expect("token").to_owned()
+}
+
+const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ2m7tW7n7cZbq1kZ2YbY3Rlc3RrZXlmb3JkZXBsb3lrZXlz bot@example";
+
+#[tokio::test]
+async fn deploy_keys_are_added_listed_and_deleted_with_administration_write() {
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let token = token_for(&github, &["web"], json!({"administration": "write"})).await;
+    let keys = github.url("/repos/acme-corp/web/keys");
+
+    let added = send(
+        client()
+            .post(&keys)
+            .bearer_auth(&token)
+            .json(&json!({"title": "bot-1 cred-1", "key": PUBLIC_KEY, "read_only": true})),
+    )
+    .await;
+    assert_eq!(
+        added.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&added.body)
+    );
+    let body = added.json();
+    for field in [
+        "id",
+        "key",
+        "url",
+        "title",
+        "verified",
+        "created_at",
+        "read_only",
+    ] {
+        assert!(body.get(field).is_some(), "deploy-key.{field} missing");
+    }
+    assert_eq!(body["read_only"], true);
+    assert_eq!(body["title"], "bot-1 cred-1");
+    let id = body["id"].as_u64().expect("numeric id");
+    let held = github.deploy_keys();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].id, id);
+    assert_eq!(held[0].repository, "acme-corp/web");
+    assert!(held[0].read_only);
+
+    // The same key again, on any repository: 422 "key is already in use".
+    let infra_token = token_for(
+        &github,
+        &["web", "infra"],
+        json!({"administration": "write"}),
+    )
+    .await;
+    let again = send(
+        client()
+            .post(github.url("/repos/acme-corp/infra/keys"))
+            .bearer_auth(&infra_token)
+            .json(&json!({"title": "again", "key": PUBLIC_KEY, "read_only": false})),
+    )
+    .await;
+    assert_eq!(again.status, 422);
+    assert_eq!(
+        again.json()["errors"][0]["message"],
+        "key is already in use"
+    );
+
+    let listed = send(client().get(&keys).bearer_auth(&token)).await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.json().as_array().map(Vec::len), Some(1));
+
+    let one = format!("{keys}/{id}");
+    let deleted = send(client().delete(&one).bearer_auth(&token)).await;
+    assert_eq!(deleted.status, 204);
+    assert!(github.deploy_keys().is_empty());
+    let twice = send(client().delete(&one).bearer_auth(&token)).await;
+    assert_eq!(twice.status, 404, "a double delete is 404");
+
+    // Without read_only (or with anything but true) the key is read-write.
+    let write = send(
+        client()
+            .post(&keys)
+            .bearer_auth(&token)
+            .json(&json!({"key": PUBLIC_KEY})),
+    )
+    .await;
+    assert_eq!(write.status, 201);
+    assert_eq!(write.json()["read_only"], false);
+}
+
+#[tokio::test]
+async fn deploy_keys_refuse_tokens_without_administration_write_or_the_repository() {
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let body = json!({"title": "t", "key": PUBLIC_KEY, "read_only": true});
+
+    let contents_only = token_for(&github, &["web"], json!({"contents": "write"})).await;
+    let refused = send(
+        client()
+            .post(github.url("/repos/acme-corp/web/keys"))
+            .bearer_auth(&contents_only)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(
+        refused.header("x-accepted-github-permissions"),
+        "administration=write"
+    );
+
+    let web_only = token_for(&github, &["web"], json!({"administration": "write"})).await;
+    let elsewhere = send(
+        client()
+            .post(github.url("/repos/acme-corp/infra/keys"))
+            .bearer_auth(&web_only)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(elsewhere.status, 404);
+
+    let anonymous = send(
+        client()
+            .post(github.url("/repos/acme-corp/web/keys"))
+            .json(&body),
+    )
+    .await;
+    assert_eq!(anonymous.status, 401);
+
+    let malformed = send(
+        client()
+            .post(github.url("/repos/acme-corp/web/keys"))
+            .bearer_auth(&web_only)
+            .json(&json!({"key": "not a key"})),
+    )
+    .await;
+    assert_eq!(malformed.status, 422);
+    assert!(github.deploy_keys().is_empty(), "nothing refused was kept");
+
+    let delete = send(
+        client()
+            .delete(github.url("/repos/acme-corp/web/keys/1"))
+            .bearer_auth(&contents_only),
+    )
+    .await;
+    assert_eq!(delete.status, 403);
+}

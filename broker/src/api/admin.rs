@@ -24,6 +24,7 @@ use crate::approvals::RevokeTarget;
 use crate::clock::rfc3339_millis;
 use crate::error::ApiError;
 use crate::identity::{Caller, CallerVia};
+use crate::issuance::deploy_key::{RevokeKeys, RevokedKey};
 use crate::policy::Resource;
 use crate::store::AuditFilter;
 
@@ -276,9 +277,24 @@ async fn revoke(
                 let target = RevokeTarget::Credential(id);
                 return Ok(Json(state.approvals.revoke(&actor, &target).await?));
             }
+            if hex_after("dk_") {
+                let revoked = state
+                    .issuance
+                    .deploy_keys()
+                    .revoke(&actor, RevokeKeys::Credential(&id))
+                    .await;
+                if revoked.is_empty() {
+                    return Err(ApiError::new(
+                        ErrorCode::UnknownCredential,
+                        format!("the broker holds no live credential {id:?}"),
+                    ));
+                }
+                return Ok(Json(deploy_keys_revoked(&state, &actor, revoked).await?));
+            }
             if !hex_after("lk_") {
                 return Err(invalid(
-                    "credential_id must be tok_ (GitHub) or lk_ (LiteLLM) and hex digits",
+                    "credential_id must be tok_ (GitHub), dk_ (deploy key) or lk_ (LiteLLM) and \
+                     hex digits",
                 ));
             }
             let Some(keys) = &state.keys else {
@@ -327,21 +343,58 @@ async fn revoke(
                     .revoked
                     .extend(keys.revoke_by_bot(&bot, &actor).await?);
             }
+            let revoked = state
+                .issuance
+                .deploy_keys()
+                .revoke(&actor, RevokeKeys::Bot(&bot))
+                .await;
+            answer
+                .revoked
+                .extend(revoked.into_iter().map(|k| k.credential));
             Ok(Json(answer))
         }
         (None, None, Some(repo)) => {
             let repo = repo
                 .parse::<RepoName>()
                 .map_err(|e| invalid(&format!("repo: {e}")))?;
-            Ok(Json(
-                state
-                    .approvals
-                    .revoke(&actor, &RevokeTarget::Repo(repo))
-                    .await?,
-            ))
+            let mut answer = state
+                .approvals
+                .revoke(&actor, &RevokeTarget::Repo(repo.clone()))
+                .await?;
+            let revoked = state
+                .issuance
+                .deploy_keys()
+                .revoke(&actor, RevokeKeys::Repo(&repo))
+                .await;
+            answer
+                .revoked
+                .extend(revoked.into_iter().map(|k| k.credential));
+            Ok(Json(answer))
         }
         _ => Err(invalid("name exactly one of credential_id, bot or repo")),
     }
+}
+
+/// The answer for deploy keys revoked by id: each key, and the grant that would hand its bot
+/// another key of the same repository and permission ended with it.
+async fn deploy_keys_revoked(
+    state: &AppState,
+    actor: &str,
+    revoked: Vec<RevokedKey>,
+) -> Result<RevokeAnswer, ApiError> {
+    let mut answer = RevokeAnswer::default();
+    for k in revoked {
+        if let (Some(owner), Some(resource)) = (&k.owner, &k.resource) {
+            answer.grants_ended.extend(
+                state
+                    .approvals
+                    .end_grants_for(actor, owner, resource)
+                    .await?,
+            );
+        }
+        answer.revoked.push(k.credential);
+    }
+    Ok(answer)
 }
 
 async fn grants(

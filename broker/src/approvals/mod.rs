@@ -1198,6 +1198,19 @@ pub fn fill_resource(e: &mut AuditEvent, resource: &botcreds_proto::approval::Ap
         botcreds_proto::approval::ApprovalResource::LitellmKey { scope } => {
             e.detail = Some(format!("litellm scope {scope}"));
         }
+        botcreds_proto::approval::ApprovalResource::DeployKey {
+            repository,
+            permission,
+        } => {
+            e.kind = Some(
+                botcreds_proto::CredentialKind::DeployKey
+                    .as_str()
+                    .to_string(),
+            );
+            e.repositories = vec![repository.clone()];
+            e.repo = Some(repository.clone());
+            e.permissions = vec![permission.clone()];
+        }
     }
 }
 

@@ -84,7 +84,7 @@ pub enum AdminCommand {
     /// Revoke a live credential (by id), everything of a bot, or everything reaching a repo:
     /// kills the tokens at GitHub and ends the grants that would refresh them.
     Revoke {
-        /// The credential id (tok_...).
+        /// The credential id (tok_..., dk_... or lk_...).
         #[arg(required_unless_present_any = ["bot", "repo"], conflicts_with_all = ["bot", "repo"])]
         credential_id: Option<String>,
         #[arg(long, conflicts_with = "repo")]

@@ -22,6 +22,8 @@ pub struct Question<'a> {
     pub repositories: &'a [String],
     pub permissions: &'a [String],
     pub scope: Option<&'a str>,
+    /// `github_token` (default) or `deploy_key`.
+    pub kind: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,9 +69,20 @@ pub fn explain(path: &Path, q: &Question<'_>) -> Result<(Outcome, String), Expla
                     "give --repo and --permissions (or --scope for a LiteLLM key)".into(),
                 ));
             }
-            Request::Github {
-                repositories: &repositories,
-                permissions: &permissions,
+            match q.kind {
+                None | Some("github_token") => Request::Github {
+                    repositories: &repositories,
+                    permissions: &permissions,
+                },
+                Some("deploy_key") => Request::DeployKey {
+                    repositories: &repositories,
+                    permissions: &permissions,
+                },
+                Some(other) => {
+                    return Err(ExplainError::Input(format!(
+                        "unknown kind {other:?}: github_token or deploy_key"
+                    )));
+                }
             }
         }
     };
@@ -89,7 +102,12 @@ pub fn explain(path: &Path, q: &Question<'_>) -> Result<(Outcome, String), Expla
     let what = match q.scope {
         Some(s) => format!("LiteLLM key scope {s}"),
         None => format!(
-            "{} on {}",
+            "{}{} on {}",
+            if q.kind == Some("deploy_key") {
+                "deploy key "
+            } else {
+                ""
+            },
             q.permissions.join(","),
             q.repositories.join(",")
         ),
@@ -99,4 +117,34 @@ pub fn explain(path: &Path, q: &Question<'_>) -> Result<(Outcome, String), Expla
         decision.rule, decision.explanation
     );
     Ok((decision.outcome, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_decides_deploy_keys_on_deploy_key_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(
+            &path,
+            "bots:\n  b:\n    identity: { type: api_key }\n    auto_approve:\n      - repo: \"o/*\"\n        permissions: [contents:write]\ndefaults:\n  requires_approval: false\n",
+        )
+        .unwrap();
+        let repos = vec!["o/r".to_string()];
+        let perms = vec!["contents:write".to_string()];
+        let q = |kind| Question {
+            bot: Some("b"),
+            repositories: &repos,
+            permissions: &perms,
+            scope: None,
+            kind,
+        };
+        assert_eq!(explain(&path, &q(None)).unwrap().0, Outcome::Allow);
+        let (outcome, text) = explain(&path, &q(Some("deploy_key"))).unwrap();
+        assert_eq!(outcome, Outcome::Deny, "{text}");
+        assert!(text.contains("deploy key contents:write on o/r"), "{text}");
+        assert!(explain(&path, &q(Some("ssh"))).is_err());
+    }
 }

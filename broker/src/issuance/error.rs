@@ -37,6 +37,8 @@ pub enum IssueError {
     #[error("{0}")]
     InvalidReason(String),
     #[error("{0}")]
+    InvalidDeployKeyRequest(String),
+    #[error("{0}")]
     InvalidScope(String),
     #[error("{0}")]
     InvalidWorkspace(String),
@@ -83,6 +85,7 @@ impl IssueError {
             IssueError::InvalidTtl(_) => ErrorCode::InvalidTtl,
             IssueError::TtlTooLong(_) => ErrorCode::TtlTooLong,
             IssueError::InvalidReason(_) => ErrorCode::InvalidReason,
+            IssueError::InvalidDeployKeyRequest(_) => ErrorCode::InvalidDeployKeyRequest,
             IssueError::InvalidScope(_) => ErrorCode::InvalidScope,
             IssueError::InvalidWorkspace(_) => ErrorCode::InvalidWorkspace,
             IssueError::InvalidWait(_) => ErrorCode::InvalidWait,

@@ -16,6 +16,7 @@
 //! This module is below HTTP: it knows nothing of axum or `ApiError`; `api/` parses, calls and
 //! maps [`IssueError`] to a response.
 
+pub mod deploy_key;
 mod error;
 pub mod events;
 pub mod github;
@@ -30,7 +31,9 @@ use std::time::{Duration, Instant};
 use botcreds_proto::approval::{ApprovalRequestView, ApprovalState};
 use botcreds_proto::audit::{AuditEvent, AuditEventKind};
 use botcreds_proto::litellm::LitellmCredential;
-use botcreds_proto::{CredentialKind, CredentialRequest, GithubCredential, Ttl};
+use botcreds_proto::{
+    CredentialKind, CredentialRequest, DeployKeyCredential, GithubCredential, Ttl,
+};
 
 use crate::approvals::{Approvals, NewRequest, owner_of};
 use crate::audit::AuditLog;
@@ -42,6 +45,7 @@ use crate::policy::{Decision, Outcome};
 use crate::reload::PolicyHandle;
 
 pub use crate::issued::Approval;
+pub use deploy_key::DeployKeys;
 pub use error::IssueError;
 pub use github::GithubTokens;
 pub use litellm::LitellmKeys;
@@ -53,6 +57,7 @@ pub use provider::{Mint, Minted, Provider, Subject};
 pub enum Credential {
     Github(GithubCredential),
     Litellm(LitellmCredential),
+    DeployKey(DeployKeyCredential),
 }
 
 impl Credential {
@@ -60,6 +65,7 @@ impl Credential {
         match self {
             Credential::Github(c) => &c.credential_id,
             Credential::Litellm(c) => &c.credential_id,
+            Credential::DeployKey(c) => &c.credential_id,
         }
     }
 }
@@ -111,6 +117,7 @@ pub struct IssuanceParts {
     pub metrics: Metrics,
     pub clock: SharedClock,
     pub github: GithubTokens,
+    pub deploy_keys: DeployKeys,
     /// `None` without `[litellm]`.
     pub litellm: Option<LitellmKeys>,
     /// The router's request timeout: a waiting request is answered `202` before it fires.
@@ -125,6 +132,7 @@ pub struct Issuance {
     metrics: Metrics,
     clock: SharedClock,
     github: GithubTokens,
+    deploy_keys: DeployKeys,
     litellm: Option<LitellmKeys>,
     request_timeout: Duration,
 }
@@ -162,6 +170,7 @@ impl Issuance {
             metrics: parts.metrics,
             clock: parts.clock,
             github: parts.github,
+            deploy_keys: parts.deploy_keys,
             litellm: parts.litellm,
             request_timeout: parts.request_timeout,
         }
@@ -169,6 +178,11 @@ impl Issuance {
 
     fn now(&self) -> String {
         rfc3339_millis(self.clock.now())
+    }
+
+    /// The deploy-key provider (revocation deletes its keys at GitHub).
+    pub fn deploy_keys(&self) -> &DeployKeys {
+        &self.deploy_keys
     }
 
     /// Hand `caller` the credential `request` asks for (`POST /v1/credentials`): issued, or
@@ -197,7 +211,19 @@ impl Issuance {
                     Err(self.refuse_unvalidated(caller, bot, None, e).await)
                 }
             },
-            // GitHub's validation refuses a missing kind and the kinds not served yet.
+            Some(CredentialKind::DeployKey) => {
+                self.validate(&self.deploy_keys, caller, bot, &request, &wait, started)
+                    .await
+            }
+            Some(CredentialKind::SshDeployKey) => {
+                let e = IssueError::InvalidKind(
+                    "credential kind ssh_deploy_key is not served; ask for \"deploy_key\"".into(),
+                );
+                Err(self
+                    .refuse_unvalidated(caller, bot, Some(&request), e)
+                    .await)
+            }
+            // GitHub's validation refuses a missing kind.
             _ => {
                 self.validate(&self.github, caller, bot, &request, &wait, started)
                     .await
@@ -624,6 +650,10 @@ impl Issuance {
         match &a.subject.resource {
             Resource::Github { .. } => {
                 self.mint_approved(&self.github, caller, a, replaces, before)
+                    .await
+            }
+            Resource::DeployKey { .. } => {
+                self.mint_approved(&self.deploy_keys, caller, a, None, before)
                     .await
             }
             Resource::Litellm { .. } => {

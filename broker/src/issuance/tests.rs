@@ -42,6 +42,9 @@ bots:
 
 struct World {
     issuance: Arc<Issuance>,
+    deploy_keys: DeployKeys,
+    /// The simulated GitHub and the movable clock, when the world was built over them.
+    sim: Option<(Arc<SimulatedGithub>, OffsetClock)>,
     approvals: Arc<Approvals>,
     audit: AuditLog,
     policy: Arc<PolicyHandle>,
@@ -55,13 +58,17 @@ impl World {
     }
 
     fn with_policy(policy: &str) -> World {
-        let clock: SharedClock = Arc::new(OffsetClock::default());
-        World::with_edges(
+        let offset = OffsetClock::default();
+        let clock: SharedClock = Arc::new(offset.clone());
+        let sim = Arc::new(SimulatedGithub::new(clock.clone()));
+        let mut w = World::with_edges(
             policy,
             clock.clone(),
-            Arc::new(SimulatedGithub::new(clock.clone())),
+            sim.clone(),
             Arc::new(SimulatedLitellm::new(clock)),
-        )
+        );
+        w.sim = Some((sim, offset));
+        w
     }
 
     fn with_edges(
@@ -88,7 +95,7 @@ impl World {
         ));
         let approvals = Arc::new(
             Approvals::load(
-                store,
+                store.clone(),
                 audit.clone(),
                 clock.clone(),
                 issuer.clone(),
@@ -97,6 +104,13 @@ impl World {
             .unwrap(),
         );
         let metrics = Metrics::new(issuer.clone());
+        let deploy_keys = DeployKeys::new(
+            issuer.clone(),
+            audit.clone(),
+            clock.clone(),
+            store.clone(),
+            Duration::from_secs(24 * 3600),
+        );
         let issuance = Arc::new(Issuance::new(IssuanceParts {
             policy: policy.clone(),
             approvals: approvals.clone(),
@@ -111,11 +125,14 @@ impl World {
                 Duration::from_secs(3600),
                 Duration::from_secs(600),
             ),
+            deploy_keys: deploy_keys.clone(),
             litellm: Some(LitellmKeys::new(keys)),
             request_timeout: Duration::from_secs(30),
         }));
         World {
             issuance,
+            deploy_keys,
+            sim: None,
             approvals,
             audit,
             policy,
@@ -508,6 +525,26 @@ impl GithubApi for GatedGithub {
     async fn revoke_installation_token(&self, token: &Secret) -> Result<(), GithubError> {
         self.inner.revoke_installation_token(token).await
     }
+    async fn add_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &botcreds_proto::RepoName,
+        title: &str,
+        public_key: &str,
+        read_only: bool,
+    ) -> Result<u64, GithubError> {
+        self.inner
+            .add_deploy_key(token, repo, title, public_key, read_only)
+            .await
+    }
+    async fn delete_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &botcreds_proto::RepoName,
+        key_id: u64,
+    ) -> Result<(), GithubError> {
+        self.inner.delete_deploy_key(token, repo, key_id).await
+    }
     async fn app_identity(&self) -> Result<crate::providers::github::AppIdentity, GithubError> {
         self.inner.app_identity().await
     }
@@ -641,4 +678,428 @@ async fn a_deny_added_during_a_key_mint_revokes_the_key() {
     );
     let denied = w.last(AuditEventKind::CredentialDenied);
     assert_eq!(denied.rule.as_deref(), Some("bots.ci.deny[0]"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deploy keys
+
+const DEPLOY_KEY_POLICY: &str = r#"
+bots:
+  ci:
+    identity: { type: api_key }
+    auto_approve:
+      - repo: "acme/*"
+        permissions: [contents:write]
+      - kind: deploy_key
+        repo: "acme/web"
+        permissions: [contents:read]
+    requires_approval:
+      - kind: deploy_key
+        repo: "acme/ask"
+    deny:
+      - repo: "acme/infra"
+defaults:
+  requires_approval: false
+"#;
+
+fn deploy_key(repo: &str, perm: &str, ttl: Option<&str>) -> CredentialRequest {
+    CredentialRequest {
+        kind: Some(CredentialKind::DeployKey),
+        repositories: vec![repo.to_string()],
+        permissions: vec![perm.to_string()],
+        ttl: ttl.map(str::to_string),
+        reason: Some("deploy".into()),
+        ..Default::default()
+    }
+}
+
+fn key_of(c: Credential) -> botcreds_proto::DeployKeyCredential {
+    match c {
+        Credential::DeployKey(k) => k,
+        other => panic!("not a deploy key: {}", other.credential_id()),
+    }
+}
+
+#[tokio::test]
+async fn deploy_key_is_generated_registered_scheduled_and_audited() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, _) = w.sim.clone().unwrap();
+    let k = key_of(issued(
+        w.issuance
+            .request(
+                &caller("ci"),
+                deploy_key("acme/web", "contents:read", Some("2h")),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    ));
+    assert!(k.read_only);
+    assert_eq!(k.repository, "acme/web");
+    assert_eq!(k.git.ssh_url, "git@github.com:acme/web.git");
+    assert!(
+        k.git
+            .ssh_command
+            .contains("-o IdentitiesOnly=yes -o StrictHostKeyChecking=yes"),
+        "{}",
+        k.git.ssh_command
+    );
+    assert!(k.credential_id.starts_with("dk_"));
+    // A real OpenSSH ed25519 key whose public half is the one registered.
+    let private = ssh_key::PrivateKey::from_openssh(&k.private_key).unwrap();
+    assert_eq!(private.algorithm(), ssh_key::Algorithm::Ed25519);
+    assert_eq!(
+        private.public_key().key_data(),
+        ssh_key::PublicKey::from_openssh(&k.public_key)
+            .unwrap()
+            .key_data()
+    );
+    assert_eq!(sim.deploy_keys(), vec![(k.key_id, "acme/web".to_string())]);
+    assert_eq!(w.deploy_keys.scheduled_count(), 1);
+
+    let done = w.last(AuditEventKind::CredentialIssued);
+    assert_eq!(done.kind.as_deref(), Some("deploy_key"));
+    assert_eq!(done.token_id.as_deref(), Some(k.credential_id.as_str()));
+    assert_eq!(done.repo.as_deref(), Some("acme/web"));
+    assert_eq!(done.permissions, vec!["contents:read".to_string()]);
+    assert_eq!(done.approval.as_deref(), Some("auto"));
+    // The private key is nowhere in the audit log nor in Debug output.
+    let log = serde_json::to_string(&w.events()).unwrap();
+    let debug = format!("{k:?}");
+    for line in k.private_key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!log.contains(line));
+        assert!(!debug.contains(line));
+    }
+}
+
+#[tokio::test]
+async fn deploy_key_requests_are_checked_and_need_a_deploy_key_rule() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let ci = caller("ci");
+    let cases = [
+        (
+            CredentialRequest {
+                repositories: vec!["acme/web".into(), "acme/api".into()],
+                ..deploy_key("acme/web", "contents:read", None)
+            },
+            ErrorCode::InvalidDeployKeyRequest,
+        ),
+        (
+            deploy_key("acme/web", "issues:write", None),
+            ErrorCode::InvalidDeployKeyRequest,
+        ),
+        (
+            CredentialRequest {
+                permissions: vec!["contents:read".into(), "contents:write".into()],
+                ..deploy_key("acme/web", "contents:read", None)
+            },
+            ErrorCode::InvalidDeployKeyRequest,
+        ),
+        (
+            deploy_key("acme/web", "contents:read", Some("25h")),
+            ErrorCode::TtlTooLong,
+        ),
+        (
+            deploy_key("not a repo", "contents:read", None),
+            ErrorCode::InvalidRepository,
+        ),
+        // A contents:write token rule allows tokens, not deploy keys.
+        (
+            deploy_key("acme/api", "contents:write", None),
+            ErrorCode::PolicyDenied,
+        ),
+        // The deploy_key rule names contents:read only.
+        (
+            deploy_key("acme/web", "contents:write", None),
+            ErrorCode::PolicyDenied,
+        ),
+        // Deny (no kind) wins for keys too.
+        (
+            deploy_key("acme/infra", "contents:read", None),
+            ErrorCode::PolicyDenied,
+        ),
+        (
+            CredentialRequest {
+                kind: Some(CredentialKind::SshDeployKey),
+                ..deploy_key("acme/web", "contents:read", None)
+            },
+            ErrorCode::InvalidKind,
+        ),
+    ];
+    for (request, code) in cases {
+        let e = w
+            .issuance
+            .request(&ci, request.clone(), Wait::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{request:?}: {e}");
+    }
+    assert_eq!(w.deploy_keys.scheduled_count(), 0);
+    assert!(w.sim.as_ref().unwrap().0.deploy_keys().is_empty());
+    // The token the same bot may have is still a token.
+    let c = issued(
+        w.issuance
+            .request(
+                &ci,
+                github(&["acme/api"], &["contents:write"]),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(c, Credential::Github(_)));
+}
+
+#[tokio::test]
+async fn deploy_key_approval_then_poll_and_the_grant_cover_keys() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let ci = caller("ci");
+    let view = pending(
+        w.issuance
+            .request(
+                &ci,
+                deploy_key("acme/ask", "contents:write", Some("30m")),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        view.resource,
+        botcreds_proto::ApprovalResource::DeployKey {
+            repository: "acme/ask".into(),
+            permission: "contents:write".into(),
+        }
+    );
+    w.approvals
+        .approve(&Approver::new("ops", "ops"), &view.request_id, false)
+        .await
+        .unwrap();
+    let k = key_of(issued(
+        w.issuance
+            .poll(&ci, &view.request_id, Wait::new(Some("5s".into())))
+            .await
+            .unwrap(),
+    ));
+    assert!(!k.read_only);
+    assert_eq!(k.approval, "manual");
+    assert_eq!(
+        w.approvals.get(&view.request_id).unwrap().state,
+        ApprovalState::Issued
+    );
+    // The grant covers the next identical request: a new key, no new approval.
+    let again = key_of(issued(
+        w.issuance
+            .request(
+                &ci,
+                deploy_key("acme/ask", "contents:read", Some("30m")),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    ));
+    assert_eq!(again.approval, "grant");
+    assert_ne!(again.key_id, k.key_id);
+    assert_eq!(w.deploy_keys.scheduled_count(), 2);
+}
+
+#[tokio::test]
+async fn the_reaper_deletes_keys_at_expiry_and_audits_it() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, clock) = w.sim.clone().unwrap();
+    let k = key_of(issued(
+        w.issuance
+            .request(
+                &caller("ci"),
+                deploy_key("acme/web", "contents:read", Some("10m")),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    ));
+    // Not due yet: nothing happens.
+    assert_eq!(
+        w.deploy_keys.reap_once().await,
+        deploy_key::ReapReport::default()
+    );
+    assert_eq!(sim.deploy_keys().len(), 1);
+    clock.advance(601);
+    let report = w.deploy_keys.reap_once().await;
+    assert_eq!(report.deleted, 1);
+    assert_eq!(report.overdue, 0);
+    assert!(sim.deploy_keys().is_empty());
+    assert_eq!(w.deploy_keys.scheduled_count(), 0);
+    let expired = w.last(AuditEventKind::CredentialExpired);
+    assert_eq!(expired.kind.as_deref(), Some("deploy_key"));
+    assert_eq!(expired.token_id.as_deref(), Some(k.credential_id.as_str()));
+    // Idempotent: a second pass finds nothing to do.
+    assert_eq!(
+        w.deploy_keys.reap_once().await,
+        deploy_key::ReapReport::default()
+    );
+}
+
+#[tokio::test]
+async fn a_deploy_key_the_policy_refuses_before_the_answer_is_deleted() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, _) = w.sim.clone().unwrap();
+    let ci = caller("ci");
+    let ask = deploy_key("acme/web", "contents:read", None);
+    let validated = w.deploy_keys.validate(&ask).unwrap();
+    // The policy turns to deny once the key exists at GitHub, before the answer.
+    let recheck = || {
+        (!sim.deploy_keys().is_empty()).then(|| {
+            w.policy
+                .current()
+                .decide_for_bot(Some("ci"), &crate::policy::Request::Litellm { scope: "x" })
+        })
+    };
+    let minted = w
+        .deploy_keys
+        .mint(Mint {
+            caller: &ci,
+            bot: Some("ci"),
+            rule: "test",
+            approval: &Approval::Auto,
+            ask: &validated,
+            replaces: None,
+            before: Vec::new(),
+            recheck: &recheck,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        minted,
+        Minted::Refused {
+            before_recorded: true,
+            ..
+        }
+    ));
+    assert!(sim.deploy_keys().is_empty(), "the withheld key is deleted");
+    assert_eq!(w.deploy_keys.scheduled_count(), 0);
+    assert_eq!(
+        w.last(AuditEventKind::CredentialRevoked).kind.as_deref(),
+        Some("deploy_key")
+    );
+}
+
+#[tokio::test]
+async fn revoking_deploy_keys_deletes_them_at_github_by_id_bot_or_repo() {
+    use super::deploy_key::RevokeKeys;
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, _) = w.sim.clone().unwrap();
+    let ci = caller("ci");
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(key_of(issued(
+            w.issuance
+                .request(
+                    &ci,
+                    deploy_key("acme/web", "contents:read", None),
+                    Wait::default(),
+                )
+                .await
+                .unwrap(),
+        )));
+    }
+    let unknown = w
+        .deploy_keys
+        .revoke(
+            "admin",
+            RevokeKeys::Credential("dk_000000000000000000000000"),
+        )
+        .await;
+    assert!(unknown.is_empty());
+    assert_eq!(sim.deploy_keys().len(), 3, "an unknown id deletes nothing");
+
+    let one = w
+        .deploy_keys
+        .revoke("admin", RevokeKeys::Credential(&keys[0].credential_id))
+        .await;
+    assert_eq!(one.len(), 1);
+    assert!(one[0].credential.revoked_upstream);
+    assert_eq!(sim.deploy_keys().len(), 2);
+    let revoked = w.last(AuditEventKind::CredentialRevoked);
+    assert_eq!(
+        revoked.token_id.as_deref(),
+        Some(keys[0].credential_id.as_str())
+    );
+    assert_eq!(revoked.kind.as_deref(), Some("deploy_key"));
+    assert_eq!(revoked.caller.as_deref(), Some("admin"));
+
+    let other = w
+        .deploy_keys
+        .revoke("admin", RevokeKeys::Bot("someone-else"))
+        .await;
+    assert!(other.is_empty());
+    let repo: botcreds_proto::RepoName = "acme/web".parse().unwrap();
+    let by_repo = w.deploy_keys.revoke("admin", RevokeKeys::Repo(&repo)).await;
+    assert_eq!(by_repo.len(), 2);
+    assert!(sim.deploy_keys().is_empty());
+    assert_eq!(
+        w.deploy_keys.scheduled_count(),
+        0,
+        "nothing left for the reaper"
+    );
+}
+
+#[tokio::test]
+async fn a_reloaded_policy_that_denies_a_deploy_key_deletes_it() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, _) = w.sim.clone().unwrap();
+    let k = key_of(issued(
+        w.issuance
+            .request(
+                &caller("ci"),
+                deploy_key("acme/web", "contents:read", None),
+                Wait::default(),
+            )
+            .await
+            .unwrap(),
+    ));
+    // Still allowed: nothing happens.
+    assert!(
+        w.deploy_keys
+            .revoke_denied(&w.policy.current())
+            .await
+            .is_empty()
+    );
+    assert_eq!(sim.deploy_keys().len(), 1);
+    w.reload(&DEPLOY_KEY_POLICY.replace("- repo: \"acme/infra\"", "- repo: \"acme/web\""));
+    assert_eq!(
+        w.deploy_keys.revoke_denied(&w.policy.current()).await,
+        vec![k.credential_id.clone()]
+    );
+    assert!(sim.deploy_keys().is_empty());
+    assert_eq!(
+        w.last(AuditEventKind::CredentialRevoked).caller.as_deref(),
+        Some("policy")
+    );
+}
+
+#[tokio::test]
+async fn a_broker_token_revoked_at_github_is_replaced_for_deploy_keys() {
+    let w = World::with_policy(DEPLOY_KEY_POLICY);
+    let (sim, clock) = w.sim.clone().unwrap();
+    let ci = caller("ci");
+    let ask = || deploy_key("acme/web", "contents:read", Some("10m"));
+    issued(
+        w.issuance
+            .request(&ci, ask(), Wait::default())
+            .await
+            .unwrap(),
+    );
+    // Someone revokes the broker's cached administration:write token at GitHub.
+    sim.revoke_all();
+    issued(
+        w.issuance
+            .request(&ci, ask(), Wait::default())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sim.deploy_keys().len(), 2);
+    sim.revoke_all();
+    clock.advance(601);
+    assert_eq!(w.deploy_keys.reap_once().await.deleted, 2);
+    assert!(sim.deploy_keys().is_empty());
 }

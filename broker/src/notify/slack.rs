@@ -86,6 +86,13 @@ fn requested(request: &ApprovalRequestView, bot: &str, page: &str, now: OffsetDa
         ApprovalResource::LitellmKey { .. } => {
             fields.push(field("Scope", &request.resource.summary()));
         }
+        ApprovalResource::DeployKey {
+            repository,
+            permission,
+        } => {
+            fields.push(field("Deploy key", repository));
+            fields.push(field("Permissions", permission));
+        }
     }
     fields.push(field("Requested", &age));
     let reason = match &request.reason {

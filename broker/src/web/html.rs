@@ -90,6 +90,10 @@ fn resource_cells(resource: &ApprovalResource) -> (String, String) {
             permissions,
         } => (repositories.join(", "), permissions.join(", ")),
         ApprovalResource::LitellmKey { .. } => (resource.summary(), String::new()),
+        ApprovalResource::DeployKey {
+            repository,
+            permission,
+        } => (format!("deploy key {repository}"), permission.clone()),
     }
 }
 

@@ -491,6 +491,61 @@ impl GithubApi for GithubClient {
         }
     }
 
+    async fn add_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &RepoName,
+        title: &str,
+        public_key: &str,
+        read_only: bool,
+    ) -> Result<u64, GithubError> {
+        let path = format!("/repos/{}/{}/keys", repo.owner(), repo.name());
+        let body = json!({"title": title, "key": public_key, "read_only": read_only});
+        let reply = self
+            .call(Method::POST, &path, Auth::Installation(token), Some(&body))
+            .await?;
+        match reply.status {
+            200..=299 => parse_json(&reply.body, "deploy key")?
+                .get("id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| invalid("the deploy key has no numeric id")),
+            404 => Err(GithubError::NotInstalled {
+                owner: repo.owner().to_ascii_lowercase(),
+            }),
+            // "key is already in use", or a key GitHub does not take.
+            422 => Err(GithubError::KeyRejected {
+                message: validation_message(&reply.body, reply.status),
+            }),
+            _ => match self.error_for(&reply) {
+                GithubError::Upstream {
+                    status: 403,
+                    message,
+                } => Err(GithubError::KeyRejected {
+                    message: format!("{message} (the App needs administration:write on {repo})"),
+                }),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn delete_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &RepoName,
+        key_id: u64,
+    ) -> Result<(), GithubError> {
+        let path = format!("/repos/{}/{}/keys/{key_id}", repo.owner(), repo.name());
+        let reply = self
+            .call(Method::DELETE, &path, Auth::Installation(token), None)
+            .await?;
+        match reply.status {
+            200..=299 => Ok(()),
+            // Deleted before (a retry after a lost answer), or gone with the repository.
+            404 => Ok(()),
+            _ => Err(self.error_for(&reply)),
+        }
+    }
+
     async fn app_identity(&self) -> Result<AppIdentity, GithubError> {
         let mut state = self.identity.lock().await;
         let slug = match &state.slug {
@@ -647,6 +702,24 @@ fn parse_token(
 }
 
 /// Parse a body as JSON without quoting it in the error (mint answers hold a token).
+/// A `validation-error` body's message with its first error's own message (`key is already
+/// in use`), cleaned like [`upstream_message`].
+fn validation_message(body: &[u8], status: u16) -> String {
+    let first = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        v.get("errors")?
+            .as_array()?
+            .first()
+            .and_then(|e| e.get("message").or(Some(e)))
+            .and_then(Value::as_str)
+            .map(clean_text)
+    });
+    let message = upstream_message(body, status);
+    match first {
+        Some(f) if !f.is_empty() => format!("{message}: {f}"),
+        _ => message,
+    }
+}
+
 fn parse_json(body: &[u8], what: &str) -> Result<Value, GithubError> {
     serde_json::from_slice(body).map_err(|e| {
         invalid(&format!(

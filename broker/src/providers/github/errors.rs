@@ -18,6 +18,8 @@ pub enum GithubError {
     Suspended { owner: String },
     #[error("GitHub refused the requested repositories or permissions: {message}")]
     ScopeRejected { message: String },
+    #[error("GitHub refused the deploy key: {message}")]
+    KeyRejected { message: String },
     #[error("GitHub refused the app's credentials ({message}); check app_id and the private key")]
     AuthFailed { message: String },
     #[error("GitHub's rate limit is exhausted; retry after {retry_after_secs} s")]
@@ -41,6 +43,7 @@ impl GithubError {
                 ErrorCode::GithubNotInstalled
             }
             GithubError::ScopeRejected { .. } => ErrorCode::GithubScopeRejected,
+            GithubError::KeyRejected { .. } => ErrorCode::DeployKeyRejected,
             GithubError::AuthFailed { .. } => ErrorCode::GithubAuthFailed,
             GithubError::RateLimited { .. } => ErrorCode::GithubRateLimited,
             GithubError::Upstream { .. } | GithubError::InvalidResponse { .. } => {
@@ -100,6 +103,12 @@ mod tests {
                     message: "m".into(),
                 },
                 ErrorCode::GithubAuthFailed,
+            ),
+            (
+                GithubError::KeyRejected {
+                    message: "m".into(),
+                },
+                ErrorCode::DeployKeyRejected,
             ),
             (
                 GithubError::RateLimited {

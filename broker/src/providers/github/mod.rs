@@ -41,6 +41,28 @@ pub trait GithubApi: Send + Sync + 'static {
     /// dead, which is what revocation wants, so it is `Ok` too.
     async fn revoke_installation_token(&self, token: &Secret) -> Result<(), GithubError>;
 
+    /// `POST /repos/{owner}/{repo}/keys` with `token` (an installation token holding
+    /// `administration:write` on `repo`): register `public_key` (an OpenSSH public key line)
+    /// as a deploy key, read-only or read-write (`read_only` is always sent). Answers GitHub's
+    /// id of the key.
+    async fn add_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &RepoName,
+        title: &str,
+        public_key: &str,
+        read_only: bool,
+    ) -> Result<u64, GithubError>;
+
+    /// `DELETE /repos/{owner}/{repo}/keys/{key_id}` with `token` (204). A 404 means the key is
+    /// gone already (deleted before, or the repository with it), which is the goal: `Ok`.
+    async fn delete_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &RepoName,
+        key_id: u64,
+    ) -> Result<(), GithubError>;
+
     /// The app's bot identity for commit attribution: slug and bot user id (cached after
     /// the first call).
     async fn app_identity(&self) -> Result<AppIdentity, GithubError>;

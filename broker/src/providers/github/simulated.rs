@@ -27,7 +27,15 @@ const TOKEN_LIFETIME_SECS: i64 = 3600;
 pub struct SimulatedGithub {
     clock: SharedClock,
     tokens: Mutex<Tokens>,
+    deploy_keys: Mutex<DeployKeys>,
     stats: StatsCounters,
+}
+
+/// The deploy keys registered here: id → (repository, the key's type and base64 body).
+#[derive(Default)]
+struct DeployKeys {
+    next_id: u64,
+    held: HashMap<u64, (String, String)>,
 }
 
 #[derive(Default)]
@@ -60,6 +68,7 @@ impl SimulatedGithub {
         SimulatedGithub {
             clock,
             tokens: Mutex::new(Tokens::default()),
+            deploy_keys: Mutex::new(DeployKeys::default()),
             stats: StatsCounters::new(),
         }
     }
@@ -69,6 +78,36 @@ impl SimulatedGithub {
         let key = sha256_hex(token.expose().as_bytes());
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         tokens.revoked.contains_key(&key)
+    }
+
+    /// Revoke every live token, as GitHub does when a token is revoked outside the broker.
+    pub fn revoke_all(&self) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let live: Vec<(String, OffsetDateTime)> = tokens.live.drain().collect();
+        tokens.revoked.extend(live);
+    }
+
+    /// The deploy keys held now: `(id, owner/name)`, sorted by id.
+    pub fn deploy_keys(&self) -> Vec<(u64, String)> {
+        let keys = self.deploy_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: Vec<(u64, String)> = keys
+            .held
+            .iter()
+            .map(|(id, (r, _))| (*id, r.clone()))
+            .collect();
+        held.sort();
+        held
+    }
+
+    /// The refusal GitHub gives a dead token (unknown, revoked or expired).
+    fn require_live(&self, token: &Secret) -> Result<(), GithubError> {
+        if self.is_live(token) {
+            return Ok(());
+        }
+        self.stats.call(false);
+        Err(GithubError::AuthFailed {
+            message: "Bad credentials".into(),
+        })
     }
 
     /// Whether `token` was minted here, is not revoked and has not expired.
@@ -137,6 +176,55 @@ impl GithubApi for SimulatedGithub {
         // Like GitHub, revoking an unknown or dead token succeeds: it is dead either way.
         if let Some(expires_at) = tokens.live.remove(&key) {
             tokens.revoked.insert(key, expires_at);
+        }
+        self.stats.call(true);
+        Ok(())
+    }
+
+    async fn add_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &RepoName,
+        _title: &str,
+        public_key: &str,
+        _read_only: bool,
+    ) -> Result<u64, GithubError> {
+        self.require_live(token)?;
+        let material: String = public_key
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut keys = self.deploy_keys.lock().unwrap_or_else(|e| e.into_inner());
+        // Like GitHub, one public key is on one repository at most.
+        if keys.held.values().any(|(_, m)| *m == material) {
+            self.stats.call(false);
+            return Err(GithubError::KeyRejected {
+                message: "Validation Failed: key is already in use".into(),
+            });
+        }
+        keys.next_id += 1;
+        let id = keys.next_id;
+        keys.held.insert(id, (repo.to_string(), material));
+        self.stats.call(true);
+        Ok(id)
+    }
+
+    async fn delete_deploy_key(
+        &self,
+        token: &Secret,
+        repo: &RepoName,
+        key_id: u64,
+    ) -> Result<(), GithubError> {
+        self.require_live(token)?;
+        let mut keys = self.deploy_keys.lock().unwrap_or_else(|e| e.into_inner());
+        // A key that is not there is gone already, as a 404 at GitHub.
+        if keys
+            .held
+            .get(&key_id)
+            .is_some_and(|(r, _)| *r == repo.to_string())
+        {
+            keys.held.remove(&key_id);
         }
         self.stats.call(true);
         Ok(())

@@ -948,6 +948,105 @@ async fn revoke_presents_the_token_and_treats_401_as_done() {
     assert_eq!(fake.count("DELETE", path), 5);
 }
 
+// ---- deploy keys (reference §4.5) ----------------------------------------------------
+
+#[tokio::test]
+async fn deploy_keys_are_added_with_read_only_always_sent_and_refusals_mapped() {
+    let fake = FakeGithub::start().await;
+    let (c, _) = client(&fake);
+    let token = Secret::new(FIXTURE_TOKEN);
+    let repo: RepoName = "acme-corp/web".parse().unwrap();
+    let path = "/repos/acme-corp/web/keys";
+    let line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl c";
+    fake.set(
+        "POST",
+        path,
+        vec![Canned::json(
+            201,
+            r#"{"id": 1234, "key": "ssh-ed25519 AAAA", "url": "u", "title": "t", "verified": true,
+                "created_at": "2026-01-01T00:00:00Z", "read_only": true, "added_by": null,
+                "last_used": null, "enabled": true}"#,
+        )],
+    );
+    assert_eq!(
+        c.add_deploy_key(&token, &repo, "botcreds ci dk_1", line, true)
+            .await
+            .unwrap(),
+        1234
+    );
+    fake.last("POST", path, |s| {
+        assert_eq!(
+            s.header("authorization"),
+            Some(&*format!("Bearer {FIXTURE_TOKEN}"))
+        );
+        let body: Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"title": "botcreds ci dk_1", "key": line, "read_only": true})
+        );
+    });
+    c.add_deploy_key(&token, &repo, "t", line, false)
+        .await
+        .unwrap();
+    fake.last("POST", path, |s| {
+        let body: Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(
+            body["read_only"],
+            json!(false),
+            "read_only false is sent too"
+        );
+    });
+
+    let in_use = r#"{"message":"Validation Failed","errors":[{"resource":"PublicKey","code":"custom","field":"key","message":"key is already in use"}],"documentation_url":"d","status":"422"}"#;
+    fake.set("POST", path, vec![Canned::json(422, in_use)]);
+    let e = c
+        .add_deploy_key(&token, &repo, "t", line, true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::DeployKeyRejected);
+    assert!(e.to_string().contains("key is already in use"), "{e}");
+
+    fake.set("POST", path, vec![Canned::json(403, E403)]);
+    let e = c
+        .add_deploy_key(&token, &repo, "t", line, true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::DeployKeyRejected);
+    assert!(e.to_string().contains("administration:write"), "{e}");
+
+    fake.set("POST", path, vec![Canned::json(404, E404)]);
+    let e = c
+        .add_deploy_key(&token, &repo, "t", line, true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::GithubNotInstalled);
+    assert!(!e.to_string().contains(FIXTURE_TOKEN));
+}
+
+#[tokio::test]
+async fn deploy_key_delete_treats_404_as_gone_and_retries_5xx() {
+    let fake = FakeGithub::start().await;
+    let (c, _) = client(&fake);
+    let token = Secret::new(FIXTURE_TOKEN);
+    let repo: RepoName = "acme-corp/web".parse().unwrap();
+    let path = "/repos/acme-corp/web/keys/1234";
+
+    fake.set("DELETE", path, vec![Canned::empty(204)]);
+    c.delete_deploy_key(&token, &repo, 1234).await.unwrap();
+    fake.set("DELETE", path, vec![Canned::json(404, E404)]);
+    c.delete_deploy_key(&token, &repo, 1234).await.unwrap();
+    fake.set("DELETE", path, vec![Canned::empty(502), Canned::empty(204)]);
+    c.delete_deploy_key(&token, &repo, 1234).await.unwrap();
+    assert_eq!(fake.count("DELETE", path), 4);
+    fake.set("DELETE", path, vec![Canned::json(401, E401_CREDS)]);
+    let e = c.delete_deploy_key(&token, &repo, 1234).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        ErrorCode::GithubAuthFailed,
+        "a dead token deletes nothing"
+    );
+}
+
 // ---- GHES and URLs -------------------------------------------------------------------
 
 #[tokio::test]
