@@ -6,6 +6,11 @@
 //!
 //! Time is shortened with short `ttl`s; the tests wait on the broker's own log lines, never
 //! on durations.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::path::Path;
 use std::time::Duration;
