@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,6 @@ from ._creds import (
     Credentials,
     LitellmKey,
     PendingApproval,
-    as_repositories,
     monotonic,
 )
 from ._errors import BotcredsError, BrokerUnavailable, SessionClosed
@@ -30,12 +28,6 @@ log = logging.getLogger("botcreds")
 T = TypeVar("T")
 #: ``get_credentials``'s default wait for a human, in seconds.
 DEFAULT_APPROVAL_TIMEOUT = 600.0
-
-
-def transport_error(base_url: str, e: Exception) -> BrokerUnavailable:
-    return BrokerUnavailable(
-        f"the broker at {base_url} could not be reached ({type(e).__name__}: {e})", "unreachable"
-    )
 
 
 class BrokerClient:
@@ -60,37 +52,26 @@ class BrokerClient:
         ca_bundle: str | os.PathLike[str] | None = None,
         request_timeout: float = _core.CALL_TIMEOUT,
     ) -> None:
-        self.broker_url = _core.broker_base_url(broker_url)
-        self.bot_id = bot_id
-        self._auth = "api_key" if api_key else ("mtls" if (mtls_dir or client_cert) else "tailnet")
-        ctx = _core.tls_context(mtls_dir, client_cert, client_key, ca_bundle)
-        if ctx is None and self.broker_url.startswith("http://"):
-            ctx = _core.plain_http_context()
-        self._request_timeout = request_timeout
-        self._http = httpx.Client(
-            base_url=self.broker_url,
-            headers=_core.auth_headers(api_key),
-            verify=ctx if ctx is not None else True,
-            timeout=httpx.Timeout(request_timeout),
-            follow_redirects=False,
-            trust_env=False,
+        options = _core.client_options(
+            broker_url, api_key, mtls_dir, client_cert, client_key, ca_bundle, request_timeout
         )
+        self.broker_url = options.base_url
+        self.bot_id = bot_id
+        self._auth = options.auth
+        self._request_timeout = options.request_timeout
+        self._http = httpx.Client(**options.http)
 
     # --- transport -----------------------------------------------------------------------------
 
     def _send(self, req: _core.HttpRequest) -> _core.HttpResponse:
         try:
             r = self._http.request(
-                req.method,
-                req.path,
-                json=dict(req.body) if req.body is not None else None,
-                params=dict(req.params) if req.params is not None else None,
+                **_core.request_arguments(req),
                 timeout=httpx.Timeout(self._request_timeout, read=req.read_timeout),
             )
         except httpx.HTTPError as e:
-            raise transport_error(self.broker_url, e) from None
-        log.debug("botcreds: %s %s -> %s", req.method, req.path, r.status_code)
-        return _core.HttpResponse(r.status_code, r.headers, r.content)
+            raise _core.transport_error(self.broker_url, e) from None
+        return _core.http_response(req, r.status_code, r.headers, r.content)
 
     def _drive(self, flow: _core.Flow, stop: threading.Event | None = None) -> Any:
         """Run a flow of ``_core`` to its end: send its requests, sleep its sleeps. A set
@@ -100,7 +81,7 @@ class BrokerClient:
             while True:
                 if stop is not None and stop.is_set():
                     flow.close()
-                    raise SessionClosed("the session was closed", "session_closed")
+                    raise _core.session_closed()
                 if isinstance(step, _core.Sleep):
                     if stop is not None:
                         stop.wait(step.seconds)
@@ -173,13 +154,7 @@ class BrokerClient:
         (``"contents:write"``, ...). When the policy wants a human, waits up to ``timeout`` seconds
         (``None``: until the broker decides) for the decision — or, with
         ``wait_for_approval=False``, returns the :class:`PendingApproval` at once."""
-        request = CredentialRequest(
-            kind="github_token",
-            repositories=as_repositories(repo, repositories),
-            permissions=tuple(permissions),
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "github_token"),
-        )
+        request = _core.github_request(repo, repositories, permissions, reason, ttl)
         return cast(
             "Credentials | PendingApproval",
             self._drive(
@@ -240,13 +215,7 @@ class BrokerClient:
     ) -> LitellmKey | PendingApproval:
         """A LiteLLM virtual key for ``scope`` (``"agent:review"``), waiting like
         :meth:`get_credentials`."""
-        request = CredentialRequest(
-            kind="litellm_key",
-            scope=scope,
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "litellm_key"),
-            workspace=workspace,
-        )
+        request = _core.litellm_request(scope, reason, ttl, workspace)
         return cast(
             "LitellmKey | PendingApproval",
             self._drive(
@@ -323,13 +292,7 @@ class BrokerClient:
     ) -> Session:
         """A context manager whose ``.token`` stays valid: a background thread refreshes the token
         before it expires (see :class:`Session`)."""
-        request = CredentialRequest(
-            kind="github_token",
-            repositories=as_repositories(repo, repositories),
-            permissions=tuple(permissions),
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "github_token"),
-        )
+        request = _core.github_request(repo, repositories, permissions, reason, ttl)
         return Session(self, request, timeout, refresh_before)
 
     # --- lifetime ------------------------------------------------------------------------------
@@ -399,16 +362,10 @@ class Session:
 
     def _swap(self, new: Credentials) -> None:
         with self._lock:
-            old, self._creds = self._creds, new
-            if old is not None and old.credential_id != new.credential_id:
-                # Keep the previous credentials (a git started a moment ago may still read its
-                # askpass helper); close the one before.
-                if self._previous is not None:
-                    self._previous.close()
-                self._previous = old
+            self._previous, refreshed = _core.retire(self._creds, self._previous, new)
+            self._creds = new
+            if refreshed:
                 self.refreshes += 1
-            elif old is not None:
-                old.close()
             self._error = None
 
     def __enter__(self) -> Session:
@@ -423,11 +380,7 @@ class Session:
             with self._lock:
                 creds = self._creds
             assert creds is not None
-            if failures == 0:
-                delay = _core.refresh_delay(creds, random.random(), self._refresh_before)  # noqa: S311
-            else:
-                assert self._error is not None
-                delay = _core.retry_delay(failures, creds, self._error)
+            delay = _core.next_delay(failures, creds, self._error, self._refresh_before)
             if self._stop.wait(delay):
                 return
             try:
@@ -493,7 +446,7 @@ class Session:
                 if c is not None:
                     c.close()
             if self._error is None:
-                self._error = SessionClosed("the session was closed", "session_closed")
+                self._error = _core.session_closed()
 
     def __exit__(
         self,
