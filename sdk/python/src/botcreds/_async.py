@@ -20,7 +20,6 @@ from ._creds import (
     Credentials,
     LitellmKey,
     PendingApproval,
-    monotonic,
 )
 from ._errors import BotcredsError, BrokerUnavailable
 from ._sync import DEFAULT_APPROVAL_TIMEOUT
@@ -202,14 +201,12 @@ class AsyncBrokerClient:
         timeout: float | None = DEFAULT_APPROVAL_TIMEOUT,
     ) -> T:
         """See :meth:`BrokerClient.refresh`."""
-        if not isinstance(creds, (Credentials, LitellmKey)):
-            raise TypeError("refresh takes Credentials or a LitellmKey")
-        flow = _core.credential_flow(
-            creds.request,
+        flow = _core.refresh_flow(
+            creds,
             bot_id=self.bot_id,
+            rejected=rejected,
             wait_for_approval=wait_for_approval,
             timeout=timeout,
-            replaces=creds.credential_id if rejected else None,
         )
         return cast(T, await self._drive(flow))
 
@@ -217,7 +214,7 @@ class AsyncBrokerClient:
         self, pending: PendingApproval, timeout: float | None = DEFAULT_APPROVAL_TIMEOUT
     ) -> Credentials | LitellmKey:
         """See :meth:`BrokerClient.wait`."""
-        deadline = None if timeout is None else monotonic() + timeout
+        deadline = _core.deadline_after(timeout)
         flow = _core.wait_flow(pending, bot_id=self.bot_id, deadline=deadline)
         return cast("Credentials | LitellmKey", await self._drive(flow))
 
@@ -291,12 +288,8 @@ class AsyncSession:
         self.refreshes = 0
 
     async def _fetch(self, background: bool = False) -> Credentials:
-        flow = _core.credential_flow(
-            self._request,
-            bot_id=self._client.bot_id,
-            wait_for_approval=True,
-            timeout=self._timeout,
-            poll_wait=_core.SESSION_POLL_WAIT if background else _core.POLL_WAIT,
+        flow = _core.session_flow(
+            self._request, bot_id=self._client.bot_id, timeout=self._timeout, background=background
         )
         outcome = await self._client._drive(flow)
         assert isinstance(outcome, Credentials)
@@ -363,11 +356,7 @@ class AsyncSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for c in (self._previous, self._creds):
-            if c is not None:
-                c.close()
-        if self._error is None:
-            self._error = _core.session_closed()
+        self._error = _core.leave(self._previous, self._creds, self._error)
 
     async def __aexit__(
         self,

@@ -415,7 +415,7 @@ def credential_flow(
     poll_wait: float = POLL_WAIT,
 ) -> Flow:
     """Ask for a credential; wait through an approval request unless told not to."""
-    deadline = None if timeout is None else monotonic() + timeout
+    deadline = deadline_after(timeout)
     resp = yield HttpRequest("POST", "/v1/credentials", body=credential_body(request, replaces))
     outcome = interpret(resp, request, bot_id)
     if isinstance(outcome, PendingApproval):
@@ -424,6 +424,45 @@ def credential_flow(
             return outcome
         return (yield from wait_flow(outcome, bot_id=bot_id, deadline=deadline, poll_wait=poll_wait))
     return outcome
+
+
+def refresh_flow(
+    creds: object,
+    *,
+    bot_id: str | None,
+    rejected: bool,
+    wait_for_approval: bool,
+    timeout: float | None,
+) -> Flow:
+    """The flow of ``client.refresh(creds)``: ask again for what ``creds`` was issued for (a
+    rejected one ``replaces``). Checks ``creds`` now, not when the flow starts."""
+    if not isinstance(creds, (Credentials, LitellmKey)):
+        raise TypeError("refresh takes Credentials or a LitellmKey")
+    return credential_flow(
+        creds.request,
+        bot_id=bot_id,
+        wait_for_approval=wait_for_approval,
+        timeout=timeout,
+        replaces=creds.credential_id if rejected else None,
+    )
+
+
+def session_flow(
+    request: CredentialRequest, *, bot_id: str | None, timeout: float | None, background: bool
+) -> Flow:
+    """A session's fetch of its token; the background refresh polls shorter (``SESSION_POLL_WAIT``)."""
+    return credential_flow(
+        request,
+        bot_id=bot_id,
+        wait_for_approval=True,
+        timeout=timeout,
+        poll_wait=SESSION_POLL_WAIT if background else POLL_WAIT,
+    )
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The monotonic deadline ``timeout`` seconds from now (``None``: no deadline)."""
+    return None if timeout is None else monotonic() + timeout
 
 
 def wait_flow(
@@ -549,6 +588,17 @@ def retire(
     if current is not None:
         current.close()
     return previous, False
+
+
+def leave(
+    previous: Credentials | None, current: Credentials | None, error: BotcredsError | None
+) -> BotcredsError:
+    """Close a leaving session's credentials; what its token raises from then on (the refresh
+    error it had, else ``session_closed``)."""
+    for c in (previous, current):
+        if c is not None:
+            c.close()
+    return error or session_closed()
 
 
 def permanent(err: BotcredsError) -> bool:

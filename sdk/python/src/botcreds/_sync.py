@@ -19,7 +19,6 @@ from ._creds import (
     Credentials,
     LitellmKey,
     PendingApproval,
-    monotonic,
 )
 from ._errors import BotcredsError, BrokerUnavailable, SessionClosed
 
@@ -241,24 +240,20 @@ class BrokerClient:
         left, else a new one. ``rejected=True`` says the token was refused upstream (GitHub
         answered 401 with it): the broker then mints a new one and revokes the old
         (``replaces``; rate limited by the broker)."""
-        if not isinstance(creds, (Credentials, LitellmKey)):
-            raise TypeError("refresh takes Credentials or a LitellmKey")
-        outcome = self._drive(
-            _core.credential_flow(
-                creds.request,
-                bot_id=self.bot_id,
-                wait_for_approval=wait_for_approval,
-                timeout=timeout,
-                replaces=creds.credential_id if rejected else None,
-            )
+        flow = _core.refresh_flow(
+            creds,
+            bot_id=self.bot_id,
+            rejected=rejected,
+            wait_for_approval=wait_for_approval,
+            timeout=timeout,
         )
-        return cast(T, outcome)
+        return cast(T, self._drive(flow))
 
     def wait(
         self, pending: PendingApproval, timeout: float | None = DEFAULT_APPROVAL_TIMEOUT
     ) -> Credentials | LitellmKey:
         """Wait (long-polling) for a human to decide ``pending``."""
-        deadline = None if timeout is None else monotonic() + timeout
+        deadline = _core.deadline_after(timeout)
         return cast(
             "Credentials | LitellmKey",
             self._drive(_core.wait_flow(pending, bot_id=self.bot_id, deadline=deadline)),
@@ -347,16 +342,10 @@ class Session:
         self.refreshes = 0
 
     def _fetch(self, background: bool = False) -> Credentials:
-        outcome = self._client._drive(
-            _core.credential_flow(
-                self._request,
-                bot_id=self._client.bot_id,
-                wait_for_approval=True,
-                timeout=self._timeout,
-                poll_wait=_core.SESSION_POLL_WAIT if background else _core.POLL_WAIT,
-            ),
-            self._stop if background else None,
+        flow = _core.session_flow(
+            self._request, bot_id=self._client.bot_id, timeout=self._timeout, background=background
         )
+        outcome = self._client._drive(flow, self._stop if background else None)
         assert isinstance(outcome, Credentials)
         return outcome
 
@@ -442,11 +431,7 @@ class Session:
             self._thread.join()
         self._thread = None
         with self._lock:
-            for c in (self._previous, self._creds):
-                if c is not None:
-                    c.close()
-            if self._error is None:
-                self._error = _core.session_closed()
+            self._error = _core.leave(self._previous, self._creds, self._error)
 
     def __exit__(
         self,
