@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -21,11 +20,9 @@ from ._creds import (
     Credentials,
     LitellmKey,
     PendingApproval,
-    as_repositories,
-    monotonic,
 )
-from ._errors import BotcredsError, BrokerUnavailable, SessionClosed
-from ._sync import DEFAULT_APPROVAL_TIMEOUT, transport_error
+from ._errors import BotcredsError, BrokerUnavailable
+from ._sync import DEFAULT_APPROVAL_TIMEOUT
 
 log = logging.getLogger("botcreds")
 
@@ -48,35 +45,24 @@ class AsyncBrokerClient:
         ca_bundle: str | os.PathLike[str] | None = None,
         request_timeout: float = _core.CALL_TIMEOUT,
     ) -> None:
-        self.broker_url = _core.broker_base_url(broker_url)
-        self.bot_id = bot_id
-        self._auth = "api_key" if api_key else ("mtls" if (mtls_dir or client_cert) else "tailnet")
-        ctx = _core.tls_context(mtls_dir, client_cert, client_key, ca_bundle)
-        if ctx is None and self.broker_url.startswith("http://"):
-            ctx = _core.plain_http_context()
-        self._request_timeout = request_timeout
-        self._http = httpx.AsyncClient(
-            base_url=self.broker_url,
-            headers=_core.auth_headers(api_key),
-            verify=ctx if ctx is not None else True,
-            timeout=httpx.Timeout(request_timeout),
-            follow_redirects=False,
-            trust_env=False,
+        options = _core.client_options(
+            broker_url, api_key, mtls_dir, client_cert, client_key, ca_bundle, request_timeout
         )
+        self.broker_url = options.base_url
+        self.bot_id = bot_id
+        self._auth = options.auth
+        self._request_timeout = options.request_timeout
+        self._http = httpx.AsyncClient(**options.http)
 
     async def _send(self, req: _core.HttpRequest) -> _core.HttpResponse:
         try:
             r = await self._http.request(
-                req.method,
-                req.path,
-                json=dict(req.body) if req.body is not None else None,
-                params=dict(req.params) if req.params is not None else None,
+                **_core.request_arguments(req),
                 timeout=httpx.Timeout(self._request_timeout, read=req.read_timeout),
             )
         except httpx.HTTPError as e:
-            raise transport_error(self.broker_url, e) from None
-        log.debug("botcreds: %s %s -> %s", req.method, req.path, r.status_code)
-        return _core.HttpResponse(r.status_code, r.headers, r.content)
+            raise _core.transport_error(self.broker_url, e) from None
+        return _core.http_response(req, r.status_code, r.headers, r.content)
 
     async def _drive(self, flow: _core.Flow) -> Any:
         """Run a flow of ``_core`` to its end (cancelling the task ends it at once)."""
@@ -147,13 +133,7 @@ class AsyncBrokerClient:
         repositories: Sequence[str] | None = None,
     ) -> Credentials | PendingApproval:
         """See :meth:`BrokerClient.get_credentials`."""
-        request = CredentialRequest(
-            kind="github_token",
-            repositories=as_repositories(repo, repositories),
-            permissions=tuple(permissions),
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "github_token"),
-        )
+        request = _core.github_request(repo, repositories, permissions, reason, ttl)
         flow = _core.credential_flow(
             request, bot_id=self.bot_id, wait_for_approval=wait_for_approval, timeout=timeout
         )
@@ -206,13 +186,7 @@ class AsyncBrokerClient:
         workspace: Mapping[str, str] | None = None,
     ) -> LitellmKey | PendingApproval:
         """See :meth:`BrokerClient.get_litellm_key`."""
-        request = CredentialRequest(
-            kind="litellm_key",
-            scope=scope,
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "litellm_key"),
-            workspace=workspace,
-        )
+        request = _core.litellm_request(scope, reason, ttl, workspace)
         flow = _core.credential_flow(
             request, bot_id=self.bot_id, wait_for_approval=wait_for_approval, timeout=timeout
         )
@@ -227,14 +201,12 @@ class AsyncBrokerClient:
         timeout: float | None = DEFAULT_APPROVAL_TIMEOUT,
     ) -> T:
         """See :meth:`BrokerClient.refresh`."""
-        if not isinstance(creds, (Credentials, LitellmKey)):
-            raise TypeError("refresh takes Credentials or a LitellmKey")
-        flow = _core.credential_flow(
-            creds.request,
+        flow = _core.refresh_flow(
+            creds,
             bot_id=self.bot_id,
+            rejected=rejected,
             wait_for_approval=wait_for_approval,
             timeout=timeout,
-            replaces=creds.credential_id if rejected else None,
         )
         return cast(T, await self._drive(flow))
 
@@ -242,7 +214,7 @@ class AsyncBrokerClient:
         self, pending: PendingApproval, timeout: float | None = DEFAULT_APPROVAL_TIMEOUT
     ) -> Credentials | LitellmKey:
         """See :meth:`BrokerClient.wait`."""
-        deadline = None if timeout is None else monotonic() + timeout
+        deadline = _core.deadline_after(timeout)
         flow = _core.wait_flow(pending, bot_id=self.bot_id, deadline=deadline)
         return cast("Credentials | LitellmKey", await self._drive(flow))
 
@@ -270,13 +242,7 @@ class AsyncBrokerClient:
         refresh_before: float | None = None,
     ) -> AsyncSession:
         """``async with client.session(...) as s:`` — see :class:`botcreds.Session`."""
-        request = CredentialRequest(
-            kind="github_token",
-            repositories=as_repositories(repo, repositories),
-            permissions=tuple(permissions),
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "github_token"),
-        )
+        request = _core.github_request(repo, repositories, permissions, reason, ttl)
         return AsyncSession(self, request, timeout, refresh_before)
 
     async def aclose(self) -> None:
@@ -322,26 +288,18 @@ class AsyncSession:
         self.refreshes = 0
 
     async def _fetch(self, background: bool = False) -> Credentials:
-        flow = _core.credential_flow(
-            self._request,
-            bot_id=self._client.bot_id,
-            wait_for_approval=True,
-            timeout=self._timeout,
-            poll_wait=_core.SESSION_POLL_WAIT if background else _core.POLL_WAIT,
+        flow = _core.session_flow(
+            self._request, bot_id=self._client.bot_id, timeout=self._timeout, background=background
         )
         outcome = await self._client._drive(flow)
         assert isinstance(outcome, Credentials)
         return outcome
 
     def _swap(self, new: Credentials) -> None:
-        old, self._creds = self._creds, new
-        if old is not None and old.credential_id != new.credential_id:
-            if self._previous is not None:
-                self._previous.close()
-            self._previous = old
+        self._previous, refreshed = _core.retire(self._creds, self._previous, new)
+        self._creds = new
+        if refreshed:
             self.refreshes += 1
-        elif old is not None:
-            old.close()
         self._error = None
 
     async def __aenter__(self) -> AsyncSession:
@@ -354,11 +312,7 @@ class AsyncSession:
         while True:
             creds = self._creds
             assert creds is not None
-            if failures == 0:
-                delay = _core.refresh_delay(creds, random.random(), self._refresh_before)  # noqa: S311
-            else:
-                assert self._error is not None
-                delay = _core.retry_delay(failures, creds, self._error)
+            delay = _core.next_delay(failures, creds, self._error, self._refresh_before)
             await asyncio.sleep(delay)
             try:
                 new = await self._fetch(background=True)
@@ -402,11 +356,7 @@ class AsyncSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for c in (self._previous, self._creds):
-            if c is not None:
-                c.close()
-        if self._error is None:
-            self._error = SessionClosed("the session was closed", "session_closed")
+        self._error = _core.leave(self._previous, self._creds, self._error)
 
     async def __aexit__(
         self,

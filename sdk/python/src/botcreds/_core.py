@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import ssl
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +30,7 @@ from ._creds import (
     Credentials,
     LitellmKey,
     PendingApproval,
+    as_repositories,
     monotonic,
 )
 from ._errors import (
@@ -149,6 +151,80 @@ def tls_context(
     return ctx
 
 
+@dataclass(frozen=True)
+class ClientOptions:
+    """What a client's constructor arguments come to: the broker's base URL, how the client is
+    identified (``auth``: ``api_key``, ``mtls`` or ``tailnet``, for ``repr``), the bound of each
+    call, and the keyword arguments of ``httpx.Client`` / ``httpx.AsyncClient``."""
+
+    base_url: str
+    auth: str
+    request_timeout: float
+    http: Mapping[str, Any]
+
+
+def client_options(
+    broker_url: str | None,
+    api_key: str | None,
+    mtls_dir: str | os.PathLike[str] | None,
+    client_cert: str | os.PathLike[str] | None,
+    client_key: str | os.PathLike[str] | None,
+    ca_bundle: str | os.PathLike[str] | None,
+    request_timeout: float,
+) -> ClientOptions:
+    """The options of ``BrokerClient`` and ``AsyncBrokerClient`` from their constructor's
+    arguments (see :class:`botcreds.BrokerClient`)."""
+    base_url = broker_base_url(broker_url)
+    auth = "api_key" if api_key else ("mtls" if (mtls_dir or client_cert) else "tailnet")
+    ctx = tls_context(mtls_dir, client_cert, client_key, ca_bundle)
+    if ctx is None and base_url.startswith("http://"):
+        ctx = plain_http_context()
+    http = {
+        "base_url": base_url,
+        "headers": auth_headers(api_key),
+        "verify": ctx if ctx is not None else True,
+        # httpx reads a number as the bound of connect, read, write and pool alike.
+        "timeout": request_timeout,
+        # Never follow a redirect (it could carry the API key elsewhere) nor take proxies or
+        # certificates from the environment: the client talks to the broker it was given.
+        "follow_redirects": False,
+        "trust_env": False,
+    }
+    return ClientOptions(base_url, auth, request_timeout, http)
+
+
+def request_arguments(req: HttpRequest) -> dict[str, Any]:
+    """The keyword arguments of ``httpx``'s ``request`` for ``req`` (its ``timeout`` aside)."""
+    return {
+        "method": req.method,
+        "url": req.path,
+        "json": dict(req.body) if req.body is not None else None,
+        "params": dict(req.params) if req.params is not None else None,
+    }
+
+
+def http_response(req: HttpRequest, status: int, headers: Mapping[str, str], body: bytes) -> HttpResponse:
+    """The broker's answer to ``req``, as the flows take it."""
+    log.debug("botcreds: %s %s -> %s", req.method, req.path, status)
+    return HttpResponse(status, headers, body)
+
+
+def transport_error(base_url: str, e: Exception) -> BrokerUnavailable:
+    """The error of a call that got no answer (the broker unreachable, a timeout, ...)."""
+    return BrokerUnavailable(
+        f"the broker at {base_url} could not be reached ({type(e).__name__}: {e})", "unreachable"
+    )
+
+
+def invalid_answer(message: str, status: int, retry_after: float | None = None) -> BrokerUnavailable:
+    """The error of an answer that is not the broker's API."""
+    return BrokerUnavailable(message, "invalid_answer", status, retry_after)
+
+
+def session_closed(message: str = "the session was closed") -> SessionClosed:
+    return SessionClosed(message, "session_closed")
+
+
 _DURATION = re.compile(r"^([0-9]{1,9})(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -182,6 +258,39 @@ def ttl_text(ttl: str | float | timedelta | None, kind: str) -> str | None:
 
 
 # --- requests ----------------------------------------------------------------------------------
+
+
+def github_request(
+    repo: str | Sequence[str] | None,
+    repositories: Sequence[str] | None,
+    permissions: Sequence[str],
+    reason: str | None,
+    ttl: str | float | timedelta | None,
+) -> CredentialRequest:
+    """The request of ``get_credentials`` and ``session``."""
+    return CredentialRequest(
+        kind="github_token",
+        repositories=as_repositories(repo, repositories),
+        permissions=tuple(permissions),
+        reason=reason,
+        ttl=ttl_text(ttl, "github_token"),
+    )
+
+
+def litellm_request(
+    scope: str,
+    reason: str | None,
+    ttl: str | float | timedelta | None,
+    workspace: Mapping[str, str] | None,
+) -> CredentialRequest:
+    """The request of ``get_litellm_key``."""
+    return CredentialRequest(
+        kind="litellm_key",
+        scope=scope,
+        reason=reason,
+        ttl=ttl_text(ttl, "litellm_key"),
+        workspace=workspace,
+    )
 
 
 def credential_body(request: CredentialRequest, replaces: str | None) -> dict[str, Any]:
@@ -227,9 +336,8 @@ def error_for(resp: HttpResponse, request_id: str | None = None) -> BotcredsErro
     elif resp.headers.get("retry-after", "").isdigit():
         retry_after = float(resp.headers["retry-after"])
     if not isinstance(data, dict) or not isinstance(data.get("code"), str):
-        return BrokerUnavailable(
+        return invalid_answer(
             f"the broker answered HTTP {resp.status} without an error body (is this the broker?)",
-            "invalid_answer",
             resp.status,
             retry_after,
         )
@@ -258,11 +366,7 @@ def interpret(
         raise error_for(resp, request_id)
     data = _json(resp)
     if not isinstance(data, dict):
-        raise BrokerUnavailable(
-            f"the broker's HTTP {resp.status} answer is not a JSON object",
-            "invalid_answer",
-            resp.status,
-        )
+        raise invalid_answer(f"the broker's HTTP {resp.status} answer is not a JSON object", resp.status)
     try:
         if resp.status == 202:
             return PendingApproval.from_answer(data, request)
@@ -278,10 +382,8 @@ def interpret(
             raise ValueError("unknown credential kind")
     except (KeyError, TypeError, ValueError) as e:
         # The message names what was wrong, never a value from the answer (it holds a secret).
-        raise BrokerUnavailable(
-            f"the broker's credential answer is malformed ({type(e).__name__})",
-            "invalid_answer",
-            resp.status,
+        raise invalid_answer(
+            f"the broker's credential answer is malformed ({type(e).__name__})", resp.status
         ) from None
     if bot_id is not None and outcome.bot and outcome.bot != bot_id:
         outcome.close()
@@ -313,7 +415,7 @@ def credential_flow(
     poll_wait: float = POLL_WAIT,
 ) -> Flow:
     """Ask for a credential; wait through an approval request unless told not to."""
-    deadline = None if timeout is None else monotonic() + timeout
+    deadline = deadline_after(timeout)
     resp = yield HttpRequest("POST", "/v1/credentials", body=credential_body(request, replaces))
     outcome = interpret(resp, request, bot_id)
     if isinstance(outcome, PendingApproval):
@@ -322,6 +424,45 @@ def credential_flow(
             return outcome
         return (yield from wait_flow(outcome, bot_id=bot_id, deadline=deadline, poll_wait=poll_wait))
     return outcome
+
+
+def refresh_flow(
+    creds: object,
+    *,
+    bot_id: str | None,
+    rejected: bool,
+    wait_for_approval: bool,
+    timeout: float | None,
+) -> Flow:
+    """The flow of ``client.refresh(creds)``: ask again for what ``creds`` was issued for (a
+    rejected one ``replaces``). Checks ``creds`` now, not when the flow starts."""
+    if not isinstance(creds, (Credentials, LitellmKey)):
+        raise TypeError("refresh takes Credentials or a LitellmKey")
+    return credential_flow(
+        creds.request,
+        bot_id=bot_id,
+        wait_for_approval=wait_for_approval,
+        timeout=timeout,
+        replaces=creds.credential_id if rejected else None,
+    )
+
+
+def session_flow(
+    request: CredentialRequest, *, bot_id: str | None, timeout: float | None, background: bool
+) -> Flow:
+    """A session's fetch of its token; the background refresh polls shorter (``SESSION_POLL_WAIT``)."""
+    return credential_flow(
+        request,
+        bot_id=bot_id,
+        wait_for_approval=True,
+        timeout=timeout,
+        poll_wait=SESSION_POLL_WAIT if background else POLL_WAIT,
+    )
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The monotonic deadline ``timeout`` seconds from now (``None``: no deadline)."""
+    return None if timeout is None else monotonic() + timeout
 
 
 def wait_flow(
@@ -386,7 +527,7 @@ def whoami_flow() -> Flow:
         raise error_for(resp)
     data = _json(resp)
     if not isinstance(data, dict):
-        raise BrokerUnavailable("the whoami answer is not a JSON object", "invalid_answer", 200)
+        raise invalid_answer("the whoami answer is not a JSON object", 200)
     return data
 
 
@@ -401,6 +542,17 @@ def refresh_delay(creds: Credentials, unit: float, refresh_before: float | None 
     window = min(refresh_before or SESSION_REFRESH_BEFORE, lifetime * 2 / 3)
     jitter = min(MAX_REFRESH_JITTER, window / 10) * min(max(unit, 0.0), 1.0)
     return max(0.0, creds.seconds_left() - window - jitter)
+
+
+def next_delay(
+    failures: int, creds: Credentials, error: BotcredsError | None, refresh_before: float | None
+) -> float:
+    """How long a session's refresher waits before its next try: until ``creds`` are due for
+    a refresh, or, after ``failures`` failed tries (the last one ``error``), the backoff."""
+    if failures == 0:
+        return refresh_delay(creds, random.random(), refresh_before)  # noqa: S311
+    assert error is not None
+    return retry_delay(failures, creds, error)
 
 
 def retry_delay(failures: int, creds: Credentials, err: BotcredsError) -> float:
@@ -422,6 +574,33 @@ def expiry_margin(creds: Credentials) -> float:
     return min(60.0, max(1.0, lifetime / 4))
 
 
+def retire(
+    current: Credentials | None, previous: Credentials | None, new: Credentials
+) -> tuple[Credentials | None, bool]:
+    """A session's credentials once ``new`` replaces ``current``: the previous ones to keep, and
+    whether ``new`` is a new credential (a refresh). ``current`` is kept as the previous one (a
+    git started a moment ago may still read its askpass helper); what is no longer kept is
+    closed."""
+    if current is not None and current.credential_id != new.credential_id:
+        if previous is not None:
+            previous.close()
+        return current, True
+    if current is not None:
+        current.close()
+    return previous, False
+
+
+def leave(
+    previous: Credentials | None, current: Credentials | None, error: BotcredsError | None
+) -> BotcredsError:
+    """Close a leaving session's credentials; what its token raises from then on (the refresh
+    error it had, else ``session_closed``)."""
+    for c in (previous, current):
+        if c is not None:
+            c.close()
+    return error or session_closed()
+
+
 def permanent(err: BotcredsError) -> bool:
     """Whether a refresh failure will not heal by retrying (the policy or a human said no)."""
     return isinstance(err, (PolicyDenied, ApprovalDenied, ApprovalExpired, SessionClosed)) or (
@@ -433,7 +612,7 @@ def session_token(creds: Credentials | None, error: BotcredsError | None) -> str
     """What ``session.token`` gives: the live token; the refresh error when the policy said no,
     or when the token is (nearly) expired and refreshing failed."""
     if creds is None:
-        raise error or SessionClosed("the session is not open", "session_closed")
+        raise error or session_closed("the session is not open")
     if error is not None and (permanent(error) or creds.seconds_left() < expiry_margin(creds)):
         raise error
     return creds.token

@@ -60,34 +60,27 @@ class PolicyDenied(BotcredsError):
         return f"{self.message} ({self.code}{rule})"
 
 
-class ApprovalDenied(BotcredsError):
+class _ApprovalEnded(BotcredsError):
+    """An approval request that ended without a credential; ``request_id`` names it."""
+
+    def __init__(
+        self,
+        message: str,
+        code: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, code, status, retry_after)
+        self.request_id = request_id
+
+
+class ApprovalDenied(_ApprovalEnded):
     """A human (or a policy reload) denied the approval request (``approval_denied``)."""
 
-    def __init__(
-        self,
-        message: str,
-        code: str,
-        status: int | None = None,
-        retry_after: float | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(message, code, status, retry_after)
-        self.request_id = request_id
 
-
-class ApprovalExpired(BotcredsError):
+class ApprovalExpired(_ApprovalEnded):
     """Nobody decided the approval request in time, or its grant ended (``approval_expired``)."""
-
-    def __init__(
-        self,
-        message: str,
-        code: str,
-        status: int | None = None,
-        retry_after: float | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(message, code, status, retry_after)
-        self.request_id = request_id
 
 
 class ApprovalTimeout(BotcredsError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -20,8 +19,6 @@ from ._creds import (
     Credentials,
     LitellmKey,
     PendingApproval,
-    as_repositories,
-    monotonic,
 )
 from ._errors import BotcredsError, BrokerUnavailable, SessionClosed
 
@@ -30,12 +27,6 @@ log = logging.getLogger("botcreds")
 T = TypeVar("T")
 #: ``get_credentials``'s default wait for a human, in seconds.
 DEFAULT_APPROVAL_TIMEOUT = 600.0
-
-
-def transport_error(base_url: str, e: Exception) -> BrokerUnavailable:
-    return BrokerUnavailable(
-        f"the broker at {base_url} could not be reached ({type(e).__name__}: {e})", "unreachable"
-    )
 
 
 class BrokerClient:
@@ -60,37 +51,26 @@ class BrokerClient:
         ca_bundle: str | os.PathLike[str] | None = None,
         request_timeout: float = _core.CALL_TIMEOUT,
     ) -> None:
-        self.broker_url = _core.broker_base_url(broker_url)
-        self.bot_id = bot_id
-        self._auth = "api_key" if api_key else ("mtls" if (mtls_dir or client_cert) else "tailnet")
-        ctx = _core.tls_context(mtls_dir, client_cert, client_key, ca_bundle)
-        if ctx is None and self.broker_url.startswith("http://"):
-            ctx = _core.plain_http_context()
-        self._request_timeout = request_timeout
-        self._http = httpx.Client(
-            base_url=self.broker_url,
-            headers=_core.auth_headers(api_key),
-            verify=ctx if ctx is not None else True,
-            timeout=httpx.Timeout(request_timeout),
-            follow_redirects=False,
-            trust_env=False,
+        options = _core.client_options(
+            broker_url, api_key, mtls_dir, client_cert, client_key, ca_bundle, request_timeout
         )
+        self.broker_url = options.base_url
+        self.bot_id = bot_id
+        self._auth = options.auth
+        self._request_timeout = options.request_timeout
+        self._http = httpx.Client(**options.http)
 
     # --- transport -----------------------------------------------------------------------------
 
     def _send(self, req: _core.HttpRequest) -> _core.HttpResponse:
         try:
             r = self._http.request(
-                req.method,
-                req.path,
-                json=dict(req.body) if req.body is not None else None,
-                params=dict(req.params) if req.params is not None else None,
+                **_core.request_arguments(req),
                 timeout=httpx.Timeout(self._request_timeout, read=req.read_timeout),
             )
         except httpx.HTTPError as e:
-            raise transport_error(self.broker_url, e) from None
-        log.debug("botcreds: %s %s -> %s", req.method, req.path, r.status_code)
-        return _core.HttpResponse(r.status_code, r.headers, r.content)
+            raise _core.transport_error(self.broker_url, e) from None
+        return _core.http_response(req, r.status_code, r.headers, r.content)
 
     def _drive(self, flow: _core.Flow, stop: threading.Event | None = None) -> Any:
         """Run a flow of ``_core`` to its end: send its requests, sleep its sleeps. A set
@@ -100,7 +80,7 @@ class BrokerClient:
             while True:
                 if stop is not None and stop.is_set():
                     flow.close()
-                    raise SessionClosed("the session was closed", "session_closed")
+                    raise _core.session_closed()
                 if isinstance(step, _core.Sleep):
                     if stop is not None:
                         stop.wait(step.seconds)
@@ -173,13 +153,7 @@ class BrokerClient:
         (``"contents:write"``, ...). When the policy wants a human, waits up to ``timeout`` seconds
         (``None``: until the broker decides) for the decision — or, with
         ``wait_for_approval=False``, returns the :class:`PendingApproval` at once."""
-        request = CredentialRequest(
-            kind="github_token",
-            repositories=as_repositories(repo, repositories),
-            permissions=tuple(permissions),
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "github_token"),
-        )
+        request = _core.github_request(repo, repositories, permissions, reason, ttl)
         return cast(
             "Credentials | PendingApproval",
             self._drive(
@@ -240,13 +214,7 @@ class BrokerClient:
     ) -> LitellmKey | PendingApproval:
         """A LiteLLM virtual key for ``scope`` (``"agent:review"``), waiting like
         :meth:`get_credentials`."""
-        request = CredentialRequest(
-            kind="litellm_key",
-            scope=scope,
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "litellm_key"),
-            workspace=workspace,
-        )
+        request = _core.litellm_request(scope, reason, ttl, workspace)
         return cast(
             "LitellmKey | PendingApproval",
             self._drive(
@@ -272,24 +240,20 @@ class BrokerClient:
         left, else a new one. ``rejected=True`` says the token was refused upstream (GitHub
         answered 401 with it): the broker then mints a new one and revokes the old
         (``replaces``; rate limited by the broker)."""
-        if not isinstance(creds, (Credentials, LitellmKey)):
-            raise TypeError("refresh takes Credentials or a LitellmKey")
-        outcome = self._drive(
-            _core.credential_flow(
-                creds.request,
-                bot_id=self.bot_id,
-                wait_for_approval=wait_for_approval,
-                timeout=timeout,
-                replaces=creds.credential_id if rejected else None,
-            )
+        flow = _core.refresh_flow(
+            creds,
+            bot_id=self.bot_id,
+            rejected=rejected,
+            wait_for_approval=wait_for_approval,
+            timeout=timeout,
         )
-        return cast(T, outcome)
+        return cast(T, self._drive(flow))
 
     def wait(
         self, pending: PendingApproval, timeout: float | None = DEFAULT_APPROVAL_TIMEOUT
     ) -> Credentials | LitellmKey:
         """Wait (long-polling) for a human to decide ``pending``."""
-        deadline = None if timeout is None else monotonic() + timeout
+        deadline = _core.deadline_after(timeout)
         return cast(
             "Credentials | LitellmKey",
             self._drive(_core.wait_flow(pending, bot_id=self.bot_id, deadline=deadline)),
@@ -323,13 +287,7 @@ class BrokerClient:
     ) -> Session:
         """A context manager whose ``.token`` stays valid: a background thread refreshes the token
         before it expires (see :class:`Session`)."""
-        request = CredentialRequest(
-            kind="github_token",
-            repositories=as_repositories(repo, repositories),
-            permissions=tuple(permissions),
-            reason=reason,
-            ttl=_core.ttl_text(ttl, "github_token"),
-        )
+        request = _core.github_request(repo, repositories, permissions, reason, ttl)
         return Session(self, request, timeout, refresh_before)
 
     # --- lifetime ------------------------------------------------------------------------------
@@ -384,31 +342,19 @@ class Session:
         self.refreshes = 0
 
     def _fetch(self, background: bool = False) -> Credentials:
-        outcome = self._client._drive(
-            _core.credential_flow(
-                self._request,
-                bot_id=self._client.bot_id,
-                wait_for_approval=True,
-                timeout=self._timeout,
-                poll_wait=_core.SESSION_POLL_WAIT if background else _core.POLL_WAIT,
-            ),
-            self._stop if background else None,
+        flow = _core.session_flow(
+            self._request, bot_id=self._client.bot_id, timeout=self._timeout, background=background
         )
+        outcome = self._client._drive(flow, self._stop if background else None)
         assert isinstance(outcome, Credentials)
         return outcome
 
     def _swap(self, new: Credentials) -> None:
         with self._lock:
-            old, self._creds = self._creds, new
-            if old is not None and old.credential_id != new.credential_id:
-                # Keep the previous credentials (a git started a moment ago may still read its
-                # askpass helper); close the one before.
-                if self._previous is not None:
-                    self._previous.close()
-                self._previous = old
+            self._previous, refreshed = _core.retire(self._creds, self._previous, new)
+            self._creds = new
+            if refreshed:
                 self.refreshes += 1
-            elif old is not None:
-                old.close()
             self._error = None
 
     def __enter__(self) -> Session:
@@ -423,11 +369,7 @@ class Session:
             with self._lock:
                 creds = self._creds
             assert creds is not None
-            if failures == 0:
-                delay = _core.refresh_delay(creds, random.random(), self._refresh_before)  # noqa: S311
-            else:
-                assert self._error is not None
-                delay = _core.retry_delay(failures, creds, self._error)
+            delay = _core.next_delay(failures, creds, self._error, self._refresh_before)
             if self._stop.wait(delay):
                 return
             try:
@@ -489,11 +431,7 @@ class Session:
             self._thread.join()
         self._thread = None
         with self._lock:
-            for c in (self._previous, self._creds):
-                if c is not None:
-                    c.close()
-            if self._error is None:
-                self._error = SessionClosed("the session was closed", "session_closed")
+            self._error = _core.leave(self._previous, self._creds, self._error)
 
     def __exit__(
         self,
