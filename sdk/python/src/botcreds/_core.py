@@ -20,7 +20,7 @@ import random
 import re
 import ssl
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
@@ -160,7 +160,8 @@ class ClientOptions:
     base_url: str
     auth: str
     request_timeout: float
-    http: Mapping[str, Any]
+    # Holds the ``Authorization: Bearer`` header: kept out of ``repr``.
+    http: Mapping[str, Any] = field(repr=False)
 
 
 def client_options(
