@@ -767,12 +767,9 @@ impl Provider for DeployKeys {
             credential_id.clone(),
             scheduled.expires_at.clone(),
         );
-        done.kind = Some(CredentialKind::DeployKey.as_str().to_string());
+        self.describe(ask, &mut done);
         done.bot = m.bot.map(str::to_string);
         done.client_ip = Some(m.caller.address.ip().to_string());
-        done.repo = Some(repo.to_string());
-        done.repositories = vec![repo.to_string()];
-        done.permissions = vec![ask.permission.to_string()];
         done.reason = ask.reason.clone();
         done.rule = Some(m.rule.to_string());
         done.detail = Some(format!(
