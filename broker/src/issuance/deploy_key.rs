@@ -31,7 +31,7 @@ use ssh_key::{Algorithm, LineEnding, PrivateKey};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::provider::{Mint, Minted, Provider, Subject};
+use super::provider::{Mint, Minted, Provider, Subject, validate_reason};
 use super::{Credential, IssueError};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
@@ -48,7 +48,6 @@ const NAMESPACE: &str = "deploy_keys";
 const HOLDER: &str = "botcreds:deploy-keys";
 /// The life an `administration:write` token must still have for one add or delete.
 const ADMIN_TOKEN_MIN_TTL: Duration = Duration::from_secs(120);
-const MAX_REASON_BYTES: usize = 1024;
 /// The longest the reaper sleeps without looking at the schedule.
 const MAX_IDLE: Duration = Duration::from_secs(30);
 /// The longest wait between two attempts to delete one key.
@@ -621,15 +620,7 @@ impl Provider for DeployKeys {
                 ttl.as_duration()
             }
         };
-        let reason = match &r.reason {
-            None => None,
-            Some(text) if text.len() > MAX_REASON_BYTES || text.chars().any(char::is_control) => {
-                return Err(IssueError::InvalidReason(format!(
-                    "the reason must be at most {MAX_REASON_BYTES} bytes of printable text"
-                )));
-            }
-            Some(text) => Some(text.clone()),
-        };
+        let reason = validate_reason(r.reason.as_deref())?;
         Ok(DeployKeyAsk {
             repository,
             permission,
@@ -776,12 +767,9 @@ impl Provider for DeployKeys {
             credential_id.clone(),
             scheduled.expires_at.clone(),
         );
-        done.kind = Some(CredentialKind::DeployKey.as_str().to_string());
+        self.describe(ask, &mut done);
         done.bot = m.bot.map(str::to_string);
         done.client_ip = Some(m.caller.address.ip().to_string());
-        done.repo = Some(repo.to_string());
-        done.repositories = vec![repo.to_string()];
-        done.permissions = vec![ask.permission.to_string()];
         done.reason = ask.reason.clone();
         done.rule = Some(m.rule.to_string());
         done.detail = Some(format!(

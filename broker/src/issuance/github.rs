@@ -13,7 +13,7 @@ use botcreds_proto::{
     RepoName, Ttl,
 };
 
-use super::provider::{Mint, Minted, Provider, Subject};
+use super::provider::{Mint, Minted, Provider, Subject, validate_reason};
 use super::{Credential, IssueError};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, rfc3339, rfc3339_millis};
@@ -26,7 +26,6 @@ use crate::policy::remembered::Resource;
 /// GitHub accepts at most this many repositories per token.
 const MAX_REPOSITORIES: usize = 500;
 const MAX_PERMISSIONS: usize = 64;
-const MAX_REASON_BYTES: usize = 1024;
 
 /// A validated GitHub token request.
 #[derive(Clone, Debug)]
@@ -256,15 +255,7 @@ impl Provider for GithubTokens {
                 ttl.as_duration()
             }
         };
-        let reason = match &r.reason {
-            None => None,
-            Some(text) if text.len() > MAX_REASON_BYTES || text.chars().any(char::is_control) => {
-                return Err(IssueError::InvalidReason(format!(
-                    "the reason must be at most {MAX_REASON_BYTES} bytes of printable text"
-                )));
-            }
-            Some(text) => Some(text.clone()),
-        };
+        let reason = validate_reason(r.reason.as_deref())?;
         Ok(GithubAsk {
             repositories,
             permissions,

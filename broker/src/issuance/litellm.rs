@@ -10,7 +10,7 @@ use botcreds_proto::audit::AuditEvent;
 use botcreds_proto::litellm::{LitellmCredential, WorkspaceInfo};
 use botcreds_proto::{CredentialKind, CredentialRequest, Ttl};
 
-use super::provider::{Mint, Minted, Provider, Subject};
+use super::provider::{Mint, Minted, Provider, Subject, validate_reason};
 use super::{Credential, IssueError};
 use crate::identity::{Caller, CallerVia};
 use crate::keys::scopes::{name_part, scope_part};
@@ -22,7 +22,6 @@ use crate::policy::remembered::Resource;
 pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(600);
 /// Longest workspace field (bytes).
 pub const MAX_FIELD_BYTES: usize = 128;
-const MAX_REASON_BYTES: usize = 1024;
 
 /// What a `litellm_key` request asks for, validated.
 #[derive(Clone, Debug)]
@@ -138,14 +137,7 @@ impl Provider for LitellmKeys {
             }
             (_, None) => None,
         };
-        let reason = match &r.reason {
-            Some(t) if t.len() > MAX_REASON_BYTES || t.chars().any(char::is_control) => {
-                return Err(IssueError::InvalidReason(format!(
-                    "the reason must be at most {MAX_REASON_BYTES} bytes of printable text"
-                )));
-            }
-            other => other.clone(),
-        };
+        let reason = validate_reason(r.reason.as_deref())?;
         Ok(LitellmAsk {
             scope: scope.to_string(),
             min_remaining,

@@ -194,38 +194,31 @@ impl Issuance {
         wait: Wait,
     ) -> Result<Answer, IssueError> {
         let started = Instant::now();
-        let bot = self.policy.current().bot_for(caller).map(str::to_string);
-        let bot = bot.as_deref();
         match request.kind {
             Some(CredentialKind::LitellmKey) => match &self.litellm {
-                Some(p) => {
-                    self.validate(p, caller, bot, &request, &wait, started)
-                        .await
-                }
+                Some(p) => self.validate(p, caller, &request, &wait, started).await,
                 None => {
                     let e = IssueError::InvalidKind(
                         "credential kind litellm_key is not served by this broker ([litellm] is \
                          not configured)"
                             .into(),
                     );
-                    Err(self.refuse_unvalidated(caller, bot, None, e).await)
+                    Err(self.refuse_unvalidated(caller, None, e).await)
                 }
             },
             Some(CredentialKind::DeployKey) => {
-                self.validate(&self.deploy_keys, caller, bot, &request, &wait, started)
+                self.validate(&self.deploy_keys, caller, &request, &wait, started)
                     .await
             }
             Some(CredentialKind::SshDeployKey) => {
                 let e = IssueError::InvalidKind(
                     "credential kind ssh_deploy_key is not served; ask for \"deploy_key\"".into(),
                 );
-                Err(self
-                    .refuse_unvalidated(caller, bot, Some(&request), e)
-                    .await)
+                Err(self.refuse_unvalidated(caller, Some(&request), e).await)
             }
             // GitHub's validation refuses a missing kind.
             _ => {
-                self.validate(&self.github, caller, bot, &request, &wait, started)
+                self.validate(&self.github, caller, &request, &wait, started)
                     .await
             }
         }
@@ -237,7 +230,6 @@ impl Issuance {
         &self,
         provider: &P,
         caller: &Caller,
-        bot: Option<&str>,
         request: &CredentialRequest,
         wait: &Wait,
         started: Instant,
@@ -247,42 +239,43 @@ impl Issuance {
                 self.decide(provider, caller, ask, request, wait, started)
                     .await
             }
-            Err(e) => Err(self.refuse_unvalidated(caller, bot, Some(request), e).await),
+            Err(e) => Err(self.refuse_unvalidated(caller, Some(request), e).await),
         }
     }
 
     /// Audit a request whose body could not be read (`code` and `message` say why).
     pub async fn refuse_unread(&self, caller: &Caller, code: &str, message: &str) {
-        let bot = self.policy.current().bot_for(caller).map(str::to_string);
-        let e = events::unvalidated(self.now(), caller, bot.as_deref(), None, code, message);
-        self.metrics.request(bot.as_deref(), code);
-        if let Err(err) = self.audit.record(vec![e]).await {
-            tracing::error!(error = %err, "audit log write failed for a refusal");
-        }
+        self.audit_unvalidated(caller, None, code, message).await;
     }
 
     /// Audit (and count) a request refused before it validated, and hand the error back.
     async fn refuse_unvalidated(
         &self,
         caller: &Caller,
-        bot: Option<&str>,
         request: Option<&CredentialRequest>,
         error: IssueError,
     ) -> IssueError {
         let code = error.code();
-        let e = events::unvalidated(
-            self.now(),
-            caller,
-            bot,
-            request,
-            code.as_str(),
-            &error.message(),
-        );
-        self.metrics.request(bot, code.as_str());
+        self.audit_unvalidated(caller, request, code.as_str(), &error.message())
+            .await;
+        error
+    }
+
+    /// Audit (and count) a request refused before it validated. Its bot is looked up only
+    /// here: a request that validates is decided (and its bot found) on the policy in force.
+    async fn audit_unvalidated(
+        &self,
+        caller: &Caller,
+        request: Option<&CredentialRequest>,
+        code: &str,
+        message: &str,
+    ) {
+        let bot = self.policy.current().bot_for(caller).map(str::to_string);
+        let e = events::unvalidated(self.now(), caller, bot.as_deref(), request, code, message);
+        self.metrics.request(bot.as_deref(), code);
         if let Err(err) = self.audit.record(vec![e]).await {
             tracing::error!(error = %err, "audit log write failed for a refusal");
         }
-        error
     }
 
     /// Audit a refused request (`before` + `credential_denied` about `subject`, one flush),

@@ -15,6 +15,22 @@ use crate::issued::Approval;
 use crate::policy::Decision;
 use crate::policy::remembered::Resource;
 
+/// Longest request `reason`, in bytes.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// A request's `reason`, as every kind takes it: at most [`MAX_REASON_BYTES`] bytes of
+/// printable text.
+pub fn validate_reason(reason: Option<&str>) -> Result<Option<String>, IssueError> {
+    match reason {
+        Some(text) if text.len() > MAX_REASON_BYTES || text.chars().any(char::is_control) => {
+            Err(IssueError::InvalidReason(format!(
+                "the reason must be at most {MAX_REASON_BYTES} bytes of printable text"
+            )))
+        }
+        other => Ok(other.map(str::to_string)),
+    }
+}
+
 /// What a validated request asks for, in the terms approvals store: the resource, the life
 /// the credential must still have, the reason, and a LiteLLM workspace key's workspace.
 #[derive(Clone, Debug)]

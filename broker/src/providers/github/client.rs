@@ -701,7 +701,6 @@ fn parse_token(
     })
 }
 
-/// Parse a body as JSON without quoting it in the error (mint answers hold a token).
 /// A `validation-error` body's message with its first error's own message (`key is already
 /// in use`), cleaned like [`upstream_message`].
 fn validation_message(body: &[u8], status: u16) -> String {
@@ -720,6 +719,7 @@ fn validation_message(body: &[u8], status: u16) -> String {
     }
 }
 
+/// Parse a body as JSON without quoting it in the error (mint answers hold a token).
 fn parse_json(body: &[u8], what: &str) -> Result<Value, GithubError> {
     serde_json::from_slice(body).map_err(|e| {
         invalid(&format!(
