@@ -696,14 +696,12 @@ impl Inner {
     }
 
     async fn expire(&self, slot: &Slot<Token>) {
-        let _disk = slot.disk_lock.lock().await;
-        if let Some(held) = slot.take_expired(self.now()) {
+        if let Some(held) = slot.expire(&self.disk, self.edges.clock.as_ref()).await {
             tracing::info!(
                 scope = %slot.kind.scope,
                 credential_id = %held.credential_id,
                 "credential expired without a refresh; dropped it"
             );
-            slot.remove_cache(&self.disk).await;
         }
     }
 
