@@ -285,7 +285,7 @@ impl<K: Kind> Slot<K> {
                     let earlier_failures = st.failures;
                     let store = self.kind.accept(&mut st, &new, now);
                     st.succeeded(&self.kind, now, earlier_failures);
-                    st.held.clone().filter(|_| store)
+                    if store { st.held.clone() } else { None }
                 };
                 if let Some(held) = &store {
                     self.store_cache(disk, held).await;
