@@ -689,8 +689,11 @@ impl Inner {
         drop(slots);
         if let Some(now) = used {
             slot.state().extra.last_used = Some(now);
-            // Being used can turn an idle credential back into one that is kept fresh.
-            slot.wake.notify_one();
+            // Being used can turn an idle per-repository credential back into one that is kept
+            // fresh; a configured one is kept fresh anyway, its task has nothing to plan anew.
+            if slot.kind.source == CredentialSource::Path {
+                slot.wake.notify_one();
+            }
         }
         Ok(slot)
     }
