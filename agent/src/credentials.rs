@@ -689,21 +689,22 @@ impl Inner {
         drop(slots);
         if let Some(now) = used {
             slot.state().extra.last_used = Some(now);
-            // Being used can turn an idle credential back into one that is kept fresh.
-            slot.wake.notify_one();
+            // Being used can turn an idle per-repository credential back into one that is kept
+            // fresh; a configured one is kept fresh anyway, its task has nothing to plan anew.
+            if slot.kind.source == CredentialSource::Path {
+                slot.wake.notify_one();
+            }
         }
         Ok(slot)
     }
 
     async fn expire(&self, slot: &Slot<Token>) {
-        let _disk = slot.disk_lock.lock().await;
-        if let Some(held) = slot.take_expired(self.now()) {
+        if let Some(held) = slot.expire(&self.disk, self.edges.clock.as_ref()).await {
             tracing::info!(
                 scope = %slot.kind.scope,
                 credential_id = %held.credential_id,
                 "credential expired without a refresh; dropped it"
             );
-            slot.remove_cache(&self.disk).await;
         }
     }
 

@@ -285,7 +285,7 @@ impl<K: Kind> Slot<K> {
                     let earlier_failures = st.failures;
                     let store = self.kind.accept(&mut st, &new, now);
                     st.succeeded(&self.kind, now, earlier_failures);
-                    st.held.clone().filter(|_| store)
+                    if store { st.held.clone() } else { None }
                 };
                 if let Some(held) = &store {
                     self.store_cache(disk, held).await;
@@ -335,13 +335,20 @@ impl<K: Kind> Slot<K> {
         }
     }
 
-    /// Takes the held credential if it has reached its expiry margin at `now`.
-    pub fn take_expired(&self, now: SystemTime) -> Option<Held<K>> {
-        let mut st = self.state();
-        match &st.held {
-            Some(h) if refresh::past_margin(h.expires_at, now) => st.held.take(),
-            _ => None,
-        }
+    /// Drops the held credential if it has reached its expiry margin, under the disk lock and
+    /// with its cache file; returns the credential dropped.
+    pub async fn expire(&self, disk: &DiskCache, clock: &dyn Clock) -> Option<Held<K>> {
+        let _disk = self.disk_lock.lock().await;
+        let now = clock.now();
+        let expired = {
+            let mut st = self.state();
+            match &st.held {
+                Some(h) if refresh::past_margin(h.expires_at, now) => st.held.take(),
+                _ => None,
+            }
+        }?;
+        self.remove_cache(disk).await;
+        Some(expired)
     }
 
     /// Writes `held` to the slot's cache file (atomically, off the runtime); a failure is

@@ -298,13 +298,12 @@ impl Inner {
 
     /// Drops a key that reached its expiry margin without a replacement.
     async fn expire(&self, slot: &Arc<Slot<Key>>) {
-        if let Some(held) = slot.take_expired(self.now()) {
+        if let Some(held) = slot.expire(&self.disk, self.edges().clock.as_ref()).await {
             tracing::warn!(
                 scope = %slot.kind.entry.scope,
                 credential_id = %held.credential_id,
                 "LiteLLM key expired without a refresh; removed it from the files"
             );
-            slot.remove_cache(&self.disk).await;
             self.sync_files(slot).await;
         }
     }
